@@ -1,0 +1,3 @@
+from .packed_cache import PackedCache
+
+__all__ = ["PackedCache"]

@@ -1,0 +1,260 @@
+"""One layer of a `PackedCache`: frozen segments (sinks, compressed spans and chunks) plus an exact tail.
+
+The tail holds the newest tokens exact, with their positions and padding flags, until they are compacted:
+at the end of every multi-token (prefill) call everything past the sinks and before the recent window is
+compressed, one basis per prompt span; while decoding, every `chunk` tokens that leave the window become a
+segment with its own basis. Sliding-window layers drop segments that left the window.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from ..codecs.lowrank import RankRule, factorize
+from ..config import PackConfig
+from ..models.registry import LayerSpec
+from ..rope import undo_rope
+from .segments import ExactPart, LowRankPart, RopeFn, Segment
+
+
+@dataclass
+class StepContext:
+    """What one forward call tells every layer: new tokens' positions and padding, and how to get RoPE."""
+
+    positions: torch.Tensor  # (B, q) long
+    valid: torch.Tensor  # (B, q) bool, False for padding
+    rope: RopeFn
+    span_boundaries: Sequence[int]
+
+
+class PackedLayer(CacheLayerMixin):
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, layer_idx: int, spec: LayerSpec, config: PackConfig):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.spec = spec
+        self.config = config
+        self.is_sliding = spec.sliding_window is not None
+        self.compress = not config.is_lossless and (not self.is_sliding or config.compress_sliding_layers)
+        self.key_rule = RankRule(config.key_rank, config.key_rank_fraction, config.key_energy, config.key_max_rank_fraction)
+        self.value_rule = RankRule(
+            config.value_rank, config.value_rank_fraction, config.value_energy, config.value_max_rank_fraction
+        )
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.segments: list[Segment] = []
+        self.tail_keys = self.tail_values = None  # (B, H, n, d)
+        self.tail_positions = None  # (B, n) int32
+        self.tail_valid = None  # (B, n) bool
+        self.total = 0  # tokens seen (cache index of the next token)
+        self.sink_end: int | None = None  # cache index where the exact sinks end (per-batch max)
+        self.is_initialized = False
+
+    # ---- transformers CacheLayerMixin interface -------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, ctx: StepContext | None = None, *args, **kwargs):
+        if ctx is None:
+            raise RuntimeError("PackedLayer.update needs the step context; call it through PackedCache.update")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        if self.compress:  # positions and padding flags are needed only to compress later
+            self._append(key_states, value_states, ctx.positions.to(torch.int32), ctx.valid)
+        else:
+            self._append(key_states, value_states, None, None)
+        keys = self._materialize(lambda s: s.keys, self.tail_keys, ctx.rope)
+        values = self._materialize(lambda s: s.values, self.tail_values, ctx.rope)
+        if self.compress:
+            self._compact(prefill=q > 1, ctx=ctx)
+        if self.is_sliding:
+            self._drop_outside_window()
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        offset = self.first_index
+        return self.total - offset + query_length, offset
+
+    def get_seq_length(self) -> int:
+        return self.total
+
+    def get_max_length(self) -> int:
+        return self.spec.sliding_window if self.is_sliding else -1
+
+    def reset(self) -> None:
+        self._reset_state()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        if self.tail_keys is None or n > self.tail_keys.shape[-2]:
+            raise ValueError(
+                f"cannot crop {n} tokens from layer {self.layer_idx}: only the {self.tail_length} newest tokens "
+                "are still exact; compressed tokens cannot be removed"
+            )
+        keep = self.tail_keys.shape[-2] - n
+        self._set_tail(*(t[..., :keep, :] for t in (self.tail_keys, self.tail_values)),
+                       _slice_opt(self.tail_positions, slice(None, keep)), _slice_opt(self.tail_valid, slice(None, keep)))
+        self.total -= n
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    # ---- inspection -------------------------------------------------------------------------------------------
+    @property
+    def tail_length(self) -> int:
+        return 0 if self.tail_keys is None else self.tail_keys.shape[-2]
+
+    @property
+    def first_index(self) -> int:
+        """Cache index of the oldest token this layer still holds."""
+        if self.segments:
+            return self.segments[0].start
+        return self.total - self.tail_length
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [t for s in self.segments for t in s.tensors()]
+        return out + [t for t in (self.tail_keys, self.tail_values, self.tail_positions, self.tail_valid) if t is not None]
+
+    def stats(self) -> list[dict]:
+        """One row per stored run of tokens: kind, tokens, codec and rank of K and V, bytes."""
+        rows = []
+        for seg in self.segments:
+            rows.append({"layer": self.layer_idx, "kind": seg.kind, "start": seg.start, "tokens": seg.length,
+                         "keys": seg.keys.describe(), "values": seg.values.describe(),
+                         "bytes": sum(_nbytes(t) for t in seg.tensors())})
+        if self.tail_length:
+            tail = [t for t in (self.tail_keys, self.tail_values, self.tail_positions, self.tail_valid) if t is not None]
+            rows.append({"layer": self.layer_idx, "kind": "recent", "start": self.total - self.tail_length,
+                         "tokens": self.tail_length, "keys": {"codec": "exact"}, "values": {"codec": "exact"},
+                         "bytes": sum(_nbytes(t) for t in tail)})
+        return rows
+
+    def dynamic_equivalent_bytes(self) -> int:
+        """Bytes a transformers DynamicCache would hold for this layer after the same tokens."""
+        if not self.is_initialized or self.tail_keys is None and not self.segments:
+            return 0
+        held = min(self.total, self.spec.sliding_window - 1) if self.is_sliding else self.total
+        ref = self.tail_keys if self.tail_keys is not None else None
+        batch = ref.shape[0] if ref is not None else self.segments[0].keys.tensors()[0].shape[0]
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * batch * self.spec.num_kv_heads * held * self.spec.head_dim * elem
+
+    # ---- internals --------------------------------------------------------------------------------------------
+    def _append(self, k, v, positions, valid) -> None:
+        if self.tail_keys is None or self.tail_length == 0:
+            self._set_tail(k, v, positions, valid)
+        else:
+            self._set_tail(torch.cat([self.tail_keys, k], dim=-2), torch.cat([self.tail_values, v], dim=-2),
+                           _cat_opt(self.tail_positions, positions), _cat_opt(self.tail_valid, valid))
+        self.total += k.shape[-2]
+
+    def _set_tail(self, k, v, positions, valid) -> None:
+        self.tail_keys, self.tail_values, self.tail_positions, self.tail_valid = k, v, positions, valid
+
+    def _materialize(self, part_of, tail: torch.Tensor, rope: RopeFn) -> torch.Tensor:
+        if not self.segments:
+            return tail
+        pieces = [part_of(s).materialize(s.start, s.end, rope) for s in self.segments]
+        return torch.cat(pieces + [tail], dim=-2)
+
+    def _compact(self, prefill: bool, ctx: StepContext) -> None:
+        """Move tokens from the exact tail into frozen segments (see module docstring)."""
+        tail_start = self.total - self.tail_length
+        if self.sink_end is None:  # first call: the tail starts at token 0
+            # sinks: each sample's first `sink` real tokens; with left padding the latest-starting sample decides
+            self.sink_end = int((~self.tail_valid).sum(dim=1).max()) + self.config.sink
+        stop = self.total - self.config.window
+        if self.sink_end > tail_start:
+            if stop <= self.sink_end:
+                return
+            if self.sink_end > 0:
+                self._freeze(tail_start, self.sink_end, kind="sink", compress=False, ctx=ctx)
+            tail_start = self.sink_end
+        if stop - tail_start < (self.config.min_span if prefill else self.config.chunk):
+            return
+        if prefill:
+            bounds = [b for b in ctx.span_boundaries if tail_start < b < stop]
+            edges = [tail_start, *bounds, stop]
+            for a, b in zip(edges[:-1], edges[1:]):
+                self._freeze(a, b, kind="span", compress=b - a >= self.config.min_span, ctx=ctx)
+        else:
+            while stop - tail_start >= self.config.chunk:
+                self._freeze(tail_start, tail_start + self.config.chunk, kind="chunk", compress=True, ctx=ctx)
+                tail_start += self.config.chunk
+
+    def _freeze(self, start: int, end: int, kind: str, compress: bool, ctx: StepContext) -> None:
+        """Turn tail tokens [start, end) (which must be the oldest tail tokens) into a segment."""
+        n = end - start
+        k, v = self.tail_keys[..., :n, :], self.tail_values[..., :n, :]
+        pos, valid = self.tail_positions[:, :n], self.tail_valid[:, :n]
+        if compress:
+            key_part = self._lowrank(k, valid, self.config.key_codec, self.key_rule, ctx.rope(start, end, pos), pos)
+            value_part = self._lowrank(v, valid, self.config.value_codec, self.value_rule, None, None)
+        else:
+            key_part, value_part = ExactPart(k.clone()), ExactPart(v.clone())
+        self.segments.append(Segment(start, end, key_part, value_part, kind))
+        # .clone() releases the full-precision storage of the frozen tokens
+        self._set_tail(*(t[..., n:, :].clone() for t in (self.tail_keys, self.tail_values)),
+                       self.tail_positions[:, n:].clone(), self.tail_valid[:, n:].clone())
+
+    def _lowrank(self, x, valid, codec, rule, rope_cos_sin, positions):
+        """x (B, H, T, d) -> low-rank part, or exact if the codec says so or the factors would not be smaller.
+
+        Keys come with (cos, sin) and their positions: they are factored before RoPE."""
+        if codec == "exact":
+            return ExactPart(x.clone())
+        b, h, t, d = x.shape
+        pre = undo_rope(x, *rope_cos_sin) if rope_cos_sin is not None else x
+        block = pre.transpose(1, 2).reshape(b, t, h * d) * valid.unsqueeze(-1)  # padding rows zeroed: (B, T, D)
+        factors, ranks, _ = factorize(block, rule)
+        factor_numbers = factors.rank * (t + h * d) + (t if positions is not None else 0)
+        if self.config.fallback_exact and factor_numbers >= t * h * d:
+            return ExactPart(x.clone())
+        return LowRankPart(factors, h, positions.clone() if positions is not None else None, tuple(ranks))
+
+    def _drop_outside_window(self) -> None:
+        """Sliding layers: forget what no future query can see (the stock layer keeps the last W-1 tokens)."""
+        horizon = self.total - (self.spec.sliding_window - 1)
+        self.segments = [s for s in self.segments if s.end > horizon]
+        excess = (self.total - self.tail_length) - horizon
+        if excess < 0 and not self.segments:
+            n = -excess
+            self._set_tail(*(t[..., n:, :] for t in (self.tail_keys, self.tail_values)),
+                           _slice_opt(self.tail_positions, slice(n, None)), _slice_opt(self.tail_valid, slice(n, None)))
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for seg in self.segments:
+            seg.map_batch(fn)
+        if self.tail_keys is not None:
+            self._set_tail(*(None if t is None else fn(t)
+                             for t in (self.tail_keys, self.tail_values, self.tail_positions, self.tail_valid)))
+
+
+def _cat_opt(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return None if a is None else torch.cat([a, b], dim=-1)
+
+
+def _slice_opt(t: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+    return None if t is None else t[:, sl]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()

@@ -1,0 +1,1 @@
+"""Compression codecs: each turns a block of K or V states into something smaller and back."""

