@@ -5,8 +5,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-Codec = Literal["exact", "lowrank"]
-CODECS = ("exact", "lowrank")
+Codec = Literal["exact", "lowrank", "quant"]
+CODECS = ("exact", "lowrank", "quant")
+QUANT_BITS = (2, 4, 8)  # codec "quant": bits of the states themselves
+FACTOR_BITS = (4, 8)  # codec "lowrank": optional bits of the coefficients (basis then 8-bit)
 
 
 @dataclass(frozen=True)
@@ -17,7 +19,9 @@ class PackConfig:
     (each span its own basis), generated text compressed every `chunk` tokens, and the most recent `window` tokens
     exact. Keys are compressed before RoPE.
 
-    Rank rule per tensor (keys / values), first set wins: `*_rank` (fixed), `*_rank_fraction` (of H_kv*d),
+    Codecs per tensor: "exact"; "lowrank" (truncated SVD of all KV heads side by side; `*_bits` 8 or 4 also
+    quantizes the factors); "quant" (KIVI-style: keys per channel, values per token, `*_bits` 8/4/2, groups of
+    `quant_group`). Rank rule for "lowrank", first set wins: `*_rank` (fixed), `*_rank_fraction` (of H_kv*d),
     `*_energy` (smallest rank capturing that share of the squared singular values). `*_max_rank_fraction`
     caps the energy rule.
     """
@@ -27,12 +31,15 @@ class PackConfig:
     key_rank_fraction: float | None = None
     key_energy: float | None = 0.99
     key_max_rank_fraction: float = 1.0
+    key_bits: int | None = None
 
     value_codec: Codec = "lowrank"
     value_rank: int | None = None
     value_rank_fraction: float | None = None
     value_energy: float | None = 0.99
     value_max_rank_fraction: float = 1.0
+    value_bits: int | None = None
+    quant_group: int = 32
 
     sink: int = 4
     window: int = 64
@@ -61,7 +68,14 @@ class PackConfig:
                 _bad(f"{prefix}_max_rank_fraction", cap, "a number in (0, 1]")
             if codec == "lowrank" and rank is None and frac is None and energy is None:
                 _bad(f"{prefix}_energy", energy, f"set when {prefix}_codec='lowrank' and no rank is given")
-        for name, low in (("sink", 0), ("window", 0), ("chunk", 1), ("min_span", 1)):
+            bits = getattr(self, f"{prefix}_bits")
+            if codec == "quant" and bits not in QUANT_BITS:
+                _bad(f"{prefix}_bits", bits, f"one of {QUANT_BITS} when {prefix}_codec='quant'")
+            if codec == "lowrank" and bits is not None and bits not in FACTOR_BITS:
+                _bad(f"{prefix}_bits", bits, f"None or one of {FACTOR_BITS} when {prefix}_codec='lowrank'")
+            if isinstance(bits, bool) or (codec == "exact" and bits is not None):
+                _bad(f"{prefix}_bits", bits, f"None when {prefix}_codec={codec!r}" if codec == "exact" else "an int")
+        for name, low in (("sink", 0), ("window", 0), ("chunk", 1), ("min_span", 1), ("quant_group", 8)):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
                 _bad(name, value, f"an integer >= {low}")

@@ -14,9 +14,11 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ..codecs.lowrank import RankRule, factorize
+from ..codecs.quant import QuantizedLowRankPart, QuantizedPart
 from ..config import PackConfig
 from ..models.registry import LayerSpec
 from ..rope import undo_rope
+from .memory import storage_nbytes
 from .segments import ExactPart, LowRankPart, RopeFn, Segment
 
 
@@ -206,8 +208,9 @@ class PackedLayer(CacheLayerMixin):
         k, v = self.tail_keys[..., :n, :], self.tail_values[..., :n, :]
         pos, valid = self.tail_positions[:, :n], self.tail_valid[:, :n]
         if compress:
-            key_part = self._lowrank(k, valid, self.config.key_codec, self.key_rule, ctx.rope(start, end, pos), pos)
-            value_part = self._lowrank(v, valid, self.config.value_codec, self.value_rule, None, None)
+            cfg = self.config
+            key_part = self._encode(k, valid, cfg.key_codec, self.key_rule, cfg.key_bits, ctx.rope(start, end, pos), pos)
+            value_part = self._encode(v, valid, cfg.value_codec, self.value_rule, cfg.value_bits, None, None)
         else:
             key_part, value_part = ExactPart(k.clone()), ExactPart(v.clone())
         self.segments.append(Segment(start, end, key_part, value_part, kind))
@@ -215,20 +218,30 @@ class PackedLayer(CacheLayerMixin):
         self._set_tail(*(t[..., n:, :].clone() for t in (self.tail_keys, self.tail_values)),
                        self.tail_positions[:, n:].clone(), self.tail_valid[:, n:].clone())
 
-    def _lowrank(self, x, valid, codec, rule, rope_cos_sin, positions):
-        """x (B, H, T, d) -> low-rank part, or exact if the codec says so or the factors would not be smaller.
-
-        Keys come with (cos, sin) and their positions: they are factored before RoPE."""
+    def _encode(self, x, valid, codec, rule, bits, rope_cos_sin, positions):
+        """x (B, H, T, d) -> a stored part. Keys come with (cos, sin) and positions: low-rank keys are factored
+        before RoPE; quantized keys are kept rotated (KIVI). Exact when the codec says so, or when the encoded
+        form would not be smaller (`fallback_exact`)."""
         if codec == "exact":
             return ExactPart(x.clone())
-        b, h, t, d = x.shape
-        pre = undo_rope(x, *rope_cos_sin) if rope_cos_sin is not None else x
-        block = pre.transpose(1, 2).reshape(b, t, h * d) * valid.unsqueeze(-1)  # padding rows zeroed: (B, T, D)
-        factors, ranks, _ = factorize(block, rule)
-        factor_numbers = factors.rank * (t + h * d) + (t if positions is not None else 0)
-        if self.config.fallback_exact and factor_numbers >= t * h * d:
+        x = x * valid[:, None, :, None]  # padding rows zeroed so they cannot skew a basis or a scale
+        is_key = positions is not None
+        if codec == "quant":
+            part = QuantizedPart.keys(x, bits, self.config.quant_group) if is_key else \
+                QuantizedPart.values(x, bits, self.config.quant_group)
+        else:
+            b, h, t, d = x.shape
+            pre = undo_rope(x, *rope_cos_sin) if is_key else x
+            factors, ranks, _ = factorize(pre.transpose(1, 2).reshape(b, t, h * d), rule)  # block (B, T, H*d)
+            pos = positions.clone() if is_key else None
+            if bits is None:
+                part = LowRankPart(factors, h, pos, tuple(ranks))
+            else:
+                part = QuantizedLowRankPart.from_factors(factors, h, pos, tuple(ranks), coeff_bits=bits,
+                                                         coeff_group=self.config.quant_group)
+        if self.config.fallback_exact and storage_nbytes(part.tensors()) >= x.numel() * x.element_size():
             return ExactPart(x.clone())
-        return LowRankPart(factors, h, positions.clone() if positions is not None else None, tuple(ranks))
+        return part
 
     def _drop_outside_window(self) -> None:
         """Sliding layers: forget what no future query can see (the stock layer keeps the last W-1 tokens)."""

@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache
 from ..config import PackConfig
 from ..models.registry import ModelAdapter
 from .layer import PackedLayer, StepContext
+from .memory import storage_nbytes
 
 _HOOKED = "_attentionpack_hooks"
 
@@ -76,13 +77,7 @@ class PackedCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (each storage counted once, whole)."""
-        seen, total = set(), 0
-        for t in self.tensors():
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        return total
+        return storage_nbytes(self.tensors())
 
     def dynamic_nbytes(self) -> int:
         """Bytes a transformers DynamicCache would hold for the same tokens."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -89,13 +90,28 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
         if "not supported" in str(err) and "AttentionPack" in str(err):
             raise
         raise ValueError(f"could not read GGUF file {gguf}: {err}. Is it a complete, uncorrupted GGUF model?") from err
-    try:
-        converted.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(converted)
-        tokenizer.save_pretrained(converted)
-    except OSError:
-        pass  # a read-only home only costs speed
+    _save_converted(model, tokenizer, converted)
     return _finish(model, tokenizer)
+
+
+def _save_converted(model, tokenizer, folder: Path) -> None:
+    """Keep the dequantized weights as safetensors; GGUF conversion is the slow part of loading."""
+    # The weights are already dequantized to `dtype`; the GGUF quantization marker only blocks saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():  # a damaged earlier conversion
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except (OSError, ValueError):
+        pass  # a read-only or full disk, or another process converting at the same time, only costs speed
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _finish(model, tokenizer):

@@ -1,0 +1,47 @@
+"""Bytes really held by any cache: every tensor reachable from it, each storage counted once and whole."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def held_tensors(obj, _seen: set | None = None) -> list[torch.Tensor]:
+    """All tensors reachable from `obj` through attributes, containers and dataclass fields (not modules)."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen or isinstance(obj, (torch.nn.Module, type, str, bytes, int, float, bool)) or obj is None:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        items = list(obj)
+    elif dataclasses.is_dataclass(obj):
+        items = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    elif hasattr(obj, "__dict__"):
+        items = list(vars(obj).values())
+    else:
+        items = []
+    out = []
+    for item in items:
+        out.extend(held_tensors(item, seen))
+    return out
+
+
+def storage_nbytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by a cache: `nbytes()` for ours, a walk of the layers' tensors for any other cache."""
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
+    return storage_nbytes(held_tensors(getattr(cache, "layers", cache)))

@@ -1,0 +1,74 @@
+"""The `attentionpack` command line: generate with a compressed cache, benchmarks, evaluation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Memory-efficient transformer decoding.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print ratios measured in one run.")
+app.add_typer(bench_app, name="bench")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def generate(
+    prompt_file: Path = typer.Option(..., "--prompt-file", "-f", help="Text file with the prompt ('-' for stdin)."),
+    preset: str = typer.Option("balanced", "--preset", "-p", help="lossless, balanced or max."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
+    chat: bool = typer.Option(True, help="Wrap the prompt in the model's chat template when it has one."),
+    sample: bool = typer.Option(False, help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(0.7, min=0.01),
+    seed: int = typer.Option(0),
+):
+    """Answer a (long) prompt with a compressed KV cache, then show the bytes held vs DynamicCache."""
+    from .generation import run_generate
+
+    try:
+        text = typer.get_text_stream("stdin").read() if str(prompt_file) == "-" else prompt_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        _fail(f"cannot read prompt file {prompt_file}: {err}")
+    try:
+        run_generate(text, preset=preset, model_path=model, max_new_tokens=max_new_tokens, chat=chat,
+                     sample=sample, temperature=temperature, seed=seed)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        _fail(str(err))
+
+
+@bench_app.command("quality")
+def bench_quality(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    context: int = typer.Option(2048, min=16),
+    continuation: int = typer.Option(256, min=2),
+    sweep: bool = typer.Option(True, help="Also sweep K and V ranks."),
+    rss: bool = typer.Option(True, help="Also measure peak RSS at batch x context in separate processes."),
+    rss_batch: int = typer.Option(8, min=1),
+    rss_context: int = typer.Option(4096, min=16),
+    out: Optional[Path] = typer.Option(None, help="Write the rows as JSON here."),
+):
+    """Memory, perplexity and decode speed of DynamicCache, each preset and a K/V rank sweep, in one run."""
+    from .bench.quality import run_quality_bench
+
+    try:
+        run_quality_bench(model_path=model, context=context, continuation=continuation, sweep=sweep, rss=rss,
+                          rss_batch=rss_batch, rss_context=rss_context, out=out)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+from .eval.cli import eval_command  # noqa: E402  (the evaluation harness: attentionpack/eval/)
+app.command("eval")(eval_command)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,82 @@
+"""`attentionpack eval`: the evaluation harness from the command line (registered in attentionpack/cli.py).
+Kept light to import: the runner (torch, transformers) is imported when the command runs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def _words(values: Optional[List[str]]) -> Optional[List[str]]:
+    """Repeated options and space-separated lists both work: --configs 'dynamic max' --configs quanto-4."""
+    if not values:
+        return None
+    return [w for v in values for w in v.split()]
+
+
+def _numbers(values: Optional[List[str]], cast, name: str):
+    words = _words(values)
+    if words is None:
+        return None
+    try:
+        return tuple(cast(w.strip(",")) for w in words if w.strip(","))
+    except ValueError:
+        raise typer.BadParameter(f"{name} takes numbers, got {' '.join(words)!r}") from None
+
+
+def eval_command(
+    out: Path = typer.Option(Path("attentionpack-eval"), "--out", "-o", help="Output folder (rerun = resume)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf (default: embedded SmolLM2-135M-Instruct)."),
+    text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="Text file(s), .txt or .jsonl with a 'text' field (default: the Britannica article)."),
+    configs: Optional[List[str]] = typer.Option(None, "--configs", "-c", help="Configurations: dynamic lossless balanced max quanto-4 quanto-2 hqq-4 kvpress-<press>-<ratio> 'pack:key=value,...' (default: presets + peers)."),
+    context: Optional[List[str]] = typer.Option(None, "--context", "-n", help="Context length(s) N of the perplexity protocol [2048]."),
+    continuation: int = typer.Option(256, "--continuation", "-M", help="Tokens M teacher-forced and scored after the context."),
+    needle_configs: Optional[List[str]] = typer.Option(None, help="Configurations for the needle grid [dynamic balanced max kvpress-snapkv-0.75]; 'none' to skip."),
+    needle_lengths: Optional[List[str]] = typer.Option(None, help="Needle prompt lengths [1024 2048 4096]."),
+    needle_depths: Optional[List[str]] = typer.Option(None, help="Needle depths in [0, 1] [0 0.25 0.5 0.75 1]."),
+    needle_trials: int = typer.Option(1, min=0, help="Trials per needle cell (0: skip the needle grid)."),
+    speed_configs: Optional[List[str]] = typer.Option(None, help="Configurations timed in interleaved rounds [every in-process one]."),
+    speed_contexts: Optional[List[str]] = typer.Option(None, help="Context lengths of the speed rounds [1024 2048 4096]."),
+    speed_steps: int = typer.Option(16, min=1, help="Decode steps timed per speed measurement."),
+    speed_repeats: int = typer.Option(2, min=0, help="Interleaved speed rounds (0: skip)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads in every process (default: torch's)."),
+    seed: int = typer.Option(0, help="Seed of the needle pass keys and haystack offsets."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """Evaluate compressed caches against DynamicCache and the peers: perplexity, agreement, memory, speed, needle
+    retrieval. Writes results.json, report.md, plots and index.html to --out; finished cells are kept and reused."""
+    settings = {
+        "contexts": _numbers(context, int, "--context"), "needle_lengths": _numbers(needle_lengths, int, "--needle-lengths"),
+        "needle_depths": _numbers(needle_depths, float, "--needle-depths"),
+        "speed_contexts": _numbers(speed_contexts, int, "--speed-contexts"),
+        "speed_configs": tuple(_words(speed_configs)) if speed_configs else None,
+    }
+    settings = {k: v for k, v in settings.items() if v is not None}
+    needles = _words(needle_configs)
+    if needles is not None:
+        settings["needle_configs"] = () if [w.lower() for w in needles] == ["none"] else tuple(needles)
+    from .runner import evaluate
+
+    try:
+        res = evaluate(out, model=model, texts=_words(text), configs=_words(configs), progress=progress,
+                       continuation=continuation, needle_trials=needle_trials, speed_steps=speed_steps,
+                       speed_repeats=speed_repeats, threads=threads, seed=seed, **settings)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.secho(f"\ninterrupted: finished cells are kept in {out / 'cells'}; run the same command again to resume",
+                    fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130)
+    from .report import COLUMNS, summary_table
+
+    typer.echo(f"\nwrote {out}/results.json, report.md, index.html and plots in {res['wall_s']:.0f} s")
+    keep = [i for i, c in enumerate(COLUMNS) if c[1] in ("config", "compression_x", "ppl", "ppl_change_pct",
+                                                         "top1_agreement", "decode_ratio", "needle_rate")]
+    rows = [[COLUMNS[i][0] for i in keep]] + [[r[i] for i in keep] for r in summary_table(res["summary"])]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(keep))]
+    for r in rows:
+        typer.echo("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    for note in res["notes"]:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW)

@@ -1,0 +1,175 @@
+"""Needle (passkey) retrieval: a random 5-digit pass key sentence is hidden in real text at a given depth, the
+prompt (of an exact total length in tokens) ends with the question, and the answer is decoded greedily. A trial is a
+hit when the 5 digits appear in the answer. The grid is depth x context length.
+
+Prompts are built from token ids, so any tokenizer works; with a chat template (Instruct models) the haystack and the
+question form one user turn and the assistant turn is started with "The pass key is", which a small model needs.
+A prompt has two parts: `context_ids` (template start, instruction, haystack with the needle) and `question_ids`
+(question, template end, answer start): presses that compress only a context (kvpress) prefill them separately.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+               "Find it and memorize it. I will quiz you about the important information there.")
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? Answer with the number only."
+ANSWER_START = "The pass key is"
+_MARK = "\x00HAYSTACK\x00"
+
+
+@dataclass
+class NeedlePrompt:
+    context_ids: list[int]
+    question_ids: list[int]
+    passkey: str
+    length: int
+    depth: float
+    needle_at: int  # token index of the needle in the whole prompt
+
+    @property
+    def ids(self) -> list[int]:
+        return self.context_ids + self.question_ids
+
+
+@dataclass
+class TrialResult:
+    answer: str
+    hit: bool
+    prefill_s: float
+    decode_ms: float
+    answer_ids: list[int] = field(default_factory=list)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _frame(tokenizer, chat: bool) -> tuple[str, str]:
+    """Text before and after the haystack: the chat template around one user turn, plus our wording."""
+    head, tail = f"{INSTRUCTION}\n\n", f"\n\n{QUESTION}"
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False,
+                                             add_generation_prompt=True)
+        before, _, after = text.partition(_MARK)
+        return before + head, tail + after + ANSWER_START
+    return head, f"{tail}\n{ANSWER_START}"
+
+
+def passkey_for(seed: int, length: int, depth: float, trial: int) -> tuple[str, random.Random]:
+    rng = random.Random(f"{seed}-{length}-{depth:.4f}-{trial}")
+    return str(rng.randint(10000, 99999)), rng
+
+
+def build_prompt(tokenizer, haystack_ids: Sequence[int], length: int, depth: float, passkey: str,
+                 offset: int = 0, chat: bool = True) -> NeedlePrompt:
+    """A prompt of exactly `length` tokens with the needle at `depth` (0 = start, 1 = end) of the haystack,
+    snapped to the end of a sentence when one is near."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"needle depth {depth} must be in [0, 1]")
+    before, after = _frame(tokenizer, chat)
+    head, question = _encode(tokenizer, before), _encode(tokenizer, after)
+    needle = _encode(tokenizer, " " + NEEDLE.format(key=passkey) + " ")
+    room = length - len(head) - len(question) - len(needle)
+    if room < 16:
+        raise ValueError(f"needle context length {length} is too short for the prompt frame ({length - room} tokens)")
+    if offset + room > len(haystack_ids):
+        raise ValueError(f"the haystack text has {len(haystack_ids)} tokens; {offset + room} are needed for a "
+                         f"{length}-token needle prompt")
+    hay = list(haystack_ids[offset: offset + room])
+    at = round(depth * room)
+    if 0 < at < room:  # move to just after the nearest sentence end within 48 tokens
+        pieces = tokenizer.convert_ids_to_tokens(hay[max(0, at - 48): at + 48])
+        ends = [max(0, at - 48) + i + 1 for i, p in enumerate(pieces) if p and p.rstrip().endswith(".")]
+        if ends:
+            at = min(ends, key=lambda e: abs(e - at))
+    context = head + hay[:at] + needle + hay[at:]
+    return NeedlePrompt(context, question, passkey, length, depth, needle_at=len(head) + at)
+
+
+@torch.inference_mode()
+def greedy_answer(model, context_ids: Sequence[int], question_ids: Sequence[int], make_cache: Callable[[], object],
+                  max_new_tokens: int = 10, eos: Sequence[int] = ()) -> tuple[list[int], float, float]:
+    """Prefill the whole prompt through a fresh cache, then greedy-decode. Returns (ids, prefill_s, decode ms)."""
+    ids = torch.tensor([list(context_ids) + list(question_ids)], dtype=torch.long)
+    cache = make_cache()
+    start = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prefill_s = time.perf_counter() - start
+    answer, times = [], []
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(max_new_tokens):
+        answer.append(int(nxt))
+        if int(nxt) in eos or len(answer) == max_new_tokens:
+            break
+        t0 = time.perf_counter()
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t0)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    decode_ms = 1000 * sorted(times)[len(times) // 2] if times else float("nan")
+    return answer, prefill_s, decode_ms
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+    ids = list(ids) if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def score(tokenizer, prompt: NeedlePrompt, answer_ids: Sequence[int]) -> tuple[str, bool]:
+    answer = tokenizer.decode(list(answer_ids), skip_special_tokens=True)
+    return answer, prompt.passkey in answer.replace(",", "").replace(" ", "")
+
+
+def grid_prompts(tokenizer, haystack_ids: Sequence[int], lengths: Sequence[int], depths: Sequence[float],
+                 trials: int, seed: int = 0, chat: bool = True) -> list[NeedlePrompt]:
+    """Every (length, depth, trial) prompt; each trial draws its own pass key and haystack offset."""
+    prompts = []
+    for length in lengths:
+        for depth in depths:
+            for trial in range(trials):
+                key, rng = passkey_for(seed, length, depth, trial)
+                spare = max(0, len(haystack_ids) - length)
+                offset = rng.randint(0, spare) if trial else 0
+                prompts.append(build_prompt(tokenizer, haystack_ids, length, depth, key, offset=offset, chat=chat))
+    return prompts
+
+
+def run_trial(model, tokenizer, prompt: NeedlePrompt, make_cache: Callable[[], object],
+              max_new_tokens: int = 10) -> TrialResult:
+    ids, prefill_s, decode_ms = greedy_answer(model, prompt.context_ids, prompt.question_ids, make_cache,
+                                              max_new_tokens, eos_ids(model, tokenizer))
+    answer, hit = score(tokenizer, prompt, ids)
+    return TrialResult(answer, hit, prefill_s, decode_ms, ids)
+
+
+def needle_grid(model, tokenizer, haystack_ids: Sequence[int], make_cache: Callable[[], object],
+                lengths: Sequence[int] = (1024, 2048, 4096), depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+                trials: int = 1, seed: int = 0, max_new_tokens: int = 10,
+                progress: Callable[[int], None] | None = None) -> dict:
+    """Hit rate per (length, depth): {"rates": {length: {depth: rate}}, "trials": [...]} for one cache."""
+    rows = []
+    for prompt in grid_prompts(tokenizer, haystack_ids, lengths, depths, trials, seed):
+        res = run_trial(model, tokenizer, prompt, make_cache, max_new_tokens)
+        rows.append({"length": prompt.length, "depth": prompt.depth, "passkey": prompt.passkey,
+                     "answer": res.answer, "hit": res.hit})
+        if progress:
+            progress(1)
+    return {"rates": rates_of(rows), "trials": rows}
+
+
+def rates_of(rows: Sequence[dict]) -> dict:
+    """{length: {depth: hit rate}} of trial rows."""
+    out: dict = {}
+    for row in rows:
+        cell = out.setdefault(int(row["length"]), {}).setdefault(float(row["depth"]), [])
+        cell.append(bool(row["hit"]))
+    return {n: {d: sum(h) / len(h) for d, h in sorted(by.items())} for n, by in sorted(out.items())}

@@ -1,0 +1,121 @@
+"""PNG plots of an evaluation run (matplotlib, headless): Pareto of memory vs perplexity change, needle heat maps,
+decode speed vs context length. Each function takes the JSON-normal results of `report.assemble`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+OURS, PEERS, REF = "#d62728", "#1f77b4", "#444444"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto(res: dict, path: Path) -> bool:
+    rows = [r for r in res["summary"] if r.get("bytes_fraction") and r.get("ppl_change_pct") is not None]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 6))
+    import math
+
+    changes = [r["ppl_change_pct"] for r in rows]
+    span = (max(changes) - min(changes)) or 1.0
+    placed: list[tuple[float, float]] = []
+    for r in rows:
+        color = REF if r["config"] == "dynamic" else OURS if r["ours"] else PEERS
+        x, y = r["bytes_fraction"], r["ppl_change_pct"]
+        ax.scatter(x, y, color=color, s=40, zorder=3)
+        near = sum(1 for px, py in placed if abs(math.log(px / x)) < 0.08 and abs(py - y) < 0.04 * span)
+        placed.append((x, y))
+        ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(5, 4 + 10 * near), fontsize=8,
+                    color=color)
+    ax.set_xscale("log")
+    if max(changes) > 50:
+        ax.set_yscale("symlog", linthresh=10)
+    ax.axhline(0, color="#bbb", lw=0.8)
+    ax.set_xlabel("cache bytes after prefill / DynamicCache bytes (log scale; left is smaller)")
+    ax.set_ylabel("perplexity change vs DynamicCache, % (lower is better)")
+    ax.set_title(f"Memory vs quality ({res['settings']['contexts'][0]} context tokens, "
+                 f"{res['settings']['continuation']} scored)")
+    from matplotlib.lines import Line2D
+
+    ax.legend(handles=[Line2D([], [], marker="o", ls="", color=OURS, label="AttentionPack"),
+                       Line2D([], [], marker="o", ls="", color=PEERS, label="peers"),
+                       Line2D([], [], marker="o", ls="", color=REF, label="DynamicCache")], loc="best")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def needle_maps(res: dict, path: Path) -> bool:
+    entries = [(name, e) for name, e in res["needle"].items() if e.get("rates")]
+    if not entries:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(entries), figsize=(3.2 * len(entries) + 1, 3.6), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], entries):
+        rates = entry["rates"]
+        lengths = sorted(rates, key=int)
+        depths = sorted({d for by in rates.values() for d in by}, key=float)
+        grid = [[rates[n].get(d, float("nan")) for n in lengths] for d in depths]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, "-" if v != v else f"{100 * v:.0f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(lengths)), lengths, fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{float(d):g}" for d in depths], fontsize=8)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(f"{name}: {100 * entry['rate']:.0f}%" if entry.get("rate") is not None else name, fontsize=9)
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="pass key retrieved (share)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def speed_plot(res: dict, path: Path) -> bool:
+    speed = res["speed"]
+    if not speed:
+        return False
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    ours = {r["config"]: r["ours"] for r in res["summary"]}
+    for name, by in speed.items():
+        ctx = sorted(by, key=int)
+        x = [int(c) for c in ctx]
+        style = dict(marker="o", label=name, ls="-" if ours.get(name) else "--",
+                     color=REF if name == "dynamic" else None, lw=2 if name == "dynamic" else 1.2)
+        a1.plot(x, [by[c]["decode_ms"] for c in ctx], **style)
+        a2.plot(x, [by[c]["prefill_s"] for c in ctx], **style)
+    for ax, label in ((a1, "decode ms/token (median)"), (a2, "prefill s (compression included)")):
+        ax.set_xscale("log", base=2)
+        ticks = sorted({int(c) for by in speed.values() for c in by})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    a1.set_title("Decode speed vs context (solid: AttentionPack, dashed: peers)")
+    a2.set_title("Prefill time vs context")
+    a1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def make_plots(res: dict, out: Path) -> list[str]:
+    """Write every plot that has data; returns the file names (relative to `out`)."""
+    made = []
+    for name, fn in (("pareto.png", pareto), ("needle.png", needle_maps), ("speed.png", speed_plot)):
+        if fn(res, Path(out) / name):
+            made.append(name)
+    return made

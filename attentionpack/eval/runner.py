@@ -1,0 +1,413 @@
+"""`evaluate()`: every metric for every configuration in one run, written cell by cell so that an interrupted run
+keeps what it finished and a rerun with the same output folder skips it.
+
+Phases: (1) quality and memory: each configuration alone in a child process through the continuation protocol
+(perplexity, bytes held, peak RSS, per-step log-probabilities -> agreement with DynamicCache); kvpress presses in
+their own environment. (2) speed: interleaved rounds of the in-process configurations. (3) needle retrieval grid for a
+subset. Then results.json, report.md, plots and index.html (see report.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import needle as needle_mod
+from .agreement import compare_files
+from .configs import DEFAULT_CONFIGS, Spec, check_available, make_cache, parse_config, parse_configs
+from .memory import ChildError, measure_isolated
+from .peers import KvpressUnavailable, ensure_kvpress_env, kvpress_needle, kvpress_quality
+
+DEFAULT_NEEDLE = ("dynamic", "balanced", "max", "kvpress-snapkv-0.75")
+KVPRESS_BASELINE = "kvpress-env-dynamic"  # DynamicCache inside the kvpress environment: its own reference
+
+
+@dataclass
+class Settings:
+    model: str | None = None
+    texts: tuple = (None,)
+    configs: tuple = DEFAULT_CONFIGS
+    contexts: tuple = (2048,)
+    continuation: int = 256
+    needle_configs: tuple | None = None  # None: DEFAULT_NEEDLE among `configs`
+    needle_lengths: tuple = (1024, 2048, 4096)
+    needle_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    needle_trials: int = 1
+    needle_new_tokens: int = 10
+    speed_configs: tuple | None = None  # None: every in-process configuration
+    speed_contexts: tuple = (1024, 2048, 4096)
+    speed_steps: int = 16
+    speed_repeats: int = 2
+    threads: int | None = None
+    seed: int = 0
+    isolate: bool = True  # quality+memory of each in-process configuration in its own child process
+
+
+def _safe(key: str) -> str:
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", key)
+    return clean if clean == key else f"{clean}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def _norm(obj):
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+class Cells:
+    """One JSON file per finished measurement under DIR/cells; a cell is reused only if its settings match."""
+
+    def __init__(self, out: Path):
+        self.root = out / "cells"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.reused = 0
+        self.measured = 0
+
+    def path(self, key: str, suffix: str = ".json") -> Path:
+        return self.root / (_safe(key) + suffix)
+
+    def get(self, key: str, settings: dict):
+        try:
+            data = json.loads(self.path(key).read_text())
+        except (OSError, ValueError):
+            return None
+        if data.get("settings") != _norm(settings):
+            return None
+        self.reused += 1
+        return data["result"]
+
+    def put(self, key: str, settings: dict, result: dict) -> dict:
+        path = self.path(key)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "settings": _norm(settings), "result": result,
+                                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        os.replace(tmp, path)
+        self.measured += 1
+        return _norm(result)
+
+
+def _bar(enabled: bool, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not enabled, dynamic_ncols=True, **kw)
+
+
+class Run:
+    def __init__(self, s: Settings, out: Path, progress: bool = True):
+        self.s, self.out, self.progress = s, Path(out), progress
+        self.notes: list[str] = []
+        self.phase_s: dict[str, float] = {}
+        self.specs = parse_configs(s.configs)
+        names = {sp.name for sp in self.specs}
+        if s.needle_configs is None:
+            self.needle_specs = [parse_config(n) for n in DEFAULT_NEEDLE if parse_config(n).name in names]
+        else:
+            self.needle_specs = [parse_config(n) for n in s.needle_configs]
+        inproc = [sp for sp in self.specs if sp.in_process]
+        self.speed_specs = inproc if s.speed_configs is None else parse_configs(s.speed_configs)
+        if any(not sp.in_process for sp in self.speed_specs):
+            raise ValueError("speed is measured in this process only; kvpress configurations cannot be in "
+                             "speed_configs (their decode speed comes from the quality run)")
+        for sp in {sp.name: sp for sp in self.specs + self.needle_specs + self.speed_specs}.values():
+            why = check_available(sp)
+            if why:
+                raise ValueError(why)
+        for name, values in (("contexts", s.contexts), ("needle_lengths", s.needle_lengths),
+                             ("speed_contexts", s.speed_contexts)):
+            if any(not isinstance(v, int) or v < 16 for v in values):
+                raise ValueError(f"{name}={list(values)} must be integers >= 16")
+        if s.continuation < 2 or s.needle_trials < 0 or s.speed_repeats < 0 or s.speed_steps < 1:
+            raise ValueError("continuation must be >= 2, needle_trials and speed_repeats >= 0, speed_steps >= 1")
+        if any(not 0 <= d <= 1 for d in s.needle_depths):
+            raise ValueError(f"needle_depths={list(s.needle_depths)} must lie in [0, 1]")
+        self._load_inputs()
+        self.cells = Cells(self.out)
+
+    # ---- inputs: everything that can fail is checked here, before any long work -------------------------------
+    def _load_inputs(self) -> None:
+        from .data import read_text, token_ids
+
+        s = self.s
+        texts = []
+        for path in s.texts:
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"text file {path} does not exist (or is not a file)")
+            text = read_text(path)
+            tid = "britannica" if path is None else f"{Path(path).stem}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+            texts.append((tid, str(path) if path else "britannica (1911 Encyclopaedia, 'Shakespeare')", text))
+        from ..models import load_model
+
+        self.model, self.tokenizer = load_model(s.model)
+        self.model_id = "embedded SmolLM2-135M-Instruct" if s.model is None else str(Path(s.model).resolve())
+        self.texts = []
+        for i, (tid, source, text) in enumerate(texts):
+            need = max(s.contexts) + s.continuation
+            if i == 0:
+                need = max(need, max(s.speed_contexts) + s.speed_steps if self.speed_specs and s.speed_repeats else 0,
+                           max(s.needle_lengths) if self.needle_specs and s.needle_trials else 0)
+            ids = token_ids(self.tokenizer, text, need, source=source)
+            self.texts.append({"id": tid, "source": source, "tokens": int(ids.numel()), "ids": ids})
+        if self.needle_specs and s.needle_trials:  # builds every prompt once: a too-short length fails here
+            self.prompts = needle_mod.grid_prompts(self.tokenizer, self.texts[0]["ids"].tolist(), s.needle_lengths,
+                                                   s.needle_depths, s.needle_trials, s.seed)
+        else:
+            self.prompts = []
+
+    # ---- phase 1: quality + memory -----------------------------------------------------------------------------
+    def _quality_settings(self, text: dict, n: int, desc: dict) -> dict:
+        return {"model": self.model_id, "text": text["id"], "context": n, "continuation": self.s.continuation,
+                "config": desc}
+
+    def quality(self) -> None:
+        s = self.s
+        self.kvpress_env = {"status": "not needed"}
+        kv_specs = [sp for sp in self.specs if not sp.in_process]
+        if kv_specs:
+            try:
+                self.kvpress_env = {"status": "ok", "versions": ensure_kvpress_env(
+                    status=lambda what: print(f"kvpress environment: {what} (once) ...", file=sys.stderr))}
+            except KvpressUnavailable as err:
+                self.kvpress_env = {"status": "unavailable", "reason": str(err)}
+                self.notes.append(f"kvpress presses were not measured: {err}")
+        self.results_quality: dict = {}
+        for text in self.texts:
+            for n in s.contexts:
+                ref = self.cells.path(f"ref__{text['id']}__n{n}__m{s.continuation}", ".f32")
+                row = self.results_quality.setdefault(text["id"], {}).setdefault(str(n), {})
+                jobs = [sp for sp in self.specs if sp.in_process or self.kvpress_env["status"] == "ok"]
+                if kv_specs and self.kvpress_env["status"] == "ok":
+                    jobs.insert(next(i for i, sp in enumerate(jobs) if not sp.in_process), None)
+                for sp in jobs:
+                    name = sp.name if sp else KVPRESS_BASELINE
+                    desc = sp.describe() if sp else {"name": name, "kind": "kvpress-env", **self.kvpress_env["versions"]}
+                    key = f"quality__{text['id']}__n{n}__m{s.continuation}__{name}"
+                    settings = self._quality_settings(text, n, desc)
+                    got = self.cells.get(key, settings)
+                    if got is not None and (name != "dynamic" or ref.exists()):
+                        row[name] = got
+                        continue
+                    row[name] = self._quality_one(sp, name, text, n, ref, key, settings)
+
+    def _quality_one(self, sp: Spec | None, name: str, text: dict, n: int, ref: Path, key: str, settings: dict):
+        s = self.s
+        logits = ref if name == "dynamic" else self.cells.path(key, ".f32")
+        bar = _bar(self.progress, total=s.continuation - 1, desc=f"quality+memory {name} @{n}", unit="tok")
+        tick = lambda k: bar.update(k - bar.n)  # noqa: E731
+        log = self.cells.path(key, ".log")
+        t0 = time.perf_counter()
+        try:
+            if sp is not None and sp.in_process and not s.isolate:
+                res = self._quality_here(sp, text["ids"], n, logits, tick)
+            elif sp is not None and sp.in_process:
+                res = measure_isolated(sp.name, text["ids"], n, s.continuation, model=s.model, logits_out=logits,
+                                       threads=s.threads, on_progress=tick, log=log)
+            else:
+                res = kvpress_quality(sp, text["ids"], n, s.continuation, model=s.model, logits_out=logits,
+                                      threads=s.threads, on_progress=tick, log=log)
+        except ChildError as err:
+            bar.close()
+            self.notes.append(f"{name} at context {n} failed: {str(err).splitlines()[0]} (log: {log})")
+            return {"error": str(err)[-1500:]}
+        finally:
+            bar.close()
+        tick(s.continuation - 1)
+        res["elapsed_s"] = time.perf_counter() - t0
+        if name != "dynamic":
+            if ref.exists():
+                res.update(compare_files(ref, logits, self.model.config.vocab_size))
+            logits.unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
+        return self.cells.put(key, settings, res)
+
+    def _quality_here(self, sp: Spec, ids, n: int, logits: Path, tick) -> dict:
+        """The quality pass in this process (isolate=False): no peak RSS of its own."""
+        from .memory import LogprobWriter, held_bytes
+        from .perplexity import continuation_perplexity
+
+        caches, writer, done = [], LogprobWriter(logits), [0]
+
+        def fresh():
+            caches.append(make_cache(self.model, sp))
+            return caches[-1]
+
+        def step(k):
+            done[0] += k
+            tick(done[0])
+
+        try:
+            r = continuation_perplexity(self.model, ids, n, self.s.continuation, fresh, progress=step,
+                                        on_logits=writer)
+        finally:
+            writer.close()
+        return {"config": sp.name, "ppl": r.ppl, "nll": r.nll, "tokens_scored": r.tokens_scored,
+                "prefill_s": r.prefill_s, "decode_ms": r.decode_ms, "bytes_after_prefill": r.bytes_after_prefill,
+                "bytes_at_end": held_bytes(caches[-1]), "isolated": False}
+
+    # ---- phase 2: speed ----------------------------------------------------------------------------------------
+    def speed(self) -> None:
+        from .speed import speed_round, summarize, warm_up
+
+        s = self.s
+        self.speed_rounds = []
+        if not self.speed_specs or not s.speed_repeats:
+            self.results_speed = {}
+            return
+        makers = {sp.name: (lambda sp=sp: make_cache(self.model, sp)) for sp in self.speed_specs}
+        settings = {"model": self.model_id, "text": self.texts[0]["id"], "contexts": list(s.speed_contexts),
+                    "steps": s.speed_steps, "configs": [sp.describe() for sp in self.speed_specs]}
+        ids = self.texts[0]["ids"]
+        bar = _bar(self.progress, total=s.speed_repeats * len(s.speed_contexts) * len(makers), desc="speed")
+        warmed = False
+        for r in range(s.speed_repeats):
+            got = self.cells.get(f"speed__round{r}", settings)
+            if got is None:
+                if not warmed:
+                    warm_up(self.model, ids, makers["dynamic"])
+                    warmed = True
+
+                def tick(name, ctx):
+                    bar.set_postfix_str(f"round {r + 1}: {name} @{ctx}")
+                    bar.update(1)
+                got = self.cells.put(f"speed__round{r}", settings,
+                                     speed_round(self.model, ids, makers, s.speed_contexts, s.speed_steps, tick))
+            else:
+                bar.update(len(s.speed_contexts) * len(makers))
+            self.speed_rounds.append(got)
+        bar.close()
+        self.results_speed = summarize(self.speed_rounds)
+
+    # ---- phase 3: needle ---------------------------------------------------------------------------------------
+    def needle(self) -> None:
+        s = self.s
+        self.results_needle = {}
+        if not self.prompts:
+            return
+        eos = needle_mod.eos_ids(self.model, self.tokenizer)
+        groups: dict = {}
+        for p in self.prompts:
+            groups.setdefault((p.length, p.depth), []).append(p)
+        wording = hashlib.sha1((needle_mod.INSTRUCTION + needle_mod.NEEDLE + needle_mod.QUESTION +
+                                needle_mod.ANSWER_START).encode()).hexdigest()[:10]
+        for sp in self.needle_specs:
+            if not sp.in_process and self.kvpress_env.get("status") != "ok":
+                continue
+            rows, todo = [], []
+            for (length, depth), prompts in groups.items():
+                key = f"needle__{sp.name}__L{length}__d{depth:g}"
+                settings = {"model": self.model_id, "text": self.texts[0]["id"], "config": sp.describe(),
+                            "length": length, "depth": depth, "trials": s.needle_trials, "seed": s.seed,
+                            "max_new_tokens": s.needle_new_tokens, "wording": wording}
+                got = self.cells.get(key, settings)
+                if got is not None:
+                    rows.extend(got["trials"])
+                else:
+                    todo.append((key, settings, prompts))
+            bar = _bar(self.progress, total=sum(len(t[2]) for t in todo), desc=f"needle {sp.name}", unit="prompt")
+            if sp.in_process:
+                for key, settings, prompts in todo:
+                    group = []
+                    for p in prompts:
+                        res = needle_mod.run_trial(self.model, self.tokenizer, p, lambda: make_cache(self.model, sp),
+                                                   s.needle_new_tokens)
+                        group.append(self._trial_row(p, res.answer, res.hit, res.prefill_s))
+                        bar.update(1)
+                    rows.extend(self.cells.put(key, settings, {"trials": group})["trials"])
+            elif todo:
+                rows.extend(self._kvpress_needle(sp, todo, eos, bar))
+            bar.close()
+            rates = needle_mod.rates_of(rows)
+            total = [r["hit"] for r in rows]
+            self.results_needle[sp.name] = {"rates": rates, "rate": sum(total) / len(total) if total else None,
+                                            "trials": rows}
+
+    def _trial_row(self, p, answer: str, hit: bool, prefill_s: float) -> dict:
+        return {"length": p.length, "depth": p.depth, "passkey": p.passkey, "needle_at": p.needle_at,
+                "answer": answer, "hit": bool(hit), "prefill_s": prefill_s}
+
+    def _kvpress_needle(self, sp: Spec, todo, eos, bar) -> list:
+        flat = [(key, settings, p) for key, settings, prompts in todo for p in prompts]
+        done: dict = {}
+        rows = []
+
+        def on_item(item):
+            key, settings, p = flat[item["index"]]
+            answer, hit = needle_mod.score(self.tokenizer, p, item["answer_ids"])
+            done.setdefault(key, []).append(self._trial_row(p, answer, hit, item["prefill_s"]))
+            bar.update(1)
+            group = next(t for t in todo if t[0] == key)
+            if len(done[key]) == len(group[2]):
+                rows.extend(self.cells.put(key, settings, {"trials": done[key]})["trials"])
+
+        log = self.cells.path(f"needle__{sp.name}", ".log")
+        try:
+            kvpress_needle(sp, [f[2] for f in flat], eos, self.s.needle_new_tokens, model=self.s.model,
+                           threads=self.s.threads, on_item=on_item, log=log)
+            log.unlink(missing_ok=True)
+        except ChildError as err:
+            self.notes.append(f"needle {sp.name} failed: {str(err).splitlines()[0]} (log: {log})")
+        return rows
+
+    # ---- all -----------------------------------------------------------------------------------------------------
+    def results(self, started: float) -> dict:
+        from .report import assemble
+
+        return assemble(self, started)
+
+    def go(self) -> dict:
+        from .report import write_outputs
+
+        started = time.time()
+        self.results_quality, self.results_speed, self.results_needle, self.speed_rounds = {}, {}, {}, []
+        self.kvpress_env = {"status": "not reached"}
+        try:
+            for phase in ("quality", "speed", "needle"):
+                t0 = time.perf_counter()
+                getattr(self, phase)()
+                self.phase_s[phase] = time.perf_counter() - t0
+                write_outputs(self.results(started), self.out, plots=False)  # a partial report after every phase
+        except KeyboardInterrupt:
+            self.notes.append("interrupted: finished cells are kept; run again with the same output folder to resume")
+            write_outputs(self.results(started), self.out, plots=False)
+            raise
+        results = self.results(started)
+        write_outputs(results, self.out, plots=True)
+        return results
+
+
+def evaluate(out: str | os.PathLike = "attentionpack-eval", model: str | None = None, texts=None, configs=None,
+             progress: bool = True, **settings) -> dict:
+    """Measure quality, memory, speed and needle retrieval of each configuration against DynamicCache and the peers;
+    write results.json, report.md, PNG plots and index.html to `out`. Settings: see `Settings` (contexts,
+    continuation, needle_*, speed_*, threads, seed). Rerunning with the same `out` skips finished cells."""
+    unknown = set(settings) - set(Settings.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown evaluate() setting(s) {sorted(unknown)}; known: {sorted(Settings.__dataclass_fields__)}")
+    if isinstance(texts, (str, os.PathLike)):
+        texts = [texts]
+    if isinstance(configs, str):
+        configs = [configs]
+    tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    s = Settings(model=None if model is None else str(model), texts=tuple(texts) if texts else (None,),
+                 configs=tuple(configs) if configs else DEFAULT_CONFIGS, **tuples)
+    return Run(s, Path(out), progress).go()
+
+
+def machine_info(threads: int | None) -> dict:
+    import torch
+
+    mem = None
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        pass
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": threads or torch.get_num_threads(), "ram_bytes": mem,
+            "python": sys.version.split()[0], "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def settings_dict(s: Settings) -> dict:
+    return _norm(asdict(s))

@@ -1,0 +1,85 @@
+"""Speed: prefill time (compression included) and median decode ms/token of each configuration at several context
+lengths, with repeats interleaved between configurations (A B C A B C ...) so that a slow spell of a shared machine
+hits every configuration alike. Reported as ratios to DynamicCache measured in the same rounds."""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+
+@torch.inference_mode()
+def time_one(model, ids: torch.Tensor, context: int, decode_steps: int, make_cache: Callable[[], object]) -> dict:
+    """Prefill `context` tokens of `ids` through a fresh cache, then teacher-force `decode_steps` tokens one at a
+    time. Returns prefill seconds and the median decode milliseconds per token."""
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.shape[1] < context + decode_steps:
+        raise ValueError(f"speed at context {context} needs {context + decode_steps} tokens, got {ids.shape[1]}")
+    cache = make_cache()
+    t0 = time.perf_counter()
+    model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prefill_s = time.perf_counter() - t0
+    times = []
+    for i in range(decode_steps):
+        t1 = time.perf_counter()
+        model(input_ids=ids[:, context + i: context + i + 1], past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t1)
+    del cache
+    gc.collect()
+    return {"prefill_s": prefill_s, "decode_ms": 1000 * statistics.median(times)}
+
+
+def speed_round(model, ids: torch.Tensor, makers: Mapping[str, Callable[[], object]], contexts: Sequence[int],
+                decode_steps: int, progress: Callable[[str, int], None] | None = None) -> dict:
+    """One interleaved round: for each context length, every configuration once, in order.
+    Returns {config: {context: {"prefill_s", "decode_ms"}}}."""
+    out: dict = {name: {} for name in makers}
+    for context in contexts:
+        for name, make in makers.items():
+            if progress:
+                progress(name, context)
+            out[name][context] = time_one(model, ids, context, decode_steps, make)
+    return out
+
+
+def warm_up(model, ids: torch.Tensor, make_cache: Callable[[], object]) -> None:
+    """A short run so that the first measured configuration does not pay for first-call allocations."""
+    time_one(model, ids, min(128, ids.numel() - 4), 3, make_cache)
+
+
+def summarize(rounds: Sequence[dict], reference: str = "dynamic") -> dict:
+    """Median over rounds per (config, context), and ratios to `reference` (ratio > 1: slower than reference).
+    Returns {config: {context: {prefill_s, decode_ms, prefill_ratio, decode_ratio, repeats}}}."""
+    merged: dict = {}
+    for rnd in rounds:
+        for name, by_ctx in rnd.items():
+            for ctx, m in by_ctx.items():
+                cell = merged.setdefault(name, {}).setdefault(int(ctx), {"prefill_s": [], "decode_ms": []})
+                cell["prefill_s"].append(m["prefill_s"])
+                cell["decode_ms"].append(m["decode_ms"])
+    out: dict = {}
+    for name, by_ctx in merged.items():
+        for ctx, cell in by_ctx.items():
+            ref = merged.get(reference, {}).get(ctx)
+            row = {"prefill_s": statistics.median(cell["prefill_s"]), "decode_ms": statistics.median(cell["decode_ms"]),
+                   "repeats": len(cell["decode_ms"])}
+            if ref:
+                row["prefill_ratio"] = row["prefill_s"] / statistics.median(ref["prefill_s"])
+                row["decode_ratio"] = row["decode_ms"] / statistics.median(ref["decode_ms"])
+            out.setdefault(name, {})[ctx] = row
+    return out
+
+
+def measure_speed(model, ids: torch.Tensor, makers: Mapping[str, Callable[[], object]],
+                  contexts: Sequence[int] = (1024, 2048, 4096), decode_steps: int = 16, repeats: int = 2,
+                  progress: Callable[[str, int], None] | None = None) -> dict:
+    """Interleaved speed of every configuration in `makers` (which should include "dynamic" for the ratios)."""
+    if repeats < 1 or decode_steps < 1:
+        raise ValueError("repeats and decode_steps must be >= 1")
+    warm_up(model, ids, next(iter(makers.values())))
+    rounds = [speed_round(model, ids, makers, contexts, decode_steps, progress) for _ in range(repeats)]
+    return summarize(rounds)

@@ -1,0 +1,100 @@
+"""`attentionpack generate`: answer a prompt with a compressed cache and show what it holds."""
+from __future__ import annotations
+
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+from transformers.generation.streamers import BaseStreamer
+
+from .cache import PackedCache
+from .config import PackConfig
+from .models import load_model
+
+
+class _ProgressStreamer(BaseStreamer):
+    """Progress bars for `generate`: prefill advances per decoder layer (hooks), decoding per generated token."""
+
+    def __init__(self, model, prompt_tokens: int, max_new_tokens: int):
+        layers = model.model.layers
+        self.prefill = tqdm(total=len(layers), desc=f"prefill {prompt_tokens} tokens", unit="layer", leave=False)
+        self.decode = None
+        self.max_new_tokens = max_new_tokens
+        self.hooks = [layer.register_forward_hook(self._layer_done) for layer in layers]
+
+    def _layer_done(self, module, args, output):
+        if self.decode is None:
+            self.prefill.update(1)
+
+    def put(self, value):
+        if self.decode is None:  # the first call carries the prompt: prefill is over
+            self.prefill.close()
+            self.decode = tqdm(total=self.max_new_tokens, desc="decoding", unit="tok", leave=False)
+            return
+        self.decode.update(1)
+
+    def end(self):
+        for hook in self.hooks:
+            hook.remove()
+        self.prefill.close()
+        if self.decode is not None:
+            self.decode.close()
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
+    """Token ids (1, T) of the prompt, wrapped in the chat template when asked and available."""
+    if not text.strip():
+        raise ValueError("the prompt is empty; give a prompt file with some text")
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+    return ids
+
+
+def check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's limit of "
+            f"{limit} positions; shorten the prompt or lower --max-new-tokens"
+        )
+
+
+def run_generate(text: str, preset: str = "balanced", model_path: str | None = None, max_new_tokens: int = 128,
+                 chat: bool = True, sample: bool = False, temperature: float = 0.7, seed: int = 0,
+                 console: Console | None = None) -> dict:
+    """Generate an answer with a PackedCache; print it and a memory table. Returns the numbers printed."""
+    console = console or Console()
+    config = PackConfig.preset(preset)
+    with console.status("loading model"):
+        model, tokenizer = load_model(model_path)
+    ids = encode_prompt(tokenizer, text, chat)
+    check_length(model, ids.shape[1], max_new_tokens)
+    cache = PackedCache(model, config)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    streamer = _ProgressStreamer(model, ids.shape[1], max_new_tokens)
+    kwargs = dict(do_sample=True, temperature=temperature, top_p=0.95) if sample else dict(do_sample=False)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                             max_new_tokens=max_new_tokens, streamer=streamer,
+                             pad_token_id=tokenizer.pad_token_id, **kwargs)
+    finally:
+        streamer.end()
+    elapsed = time.perf_counter() - start
+    answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    console.print(answer.strip())
+    held, dynamic = cache.nbytes(), cache.dynamic_nbytes()
+    table = Table(title=f"KV cache after {cache.get_seq_length()} tokens ({ids.shape[1]} prompt + "
+                        f"{out.shape[1] - ids.shape[1]} generated), {elapsed:.1f} s")
+    for col in ("cache", "bytes held", "MiB", "vs DynamicCache"):
+        table.add_column(col, justify="right" if col != "cache" else "left")
+    table.add_row("DynamicCache (same tokens)", f"{dynamic:,}", f"{dynamic / 2**20:.2f}", "1.00x")
+    table.add_row(f"PackedCache '{preset}'", f"{held:,}", f"{held / 2**20:.2f}",
+                  f"{dynamic / held:.2f}x smaller" if held else "-")
+    console.print(table)
+    return {"answer": answer, "bytes": held, "dynamic_bytes": dynamic, "prompt_tokens": ids.shape[1]}
