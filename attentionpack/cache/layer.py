@@ -56,6 +56,8 @@ class PackedLayer(CacheLayerMixin):
         self.tail_valid = None  # (B, n) bool
         self.total = 0  # tokens seen (cache index of the next token)
         self.sink_end: int | None = None  # cache index where the exact sinks end (per-batch max)
+        self.record_past = False
+        self._last_call_tokens = 0
         self.is_initialized = False
 
     # ---- transformers CacheLayerMixin interface -------------------------------------------------------------
@@ -77,9 +79,14 @@ class PackedLayer(CacheLayerMixin):
         values = self._materialize(lambda s: s.values, self.tail_values, ctx.rope)
         if self.compress:
             self._compact(prefill=q > 1, ctx=ctx)
-        if self.is_sliding:
+        if self.is_sliding and not self.record_past:
             self._drop_outside_window()
+        self._last_call_tokens = q
         return keys, values
+
+    def activate_past_recording(self) -> None:
+        """Keep out-of-window tokens until the next `crop` (assisted decoding may roll back a multi-token call)."""
+        self.record_past = True
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         offset = self.first_index
@@ -98,7 +105,11 @@ class PackedLayer(CacheLayerMixin):
         if tokens_to_remove > 0:
             raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
         n = -tokens_to_remove
-        if n == 0 or not self.is_initialized:
+        if not self.is_initialized:
+            return
+        if n == 0:
+            if self.is_sliding:
+                self._drop_outside_window()
             return
         if self.tail_keys is None or n > self.tail_keys.shape[-2]:
             raise ValueError(
@@ -109,6 +120,8 @@ class PackedLayer(CacheLayerMixin):
         self._set_tail(*(t[..., :keep, :] for t in (self.tail_keys, self.tail_values)),
                        _slice_opt(self.tail_positions, slice(None, keep)), _slice_opt(self.tail_valid, slice(None, keep)))
         self.total -= n
+        if self.is_sliding:
+            self._drop_outside_window()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -153,7 +166,10 @@ class PackedLayer(CacheLayerMixin):
         """Bytes a transformers DynamicCache would hold for this layer after the same tokens."""
         if not self.is_initialized or self.tail_keys is None and not self.segments:
             return 0
-        held = min(self.total, self.spec.sliding_window - 1) if self.is_sliding else self.total
+        held = self.total
+        if self.is_sliding:  # the stock layer keeps a view of cat(old, new): W-1 older tokens plus the last call
+            q = self._last_call_tokens
+            held = min(self.total - q, self.spec.sliding_window - 1) + q
         ref = self.tail_keys if self.tail_keys is not None else None
         batch = ref.shape[0] if ref is not None else self.segments[0].keys.tensors()[0].shape[0]
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -182,7 +198,8 @@ class PackedLayer(CacheLayerMixin):
         tail_start = self.total - self.tail_length
         if self.sink_end is None:  # first call: the tail starts at token 0
             # sinks: each sample's first `sink` real tokens; with left padding the latest-starting sample decides
-            self.sink_end = int((~self.tail_valid).sum(dim=1).max()) + self.config.sink
+            leading_pad = torch.cumprod((~self.tail_valid).int(), dim=1).sum(dim=1)  # left padding only, not inner holes
+            self.sink_end = int(leading_pad.max()) + self.config.sink
         stop = self.total - self.config.window
         if self.sink_end > tail_start:
             if stop <= self.sink_end:

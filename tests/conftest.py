@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+import torch
+
+import tiny_models
+
+# The tiny models' matmuls are far too small to gain from intra-op threads; one thread avoids oversubscription
+# (and large slowdowns) when the 2 cores are shared with other work.
+torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    # emitted by torch itself when transformers imports it; not ours to fix
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(name: str):
+    return tiny_models.build_model(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """tiny_model(name) -> a cached tiny random model (eval mode; never modified by the tests)."""
+    return _tiny
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per session."""
+    from attentionpack import load_model
+
+    model, tokenizer = load_model()
+    return model, tokenizer
