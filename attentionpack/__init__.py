@@ -3,5 +3,15 @@ from .cache import PackedCache
 from .config import PRESETS, PackConfig
 from .models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, load_model
 
-__all__ = ["PackedCache", "PackConfig", "PRESETS", "load_model", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError"]
+
+
+def evaluate(*args, **kwargs):
+    """Run the evaluation harness (see `attentionpack.eval.runner.evaluate`)."""
+    from .eval.runner import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)
+
+
+__all__ = ["PackedCache", "PackConfig", "PRESETS", "load_model", "evaluate", "SUPPORTED_MODEL_TYPES",
+           "UnsupportedModelError"]
 __version__ = "0.1.0"

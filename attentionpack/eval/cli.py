@@ -36,11 +36,11 @@ def eval_command(
     needle_lengths: Optional[List[str]] = typer.Option(None, help="Needle prompt lengths [1024 2048 4096]."),
     needle_depths: Optional[List[str]] = typer.Option(None, help="Needle depths in [0, 1] [0 0.25 0.5 0.75 1]."),
     needle_trials: int = typer.Option(1, min=0, help="Trials per needle cell (0: skip the needle grid)."),
-    speed_configs: Optional[List[str]] = typer.Option(None, help="Configurations timed in interleaved rounds [every in-process one]."),
+    speed_configs: Optional[List[str]] = typer.Option(None, help="Configurations timed in interleaved rounds [dynamic balanced max quanto-4 hqq-4]."),
     speed_contexts: Optional[List[str]] = typer.Option(None, help="Context lengths of the speed rounds [1024 2048 4096]."),
-    speed_steps: int = typer.Option(16, min=1, help="Decode steps timed per speed measurement."),
+    speed_steps: int = typer.Option(8, min=1, help="Decode steps timed per speed measurement."),
     speed_repeats: int = typer.Option(2, min=0, help="Interleaved speed rounds (0: skip)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch threads in every process (default: torch's)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads in every process (default: torch's, or 1 when the machine is already busy)."),
     seed: int = typer.Option(0, help="Seed of the needle pass keys and haystack offsets."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
@@ -56,8 +56,16 @@ def eval_command(
     needles = _words(needle_configs)
     if needles is not None:
         settings["needle_configs"] = () if [w.lower() for w in needles] == ["none"] else tuple(needles)
+    import signal
+
     from .runner import evaluate
 
+    def stop(signum, frame):  # `kill` (SIGTERM) ends a run as cleanly as Ctrl-C: finished cells and a report stay
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell
+        signal.signal(signal.SIGINT, stop)
     try:
         res = evaluate(out, model=model, texts=_words(text), configs=_words(configs), progress=progress,
                        continuation=continuation, needle_trials=needle_trials, speed_steps=speed_steps,

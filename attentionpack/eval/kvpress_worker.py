@@ -133,7 +133,22 @@ def needle(job, model, torch):
     return {"prompts": len(job["prompts"])}
 
 
+def _exit_with_parent():
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(2)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(path):
+    _exit_with_parent()
     started = time.perf_counter()
     with open(path) as f:
         job = json.load(f)

@@ -140,7 +140,23 @@ class LogprobWriter:
         self.file.close()
 
 
+def exit_with_parent() -> None:
+    """End this child process when its parent goes away (a killed harness must not leave measurements running)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(2)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _child(job_path: str) -> None:
+    exit_with_parent()
     started = time.perf_counter()
     job = json.loads(Path(job_path).read_text())
     if job.get("threads"):

@@ -118,8 +118,17 @@ COLUMNS = [  # (header, key, kind)
 ]
 
 
+SEQUENTIAL = ("decode_ms", "decode_ratio", "prefill_s", "prefill_ratio")
+
+
 def summary_table(rows: list[dict]) -> list[list[str]]:
-    return [[fmt(r.get(key), kind) for _, key, kind in COLUMNS] for r in rows]
+    """The summary as strings; speed numbers not from interleaved rounds carry a '*'."""
+    out = []
+    for r in rows:
+        mark = "*" if r.get("speed_source") != "interleaved rounds" else ""
+        out.append([fmt(r.get(key), kind) + (mark if key in SEQUENTIAL and r.get(key) is not None else "")
+                    for _, key, kind in COLUMNS])
+    return out
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> str:
@@ -157,10 +166,13 @@ def report_md(res: dict, images: list[str]) -> str:
            "", f"Wall time of this run: {res['wall_s']:.0f} s (cells measured {res['cells']['measured']}, reused "
            f"{res['cells']['reused']}). Machine: {res['machine']['cpu_count']} CPUs, "
            f"{res['machine']['torch_threads']} torch threads, load average at the end "
-           f"{res['machine']['load_average']}.", "", "## Summary", "",
+           f"{res['machine']['load_average']}. Phases: "
+           + ", ".join(f"{k} {v:.0f} s" for k, v in res["phase_s"].items()) + ".", "", "## Summary", "",
            _md_table([c[0] for c in COLUMNS], summary_table(res["summary"])), "",
-           "Decode and prefill ratios come from interleaved speed rounds where measured; kvpress presses from their "
-           "quality run against DynamicCache in the kvpress environment (not interleaved).", ""]
+           "Speed: from interleaved rounds (A B C A B C ...) at this context where the configuration was timed there; "
+           "numbers marked * come from its quality run instead, compared with DynamicCache's quality run (kvpress: "
+           "with DynamicCache in the kvpress environment): sequential, so a busy machine skews them. Peak RSS "
+           "includes the prefill's activations, which at this context outweigh the cache.", ""]
     out += ["## kvpress environment", "", f"Status: **{kv.get('status')}**."]
     if kv.get("reason"):
         out += ["", "```", kv["reason"][-1500:], "```"]

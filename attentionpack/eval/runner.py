@@ -15,7 +15,7 @@ import platform
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import needle as needle_mod
@@ -25,6 +25,7 @@ from .memory import ChildError, measure_isolated
 from .peers import KvpressUnavailable, ensure_kvpress_env, kvpress_needle, kvpress_quality
 
 DEFAULT_NEEDLE = ("dynamic", "balanced", "max", "kvpress-snapkv-0.75")
+DEFAULT_SPEED = ("dynamic", "balanced", "max", "quanto-4", "hqq-4")  # the others' decode speed: from their quality run
 KVPRESS_BASELINE = "kvpress-env-dynamic"  # DynamicCache inside the kvpress environment: its own reference
 
 
@@ -40,9 +41,9 @@ class Settings:
     needle_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     needle_trials: int = 1
     needle_new_tokens: int = 10
-    speed_configs: tuple | None = None  # None: every in-process configuration
+    speed_configs: tuple | None = None  # None: DEFAULT_SPEED among `configs`
     speed_contexts: tuple = (1024, 2048, 4096)
-    speed_steps: int = 16
+    speed_steps: int = 8
     speed_repeats: int = 2
     threads: int | None = None
     seed: int = 0
@@ -107,8 +108,10 @@ class Run:
             self.needle_specs = [parse_config(n) for n in DEFAULT_NEEDLE if parse_config(n).name in names]
         else:
             self.needle_specs = [parse_config(n) for n in s.needle_configs]
-        inproc = [sp for sp in self.specs if sp.in_process]
-        self.speed_specs = inproc if s.speed_configs is None else parse_configs(s.speed_configs)
+        if s.speed_configs is None:
+            self.speed_specs = [sp for sp in self.specs if sp.name in DEFAULT_SPEED] or self.specs[:1]
+        else:
+            self.speed_specs = parse_configs(s.speed_configs)
         if any(not sp.in_process for sp in self.speed_specs):
             raise ValueError("speed is measured in this process only; kvpress configurations cannot be in "
                              "speed_configs (their decode speed comes from the quality run)")
@@ -124,8 +127,23 @@ class Run:
             raise ValueError("continuation must be >= 2, needle_trials and speed_repeats >= 0, speed_steps >= 1")
         if any(not 0 <= d <= 1 for d in s.needle_depths):
             raise ValueError(f"needle_depths={list(s.needle_depths)} must lie in [0, 1]")
+        self._choose_threads()
         self._load_inputs()
         self.cells = Cells(self.out)
+
+    def _choose_threads(self) -> None:
+        """threads=None: torch's default, unless the machine is already busy (1-minute load average >= CPUs - 0.5),
+        where several threads per process stall each other; then 1 thread in every process of this run."""
+        import torch
+
+        s = self.s
+        self._threads_before = torch.get_num_threads()
+        if s.threads is None and hasattr(os, "getloadavg"):
+            load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+            if cpus > 1 and load >= cpus - 0.5:
+                self.s = s = Settings(**{**asdict(s), "threads": 1})
+                self.notes.append(f"the machine was busy at the start (load average {load:.1f} on {cpus} CPUs): every "
+                                  "process of this run used 1 torch thread (pass threads / --threads to choose)")
 
     # ---- inputs: everything that can fail is checked here, before any long work -------------------------------
     def _load_inputs(self) -> None:
@@ -178,9 +196,11 @@ class Run:
             for n in s.contexts:
                 ref = self.cells.path(f"ref__{text['id']}__n{n}__m{s.continuation}", ".f32")
                 row = self.results_quality.setdefault(text["id"], {}).setdefault(str(n), {})
-                jobs = [sp for sp in self.specs if sp.in_process or self.kvpress_env["status"] == "ok"]
-                if kv_specs and self.kvpress_env["status"] == "ok":
-                    jobs.insert(next(i for i, sp in enumerate(jobs) if not sp.in_process), None)
+                # order: DynamicCache (the reference), other in-process peers, kvpress (its environment's own
+                # DynamicCache first), then ours; the report keeps the order of `configs`
+                kv_jobs = [None] + kv_specs if kv_specs and self.kvpress_env["status"] == "ok" else []
+                jobs = ([sp for sp in self.specs if sp.in_process and not sp.ours] + kv_jobs
+                        + [sp for sp in self.specs if sp.ours])
                 for sp in jobs:
                     name = sp.name if sp else KVPRESS_BASELINE
                     desc = sp.describe() if sp else {"name": name, "kind": "kvpress-env", **self.kvpress_env["versions"]}
@@ -215,6 +235,7 @@ class Run:
         finally:
             bar.close()
         tick(s.continuation - 1)
+        res["config"] = name
         res["elapsed_s"] = time.perf_counter() - t0
         if name != "dynamic":
             if ref.exists():
@@ -269,9 +290,11 @@ class Run:
                     warm_up(self.model, ids, makers["dynamic"])
                     warmed = True
 
-                def tick(name, ctx):
-                    bar.set_postfix_str(f"round {r + 1}: {name} @{ctx}")
-                    bar.update(1)
+                def tick(name, ctx, finished):
+                    if finished:
+                        bar.update(1)
+                    else:
+                        bar.set_postfix_str(f"round {r + 1}: {name} @{ctx}")
                 got = self.cells.put(f"speed__round{r}", settings,
                                      speed_round(self.model, ids, makers, s.speed_contexts, s.speed_steps, tick))
             else:
@@ -358,6 +381,16 @@ class Run:
         return assemble(self, started)
 
     def go(self) -> dict:
+        import torch
+
+        if self.s.threads:
+            torch.set_num_threads(self.s.threads)
+        try:
+            return self._go()
+        finally:
+            torch.set_num_threads(self._threads_before)
+
+    def _go(self) -> dict:
         from .report import write_outputs
 
         started = time.time()

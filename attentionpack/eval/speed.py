@@ -34,15 +34,18 @@ def time_one(model, ids: torch.Tensor, context: int, decode_steps: int, make_cac
 
 
 def speed_round(model, ids: torch.Tensor, makers: Mapping[str, Callable[[], object]], contexts: Sequence[int],
-                decode_steps: int, progress: Callable[[str, int], None] | None = None) -> dict:
-    """One interleaved round: for each context length, every configuration once, in order.
+                decode_steps: int, progress: Callable[[str, int, bool], None] | None = None) -> dict:
+    """One interleaved round: for each context length, every configuration once, in order. `progress(name,
+    context, finished)` is called before and after each measurement.
     Returns {config: {context: {"prefill_s", "decode_ms"}}}."""
     out: dict = {name: {} for name in makers}
     for context in contexts:
         for name, make in makers.items():
             if progress:
-                progress(name, context)
+                progress(name, context, False)
             out[name][context] = time_one(model, ids, context, decode_steps, make)
+            if progress:
+                progress(name, context, True)
     return out
 
 
@@ -76,7 +79,7 @@ def summarize(rounds: Sequence[dict], reference: str = "dynamic") -> dict:
 
 def measure_speed(model, ids: torch.Tensor, makers: Mapping[str, Callable[[], object]],
                   contexts: Sequence[int] = (1024, 2048, 4096), decode_steps: int = 16, repeats: int = 2,
-                  progress: Callable[[str, int], None] | None = None) -> dict:
+                  progress: Callable[[str, int, bool], None] | None = None) -> dict:
     """Interleaved speed of every configuration in `makers` (which should include "dynamic" for the ratios)."""
     if repeats < 1 or decode_steps < 1:
         raise ValueError("repeats and decode_steps must be >= 1")
