@@ -22,22 +22,30 @@ def pareto(res: dict, path: Path) -> bool:
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 6))
-    import math
-
     changes = [r["ppl_change_pct"] for r in rows]
-    span = (max(changes) - min(changes)) or 1.0
-    placed: list[tuple[float, float]] = []
     for r in rows:
         color = REF if r["config"] == "dynamic" else OURS if r["ours"] else PEERS
-        x, y = r["bytes_fraction"], r["ppl_change_pct"]
-        ax.scatter(x, y, color=color, s=40, zorder=3)
-        near = sum(1 for px, py in placed if abs(math.log(px / x)) < 0.08 and abs(py - y) < 0.04 * span)
-        placed.append((x, y))
-        ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(5, 4 + 10 * near), fontsize=8,
-                    color=color)
+        ax.scatter(r["bytes_fraction"], r["ppl_change_pct"], color=color, s=40, zorder=3)
     ax.set_xscale("log")
     if max(changes) > 50:
         ax.set_yscale("symlog", linthresh=10)
+    low, high = min(min(changes), 0), max(max(changes), 0)
+    pad = 0.08 * (high - low or 1)
+    bottom = low - pad if low < -1 else -min(max(0.05 * (high - low), 0.2), 3.0)
+    ax.set_ylim(bottom, high * (1.6 if max(changes) > 50 else 1) + pad)
+    fig.canvas.draw()
+    boxes: list[tuple[float, float, float, float]] = []  # labels placed so far, in pixels
+    for r in sorted(rows, key=lambda r: (r["ppl_change_pct"], r["bytes_fraction"])):
+        color = REF if r["config"] == "dynamic" else OURS if r["ours"] else PEERS
+        x, y = ax.transData.transform((r["bytes_fraction"], r["ppl_change_pct"]))
+        w, h, dy = 6.2 * len(r["config"]), 11, 0
+        while any(x + 6 < bx + bw and bx < x + 6 + w and y + dy < by + bh and by < y + dy + h
+                  for bx, by, bw, bh in boxes):
+            dy += h
+        boxes.append((x + 6, y + dy, w, h))
+        ax.annotate(r["config"], (r["bytes_fraction"], r["ppl_change_pct"]), textcoords="offset points",
+                    xytext=(6 * 72 / fig.dpi, dy * 72 / fig.dpi), fontsize=8, color=color, va="bottom",
+                    arrowprops=dict(arrowstyle="-", color=color, lw=0.5, alpha=0.6) if dy else None)
     ax.axhline(0, color="#bbb", lw=0.8)
     ax.set_xlabel("cache bytes after prefill / DynamicCache bytes (log scale; left is smaller)")
     ax.set_ylabel("perplexity change vs DynamicCache, % (lower is better)")
