@@ -13,7 +13,7 @@ def held_tensors(obj, _seen: set | None = None) -> list[torch.Tensor]:
         return []
     seen.add(id(obj))
     if isinstance(obj, torch.Tensor):
-        return [obj]
+        return _plain_tensors(obj)
     if isinstance(obj, dict):
         items = list(obj.values())
     elif isinstance(obj, (list, tuple, set)):
@@ -28,6 +28,14 @@ def held_tensors(obj, _seen: set | None = None) -> list[torch.Tensor]:
     for item in items:
         out.extend(held_tensors(item, seen))
     return out
+
+
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """Plain tensors behind a tensor subclass (e.g. optimum-quanto's packed QTensors), recursively."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [leaf for name in names for leaf in _plain_tensors(getattr(t, name))]
+    return [t]
 
 
 def storage_nbytes(tensors) -> int:

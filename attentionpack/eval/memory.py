@@ -23,24 +23,11 @@ from typing import Callable
 
 import torch
 
-from ..cache.memory import cache_nbytes, held_tensors, storage_nbytes
+from ..cache.memory import cache_nbytes
 
 
-def _flatten(t: torch.Tensor) -> list[torch.Tensor]:
-    """Plain tensors behind a tensor subclass (e.g. optimum-quanto's packed QTensors), recursively."""
-    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return [leaf for name in names for leaf in _flatten(getattr(t, name))]
-    return [t]
-
-
-def held_bytes(cache) -> int:
-    """Bytes held by any cache: `cache_nbytes` for ours and plain caches; wrapper tensors (quantized states) are
-    opened up to their real storages, each counted once and whole."""
-    if hasattr(cache, "nbytes"):
-        return cache_nbytes(cache)
-    tensors = [leaf for t in held_tensors(getattr(cache, "layers", cache)) for leaf in _flatten(t)]
-    return storage_nbytes(tensors)
+# One byte count for every cache (ours, DynamicCache, QuantizedCache's packed tensors): see cache/memory.py.
+held_bytes = cache_nbytes
 
 
 def peak_rss() -> int:
