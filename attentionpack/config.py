@@ -23,7 +23,12 @@ class PackConfig:
     quantizes the factors); "quant" (KIVI-style: keys per channel, values per token, `*_bits` 8/4/2, groups of
     `quant_group`). Rank rule for "lowrank", first set wins: `*_rank` (fixed), `*_rank_fraction` (of H_kv*d),
     `*_energy` (smallest rank capturing that share of the squared singular values). `*_max_rank_fraction`
-    caps the energy rule.
+    caps the energy rule. `key_pre_rope`: factor low-rank keys before RoPE (the most compressible form; keys are
+    rebuilt and rotated when attended) or after it (attention runs on the factors without rebuilding keys: faster
+    decoding, higher rank for the same error).
+
+    `compressed_attention`: compute attention directly on the stored form (attention/packed.py) when the model
+    uses SDPA; otherwise keys/values are materialized for the model's own attention at every step.
     """
 
     key_codec: Codec = "lowrank"
@@ -32,6 +37,7 @@ class PackConfig:
     key_energy: float | None = 0.99
     key_max_rank_fraction: float = 1.0
     key_bits: int | None = None
+    key_pre_rope: bool = True
 
     value_codec: Codec = "lowrank"
     value_rank: int | None = None
@@ -41,6 +47,7 @@ class PackConfig:
     value_bits: int | None = None
     quant_group: int = 32
 
+    compressed_attention: bool = True
     sink: int = 4
     window: int = 64
     chunk: int = 256
@@ -81,7 +88,7 @@ class PackConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < low:
                 _bad(name, value, f"an integer >= {low}")
-        for name in ("compress_sliding_layers", "fallback_exact"):
+        for name in ("key_pre_rope", "compressed_attention", "compress_sliding_layers", "fallback_exact"):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, getattr(self, name), "True or False")
 

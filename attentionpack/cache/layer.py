@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ..attention.packed import PackedView
 from ..codecs.lowrank import RankRule, factorize
 from ..codecs.quant import QuantizedLowRankPart, QuantizedPart
 from ..config import PackConfig
@@ -20,6 +21,9 @@ from ..models.registry import LayerSpec
 from ..rope import undo_rope
 from .memory import storage_nbytes
 from .segments import ExactPart, LowRankPart, RopeFn, Segment
+from .tail import ExactTail
+
+TAIL_GRANULE = 16  # compressing layers grow their exact tail 16 slots at a time (see tail.py)
 
 
 @dataclass
@@ -43,6 +47,7 @@ class PackedLayer(CacheLayerMixin):
         self.config = config
         self.is_sliding = spec.sliding_window is not None
         self.compress = not config.is_lossless and (not self.is_sliding or config.compress_sliding_layers)
+        self.attend_packed = False  # set by PackedCache when the model runs the "attentionpack" attention
         self.key_rule = RankRule(config.key_rank, config.key_rank_fraction, config.key_energy, config.key_max_rank_fraction)
         self.value_rule = RankRule(
             config.value_rank, config.value_rank_fraction, config.value_energy, config.value_max_rank_fraction
@@ -51,9 +56,7 @@ class PackedLayer(CacheLayerMixin):
 
     def _reset_state(self) -> None:
         self.segments: list[Segment] = []
-        self.tail_keys = self.tail_values = None  # (B, H, n, d)
-        self.tail_positions = None  # (B, n) int32
-        self.tail_valid = None  # (B, n) bool
+        self.tail: ExactTail | None = None  # newest tokens, exact
         self.total = 0  # tokens seen (cache index of the next token)
         self.sink_end: int | None = None  # cache index where the exact sinks end (per-batch max)
         self.record_past = False
@@ -75,8 +78,11 @@ class PackedLayer(CacheLayerMixin):
             self._append(key_states, value_states, ctx.positions.to(torch.int32), ctx.valid)
         else:
             self._append(key_states, value_states, None, None)
-        keys = self._materialize(lambda s: s.keys, self.tail_keys, ctx.rope)
-        values = self._materialize(lambda s: s.values, self.tail_values, ctx.rope)
+        if self.segments and self.attend_packed:  # attention runs on the stored form (attention/packed.py)
+            keys = values = PackedView(self, ctx.rope)
+        else:
+            keys = self._materialize(lambda s: s.keys, self.tail_keys, ctx.rope)
+            values = self._materialize(lambda s: s.values, self.tail_values, ctx.rope)
         if self.compress:
             self._compact(prefill=q > 1, ctx=ctx)
         if self.is_sliding and not self.record_past:
@@ -111,14 +117,12 @@ class PackedLayer(CacheLayerMixin):
             if self.is_sliding:
                 self._drop_outside_window()
             return
-        if self.tail_keys is None or n > self.tail_keys.shape[-2]:
+        if n > self.tail_length:
             raise ValueError(
                 f"cannot crop {n} tokens from layer {self.layer_idx}: only the {self.tail_length} newest tokens "
                 "are still exact; compressed tokens cannot be removed"
             )
-        keep = self.tail_keys.shape[-2] - n
-        self._set_tail(*(t[..., :keep, :] for t in (self.tail_keys, self.tail_values)),
-                       _slice_opt(self.tail_positions, slice(None, keep)), _slice_opt(self.tail_valid, slice(None, keep)))
+        self.tail.drop_newest(n)
         self.total -= n
         if self.is_sliding:
             self._drop_outside_window()
@@ -135,7 +139,25 @@ class PackedLayer(CacheLayerMixin):
     # ---- inspection -------------------------------------------------------------------------------------------
     @property
     def tail_length(self) -> int:
-        return 0 if self.tail_keys is None else self.tail_keys.shape[-2]
+        return 0 if self.tail is None else len(self.tail)
+
+    # views of the exact tail: keys/values (B, H, n, d), positions (B, n) int32, valid (B, n) bool (None when the
+    # layer does not compress)
+    @property
+    def tail_keys(self) -> torch.Tensor | None:
+        return None if self.tail is None else self.tail.view()[0]
+
+    @property
+    def tail_values(self) -> torch.Tensor | None:
+        return None if self.tail is None else self.tail.view()[1]
+
+    @property
+    def tail_positions(self) -> torch.Tensor | None:
+        return None if self.tail is None else self.tail.view()[2]
+
+    @property
+    def tail_valid(self) -> torch.Tensor | None:
+        return None if self.tail is None else self.tail.view()[3]
 
     @property
     def first_index(self) -> int:
@@ -146,7 +168,7 @@ class PackedLayer(CacheLayerMixin):
 
     def tensors(self) -> list[torch.Tensor]:
         out = [t for s in self.segments for t in s.tensors()]
-        return out + [t for t in (self.tail_keys, self.tail_values, self.tail_positions, self.tail_valid) if t is not None]
+        return out + ([] if self.tail is None else self.tail.tensors())
 
     def stats(self) -> list[dict]:
         """One row per stored run of tokens: kind, tokens, codec and rank of K and V, bytes."""
@@ -156,15 +178,14 @@ class PackedLayer(CacheLayerMixin):
                          "keys": seg.keys.describe(), "values": seg.values.describe(),
                          "bytes": sum(_nbytes(t) for t in seg.tensors())})
         if self.tail_length:
-            tail = [t for t in (self.tail_keys, self.tail_values, self.tail_positions, self.tail_valid) if t is not None]
             rows.append({"layer": self.layer_idx, "kind": "recent", "start": self.total - self.tail_length,
                          "tokens": self.tail_length, "keys": {"codec": "exact"}, "values": {"codec": "exact"},
-                         "bytes": sum(_nbytes(t) for t in tail)})
+                         "bytes": sum(_nbytes(t) for t in self.tail.tensors())})
         return rows
 
     def dynamic_equivalent_bytes(self) -> int:
         """Bytes a transformers DynamicCache would hold for this layer after the same tokens."""
-        if not self.is_initialized or self.tail_keys is None and not self.segments:
+        if not self.is_initialized or self.tail is None and not self.segments:
             return 0
         held = self.total
         if self.is_sliding:  # the stock layer keeps a view of cat(old, new): W-1 older tokens plus the last call
@@ -177,15 +198,11 @@ class PackedLayer(CacheLayerMixin):
 
     # ---- internals --------------------------------------------------------------------------------------------
     def _append(self, k, v, positions, valid) -> None:
-        if self.tail_keys is None or self.tail_length == 0:
-            self._set_tail(k, v, positions, valid)
+        if self.tail is None:
+            self.tail = ExactTail(k, v, positions, valid, granule=TAIL_GRANULE if self.compress else 1)
         else:
-            self._set_tail(torch.cat([self.tail_keys, k], dim=-2), torch.cat([self.tail_values, v], dim=-2),
-                           _cat_opt(self.tail_positions, positions), _cat_opt(self.tail_valid, valid))
+            self.tail.append(k, v, positions, valid)
         self.total += k.shape[-2]
-
-    def _set_tail(self, k, v, positions, valid) -> None:
-        self.tail_keys, self.tail_values, self.tail_positions, self.tail_valid = k, v, positions, valid
 
     def _materialize(self, part_of, tail: torch.Tensor, rope: RopeFn) -> torch.Tensor:
         if not self.segments:
@@ -218,12 +235,13 @@ class PackedLayer(CacheLayerMixin):
             while stop - tail_start >= self.config.chunk:
                 self._freeze(tail_start, tail_start + self.config.chunk, kind="chunk", compress=True, ctx=ctx)
                 tail_start += self.config.chunk
+        if prefill:
+            self.tail.shrink()  # the prompt's buffer is no longer needed
 
     def _freeze(self, start: int, end: int, kind: str, compress: bool, ctx: StepContext) -> None:
         """Turn tail tokens [start, end) (which must be the oldest tail tokens) into a segment."""
         n = end - start
-        k, v = self.tail_keys[..., :n, :], self.tail_values[..., :n, :]
-        pos, valid = self.tail_positions[:, :n], self.tail_valid[:, :n]
+        k, v, pos, valid = self.tail.view(0, n)
         if compress:
             cfg = self.config
             key_part = self._encode(k, valid, cfg.key_codec, self.key_rule, cfg.key_bits, ctx.rope(start, end, pos), pos)
@@ -231,26 +249,25 @@ class PackedLayer(CacheLayerMixin):
         else:
             key_part, value_part = ExactPart(k.clone()), ExactPart(v.clone())
         self.segments.append(Segment(start, end, key_part, value_part, kind))
-        # .clone() releases the full-precision storage of the frozen tokens
-        self._set_tail(*(t[..., n:, :].clone() for t in (self.tail_keys, self.tail_values)),
-                       self.tail_positions[:, n:].clone(), self.tail_valid[:, n:].clone())
+        self.tail.drop_oldest(n)
 
     def _encode(self, x, valid, codec, rule, bits, rope_cos_sin, positions):
         """x (B, H, T, d) -> a stored part. Keys come with (cos, sin) and positions: low-rank keys are factored
-        before RoPE; quantized keys are kept rotated (KIVI). Exact when the codec says so, or when the encoded
-        form would not be smaller (`fallback_exact`)."""
+        before RoPE (or after it, `key_pre_rope=False`); quantized keys are kept rotated (KIVI). Exact when the
+        codec says so, or when the encoded form would not be smaller (`fallback_exact`)."""
         if codec == "exact":
             return ExactPart(x.clone())
         x = x * valid[:, None, :, None]  # padding rows zeroed so they cannot skew a basis or a scale
         is_key = positions is not None
+        pre_rope = is_key and self.config.key_pre_rope
         if codec == "quant":
             part = QuantizedPart.keys(x, bits, self.config.quant_group) if is_key else \
                 QuantizedPart.values(x, bits, self.config.quant_group)
         else:
             b, h, t, d = x.shape
-            pre = undo_rope(x, *rope_cos_sin) if is_key else x
+            pre = undo_rope(x, *rope_cos_sin) if pre_rope else x
             factors, ranks, _ = factorize(pre.transpose(1, 2).reshape(b, t, h * d), rule)  # block (B, T, H*d)
-            pos = positions.clone() if is_key else None
+            pos = positions.clone() if pre_rope else None
             if bits is None:
                 part = LowRankPart(factors, h, pos, tuple(ranks))
             else:
@@ -266,24 +283,13 @@ class PackedLayer(CacheLayerMixin):
         self.segments = [s for s in self.segments if s.end > horizon]
         excess = (self.total - self.tail_length) - horizon
         if excess < 0 and not self.segments:
-            n = -excess
-            self._set_tail(*(t[..., n:, :] for t in (self.tail_keys, self.tail_values)),
-                           _slice_opt(self.tail_positions, slice(n, None)), _slice_opt(self.tail_valid, slice(n, None)))
+            self.tail.drop_oldest(-excess)
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for seg in self.segments:
             seg.map_batch(fn)
-        if self.tail_keys is not None:
-            self._set_tail(*(None if t is None else fn(t)
-                             for t in (self.tail_keys, self.tail_values, self.tail_positions, self.tail_valid)))
-
-
-def _cat_opt(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    return None if a is None else torch.cat([a, b], dim=-1)
-
-
-def _slice_opt(t: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
-    return None if t is None else t[:, sl]
+        if self.tail is not None:
+            self.tail.map_batch(fn)
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache
 
+from ..attention.packed import enable as enable_packed_attention
 from ..config import PackConfig
 from ..models.registry import ModelAdapter
 from .layer import PackedLayer, StepContext
@@ -40,6 +41,9 @@ class PackedCache(Cache):
         self.config = config
         self.adapter = ModelAdapter(model)
         super().__init__(layers=[PackedLayer(i, spec, config) for i, spec in enumerate(self.adapter.layers)])
+        if config.compressed_attention and not config.is_lossless and enable_packed_attention(model):
+            for layer in self.layers:
+                layer.attend_packed = True
         self.set_spans(span_boundaries)
         _install_hooks(model, self.adapter)
         self._attention_mask: torch.Tensor | None = None  # 2D (B, kv) mask of the current call

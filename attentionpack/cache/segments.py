@@ -17,9 +17,12 @@ RopeFn = Callable[[int, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  
 
 
 class Part(Protocol):
-    """Keys or values of a segment."""
+    """Keys or values of a segment. `scores`/`mix` let attention run on the stored form (attention/packed.py):
+    q and p hold the query rows of each KV head, (B, H, M, d) and (B, H, M, T)."""
 
     def materialize(self, start: int, end: int, rope: RopeFn) -> torch.Tensor: ...  # (B, H, T, d)
+    def scores(self, q: torch.Tensor, start: int, end: int, rope: RopeFn) -> torch.Tensor: ...  # (B, H, M, T)
+    def mix(self, p: torch.Tensor) -> torch.Tensor: ...  # (B, H, M, d)
     def tensors(self) -> list[torch.Tensor]: ...
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None: ...
     def describe(self) -> dict: ...
@@ -33,6 +36,12 @@ class ExactPart:
 
     def materialize(self, start, end, rope):
         return self.data
+
+    def scores(self, q, start, end, rope):
+        return q @ self.data.transpose(-1, -2)
+
+    def mix(self, p):
+        return p @ self.data
 
     def tensors(self):
         return [self.data]
@@ -48,7 +57,8 @@ class ExactPart:
 class LowRankPart:
     """Low-rank factors of the (T, H*d) block; keys stored before RoPE and rotated again on use.
 
-    positions (B, T) int32 is kept only for keys (rotary angle of each token)."""
+    positions (B, T) int32 is kept only for keys factored before RoPE (rotary angle of each token); keys factored
+    after RoPE (and values) have none and are attended through their factors."""
 
     factors: Factors
     num_heads: int
@@ -63,6 +73,14 @@ class LowRankPart:
         cos, sin = rope(start, end, self.positions)
         return apply_rope(x, cos, sin)
 
+    def scores(self, q, start, end, rope):
+        if self.positions is not None:  # rotation depends on each token: rebuild the keys
+            return q @ self.materialize(start, end, rope).transpose(-1, -2)
+        return factor_scores(self.factors, self.num_heads, q)
+
+    def mix(self, p):
+        return factor_mix(self.factors, self.num_heads, p)
+
     def tensors(self):
         out = [self.factors.coeffs, self.factors.basis]
         return out + ([self.positions] if self.positions is not None else [])
@@ -74,6 +92,21 @@ class LowRankPart:
 
     def describe(self):
         return {"codec": "lowrank", "rank": self.factors.rank, "sample_ranks": list(self.sample_ranks)}
+
+
+def factor_scores(f: Factors, num_heads: int, q: torch.Tensor) -> torch.Tensor:
+    """q · (coeffs @ basis)ᵀ without the (T, H*d) block: (q · basisᵀ_h) first, then the coefficients.
+    q (B, H, M, d) -> (B, H, M, T); costs T*r per query row instead of T*r*H*d."""
+    b, r, _ = f.basis.shape
+    per_head = f.basis.view(b, r, num_heads, -1).permute(0, 2, 3, 1)  # (B, H, d, r)
+    return (q @ per_head) @ f.coeffs.transpose(1, 2).unsqueeze(1)  # (B, H, M, r) @ (B, 1, r, T)
+
+
+def factor_mix(f: Factors, num_heads: int, p: torch.Tensor) -> torch.Tensor:
+    """p @ (coeffs @ basis) per head: weights times the left factor, then the right factor. p (B, H, M, T)."""
+    b, r, _ = f.basis.shape
+    per_head = f.basis.view(b, r, num_heads, -1).transpose(1, 2)  # (B, H, r, d)
+    return (p @ f.coeffs.unsqueeze(1)) @ per_head  # (B, H, M, r) @ (B, H, r, d)
 
 
 @dataclass

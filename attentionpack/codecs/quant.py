@@ -204,6 +204,12 @@ class QuantizedPart:
     def materialize(self, start: int, end: int, rope: RopeFn) -> torch.Tensor:
         return dequantize(self.q)  # (B, H, T, d)
 
+    def scores(self, q: torch.Tensor, start: int, end: int, rope: RopeFn) -> torch.Tensor:
+        return q @ dequantize(self.q).transpose(-1, -2)
+
+    def mix(self, p: torch.Tensor) -> torch.Tensor:
+        return p @ dequantize(self.q)
+
     def tensors(self) -> list[torch.Tensor]:
         return self.q.tensors()
 
@@ -265,6 +271,12 @@ class QuantizedLowRankPart:
 
     def materialize(self, start: int, end: int, rope: RopeFn) -> torch.Tensor:
         return LowRankPart(self.factors(), self.num_heads, self.positions).materialize(start, end, rope)  # (B,H,T,d)
+
+    def scores(self, q: torch.Tensor, start: int, end: int, rope: RopeFn) -> torch.Tensor:
+        return LowRankPart(self.factors(), self.num_heads, self.positions).scores(q, start, end, rope)
+
+    def mix(self, p: torch.Tensor) -> torch.Tensor:
+        return LowRankPart(self.factors(), self.num_heads).mix(p)
 
     def tensors(self) -> list[torch.Tensor]:
         basis = self.basis.tensors() if isinstance(self.basis, Quantized) else [self.basis]
