@@ -245,7 +245,7 @@ def _install_hooks(model, adapter: ModelAdapter) -> None:
     """Forward pre-hooks that hand a PackedCache the 2D padding mask and each layer's position ids."""
     if getattr(model, _HOOKED, False):
         return
-    base = getattr(model, "model", model)
+    base = adapter.language_model  # the decoder: it always receives the 2D padding mask
 
     def on_model_call(module, args, kwargs):
         cache = kwargs.get("past_key_values")
