@@ -101,7 +101,7 @@ class PackedCache(Cache):
             valid=self._step_valid(key_states),
             rope=lambda start, end, pos: self._rope(layer_idx, start, end, pos, key_states.dtype),
             span_boundaries=self.span_boundaries,
-            layout=self._layout if self._labels is not None else None,
+            layout=(lambda a, b: self._layout(a, b, key_states.device)) if self._labels is not None else None,
         )
         out = self.layers[layer_idx].update(key_states, value_states, ctx)
         if layer_idx == len(self.layers) - 1:  # end of the forward call: drop per-call state
@@ -194,11 +194,13 @@ class PackedCache(Cache):
         self._rope_memo[key] = (positions, cos_sin)
         return cos_sin
 
-    def _layout(self, start: int, end: int) -> list[Group] | None:
+    def _layout(self, start: int, end: int, device: torch.device) -> list[Group] | None:
         """Modality groups of cache indices [start, end) (None when they are all text); shared by the layers."""
-        key = (start, end)
+        key = (start, end, str(device))
         if key not in self._layout_memo:
-            self._layout_memo[key] = _groups_of(self._labels, self.groups, start, end)
+            groups = _groups_of(self._labels, self.groups, start, end)
+            self._layout_memo[key] = None if groups is None else [
+                Group(g.name, g.modality, g.index.to(device), g.valid.to(device), g.start, g.end) for g in groups]
         return self._layout_memo[key]
 
     def _begin_top_call(self, input_ids: torch.Tensor | None, video_grid_thw: torch.Tensor | None) -> None:
