@@ -246,3 +246,33 @@ def test_batch_reorder_keeps_layouts_with_their_samples():
         out = model.generate(**model_kwargs(inputs), past_key_values=PackedCache(model, FULL_RANK), **kw)
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, rtol=0, atol=ATOL)
+
+
+def test_qwen2_vl_video_frame_groups_full_rank_match_dynamic_cache():
+    """A video of 4 temporal patches (4 tokens each) next to an image, batch 2 with left padding: each group of
+    `video_group_frames` frames is its own group; full rank reproduces DynamicCache."""
+    from tiny_vlms import PAD, QWEN_MERGE, QWEN_PATCH, QWEN_TEMPORAL, VISION_END, VISION_START
+
+    model, gen = tiny_vlm("qwen2_vl"), torch.Generator().manual_seed(11)
+    text = lambda n: torch.randint(3, 130, (n,), generator=gen).tolist()  # noqa: E731
+    video = [VISION_START] + [VIDEO] * 16 + [VISION_END]
+    rows = [[1] + text(10) + video + text(14),
+            [1] + text(4) + [VISION_START] + [IMAGE] * 4 + [VISION_END] + text(3) + video + text(12)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    kinds = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
+    row_dim = 3 * QWEN_TEMPORAL * QWEN_PATCH ** 2
+    inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": kinds,
+              "pixel_values": torch.randn(16, row_dim, generator=gen), "image_grid_thw": torch.tensor([[1, 4, 4]]),
+              "pixel_values_videos": torch.randn(2 * 4 * 16, row_dim, generator=gen),
+              "video_grid_thw": torch.tensor([[4, 4, 4], [4, 4, 4]])}
+    assert 4 * 16 // QWEN_MERGE ** 2 == 16  # tokens per video
+    ref = _reference(model, inputs)
+    cache = PackedCache(model, FULL_RANK.replace(video_group_frames=2))
+    out = _generate(model, cache, inputs)
+    groups = {s.group for s in _gathered(cache)}
+    assert {"video 0 frames 0", "video 0 frames 1", "image 0", "text"} <= groups, groups
+    assert all(s.modality == "video" for s in _gathered(cache) if s.group.startswith("video"))
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=0, atol=ATOL)
+    assert torch.equal(out.sequences, ref.sequences)

@@ -58,13 +58,19 @@ class PackedCache(Cache):
         self.spans: list = []  # VisionSpan of every multi-token call so far (cache indices)
         self._layout_memo: dict = {}
 
-    def set_inputs(self, input_ids: torch.Tensor, video_grid_thw: torch.Tensor | None = None) -> None:
+    def set_inputs(self, input_ids: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> None:
         """Tell the cache the token ids of the next call (done automatically for VLMs by a pre-hook on the model:
-        needed only when calling the language model directly). Finds the image/video tokens per sample."""
+        needed only when calling the language model directly). Finds the image/video tokens per sample; Qwen2-VL
+        videos are cut into frame groups by `position_ids` (3 or 4, B, T) or `video_grid_thw`."""
         if not self.adapter.is_vlm or input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] < 2:
             return
         offset = self.get_seq_length()
-        spans = find_spans(self.adapter.vlm_config, input_ids, video_grid_thw, self.config.video_group_frames)
+        temporal = None
+        if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] in (3, 4):
+            temporal = position_ids[-3]  # (B, T): the temporal axis of (temporal, height, width)
+        spans = find_spans(self.adapter.vlm_config, input_ids, video_grid_thw, self.config.video_group_frames,
+                           temporal)
         labels, groups = group_labels(spans, input_ids.shape[0], input_ids.shape[1], self.config.image_basis)
         remap = []
         for name, modality in groups:
@@ -203,9 +209,9 @@ class PackedCache(Cache):
                 Group(g.name, g.modality, g.index.to(device), g.valid.to(device), g.start, g.end) for g in groups]
         return self._layout_memo[key]
 
-    def _begin_top_call(self, input_ids: torch.Tensor | None, video_grid_thw: torch.Tensor | None) -> None:
+    def _begin_top_call(self, input_ids: torch.Tensor | None, kwargs: dict) -> None:
         if input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1] > 1:
-            self.set_inputs(input_ids, video_grid_thw)
+            self.set_inputs(input_ids, kwargs.get("video_grid_thw"), kwargs.get("position_ids"))
 
     def _set_mrope_positions(self, position_ids: torch.Tensor | None) -> None:
         """Positions the language model will rotate with, normalized as it does: (3, B, q) -> (B, q, 3)."""
@@ -260,7 +266,7 @@ def _install_hooks(model, adapter: ModelAdapter) -> None:
             cache = kwargs.get("past_key_values")
             if isinstance(cache, PackedCache):
                 ids = kwargs.get("input_ids", args[0] if args else None)
-                cache._begin_top_call(ids, kwargs.get("video_grid_thw"))
+                cache._begin_top_call(ids, kwargs)
 
         model.register_forward_pre_hook(on_top_call, with_kwargs=True)
     if adapter.mrope:

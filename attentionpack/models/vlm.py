@@ -6,8 +6,9 @@ vision tokens' cache indices exactly. Per family:
 - LLaVA: `image_token_id` (config `image_token_index`); every image is `image_seq_length` consecutive tokens, so a
   run of several adjacent images is cut into images by that length.
 - Qwen2-VL / Qwen2.5-VL: `image_token_id` and `video_token_id`; each image or video is one run between
-  <|vision_start|> and <|vision_end|>. A video run is cut into groups of frames with `video_grid_thw` (tokens per
-  temporal patch = h * w / spatial_merge_size²) when the model call provides it.
+  <|vision_start|> and <|vision_end|>. A video run is cut into groups of frames where its temporal RoPE position
+  changes (the multimodal `position_ids` that `generate` passes), or else with `video_grid_thw` (tokens per
+  temporal patch = h * w / spatial_merge_size²); with neither, a video is one group.
 - Idefics3 / SmolVLM: `image_token_id`; an image split into tiles is several runs (one per tile, separated by
   <fake_token_around_image><row_i_col_j>) and always ends with its global view, the run right after
   <global-img>. The <global-img> id is the token before the last run of a sample (the last run of any prompt is
@@ -61,8 +62,9 @@ def _runs(row: torch.Tensor, token: int) -> list[tuple[int, int]]:
 
 
 def find_spans(config, input_ids: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
-               frames_per_group: int = 1) -> list[VisionSpan]:
-    """Vision spans of every sample of `input_ids` (B, T), in cache-index order (see module docstring)."""
+               frames_per_group: int = 1, temporal: torch.Tensor | None = None) -> list[VisionSpan]:
+    """Vision spans of every sample of `input_ids` (B, T), in cache-index order (see module docstring).
+    `temporal` (B, T): the temporal multimodal RoPE position of every token (Qwen2-VL), to find video frames."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
     ids = input_ids.detach().cpu()
@@ -93,6 +95,13 @@ def find_spans(config, input_ids: torch.Tensor, video_grid_thw: torch.Tensor | N
             spans.extend(VisionSpan(b, "image", k, s, e) for k, (s, e) in enumerate(image_runs))
         video_runs = _runs(row, tokens["video"]) if "video" in tokens else []
         for k, (s, e) in enumerate(video_runs):
+            if temporal is not None:  # a frame = a run of equal temporal positions
+                t_row = temporal[b, s:e].detach().cpu()
+                starts = [s] + [s + i for i in (torch.diff(t_row) != 0).nonzero().flatten().add(1).tolist()]
+                bounds = starts[::frames_per_group] + [e]
+                spans.extend(VisionSpan(b, "video", k, a, z, group=g) for g, (a, z) in enumerate(zip(bounds, bounds[1:])))
+                video_cursor += 1
+                continue
             per_frame = e - s
             if video_cursor < len(video_grids):
                 t, h, w = video_grids[video_cursor]
