@@ -17,6 +17,7 @@ from tiny_vlms import FAMILIES, IMAGE, VIDEO, model_kwargs, tiny_vlm, vlm_inputs
 IMAGES = {  # sample 0: one image; sample 1: two (of another size for Qwen2-VL, split in tiles for Idefics3)
     "llava": [[0], [0, 0]],
     "qwen2_vl": [[(4, 4)], [(4, 6), (4, 4)]],
+    "qwen2_5_vl": [[(4, 6)], [(4, 4), (4, 8)]],
     "idefics3": [[(0, 0)], [(1, 2), (0, 0)]],
 }
 NEW = 12
@@ -188,7 +189,7 @@ def test_bytes_per_modality_equal_factor_arithmetic(family):
     _generate(model, cache, inputs, new=2)
     text = model.config.text_config
     dim = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)  # D = H * d
-    pos_width = 3 if family == "qwen2_vl" else 1  # Qwen2-VL keys keep (temporal, height, width) positions
+    pos_width = 3 if family.startswith("qwen") else 1  # Qwen2-VL keys keep (temporal, height, width) positions
     expected, entries, layouts = 0, 0, set()
     for seg in (s for layer in cache.layers for s in layer.segments if s.modality == "image"):
         b, m = seg.index.shape

@@ -16,7 +16,7 @@ IMAGE, VIDEO, VISION_START, VISION_END = 150, 151, 152, 153  # Qwen2-VL / LLaVA 
 FAKE, GLOBAL = 154, 155  # Idefics3 <fake_token_around_image>, <global-img>
 ROW_COL = 140  # Idefics3 <row_i_col_j> markers use ids 140..148 here
 TEXT_LOW, TEXT_HIGH = 3, 130  # ordinary text ids are drawn from [3, 130)
-FAMILIES = ("llava", "qwen2_vl", "idefics3")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3")
 
 TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=2,
@@ -27,7 +27,7 @@ QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 4, 2, 2
 
 
 def _config(family: str):
-    from transformers import Idefics3Config, LlavaConfig, Qwen2VLConfig
+    from transformers import Idefics3Config, LlavaConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 
     if family == "llava":
         vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -40,6 +40,15 @@ def _config(family: str):
         text = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
         return Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=VIDEO,
                              vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    if family == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+
+        vision = Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                        patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE,
+                                        temporal_patch_size=QWEN_TEMPORAL, window_size=16, fullatt_block_indexes=[1])
+        text = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+        return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=VIDEO,
+                                vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     if family == "idefics3":
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                       patch_size=8)
@@ -51,10 +60,10 @@ def _config(family: str):
 def build_vlm(family: str, seed: int = 0):
     """A tiny random VLM of `family` (eval mode, fp32); weights scaled up so attention patterns are peaked."""
     from transformers import Idefics3ForConditionalGeneration, LlavaForConditionalGeneration, \
-        Qwen2VLForConditionalGeneration
+        Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     cls = {"llava": LlavaForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
-           "idefics3": Idefics3ForConditionalGeneration}[family]
+           "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "idefics3": Idefics3ForConditionalGeneration}[family]
     torch.manual_seed(seed)
     model = cls(_config(family)).to(torch.float32)
     with torch.no_grad():
@@ -88,7 +97,7 @@ def _left_pad(rows: list[list[int]]):
 def vlm_inputs(family: str, images_per_sample: list[list], text_len: int = 12, seed: int = 0) -> dict:
     """Processor-like inputs for a batch: sample i has the images `images_per_sample[i]` between text pieces.
 
-    An image is described per family: llava -> anything (fixed 16 tokens); qwen2_vl -> (h, w) patch grid
+    An image is described per family: llava -> anything (fixed 16 tokens); qwen2_vl / qwen2_5_vl -> (h, w) patch grid
     (tokens h*w/4); idefics3 -> (rows, cols) split grid ((0, 0): no split; tokens (rows*cols + 1) * 4).
     Returns the model kwargs plus "expected": per sample, a list of (image number, [cache indices of its tokens])."""
     gen = torch.Generator().manual_seed(seed)
@@ -99,7 +108,7 @@ def vlm_inputs(family: str, images_per_sample: list[list], text_len: int = 12, s
             if family == "llava":
                 block = [IMAGE] * LLAVA_IMAGE_TOKENS
                 pixels.append(torch.randn(3, 32, 32, generator=gen))
-            elif family == "qwen2_vl":
+            elif family in ("qwen2_vl", "qwen2_5_vl"):
                 h, w = image
                 block = [VISION_START] + [IMAGE] * (h * w // QWEN_MERGE ** 2) + [VISION_END]
                 grids.append([1, h, w])
@@ -127,7 +136,7 @@ def vlm_inputs(family: str, images_per_sample: list[list], text_len: int = 12, s
     out = {"input_ids": ids, "attention_mask": mask, "expected": expected}
     if family == "llava" and pixels:
         out["pixel_values"] = torch.stack(pixels)
-    elif family == "qwen2_vl" and pixels:
+    elif family in ("qwen2_vl", "qwen2_5_vl") and pixels:
         out["pixel_values"] = torch.cat(pixels)
         out["image_grid_thw"] = torch.tensor(grids)
         out["mm_token_type_ids"] = (ids == IMAGE).int()
