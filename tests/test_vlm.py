@@ -61,6 +61,7 @@ def test_full_rank_modality_groups_match_dynamic_cache(family):
     out = _generate(model, cache, inputs)
     groups = {s.group: s.keys.describe()["codec"] for s in _gathered(cache)}
     assert groups == {"text": "lowrank", "image 0": "lowrank", "image 1": "lowrank"}, groups
+    assert [s.group for s in cache.vision_segments(0)] == ["image 0", "image 1"]
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=0, atol=ATOL)
     assert torch.equal(out.sequences, ref.sequences)
 

@@ -117,6 +117,14 @@ class PackedCache(Cache):
             self._mrope_positions = None
         return out
 
+    def vision_segments(self, layer_idx: int) -> list:
+        """The gathered image/video segments of one layer, in cache order.
+
+        Hook point for attention-aware decompression (not built here): a scorer reads each segment's parts and
+        `index` (B, n) / `valid` (B, n) — which cache indices of which sample it holds — ranks the image tokens per
+        sample by the attention text queries give them, and re-encodes or restores the segment's parts."""
+        return [s for s in self.layers[layer_idx].segments if s.index is not None and s.modality in ("image", "video")]
+
     # ---- accounting -----------------------------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds."""
