@@ -1,7 +1,7 @@
 """AttentionPack: memory-efficient transformer decoding with a compacted, attention-aware KV cache."""
 from .cache import PackedCache
 from .config import PRESETS, PackConfig
-from .models import SUPPORTED_MODEL_TYPES, UnsupportedModelError, load_model
+from .models import SUPPORTED_MODEL_TYPES, SUPPORTED_VLM_TYPES, UnsupportedModelError, load_model, load_vlm
 
 
 
@@ -12,6 +12,6 @@ def evaluate(*args, **kwargs):
     return _evaluate(*args, **kwargs)
 
 
-__all__ = ["PackedCache", "PackConfig", "PRESETS", "load_model", "evaluate", "SUPPORTED_MODEL_TYPES",
-           "UnsupportedModelError"]
+__all__ = ["PackedCache", "PackConfig", "PRESETS", "load_model", "load_vlm", "evaluate", "SUPPORTED_MODEL_TYPES",
+           "SUPPORTED_VLM_TYPES", "UnsupportedModelError"]
 __version__ = "0.1.0"

@@ -21,6 +21,7 @@ def generate(
     prompt_file: Path = typer.Option(..., "--prompt-file", "-f", help="Text file with the prompt ('-' for stdin)."),
     preset: str = typer.Option("balanced", "--preset", "-p", help="lossless, balanced or max."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
+    image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="Image file(s) for a vision-language model folder (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3/SmolVLM); repeat for several."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
     chat: bool = typer.Option(True, help="Wrap the prompt in the model's chat template when it has one."),
     sample: bool = typer.Option(False, help="Sample instead of greedy decoding."),
@@ -36,7 +37,7 @@ def generate(
         _fail(f"cannot read prompt file {prompt_file}: {err}")
     try:
         run_generate(text, preset=preset, model_path=model, max_new_tokens=max_new_tokens, chat=chat,
-                     sample=sample, temperature=temperature, seed=seed)
+                     sample=sample, temperature=temperature, seed=seed, images=image or ())
     except (ValueError, FileNotFoundError, TypeError) as err:
         _fail(str(err))
 
@@ -60,6 +61,17 @@ def bench_quality(
                           rss_batch=rss_batch, rss_context=rss_context, out=out)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
+
+
+@bench_app.command("vlm")
+def bench_vlm(
+    rank: int = typer.Option(8, min=1, help="Rank of the image groups' factors (D = 32 on the tiny model)."),
+    image_size: int = typer.Option(64, min=8, help="Image side in pixels: (side / 8)^2 tokens per image."),
+):
+    """Bytes held per modality vs DynamicCache on a tiny random LLaVA for prompts with 1, 4 and 16 images."""
+    from .bench.vlm import run
+
+    run(rank=rank, image_size=image_size)
 
 
 from .eval.cli import eval_command  # noqa: E402  (the evaluation harness: attentionpack/eval/)

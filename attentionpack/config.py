@@ -9,6 +9,10 @@ Codec = Literal["exact", "lowrank", "quant"]
 CODECS = ("exact", "lowrank", "quant")
 QUANT_BITS = (2, 4, 8)  # codec "quant": bits of the states themselves
 FACTOR_BITS = (4, 8)  # codec "lowrank": optional bits of the coefficients (basis then 8-bit)
+IMAGE_BASES = ("per_image", "shared")
+# fields a modality (text, image, video tokens of a vision-language prompt) may set for itself
+MODALITY_FIELDS = tuple(f"{p}_{n}" for p in ("key", "value")
+                        for n in ("codec", "rank", "rank_fraction", "energy", "max_rank_fraction", "bits"))
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,12 @@ class PackConfig:
 
     `compressed_attention`: compute attention directly on the stored form (attention/packed.py) when the model
     uses SDPA; otherwise keys/values are materialized for the model's own attention at every step.
+
+    Vision-language prompts (see README "Vision-language models"): the compacted prompt is split per sample into
+    modality groups — text, each image (or all images of a sample, `image_basis="shared"`), each group of
+    `video_group_frames` video frames — each with its own basis. `text`, `image` and `video` override the codec
+    fields above for that modality's tokens, e.g. `image={"key_energy": 0.9, "value_bits": 2}` or
+    `text={"key_codec": "exact", "value_codec": "exact"}` (only images compressed). Allowed keys: MODALITY_FIELDS.
     """
 
     key_codec: Codec = "lowrank"
@@ -54,6 +64,11 @@ class PackConfig:
     min_span: int = 32
     compress_sliding_layers: bool = True
     fallback_exact: bool = True
+    image_basis: Literal["per_image", "shared"] = "per_image"
+    video_group_frames: int = 4
+    text: dict | None = None
+    image: dict | None = None
+    video: dict | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -91,10 +106,34 @@ class PackConfig:
         for name in ("key_pre_rope", "compressed_attention", "compress_sliding_layers", "fallback_exact"):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, getattr(self, name), "True or False")
+        if self.image_basis not in IMAGE_BASES:
+            _bad("image_basis", self.image_basis, f"one of {IMAGE_BASES}")
+        if not _is_int(self.video_group_frames) or self.video_group_frames < 1:
+            _bad("video_group_frames", self.video_group_frames, "an integer >= 1")
+        for modality in ("text", "image", "video"):
+            overrides = getattr(self, modality)
+            if overrides is None:
+                continue
+            if not isinstance(overrides, dict) or any(k not in MODALITY_FIELDS for k in overrides):
+                _bad(modality, overrides, f"None or a dict with keys among {MODALITY_FIELDS}")
+            object.__setattr__(self, modality, dict(overrides))  # a private copy: later edits cannot bypass checks
+            try:
+                self.for_modality(modality)
+            except ValueError as err:
+                _bad(modality, overrides, f"valid codec settings for {modality} tokens ({err})")
+
+    def for_modality(self, modality: str) -> "PackConfig":
+        """The codec settings for `modality` ("text", "image", "video") tokens: this config with its overrides."""
+        overrides = getattr(self, modality) if modality in ("text", "image", "video") else None
+        if not overrides:
+            return self
+        return dataclasses.replace(self, text=None, image=None, video=None, **overrides)
 
     @property
     def is_lossless(self) -> bool:
-        return self.key_codec == "exact" and self.value_codec == "exact"
+        """No modality's keys or values are ever encoded."""
+        return all(c.key_codec == "exact" and c.value_codec == "exact"
+                   for c in (self.for_modality(m) for m in ("text", "image", "video")))
 
     def replace(self, **changes) -> "PackConfig":
         """A copy with some fields changed (validated again)."""

@@ -11,14 +11,16 @@ from transformers.generation.streamers import BaseStreamer
 
 from .cache import PackedCache
 from .config import PackConfig
-from .models import load_model
+from .models import SUPPORTED_VLM_TYPES, is_vlm_folder, load_model, load_vlm
+from .models.loading import folder_model_type
+from .models.registry import language_model_of
 
 
 class _ProgressStreamer(BaseStreamer):
     """Progress bars for `generate`: prefill advances per decoder layer (hooks), decoding per generated token."""
 
     def __init__(self, model, prompt_tokens: int, max_new_tokens: int):
-        layers = model.model.layers
+        layers = language_model_of(model).layers
         self.prefill = tqdm(total=len(layers), desc=f"prefill {prompt_tokens} tokens", unit="layer", leave=False)
         self.decode = None
         self.max_new_tokens = max_new_tokens
@@ -56,7 +58,8 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
 
 
 def check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
+    config = getattr(model.config, "text_config", None) or model.config
+    limit = getattr(config, "max_position_embeddings", None)
     if limit and prompt_tokens + max_new_tokens > limit:
         raise ValueError(
             f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's limit of "
@@ -64,15 +67,60 @@ def check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
         )
 
 
+def read_images(paths) -> list:
+    """Open every image (RGB) before any long work; a clear error names the file that cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise ValueError(f"cannot read image {str(path)!r}: {err}; give a readable PNG, JPEG, WebP, GIF or BMP "
+                             "file") from err
+    return images
+
+
+def encode_vlm_prompt(processor, text: str, images: list, chat: bool) -> dict:
+    """Processor inputs (input_ids, pixel_values...) for `images` followed by the prompt text."""
+    if not text.strip():
+        raise ValueError("the prompt is empty; give a prompt file with some text")
+    if chat and getattr(processor, "chat_template", None):
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    else:  # no template: the processor's image placeholder once per image, then the text
+        prompt = "".join(f"{getattr(processor, 'image_token', '<image>')}\n" for _ in images) + text
+    return dict(processor(images=images or None, text=prompt, return_tensors="pt"))
+
+
 def run_generate(text: str, preset: str = "balanced", model_path: str | None = None, max_new_tokens: int = 128,
                  chat: bool = True, sample: bool = False, temperature: float = 0.7, seed: int = 0,
-                 console: Console | None = None) -> dict:
-    """Generate an answer with a PackedCache; print it and a memory table. Returns the numbers printed."""
+                 console: Console | None = None, images=()) -> dict:
+    """Generate an answer with a PackedCache; print it and a memory table. Returns the numbers printed.
+
+    `images` (file paths) need `model_path` to be a local vision-language model folder (see SUPPORTED_VLM_TYPES);
+    a VLM folder also works without images."""
     console = console or Console()
     config = PackConfig.preset(preset)
+    images = list(images or ())
+    vlm = model_path is not None and is_vlm_folder(model_path)
+    if images and not vlm:
+        raise ValueError(
+            f"--image needs --model with a local vision-language model folder ({', '.join(SUPPORTED_VLM_TYPES)}); "
+            + ("the embedded SmolLM2 is text-only" if model_path is None else
+               f"{model_path} is not one (model_type {folder_model_type(model_path)!r})")
+        )
+    pictures = read_images(images)  # before loading: a bad file fails fast
     with console.status("loading model"):
-        model, tokenizer = load_model(model_path)
-    ids = encode_prompt(tokenizer, text, chat)
+        model, tokenizer = load_vlm(model_path) if vlm else load_model(model_path)
+    if vlm:
+        processor, tokenizer = tokenizer, getattr(tokenizer, "tokenizer", tokenizer)
+        inputs = encode_vlm_prompt(processor, text, pictures, chat)
+    else:
+        ids = encode_prompt(tokenizer, text, chat)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ids = inputs["input_ids"]
     check_length(model, ids.shape[1], max_new_tokens)
     cache = PackedCache(model, config)
     torch.manual_seed(seed)
@@ -80,8 +128,7 @@ def run_generate(text: str, preset: str = "balanced", model_path: str | None = N
     streamer = _ProgressStreamer(model, ids.shape[1], max_new_tokens)
     kwargs = dict(do_sample=True, temperature=temperature, top_p=0.95) if sample else dict(do_sample=False)
     try:
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                             max_new_tokens=max_new_tokens, streamer=streamer,
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, streamer=streamer,
                              pad_token_id=tokenizer.pad_token_id, **kwargs)
     finally:
         streamer.end()
@@ -96,5 +143,11 @@ def run_generate(text: str, preset: str = "balanced", model_path: str | None = N
     table.add_row("DynamicCache (same tokens)", f"{dynamic:,}", f"{dynamic / 2**20:.2f}", "1.00x")
     table.add_row(f"PackedCache '{preset}'", f"{held:,}", f"{held / 2**20:.2f}",
                   f"{dynamic / held:.2f}x smaller" if held else "-")
+    modalities = cache.stats()["modalities"]
+    if vlm:  # per modality: what the cache holds for those tokens vs DynamicCache for the same tokens
+        for name, m in sorted(modalities.items()):
+            table.add_row(f"  {name} tokens ({m['entries']:,} layer x sample entries)", f"{m['bytes']:,}",
+                          f"{m['bytes'] / 2**20:.2f}", f"{m['ratio']:.2f}x smaller" if m["bytes"] else "-")
     console.print(table)
-    return {"answer": answer, "bytes": held, "dynamic_bytes": dynamic, "prompt_tokens": ids.shape[1]}
+    return {"answer": answer, "bytes": held, "dynamic_bytes": dynamic, "prompt_tokens": ids.shape[1],
+            "modalities": modalities, "images": len(pictures)}

@@ -35,6 +35,14 @@ _BAD_VALUES = {
     "min_span": [0, -3, 4.5, None, True],
     "compress_sliding_layers": [1, 0, "yes", None],
     "fallback_exact": [1, 0, "no", None],
+    "key_pre_rope": [1, 0, "yes", None],
+    "compressed_attention": [1, 0, "no", None],
+    "image_basis": ["per-image", "SHARED", None, 1],
+    "video_group_frames": [0, -2, 2.0, "4", None, True],
+    # per-modality overrides: a dict of codec fields whose result is a valid configuration
+    "text": [{"key_bits": 3}, {"sink": 2}, {"key_codec": "zstd"}, ["key_bits", 8], "exact"],
+    "image": [{"value_codec": "quant"}, {"key_rank": 0}, {"window": 4}, 0.9, ("key_energy", 0.9)],
+    "video": [{"key_energy": 1.5}, {"value_bits": 16}, {"image_basis": "shared"}, True],
 }
 _UNVALIDATED = {"name"}  # a free-form label
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attentionpack.cache.layer import TAIL_GRANULE
 from attentionpack import PackConfig, PackedCache
 from helpers import PAD, padded_batch, runs_of, walk_tensors
 
@@ -158,11 +159,13 @@ def test_prefill_storage_is_released(tiny_model, batch, pad):
     out, mask = _prefill(model, cache, 60, pad=pad, batch=batch)
     for phase in ("prefill", "decode"):
         for layer in cache.layers:
-            for t in (layer.tail_keys, layer.tail_values):
+            for t in (layer.tail_keys, layer.tail_values):  # the tail buffer holds < TAIL_GRANULE spare slots
                 assert t.shape[-2] == 8
-                assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), phase
+                assert t.untyped_storage().nbytes() < (8 + TAIL_GRANULE) * t[..., :1, :].numel() * t.element_size()
+            tail_storages = {t.untyped_storage().data_ptr() for t in layer.tail.tensors()}
             for t in walk_tensors(layer):
-                assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (phase, t.shape)
+                if t.untyped_storage().data_ptr() not in tail_storages:
+                    assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (phase, t.shape)
         out, mask = _decode(model, cache, out, mask, 16)
 
 

@@ -28,12 +28,25 @@ NAME = "attentionpack"
 
 @dataclass
 class Piece:
-    """One stored run of a layer as attention sees it: key/value parts over cache indices [start, end)."""
+    """One stored run of a layer as attention sees it: key/value parts over cache indices [start, end), or over the
+    gathered cache indices `index` (B, n) with `valid` (B, n) marking real slots (per-sample modality groups)."""
 
     keys: Part
     values: Part
     start: int
     end: int
+    index: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.end - self.start if self.index is None else self.index.shape[1]
+
+    def columns(self, first: int, batch: int) -> torch.Tensor:
+        """(B, n) positions of this piece's tokens in the mask's key axis."""
+        if self.index is None:
+            return torch.arange(self.start - first, self.end - first).expand(batch, -1)
+        return (self.index - first).clamp_min(0)
 
 
 class PackedView:
@@ -41,7 +54,9 @@ class PackedView:
     so the call sees the tokens exactly as they were when it was made)."""
 
     def __init__(self, layer, rope: RopeFn):
-        self.pieces = [Piece(s.keys, s.values, s.start, s.end) for s in layer.segments]
+        self.pieces = [Piece(s.keys, s.values, s.start, s.end, getattr(s, "index", None), getattr(s, "valid", None))
+                       for s in layer.segments]
+        self.gathered = any(p.index is not None for p in self.pieces)
         if layer.tail_length:
             k, v, _, _ = layer.tail.view()
             self.pieces.append(Piece(ExactPart(k), ExactPart(v), layer.total - layer.tail_length, layer.total))
@@ -73,13 +88,26 @@ class PackedView:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).view(b, h, g * q, n)
         out, at = None, 0
         for p in self.pieces:
-            width = p.end - p.start
+            width = p.width
             part = p.values.mix(probs[..., at:at + width])  # (B, H, g*q, d)
             out = part if out is None else out.add_(part)
             at += width
         return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).contiguous()
 
     def _allowed(self, mask: torch.Tensor | None, b: int, q: int, device) -> torch.Tensor | None:
+        allowed = self._cache_mask(mask, q, device)  # over cache indices [first, total)
+        if not self.gathered:
+            return allowed
+        n = self.total - self.first
+        if allowed is None:
+            allowed = torch.ones(1, 1, q, n, dtype=torch.bool, device=device)
+        cols = torch.cat([p.columns(self.first, b).to(device) for p in self.pieces], dim=1)  # (B, N)
+        ok = torch.cat([torch.ones(b, p.width, dtype=torch.bool, device=device) if p.valid is None else p.valid
+                        for p in self.pieces], dim=1)
+        picked = allowed.expand(b, 1, q, n).gather(-1, cols[:, None, None, :].expand(b, 1, q, -1))
+        return picked & ok[:, None, None, :]
+
+    def _cache_mask(self, mask: torch.Tensor | None, q: int, device) -> torch.Tensor | None:
         n = self.total - self.first
         if mask is None:
             if q == 1:

@@ -4,6 +4,11 @@ The tail holds the newest tokens exact, with their positions and padding flags, 
 at the end of every multi-token (prefill) call everything past the sinks and before the recent window is
 compressed, one basis per prompt span; while decoding, every `chunk` tokens that leave the window become a
 segment with its own basis. Sliding-window layers drop segments that left the window.
+
+Vision-language prompts: when the cache knows the per-sample modality of the prompt tokens (`StepContext.layout`),
+each prompt span is split into modality groups — per sample a gathered set of cache indices (text, each image or
+all images, video frame groups) — and every group becomes one gathered `Segment` with its own basis per sample and
+its modality's codec settings (`PackConfig.for_modality`). Sliding-window layers keep contiguous spans.
 """
 from __future__ import annotations
 
@@ -34,6 +39,19 @@ class StepContext:
     valid: torch.Tensor  # (B, q) bool, False for padding
     rope: RopeFn
     span_boundaries: Sequence[int]
+    layout: Callable[[int, int], list["Group"] | None] | None = None  # modality groups of cache indices [a, b)
+
+
+@dataclass
+class Group:
+    """One modality group of a prompt span: per sample the cache indices of its tokens (see `Segment`)."""
+
+    name: str  # "text", "image 0", "images", "video 0 frames 1"
+    modality: str  # "text", "image" or "video"
+    index: torch.Tensor  # (B, n) long, ascending per sample; padding slots hold any index of the span
+    valid: torch.Tensor  # (B, n) bool, False for padding slots
+    start: int  # smallest cache index covered
+    end: int  # largest cache index covered + 1
 
 
 class PackedLayer(CacheLayerMixin):
@@ -48,10 +66,9 @@ class PackedLayer(CacheLayerMixin):
         self.is_sliding = spec.sliding_window is not None
         self.compress = not config.is_lossless and (not self.is_sliding or config.compress_sliding_layers)
         self.attend_packed = False  # set by PackedCache when the model runs the "attentionpack" attention
-        self.key_rule = RankRule(config.key_rank, config.key_rank_fraction, config.key_energy, config.key_max_rank_fraction)
-        self.value_rule = RankRule(
-            config.value_rank, config.value_rank_fraction, config.value_energy, config.value_max_rank_fraction
-        )
+        # codec settings per modality: (config, key rule, value rule); text also serves decode chunks
+        self.codecs = {m: _codec(config.for_modality(m)) for m in ("text", "image", "video")}
+        _, self.key_rule, self.value_rule = self.codecs["text"]
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -170,17 +187,26 @@ class PackedLayer(CacheLayerMixin):
         out = [t for s in self.segments for t in s.tensors()]
         return out + ([] if self.tail is None else self.tail.tensors())
 
-    def stats(self) -> list[dict]:
-        """One row per stored run of tokens: kind, tokens, codec and rank of K and V, bytes."""
+    def stats(self, seen: set | None = None) -> list[dict]:
+        """One row per stored run of tokens: kind, modality, group, tokens (slots per sample), entries (over the
+        batch), codec and rank of K and V, bytes. Storages in `seen` (shared across layers, e.g. a gathered
+        segment's index) are not counted again; the ones counted here are added to it."""
+        seen = set() if seen is None else seen
+        entry = 2 * self.spec.num_kv_heads * self.spec.head_dim * torch.empty((), dtype=self.dtype).element_size() \
+            if self.is_initialized else 0
         rows = []
         for seg in self.segments:
             rows.append({"layer": self.layer_idx, "kind": seg.kind, "start": seg.start, "tokens": seg.length,
-                         "keys": seg.keys.describe(), "values": seg.values.describe(),
-                         "bytes": sum(_nbytes(t) for t in seg.tensors())})
+                         "entries": seg.tokens(), "modality": "exact" if seg.kind == "sink" else seg.modality,
+                         "group": seg.group, "keys": seg.keys.describe(), "values": seg.values.describe(),
+                         "bytes": _new_bytes(seg.tensors(), seen), "dynamic_bytes": seg.tokens() * entry})
         if self.tail_length:
+            tail = self.tail.tensors()
+            entries = self.tail_keys.shape[0] * self.tail_length
             rows.append({"layer": self.layer_idx, "kind": "recent", "start": self.total - self.tail_length,
-                         "tokens": self.tail_length, "keys": {"codec": "exact"}, "values": {"codec": "exact"},
-                         "bytes": sum(_nbytes(t) for t in self.tail.tensors())})
+                         "tokens": self.tail_length, "entries": entries, "modality": "exact", "group": "",
+                         "keys": {"codec": "exact"}, "values": {"codec": "exact"},
+                         "bytes": _new_bytes(tail, seen), "dynamic_bytes": entries * entry})
         return rows
 
     def dynamic_equivalent_bytes(self) -> int:
@@ -208,7 +234,20 @@ class PackedLayer(CacheLayerMixin):
         if not self.segments:
             return tail
         pieces = [part_of(s).materialize(s.start, s.end, rope) for s in self.segments]
-        return torch.cat(pieces + [tail], dim=-2)
+        if all(s.index is None for s in self.segments):
+            return torch.cat(pieces + [tail], dim=-2)
+        # gathered segments: scatter every piece to its cache indices; padding slots land in a scratch column
+        first = self.segments[0].start
+        held = self.total - self.tail_length - first  # cache indices [first, first + held) are in segments
+        b, h, _, d = tail.shape
+        buf = tail.new_empty(b, h, held + 1, d)  # (B, H, held + scratch, d)
+        for seg, x in zip(self.segments, pieces):
+            if seg.index is None:
+                buf[:, :, seg.start - first:seg.end - first] = x
+            else:
+                slot = torch.where(seg.valid, seg.index - first, held)  # (B, n)
+                buf.scatter_(2, slot[:, None, :, None].expand(b, h, -1, d), x.to(buf.dtype))
+        return torch.cat([buf[:, :, :held], tail], dim=-2)
 
     def _compact(self, prefill: bool, ctx: StepContext) -> None:
         """Move tokens from the exact tail into frozen segments (see module docstring)."""
@@ -230,39 +269,68 @@ class PackedLayer(CacheLayerMixin):
             bounds = [b for b in ctx.span_boundaries if tail_start < b < stop]
             edges = [tail_start, *bounds, stop]
             for a, b in zip(edges[:-1], edges[1:]):
-                self._freeze(a, b, kind="span", compress=b - a >= self.config.min_span, ctx=ctx)
+                groups = ctx.layout(a, b) if ctx.layout is not None and not self.is_sliding else None
+                if groups:
+                    self._freeze_groups(a, b, groups, ctx)
+                else:
+                    self._freeze(a, b, kind="span", compress=b - a >= self.config.min_span, ctx=ctx)
         else:
             while stop - tail_start >= self.config.chunk:
                 self._freeze(tail_start, tail_start + self.config.chunk, kind="chunk", compress=True, ctx=ctx)
                 tail_start += self.config.chunk
-        if prefill:
-            self.tail.shrink()  # the prompt's buffer is no longer needed
+        self.tail.shrink()  # release the slots of the frozen tokens (the whole prompt's buffer after a prefill)
 
     def _freeze(self, start: int, end: int, kind: str, compress: bool, ctx: StepContext) -> None:
         """Turn tail tokens [start, end) (which must be the oldest tail tokens) into a segment."""
         n = end - start
         k, v, pos, valid = self.tail.view(0, n)
         if compress:
-            cfg = self.config
-            key_part = self._encode(k, valid, cfg.key_codec, self.key_rule, cfg.key_bits, ctx.rope(start, end, pos), pos)
-            value_part = self._encode(v, valid, cfg.value_codec, self.value_rule, cfg.value_bits, None, None)
+            cfg, key_rule, value_rule = self.codecs["text"]
+            key_part = self._encode(k, valid, cfg.key_codec, key_rule, cfg.key_bits, ctx.rope(start, end, pos), pos)
+            value_part = self._encode(v, valid, cfg.value_codec, value_rule, cfg.value_bits, None, None)
         else:
             key_part, value_part = ExactPart(k.clone()), ExactPart(v.clone())
         self.segments.append(Segment(start, end, key_part, value_part, kind))
         self.tail.drop_oldest(n)
 
-    def _encode(self, x, valid, codec, rule, bits, rope_cos_sin, positions):
+    def _freeze_groups(self, start: int, end: int, groups: list[Group], ctx: StepContext) -> None:
+        """Turn tail tokens [start, end) (the oldest tail tokens) into one gathered segment per modality group."""
+        n = end - start
+        k, v = self.tail_keys[..., :n, :], self.tail_values[..., :n, :]  # (B, H, n, d)
+        pos, valid = self.tail_positions[:, :n], self.tail_valid[:, :n]  # (B, n[, 3]), (B, n)
+        b, h, _, d = k.shape
+        for g in sorted(groups, key=lambda g: g.start):
+            local = torch.where(g.valid, g.index - start, 0)  # (B, m) rows of the tail block
+            rows = local[:, None, :, None].expand(b, h, -1, d)
+            gk, gv = k.gather(2, rows), v.gather(2, rows)  # (B, H, m, d)
+            gpos = pos.gather(1, local if pos.dim() == 2 else local[..., None].expand(-1, -1, pos.shape[-1]))
+            gvalid = valid.gather(1, local) & g.valid  # real tokens only: padding slots and padding tokens are zeroed
+            cfg, key_rule, value_rule = self.codecs[g.modality]
+            slots = int(g.valid.sum(dim=1).max())
+            if slots >= self.config.min_span:
+                key_part = self._encode(gk, gvalid, cfg.key_codec, key_rule, cfg.key_bits,
+                                        ctx.rope(g.start, g.end, gpos), gpos, cfg)
+                value_part = self._encode(gv, gvalid, cfg.value_codec, value_rule, cfg.value_bits, None, None, cfg)
+            else:
+                key_part, value_part = ExactPart(gk), ExactPart(gv)
+            kind = "span" if g.modality == "text" else g.modality
+            self.segments.append(Segment(g.start, g.end, key_part, value_part, kind, index=g.index, valid=g.valid,
+                                         modality=g.modality, group=g.name))
+        self.tail.drop_oldest(n)
+
+    def _encode(self, x, valid, codec, rule, bits, rope_cos_sin, positions, cfg: PackConfig | None = None):
         """x (B, H, T, d) -> a stored part. Keys come with (cos, sin) and positions: low-rank keys are factored
         before RoPE (or after it, `key_pre_rope=False`); quantized keys are kept rotated (KIVI). Exact when the
         codec says so, or when the encoded form would not be smaller (`fallback_exact`)."""
+        cfg = cfg or self.config
         if codec == "exact":
             return ExactPart(x.clone())
         x = x * valid[:, None, :, None]  # padding rows zeroed so they cannot skew a basis or a scale
         is_key = positions is not None
-        pre_rope = is_key and self.config.key_pre_rope
+        pre_rope = is_key and cfg.key_pre_rope
         if codec == "quant":
-            part = QuantizedPart.keys(x, bits, self.config.quant_group) if is_key else \
-                QuantizedPart.values(x, bits, self.config.quant_group)
+            part = QuantizedPart.keys(x, bits, cfg.quant_group) if is_key else \
+                QuantizedPart.values(x, bits, cfg.quant_group)
         else:
             b, h, t, d = x.shape
             pre = undo_rope(x, *rope_cos_sin) if pre_rope else x
@@ -272,8 +340,8 @@ class PackedLayer(CacheLayerMixin):
                 part = LowRankPart(factors, h, pos, tuple(ranks))
             else:
                 part = QuantizedLowRankPart.from_factors(factors, h, pos, tuple(ranks), coeff_bits=bits,
-                                                         coeff_group=self.config.quant_group)
-        if self.config.fallback_exact and storage_nbytes(part.tensors()) >= x.numel() * x.element_size():
+                                                         coeff_group=cfg.quant_group)
+        if cfg.fallback_exact and storage_nbytes(part.tensors()) >= x.numel() * x.element_size():
             return ExactPart(x.clone())
         return part
 
@@ -292,5 +360,18 @@ class PackedLayer(CacheLayerMixin):
             self.tail.map_batch(fn)
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
+def _codec(cfg: PackConfig) -> tuple[PackConfig, RankRule, RankRule]:
+    return (cfg, RankRule(cfg.key_rank, cfg.key_rank_fraction, cfg.key_energy, cfg.key_max_rank_fraction),
+            RankRule(cfg.value_rank, cfg.value_rank_fraction, cfg.value_energy, cfg.value_max_rank_fraction))
+
+
+def _new_bytes(tensors, seen: set) -> int:
+    """Bytes of the storages behind `tensors` not yet in `seen` (which they are added to)."""
+    total = 0
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
+

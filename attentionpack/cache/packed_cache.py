@@ -4,6 +4,11 @@ Use it like any cache: `model.generate(**inputs, past_key_values=PackedCache(mod
 `model(...)` in a manual decoding loop. Two forward pre-hooks (installed once per model, inert for other caches)
 tell the cache each call's padding mask and token positions, which it needs to keep sinks per sample, to leave
 padding out of the factorization, and to undo/redo RoPE exactly.
+
+Vision-language models (LLaVA, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM): a pre-hook on the top-level model
+reads each multi-token call's `input_ids` and finds, per sample, the image and video tokens (`models/vlm.py`);
+prompt spans are then compacted per modality group (see `PackedLayer`). For Qwen2-VL a pre-hook on the language
+model records the multimodal (temporal, height, width) positions so RoPE is undone and redone exactly.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from transformers.cache_utils import Cache
 from ..attention.packed import enable as enable_packed_attention
 from ..config import PackConfig
 from ..models.registry import ModelAdapter
-from .layer import PackedLayer, StepContext
+from ..models.vlm import find_spans, group_labels
+from .layer import Group, PackedLayer, StepContext
 from .memory import storage_nbytes
 
 _HOOKED = "_attentionpack_hooks"
@@ -49,6 +55,40 @@ class PackedCache(Cache):
         self._attention_mask: torch.Tensor | None = None  # 2D (B, kv) mask of the current call
         self._positions: dict[int, torch.Tensor] = {}  # layer -> (B, q) position ids of the current call
         self._rope_memo: dict = {}
+        self._mrope_positions: torch.Tensor | None = None  # (B, q, 3) multimodal positions of the current call
+        # vision-language prompts: modality group of every (sample, cache index) seen in input_ids
+        self._labels: torch.Tensor | None = None  # (B, N) long, indexes self.groups
+        self.groups: list[tuple[str, str]] = [("text", "text")]  # (group name, modality)
+        self.spans: list = []  # VisionSpan of every multi-token call so far (cache indices)
+        self._layout_memo: dict = {}
+
+    def set_inputs(self, input_ids: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> None:
+        """Tell the cache the token ids of the next call (done automatically for VLMs by a pre-hook on the model:
+        needed only when calling the language model directly). Finds the image/video tokens per sample; Qwen2-VL
+        videos are cut into frame groups by `position_ids` (3 or 4, B, T) or `video_grid_thw`."""
+        if not self.adapter.is_vlm or input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] < 2:
+            return
+        offset = self.get_seq_length()
+        temporal = None
+        if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] in (3, 4):
+            temporal = position_ids[-3]  # (B, T): the temporal axis of (temporal, height, width)
+        spans = find_spans(self.adapter.vlm_config, input_ids, video_grid_thw, self.config.video_group_frames,
+                           temporal)
+        labels, groups = group_labels(spans, input_ids.shape[0], input_ids.shape[1], self.config.image_basis)
+        remap = []
+        for name, modality in groups:
+            if (name, modality) not in self.groups:
+                self.groups.append((name, modality))
+            remap.append(self.groups.index((name, modality)))
+        labels = torch.tensor(remap)[labels]  # (B, q)
+        batch = labels.shape[0]
+        old = self._labels if self._labels is not None and self._labels.shape[0] == batch else labels[:, :0]
+        old = old[:, :offset]  # earlier labels past the cache length were cropped away
+        gap = labels.new_zeros(batch, offset - old.shape[1])  # tokens seen without ids (decoding): text
+        self._labels = torch.cat([old, gap, labels], dim=1)  # (B, offset + q)
+        self.spans = [sp for sp in self.spans if sp.end <= offset] + [
+            type(sp)(sp.sample, sp.modality, sp.number, sp.start + offset, sp.end + offset, sp.group) for sp in spans]
 
     def set_spans(self, span_boundaries: Sequence[int]) -> None:
         """Set the cache indices where prompt spans start (each span gets its own basis); applies to the next prefill."""
@@ -58,6 +98,10 @@ class PackedCache(Cache):
         self.span_boundaries = tuple(bounds)
 
     # ---- the Cache interface ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        super().reset()
+        self._labels, self.groups, self.spans = None, [("text", "text")], []
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store this call's keys (B, H, q, d, rotated) and values, and return all keys/values to attend to."""
         if key_states.dtype != value_states.dtype or not key_states.dtype.is_floating_point:
@@ -67,12 +111,23 @@ class PackedCache(Cache):
             valid=self._step_valid(key_states),
             rope=lambda start, end, pos: self._rope(layer_idx, start, end, pos, key_states.dtype),
             span_boundaries=self.span_boundaries,
+            layout=(lambda a, b: self._layout(a, b, key_states.device)) if self._labels is not None else None,
         )
         out = self.layers[layer_idx].update(key_states, value_states, ctx)
         if layer_idx == len(self.layers) - 1:  # end of the forward call: drop per-call state
             self._rope_memo.clear()
             self._positions.clear()
+            self._layout_memo.clear()
+            self._mrope_positions = None
         return out
+
+    def vision_segments(self, layer_idx: int) -> list:
+        """The gathered image/video segments of one layer, in cache order.
+
+        Hook point for attention-aware decompression (not built here): a scorer reads each segment's parts and
+        `index` (B, n) / `valid` (B, n) — which cache indices of which sample it holds — ranks the image tokens per
+        sample by the attention text queries give them, and re-encodes or restores the segment's parts."""
+        return [s for s in self.layers[layer_idx].segments if s.index is not None and s.modality in ("image", "video")]
 
     # ---- accounting -----------------------------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
@@ -88,15 +143,26 @@ class PackedCache(Cache):
         return sum(layer.dynamic_equivalent_bytes() for layer in self.layers)
 
     def stats(self) -> dict:
-        """Per layer and stored run: tokens, codec and rank of K and V, bytes; totals vs DynamicCache."""
-        rows = [row for layer in self.layers for row in layer.stats()]
+        """Per layer and stored run: tokens, codec and rank of K and V, bytes; totals vs DynamicCache; per modality
+        ("text", "image", "video", "exact" = sinks and recent window, "mixed") the entries held, bytes and
+        DynamicCache bytes for the same entries."""
+        seen: set = set()  # storages shared by layers (a gathered segment's index/valid) count once
+        rows = [row for layer in self.layers for row in layer.stats(seen)]
         held, dynamic = self.nbytes(), self.dynamic_nbytes()
+        modalities: dict[str, dict] = {}
+        for r in rows:
+            m = modalities.setdefault(r["modality"], {"entries": 0, "bytes": 0, "dynamic_bytes": 0})
+            for key in m:
+                m[key] += r[key]
+        for m in modalities.values():
+            m["ratio"] = m["dynamic_bytes"] / m["bytes"] if m["bytes"] else float("nan")
         return {
             "config": self.config.name,
             "tokens": self.get_seq_length(),
             "bytes": held,
             "dynamic_bytes": dynamic,
             "ratio": dynamic / held if held else float("nan"),
+            "modalities": modalities,
             "layers": [
                 {"layer": layer.layer_idx, "bytes": sum(r["bytes"] for r in rows if r["layer"] == layer.layer_idx),
                  "dynamic_bytes": layer.dynamic_equivalent_bytes(), "sliding": layer.is_sliding,
@@ -111,6 +177,14 @@ class PackedCache(Cache):
 
     def _step_positions(self, layer_idx: int, key_states: torch.Tensor) -> torch.Tensor:
         b, q = key_states.shape[0], key_states.shape[-2]
+        if self.adapter.mrope:  # (B, q, 3): what the language model gave its rotary module
+            pos = self._mrope_positions
+            if pos is None:
+                start = self.layers[layer_idx].get_seq_length()
+                pos = torch.arange(start, start + q, device=key_states.device)[None, :, None].expand(b, q, 3)
+            if pos.shape[-2] != q:
+                raise ValueError(f"multimodal position_ids of shape {tuple(pos.shape)} do not match {q} new tokens")
+            return pos.expand(b, q, 3)
         pos = self._positions.get(layer_idx)
         if pos is None:
             start = self.layers[layer_idx].get_seq_length()
@@ -127,19 +201,71 @@ class PackedCache(Cache):
         return mask[:, -q:].to(torch.bool).expand(b, q)
 
     def _rope(self, layer_idx: int, start: int, end: int, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin (B, T, d) for a stored run; shared by all layers of a RoPE group within one call."""
+        """cos, sin (B, T, d) for a stored run; shared by all layers of a RoPE group within one call (gathered
+        segments may share start/end, so a hit is checked against the positions themselves)."""
         group = self.adapter.layers[layer_idx].layer_type if self.adapter._rotary_takes_layer_type else "all"
-        key = (group, start, end, positions.shape[0])
-        if key not in self._rope_memo:
-            self._rope_memo[key] = self.adapter.rope(positions.long(), layer_idx, dtype)
-        return self._rope_memo[key]
+        key = (group, start, end, tuple(positions.shape))
+        hit = self._rope_memo.get(key)
+        if hit is not None and torch.equal(hit[0], positions):
+            return hit[1]
+        cos_sin = self.adapter.rope(positions.long(), layer_idx, dtype)
+        self._rope_memo[key] = (positions, cos_sin)
+        return cos_sin
+
+    def _layout(self, start: int, end: int, device: torch.device) -> list[Group] | None:
+        """Modality groups of cache indices [start, end) (None when they are all text); shared by the layers."""
+        key = (start, end, str(device))
+        if key not in self._layout_memo:
+            groups = _groups_of(self._labels, self.groups, start, end)
+            self._layout_memo[key] = None if groups is None else [
+                Group(g.name, g.modality, g.index.to(device), g.valid.to(device), g.start, g.end) for g in groups]
+        return self._layout_memo[key]
+
+    def _begin_top_call(self, input_ids: torch.Tensor | None, kwargs: dict) -> None:
+        if input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1] > 1:
+            self.set_inputs(input_ids, kwargs.get("video_grid_thw"), kwargs.get("position_ids"))
+
+    def _set_mrope_positions(self, position_ids: torch.Tensor | None) -> None:
+        """Positions the language model will rotate with, normalized as it does: (3, B, q) -> (B, q, 3)."""
+        if position_ids is None:
+            self._mrope_positions = None
+            return
+        if position_ids.dim() == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        elif position_ids.shape[0] == 4:  # text positions prepended for packed masks
+            position_ids = position_ids[1:]
+        self._mrope_positions = position_ids.permute(1, 2, 0)
+
+
+def _groups_of(labels: torch.Tensor | None, groups: list[tuple[str, str]], start: int, end: int) -> list[Group] | None:
+    """Per modality group present in [start, end): per sample the cache indices of its tokens, padded."""
+    if labels is None or start >= labels.shape[1]:
+        return None
+    lab = labels[:, start:end]  # (B, n); indices past the labelled tokens are text (generated tokens)
+    if lab.shape[1] < end - start:
+        lab = torch.cat([lab, lab.new_zeros(lab.shape[0], end - start - lab.shape[1])], dim=1)
+    present = torch.unique(lab).tolist()
+    if present == [0]:
+        return None
+    out = []
+    for g in present:
+        mask = lab == g  # (B, n)
+        counts = mask.sum(dim=1)  # (B,)
+        slots = int(counts.max())
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :slots]  # this group's tokens first
+        valid = torch.arange(slots)[None, :] < counts[:, None]  # (B, slots)
+        index = torch.where(valid, order + start, start)  # (B, slots) cache indices
+        covered = index[valid]
+        name, modality = groups[g]
+        out.append(Group(name, modality, index, valid, int(covered.min()), int(covered.max()) + 1))
+    return out
 
 
 def _install_hooks(model, adapter: ModelAdapter) -> None:
     """Forward pre-hooks that hand a PackedCache the 2D padding mask and each layer's position ids."""
     if getattr(model, _HOOKED, False):
         return
-    base = getattr(model, "model", model)
+    base = adapter.language_model  # the decoder: it always receives the 2D padding mask
 
     def on_model_call(module, args, kwargs):
         cache = kwargs.get("past_key_values")
@@ -147,6 +273,21 @@ def _install_hooks(model, adapter: ModelAdapter) -> None:
             cache._begin_call(kwargs.get("attention_mask"))
 
     base.register_forward_pre_hook(on_model_call, with_kwargs=True)
+    if adapter.is_vlm:
+        def on_top_call(module, args, kwargs):
+            cache = kwargs.get("past_key_values")
+            if isinstance(cache, PackedCache):
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                cache._begin_top_call(ids, kwargs)
+
+        model.register_forward_pre_hook(on_top_call, with_kwargs=True)
+    if adapter.mrope:
+        def on_language_model(module, args, kwargs):
+            cache = kwargs.get("past_key_values")
+            if isinstance(cache, PackedCache):
+                cache._set_mrope_positions(kwargs.get("position_ids"))
+
+        adapter.language_model.register_forward_pre_hook(on_language_model, with_kwargs=True)
     for idx, attn in enumerate(adapter.attention_modules):
         def on_attention(module, args, kwargs, idx=idx):
             cache = kwargs.get("past_key_values")

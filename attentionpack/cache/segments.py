@@ -111,21 +111,42 @@ def factor_mix(f: Factors, num_heads: int, p: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Segment:
-    """Tokens [start, end) of a layer, in cache-index order. `kind` says why it exists (sink, span, chunk...)."""
+    """Tokens of a layer. `kind` says why it exists (sink, span, chunk, image...).
+
+    Contiguous (index None): cache indices [start, end), the same for every sample, parts (B, H, end - start, d).
+    Gathered (vision-language prompts): per sample its own set of cache indices, index (B, n) long, in the row
+    order of the parts (B, H, n, d); valid (B, n) bool is False for padding slots (a sample with fewer or smaller
+    images), whose index is meaningless. start/end are the min/max (+1) cache index covered. `modality` is "text",
+    "image", "video" or "mixed"; `group` names the modality group ("image 1", "images", "text"...).
+    """
 
     start: int
     end: int
     keys: Part
     values: Part
     kind: str
+    index: torch.Tensor | None = None  # (B, n) long, gathered segments only
+    valid: torch.Tensor | None = None  # (B, n) bool, gathered segments only
+    modality: str = "text"
+    group: str = ""
 
     @property
     def length(self) -> int:
-        return self.end - self.start
+        """Token slots per sample (end - start when contiguous)."""
+        return self.end - self.start if self.index is None else self.index.shape[1]
+
+    def tokens(self) -> int:
+        """Cache entries held, summed over the batch (padding slots excluded)."""
+        if self.index is None:
+            return self.keys.tensors()[0].shape[0] * self.length
+        return int(self.valid.sum())
 
     def tensors(self) -> list[torch.Tensor]:
-        return self.keys.tensors() + self.values.tensors()
+        layout = [] if self.index is None else [self.index, self.valid]
+        return self.keys.tensors() + self.values.tensors() + layout
 
     def map_batch(self, fn) -> None:
         self.keys.map_batch(fn)
         self.values.map_batch(fn)
+        if self.index is not None:
+            self.index, self.valid = fn(self.index), fn(self.valid)

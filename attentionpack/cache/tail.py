@@ -8,7 +8,7 @@ Capacity is rounded up to a multiple of `granule` tokens: compressing layers (gr
 tokens once every 16 steps and hold at most 15 spare slots; layers that never compress (granule 1) grow exactly
 like a DynamicCache, so their bytes stay equal to its bytes.
 
-Shapes: keys/values (B, H, cap, d); positions (B, cap) int32 and valid (B, cap) bool, or None when not needed.
+Shapes: keys/values (B, H, cap, d); positions (B, cap[, 3]) int32 and valid (B, cap) bool, or None when unneeded.
 """
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ class ExactTail:
 
 
 def _alloc_like(t: torch.Tensor, cap: int) -> torch.Tensor:
-    """An empty tensor like `t` with `cap` slots on its token axis (-2 for 4D states, -1 for (B, T) tensors)."""
+    """An empty tensor like `t` with `cap` slots on its token axis: 2 for (B, H, T, d) states, 1 for (B, T[, 3])
+    positions and flags (multimodal RoPE positions carry 3 components per token)."""
     shape = list(t.shape)
-    shape[-2 if t.dim() == 4 else -1] = cap
+    shape[2 if t.dim() == 4 else 1] = cap
     return torch.empty(shape, dtype=t.dtype, device=t.device)

@@ -30,7 +30,7 @@ QUANT_BITS = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8)}
 QUANT_RESIDUAL = 128  # full-precision recent tokens of QuantizedCache, as in ../shared/docs/peers.md
 
 DEFAULT_CONFIGS = (
-    "dynamic", "lossless", "balanced", "max", "quanto-4", "quanto-2", "hqq-4",
+    "dynamic", "balanced", "max", "quanto-4", "quanto-2", "hqq-4",  # "lossless" on request (it equals dynamic)
     *(f"kvpress-{press}-{ratio}" for press in ("expected", "snapkv", "knorm", "streamingllm")
       for ratio in ("0.5", "0.75", "0.875")),
 )

