@@ -47,7 +47,8 @@ def select_tokens(scores: torch.Tensor, keep: int | float, protect_first: int = 
     t = scores.shape[-1]
     if valid is None:
         valid = torch.ones(scores.shape[0], t, dtype=torch.bool, device=scores.device)
-    if valid.dtype != torch.bool or valid.shape[0] != scores.shape[0] or valid.shape[-1] != t or valid.dim() > scores.dim():
+    bad_shape = valid.shape[0] != scores.shape[0] or valid.shape[-1] != t or valid.dim() > scores.dim()
+    if valid.dtype != torch.bool or bad_shape:
         raise ValueError(f"valid must be a bool mask (B, T) or {tuple(scores.shape)}, got {valid.dtype} "
                          f"{tuple(valid.shape)}")
     if valid.dim() < scores.dim():
@@ -110,4 +111,5 @@ def compensation_token(keys: torch.Tensor, values: torch.Tensor, indices: torch.
 
 def compensation_bias(count: torch.Tensor) -> torch.Tensor:
     """Logit bias log(count) (B, H) for the compensation token; -inf where nothing was dropped."""
-    return torch.where(count > 0, count.double().clamp_min(1).log(), torch.full_like(count, -math.inf, dtype=torch.float64)).float()
+    log_count = count.double().clamp_min(1).log()
+    return torch.where(count > 0, log_count, torch.full_like(log_count, -math.inf)).float()

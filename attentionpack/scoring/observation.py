@@ -35,7 +35,8 @@ def window_queries(attn_module, hidden_states: torch.Tensor, position_embeddings
     hidden_states (B, T, hidden) and position_embeddings (cos, sin), each (B, T, d), are the attention module's own
     inputs (e.g. captured by a forward pre-hook). Only the last w rows are projected."""
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
-        raise ValueError(f"hidden_states must be (B, T, hidden), got shape {tuple(getattr(hidden_states, 'shape', ()))}")
+        shape = tuple(getattr(hidden_states, "shape", ()))
+        raise ValueError(f"hidden_states must be (B, T, hidden), got shape {shape}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window={window!r} is invalid: must be an integer >= 1")
     q_proj, head_dim = getattr(attn_module, "q_proj", None), getattr(attn_module, "head_dim", None)
