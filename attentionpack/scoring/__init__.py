@@ -1,0 +1,1 @@
+"""Token and head importance scores: observation-window attention (SnapKV) and retrieval heads (RazorAttention)."""

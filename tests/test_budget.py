@@ -1,0 +1,120 @@
+"""Byte-budget allocation (multiple-choice knapsack) and the attention-output error measure."""
+from __future__ import annotations
+
+import itertools
+import random
+import time
+
+import pytest
+import torch
+
+from attentionpack.budget import BudgetError, Option, allocate, attention_output_error
+from attentionpack.codecs.evict import kept_mask, select_tokens
+
+
+def _brute(groups, budget):
+    best = None
+    for choice in itertools.product(*(range(len(g)) for g in groups)):
+        nbytes = sum(groups[g][i][0] for g, i in enumerate(choice))
+        if nbytes <= budget:
+            err = sum(groups[g][i][1] for g, i in enumerate(choice))
+            if best is None or err < best - 1e-12:
+                best = err
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_optimal_against_brute_force(seed):
+    rng = random.Random(seed)
+    groups = [[(rng.randint(0, 60), rng.random()) for _ in range(rng.randint(1, 5))] for _ in range(rng.randint(1, 5))]
+    low = sum(min(o[0] for o in g) for g in groups)
+    high = sum(max(o[0] for o in g) for g in groups)
+    budget = rng.randint(low, high)
+    alloc = allocate(groups, budget)
+    assert alloc.exact and alloc.nbytes <= budget
+    assert alloc.error == pytest.approx(_brute(groups, budget), abs=1e-9)
+    assert alloc.nbytes == sum(groups[g][i][0] for g, i in enumerate(alloc.choice))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_rounded_grid_never_exceeds_budget(seed):
+    rng = random.Random(seed)
+    groups = [[Option(rng.randint(10_000, 2_000_000), rng.random(), f"o{i}") for i in range(6)] for _ in range(5)]
+    low = sum(min(o.nbytes for o in g) for g in groups)
+    budget = low + rng.randint(0, 4_000_000)
+    alloc = allocate(groups, budget, resolution=64)
+    assert alloc.nbytes <= budget
+    assert alloc.exact == (budget - low <= 64)
+    best = _brute([[(o.nbytes, o.error) for o in g] for g in groups], budget)
+    fine = allocate(groups, budget, resolution=1 << 16)
+    assert best <= fine.error + 1e-12 and fine.error <= alloc.error + 1e-12
+    assert fine.error - best < 0.2  # rounding to a 65536 grid loses little
+    assert allocate(groups, low).choice == tuple(min(range(6), key=lambda i: (g[i].nbytes, g[i].error)) for g in groups)
+
+
+def test_fast_for_a_model():
+    rng = random.Random(0)
+    groups = [[Option(rng.randint(1, 10_000_000), rng.random()) for _ in range(20)] for _ in range(60)]
+    budget = sum(sorted(o.nbytes for o in g)[10] for g in groups)
+    allocate(groups, budget)
+    start = time.perf_counter()
+    for _ in range(5):
+        alloc = allocate(groups, budget)
+    per_call = (time.perf_counter() - start) / 5
+    assert alloc.nbytes <= budget
+    assert per_call < 0.05, per_call  # ~5 ms alone; loose because the cores are shared with benchmarks
+
+
+def test_infeasible_and_bad_inputs():
+    groups = [[(100, 0.0), (40, 1.0)], [(30, 0.5)]]
+    with pytest.raises(BudgetError, match="at least 70"):
+        allocate(groups, 69)
+    assert allocate(groups, 70).choice == (1, 0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="budget="):
+            allocate(groups, bad)
+    with pytest.raises(ValueError, match="group 1 has no options"):
+        allocate([[(1, 0.0)], []], 10)
+    with pytest.raises(ValueError, match="nbytes="):
+        allocate([[(1.5, 0.0)]], 10)
+    with pytest.raises(ValueError, match="nbytes="):
+        allocate([[(-1, 0.0)]], 10)
+    with pytest.raises(ValueError, match="error="):
+        allocate([[(1, float("nan"))]], 10)
+    with pytest.raises(ValueError, match="groups is empty"):
+        allocate([], 10)
+    with pytest.raises(ValueError, match="resolution="):
+        allocate(groups, 100, resolution=0)
+
+
+def test_attention_output_error():
+    torch.manual_seed(0)
+    b, hq, h, t, w, d = 2, 4, 2, 40, 6, 16
+    q, k, v = torch.randn(b, hq, w, d), torch.randn(b, h, t, d), torch.randn(b, h, t, d)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[1, :5] = False
+    assert attention_output_error(q, k, v, k, v, valid).abs().max() < 1e-6
+    # noise on padding tokens changes nothing
+    k_pad = k.clone()
+    k_pad[1, :, :5] += 100
+    assert attention_output_error(q, k, v, k_pad, v, valid)[1] < 1e-6
+    # a direct computation of the relative error
+    v_hat = v + 0.1 * torch.randn_like(v)
+    err = attention_output_error(q, k, v, k, v_hat, valid)
+    kk = k.repeat_interleave(2, 1)
+    logits = q @ kk.transpose(-1, -2) / d ** 0.5
+    causal = torch.arange(t).view(1, t) <= torch.arange(t - w, t).view(w, 1)
+    logits = logits.masked_fill(~(causal & valid.view(b, 1, 1, t)), float("-inf"))
+    p = torch.softmax(logits, -1)
+    o, o_hat = p @ v.repeat_interleave(2, 1), p @ v_hat.repeat_interleave(2, 1)
+    expect = (o - o_hat).flatten(1).norm(dim=1) / o.flatten(1).norm(dim=1)
+    torch.testing.assert_close(err, expect, atol=1e-5, rtol=1e-4)
+    # eviction: keeping the most attended tokens hurts less than keeping the least attended ones
+    scores = torch.softmax(logits, -1).sum(2).view(b, h, 2, t).mean(2)  # (B, H, T)
+    best = kept_mask(select_tokens(scores, 0.5, 1, w, valid), t)
+    worst = kept_mask(select_tokens(-scores, 0.5, 1, w, valid), t)
+    e_best = attention_output_error(q, k, v, k, v, valid, valid_hat=best)
+    e_worst = attention_output_error(q, k, v, k, v, valid, valid_hat=worst)
+    assert (e_best < e_worst).all() and (e_best > 0).all()
+    with pytest.raises(ValueError, match="share one"):
+        attention_output_error(q, k, v, k[:, :, :-1], v, valid)
