@@ -209,3 +209,21 @@ def test_kvpress_worker_on_tiny_model(tiny_folder, tmp_path):
     items = []
     kvpress_needle(spec, [prompt], [tok.eos_token_id], 4, model=str(tiny_folder), on_item=items.append)
     assert len(items) == 1 and 1 <= len(items[0]["answer_ids"]) <= 4
+
+
+def test_exact_cache_shortcut_equals_one_token_steps(tiny_model):
+    """`timed_steps`: for an exact cache, one call over the rest of the continuation = one-token steps."""
+    from attentionpack.eval.perplexity import continuation_perplexity
+    from transformers import DynamicCache
+
+    model = tiny_model("qwen2_sliding")
+    ids = torch.randint(3, 128, (1, 90), generator=torch.Generator().manual_seed(1))
+    rows = {}
+    for steps in (None, 3):
+        seen = []
+        res = continuation_perplexity(model, ids, 50, 40, lambda: DynamicCache(config=model.config),
+                                      on_logits=seen.append, timed_steps=steps)
+        rows[steps] = (res, torch.cat(seen))
+    assert rows[3][1].shape == rows[None][1].shape == (40, 128)
+    torch.testing.assert_close(rows[3][1], rows[None][1], atol=1e-5, rtol=0)
+    assert abs(rows[3][0].ppl - rows[None][0].ppl) < 1e-4 * rows[None][0].ppl

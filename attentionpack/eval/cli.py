@@ -37,7 +37,7 @@ def eval_command(
     needle_depths: Optional[List[str]] = typer.Option(None, help="Needle depths in [0, 1] [0 0.25 0.5 0.75 1]."),
     needle_trials: int = typer.Option(1, min=0, help="Trials per needle cell (0: skip the needle grid)."),
     speed_configs: Optional[List[str]] = typer.Option(None, help="Configurations timed in interleaved rounds [dynamic balanced max quanto-4]."),
-    speed_contexts: Optional[List[str]] = typer.Option(None, help="Context lengths of the speed rounds [1024 2048 4096]."),
+    speed_contexts: Optional[List[str]] = typer.Option(None, help="Context lengths of the speed rounds [1024 2048]."),
     speed_steps: int = typer.Option(8, min=1, help="Decode steps timed per speed measurement."),
     speed_repeats: int = typer.Option(2, min=0, help="Interleaved speed rounds (0: skip)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads in every process (default: torch's, or 1 when the machine is already busy)."),

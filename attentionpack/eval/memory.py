@@ -142,6 +142,9 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+EXACT_TIMED_STEPS = 16  # one-token steps timed for caches that keep decoded tokens exact (see perplexity.py)
+
+
 def _child(job_path: str) -> None:
     exit_with_parent()
     started = time.perf_counter()
@@ -173,7 +176,7 @@ def _child(job_path: str) -> None:
 
     try:
         res = continuation_perplexity(model, ids, job["context"], job["continuation"], fresh, progress=progress,
-                                      on_logits=writer)
+                                      on_logits=writer, timed_steps=EXACT_TIMED_STEPS if spec.kind == "dynamic" else None)
     finally:
         if writer:
             writer.close()

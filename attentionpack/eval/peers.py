@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from .configs import KVPRESS_PRESSES, Spec
-from .memory import child_env, run_child
+from .memory import EXACT_TIMED_STEPS, child_env, run_child
 
 KVPRESS_VERSION = "0.5.5"
 KVPRESS_TRANSFORMERS = "transformers<5.3"
@@ -170,6 +170,7 @@ def kvpress_quality(spec: Spec | None, ids, context: int, continuation: int, mod
     ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)][: context + continuation]
     job = {"mode": "quality", "model": str(model_folder(model)), "ids": ids, "context": context,
            "continuation": continuation, "logits_out": str(logits_out) if logits_out else None, "threads": threads,
+           "timed_steps": EXACT_TIMED_STEPS,
            "press": KVPRESS_PRESSES[spec.press] if spec else None, "ratio": spec.ratio if spec else None}
     return _run_worker(job, on_progress, log=log, threads=threads)
 

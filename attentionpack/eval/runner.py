@@ -44,7 +44,7 @@ class Settings:
     needle_trials: int = 1
     needle_new_tokens: int = 10
     speed_configs: tuple | None = None  # None: DEFAULT_SPEED among `configs`
-    speed_contexts: tuple = (1024, 2048, 4096)
+    speed_contexts: tuple = (1024, 2048)
     speed_steps: int = 8
     speed_repeats: int = 2
     threads: int | None = None
