@@ -64,11 +64,6 @@ class PackedView:
         self.num_kv_heads = layer.spec.num_kv_heads
         self.rope = rope
 
-    # the attention interface hands back whatever `update` returned; a few attributes keep shape checks happy
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (-1, self.num_kv_heads, self.total - self.first, -1)
-
     def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float | None,
                softcap: float | None = None) -> torch.Tensor:
         """query (B, Hq, q, d) rotated -> attention output (B, q, Hq, d)."""
