@@ -296,8 +296,7 @@ class PackedLayer(CacheLayerMixin):
     def _freeze_groups(self, start: int, end: int, groups: list[Group], ctx: StepContext) -> None:
         """Turn tail tokens [start, end) (the oldest tail tokens) into one gathered segment per modality group."""
         n = end - start
-        k, v = self.tail_keys[..., :n, :], self.tail_values[..., :n, :]  # (B, H, n, d)
-        pos, valid = self.tail_positions[:, :n], self.tail_valid[:, :n]  # (B, n[, 3]), (B, n)
+        k, v, pos, valid = self.tail.view(0, n)  # (B, H, n, d) x2, (B, n[, 3]), (B, n)
         b, h, _, d = k.shape
         for g in sorted(groups, key=lambda g: g.start):
             local = torch.where(g.valid, g.index - start, 0)  # (B, m) rows of the tail block
