@@ -63,6 +63,29 @@ def bench_quality(
         _fail(str(err))
 
 
+@bench_app.command("speed")
+def bench_speed(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    configs: list[str] = typer.Option(list(("dynamic", "balanced", "max", "quanto-4")), "--configs", "-c"),
+    contexts: list[int] = typer.Option([2048, 8192], "--context", "-n"),
+    batches: list[int] = typer.Option([1, 8], "--batch", "-b"),
+    steps: int = typer.Option(8, min=1, help="Timed one-token decode steps per measurement."),
+    repeats: int = typer.Option(2, min=1, help="Interleaved rounds (the median is reported)."),
+    budget_gib: float = typer.Option(1.0, min=0.0, help="KV budget of the throughput test (0 skips it)."),
+    budget_context: int = typer.Option(4096, min=16, help="Tokens per sequence in the throughput test."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: torch's)."),
+    out: Optional[Path] = typer.Option(None, help="Write every number as JSON here."),
+):
+    """Prefill and decode speed vs DynamicCache (interleaved, one run), and throughput at a fixed KV budget."""
+    from .bench.speed import run
+
+    try:
+        run(model_path=model, configs=configs, contexts=contexts, batches=batches, steps=steps, repeats=repeats,
+            budget_gib=budget_gib, budget_context=budget_context, threads=threads, out=out)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
 @bench_app.command("vlm")
 def bench_vlm(
     rank: int = typer.Option(8, min=1, help="Rank of the image groups' factors (D = 32 on the tiny model)."),

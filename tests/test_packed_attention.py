@@ -96,11 +96,12 @@ def test_update_returns_a_view_only_for_compressed_layers(tiny_model):
     assert isinstance(out, torch.Tensor)
 
 
-def test_multi_token_calls_on_compressed_cache(tiny_model):
+@pytest.mark.parametrize("config", CONTINUOUS)  # whole runs: quantized codecs would amplify round-off (see above)
+def test_multi_token_calls_on_compressed_cache(tiny_model, config):
     """A second multi-token call (chunked prefill) attends causally within itself and to the compressed past."""
     model = tiny_model("llama")
     ids, mask = padded_batch(90, pad=5, seed=8)
-    packed, plain = _pair(model, CONFIGS["balanced_small"])
+    packed, plain = _pair(model, CONFIGS[config])
     outs = []
     for cache in (packed, plain):
         with torch.no_grad():

@@ -150,9 +150,18 @@ def test_pack_roundtrip(bits, rest, n, seed):
     assert torch.equal(unpack(packed, bits, n), codes)
 
 
-def test_pack_layout_low_bits_first():
+def test_pack_layout_planar_low_bits_first():
     assert pack(torch.tensor([1, 2], dtype=torch.uint8), 4).tolist() == [0x21]
-    assert pack(torch.tensor([1, 2, 3, 0, 3], dtype=torch.uint8), 2).tolist() == [0b00111001, 0b00000011]
+    # 4-bit: byte i holds code i (low nibble) and code i + 2 (high nibble)
+    assert pack(torch.tensor([1, 2, 3, 4], dtype=torch.uint8), 4).tolist() == [0x31, 0x42]
+    # 2-bit, 5 codes padded to 8 = 4 planes of 2: byte 0 holds codes 0, 2, 4, 6; byte 1 codes 1, 3, 5, 7
+    assert pack(torch.tensor([1, 2, 3, 0, 3], dtype=torch.uint8), 2).tolist() == [0b00111101, 0b00000010]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_unpack_to_float_equals_codes(bits):
+    codes = torch.randint(0, 2**bits, (2, 3, 37), dtype=torch.uint8)
+    assert torch.equal(unpack(pack(codes, bits), bits, 37, dtype=torch.float32), codes.float())
 
 
 # ---- constant input --------------------------------------------------------------------------------------------
@@ -285,7 +294,7 @@ def test_quantized_part_keys_need_no_rope():
     assert QuantizedPart.values(x, 2, 16).describe()["layout"] == "per_token"
 
 
-@pytest.mark.parametrize("coeff_bits,basis_bits,tol", [(8, 8, 0.01), (8, None, 0.006), (4, 8, 0.06), (4, None, 0.06)])
+@pytest.mark.parametrize("coeff_bits,basis_bits,tol", [(8, 8, 0.01), (8, 16, 0.006), (8, None, 0.006), (4, 8, 0.06), (4, None, 0.06)])
 @pytest.mark.parametrize("keys", [True, False])
 def test_quantized_lowrank_matches_lowrank(coeff_bits, basis_bits, tol, keys):
     b, t, h, d = 2, 48, 2, 16
@@ -341,7 +350,7 @@ X = torch.randn(2, 3, 8, 4)
     (lambda: quantize_values(X, 1, 32), r"bits=1"),
     (lambda: quantize(X, 4, 32, 0).map_batch(lambda t: t), r"axis=0"),
     (lambda: QuantizedLowRankPart.from_factors(lowrank_factors()[0], 2, coeff_bits=2), r"coeff_bits=2 .*\(4, 8\)"),
-    (lambda: QuantizedLowRankPart.from_factors(lowrank_factors()[0], 2, basis_bits=4), r"basis_bits=4 .*8 or None"),
+    (lambda: QuantizedLowRankPart.from_factors(lowrank_factors()[0], 2, basis_bits=4), r"basis_bits=4 .*8, 16 or None"),
     (lambda: QuantizedLowRankPart.from_factors(lowrank_factors()[0], 5), r"num_heads=5 .*divisor of D=32"),
     (lambda: QuantizedLowRankPart.from_factors(lowrank_factors()[0], 2, coeff_group=0), r"group_size=0"),
 ])

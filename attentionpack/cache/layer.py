@@ -338,7 +338,7 @@ class PackedLayer(CacheLayerMixin):
             if bits is None:
                 part = LowRankPart(factors, h, pos, tuple(ranks))
             else:
-                part = QuantizedLowRankPart.from_factors(factors, h, pos, tuple(ranks), coeff_bits=bits,
+                part = QuantizedLowRankPart.from_factors(factors, h, pos, tuple(ranks), coeff_bits=bits, basis_bits=16,
                                                          coeff_group=cfg.quant_group)
         if cfg.fallback_exact and storage_nbytes(part.tensors()) >= x.numel() * x.element_size():
             return ExactPart(x.clone())

@@ -121,6 +121,28 @@ class PackedCache(Cache):
             self._mrope_positions = None
         return out
 
+    def ingest(self, source) -> "PackedCache":
+        """Fill this empty cache from another cache that holds a text prompt's keys/values (e.g. a DynamicCache
+        after a prefill), leaving this cache exactly as if the prompt had been prefilled through it: prefill
+        attention is exact in a PackedCache, so only the storage differs. Lets an evaluation prefill a prompt once
+        and derive every configuration's cache from it. Unpadded single-call prompts only (positions 0..n-1, no
+        padding, no image tokens); `source` is not modified."""
+        if self.get_seq_length() != 0:
+            raise ValueError("PackedCache.ingest needs an empty cache; call reset() first")
+        layers = getattr(source, "layers", None)
+        if not layers or len(layers) != len(self.layers):
+            raise ValueError(f"ingest: the source cache has {len(layers or [])} layers, this model has "
+                             f"{len(self.layers)}")
+        n = source.get_seq_length()
+        self._begin_call(None)
+        for idx, layer in enumerate(layers):
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if keys is None or keys.dim() != 4 or keys.shape[-2] != n:
+                raise ValueError(f"ingest: layer {idx} of the source does not hold all {n} tokens (a sliding-window "
+                                 "or compressed layer); prefill through this cache instead")
+            self.update(keys, values, idx)
+        return self
+
     def vision_segments(self, layer_idx: int) -> list:
         """The gathered image/video segments of one layer, in cache order.
 

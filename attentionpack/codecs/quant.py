@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from .. import kernels
 from ..cache.segments import LowRankPart, RopeFn
 from .lowrank import Factors
 
@@ -77,29 +78,44 @@ def _check_bits_group(where: str, bits: int, group_size: int) -> None:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes (*rest, n), each < 2^bits, along the last dim into (*rest, ceil(n * bits / 8)) uint8."""
+    """Pack uint8 codes (*rest, n), each < 2^bits, along the last dim into (*rest, m) uint8, m = ceil(n * bits / 8).
+
+    Planar layout: the (padded) codes are cut into 8 // bits planes of m consecutive codes, and byte i holds code i
+    of every plane, plane k in bits [k * bits, (k + 1) * bits). Unpacking is then one shift and mask per plane over
+    contiguous memory, several times faster on CPU than de-interleaving neighbouring codes."""
     per = 8 // bits
     n = codes.shape[-1]
     pad = -n % per
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
+    codes = codes.contiguous()  # (a quantized axis moved last arrives strided)
     if per == 1:
-        return codes.contiguous()
-    c = codes.view(*codes.shape[:-1], -1, per)  # (*rest, n_bytes, per)
-    out = c[..., 0].clone()
+        return codes
+    planes = codes.view(*codes.shape[:-1], per, -1)  # (*rest, per, m)
+    out = planes[..., 0, :].clone(memory_format=torch.contiguous_format)
     for i in range(1, per):
-        out |= c[..., i] << (bits * i)
+        out |= planes[..., i, :] << (bits * i)
     return out
 
 
-def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of `pack`: (*rest, n_bytes) uint8 -> the first n codes (*rest, n) uint8."""
+def unpack_planes(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.uint8) -> list[torch.Tensor]:
+    """The 8 // bits planes of `pack`'s layout, each (*rest, m) contiguous, as `dtype` (a float dtype saves the
+    caller a conversion pass). Plane k holds codes [k*m, (k+1)*m) of the padded row."""
     per = 8 // bits
     if per == 1:
-        return packed[..., :n]
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (per,)
-    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (*rest, n_bytes, per)
-    return codes.flatten(-2)[..., :n]
+        return [packed.to(dtype)]
+    mask = (1 << bits) - 1
+    planes = []
+    for i in range(per):
+        plane = packed & mask if i == 0 else (packed >> (bits * i)) if i == per - 1 else (packed >> (bits * i)) & mask
+        planes.append(plane.to(dtype))
+    return planes
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Inverse of `pack`: (*rest, m) uint8 -> the first n codes (*rest, n) as `dtype`."""
+    planes = unpack_planes(packed, bits, dtype)
+    return (planes[0] if len(planes) == 1 else torch.cat(planes, dim=-1))[..., :n]
 
 
 def _round_outward(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
@@ -148,13 +164,44 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int = -1) -> Qua
 
 def dequantize(q: Quantized) -> torch.Tensor:
     """Rebuild the tensor: original shape and dtype, contiguous."""
+    return dequantize_native(q).movedim(-1, q.axis).contiguous()
+
+
+def dequantize_native(q: Quantized, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The tensor in the storage layout, quantized axis last: (*rest, L), as `dtype` (default: the original).
+    Attention uses this layout directly (per-channel keys and token-grouped coefficients arrive transposed, (.., T)
+    last, which is what a score matmul wants)."""
     n_groups = q.scales.shape[-1]
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    codes = unpack(q.codes, q.bits, n_groups * q.group_size)  # (*rest, L_pad)
-    codes = codes.view(*codes.shape[:-1], n_groups, q.group_size).to(work)  # (*rest, G, g)
-    x = torch.addcmul(q.mins.to(work).unsqueeze(-1), codes, q.scales.to(work).unsqueeze(-1))  # (*rest, G, g)
-    x = x.flatten(-2)[..., : q.shape[q.axis]]  # (*rest, L)
-    return x.movedim(-1, q.axis).to(q.dtype).contiguous()
+    dtype = q.dtype if dtype is None else dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    codes = unpack(q.codes, q.bits, n_groups * q.group_size, dtype=work)  # (*rest, L_pad)
+    x = codes.view(*codes.shape[:-1], n_groups, q.group_size)  # (*rest, G, g)
+    x = x.mul_(q.scales.to(work).unsqueeze(-1)).add_(q.mins.to(work).unsqueeze(-1)).flatten(-2)
+    return x[..., : q.shape[q.axis]].to(dtype)
+
+
+def mix_per_token(q: Quantized, p: torch.Tensor) -> torch.Tensor:
+    """p @ values for values quantized per token (axis 3 of (B, H, T, d)) without rebuilding the (T, d) float block:
+    the codes are read plane by plane (`pack`'s layout) and a per-token scale is folded into the attention weights,
+    (p * s_j) @ codes + (p @ m_j), whenever a plane lies inside one group (4-bit codes with groups of d/2, for
+    example); otherwise the plane's codes are scaled in place first. p (B, H, M, T) -> (B, H, M, d)."""
+    g = q.group_size
+    if kernels.usable(q.codes, p):  # one pass over the codes, nothing materialized
+        return kernels.mix_rows(q.codes, q.scales, q.mins, p, q.bits, g, q.shape[3])
+    scales, mins = q.scales.to(p.dtype), q.mins.to(p.dtype)  # (B, H, T, G)
+    outs, at = [], 0
+    for x in unpack_planes(q.codes, q.bits, p.dtype):  # (B, H, T, m) codes as floats
+        width = x.shape[-1]
+        first, last = at // g, (at + width - 1) // g  # groups this plane's columns [at, at + width) fall into
+        if first == last:
+            outs.append((p * scales[..., first].unsqueeze(-2)) @ x)
+        else:  # plane spans several groups (at most a partial one at each end): scale the codes per column
+            col_scale = scales.repeat_interleave(g, dim=-1)[..., at:at + width]  # (B, H, T, m)
+            outs.append(p @ x.mul_(col_scale))
+        at += width
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (B, H, M, L_pad)
+    out = out[..., : q.shape[3]]
+    return out.add_((p @ mins).repeat_interleave(g, dim=-1)[..., : q.shape[3]])
 
 
 def error_bound(q: Quantized) -> torch.Tensor:
@@ -205,9 +252,16 @@ class QuantizedPart:
         return dequantize(self.q)  # (B, H, T, d)
 
     def scores(self, q: torch.Tensor, start: int, end: int, rope: RopeFn) -> torch.Tensor:
+        if self.q.axis == 2:  # per-channel keys are stored (B, H, d, T): already the transposed keys
+            if kernels.usable(self.q.codes, q):
+                return kernels.scores_cols(self.q.codes, self.q.scales, self.q.mins, q, self.q.bits,
+                                           self.q.group_size, self.q.shape[2])
+            return q @ dequantize_native(self.q, q.dtype)
         return q @ dequantize(self.q).transpose(-1, -2)
 
     def mix(self, p: torch.Tensor) -> torch.Tensor:
+        if self.q.axis == 3:  # per-token values
+            return mix_per_token(self.q, p)
         return p @ dequantize(self.q)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -247,32 +301,47 @@ class QuantizedLowRankPart:
     def from_factors(cls, factors: Factors, num_heads: int, positions: torch.Tensor | None = None,
                      sample_ranks: tuple[int, ...] = (), coeff_bits: int = 4, coeff_group: int = 32,
                      basis_bits: int | None = 8, basis_group: int = 32) -> "QuantizedLowRankPart":
-        """coeff_bits in (4, 8); basis_bits 8 or None (keep the basis in the cache dtype)."""
+        """coeff_bits in (4, 8); basis_bits 8, 16 (float16) or None (keep the basis in the cache dtype)."""
         where = "QuantizedLowRankPart.from_factors"
         if coeff_bits not in (4, 8) or isinstance(coeff_bits, bool):
             _bad(where, "coeff_bits", coeff_bits, "one of (4, 8)")
-        if basis_bits not in (8, None) or isinstance(basis_bits, bool):
-            _bad(where, "basis_bits", basis_bits, "8 or None")
+        if basis_bits not in (8, 16, None) or isinstance(basis_bits, bool):
+            _bad(where, "basis_bits", basis_bits, "8, 16 or None")
         if not isinstance(num_heads, int) or num_heads < 1 or factors.basis.shape[-1] % num_heads:
             _bad(where, "num_heads", num_heads, f"a positive divisor of D={factors.basis.shape[-1]}")
         _check_bits_group(where, coeff_bits, coeff_group)
         coeffs = quantize(factors.coeffs, coeff_bits, coeff_group, axis=1)  # groups along T
         if basis_bits is None:
             basis: Quantized | torch.Tensor = factors.basis
+        elif basis_bits == 16:
+            basis = factors.basis.to(torch.float16)
         else:
             _check_bits_group(where, basis_bits, basis_group)
             basis = quantize(factors.basis, basis_bits, basis_group, axis=2)  # groups along D
         return cls(coeffs, basis, num_heads, positions, tuple(sample_ranks))
 
+    def float_basis(self) -> torch.Tensor:
+        """The basis (B, r, D) in the dtype of the cached states."""
+        if isinstance(self.basis, Quantized):
+            return dequantize(self.basis)
+        return self.basis.to(self.coeffs.dtype)
+
     def factors(self) -> Factors:
         """Dequantized factors: coeffs (B, T, r), basis (B, r, D)."""
-        basis = dequantize(self.basis) if isinstance(self.basis, Quantized) else self.basis
-        return Factors(dequantize(self.coeffs), basis)
+        return Factors(dequantize_native(self.coeffs).transpose(1, 2), self.float_basis())  # a view of the stored (B, r, T)
 
     def materialize(self, start: int, end: int, rope: RopeFn) -> torch.Tensor:
         return LowRankPart(self.factors(), self.num_heads, self.positions).materialize(start, end, rope)  # (B,H,T,d)
 
     def scores(self, q: torch.Tensor, start: int, end: int, rope: RopeFn) -> torch.Tensor:
+        if self.positions is None and kernels.usable(self.coeffs.codes, q):  # keys factored after RoPE
+            basis = self.float_basis()  # (B, r, D)
+            b, h, m, _ = q.shape
+            r = basis.shape[1]
+            qt = q @ basis.view(b, r, h, -1).permute(0, 2, 3, 1)  # (B, H, M, r): queries in the basis
+            c = self.coeffs
+            return kernels.scores_cols(c.codes, c.scales, c.mins, qt.reshape(b, h * m, r), c.bits, c.group_size,
+                                       c.shape[1]).view(b, h, m, -1)  # (B, H, M, T)
         return LowRankPart(self.factors(), self.num_heads, self.positions).scores(q, start, end, rope)
 
     def mix(self, p: torch.Tensor) -> torch.Tensor:
@@ -291,4 +360,5 @@ class QuantizedLowRankPart:
     def describe(self) -> dict:
         return {"codec": "lowrank_quant", "rank": self.coeffs.shape[2], "sample_ranks": list(self.sample_ranks),
                 "coeff_bits": self.coeffs.bits, "coeff_group": self.coeffs.group_size,
-                "basis_bits": self.basis.bits if isinstance(self.basis, Quantized) else None}
+                "basis_bits": self.basis.bits if isinstance(self.basis, Quantized) else
+                16 if self.basis.dtype == torch.float16 and self.coeffs.dtype != torch.float16 else None}

@@ -102,8 +102,38 @@ def greedy_answer(model, context_ids: Sequence[int], question_ids: Sequence[int]
     start = time.perf_counter()
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - start
+    answer, decode_ms = _greedy_from(model, cache, out.logits[:, -1], max_new_tokens, eos)
+    return answer, prefill_s, decode_ms
+
+
+@torch.inference_mode()
+def greedy_answers_shared(model, context_ids: Sequence[int], question_ids: Sequence[int],
+                          makers: dict[str, Callable[[], object] | None], max_new_tokens: int = 10,
+                          eos: Sequence[int] = ()) -> dict[str, tuple[list[int], float, float]]:
+    """`greedy_answer` for several caches with one prefill. The prompt goes through a DynamicCache once; a maker
+    returning a PackedCache gets its cache derived from it (`PackedCache.ingest`: prefill attention is exact in our
+    cache, so the prefill and its logits are the same) and a maker None decodes on the DynamicCache itself, last.
+    prefill_s is the shared prefill's time."""
+    ids = torch.tensor([list(context_ids) + list(question_ids)], dtype=torch.long)
+    from transformers import DynamicCache
+
+    shared = DynamicCache(config=model.config)
+    start = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=shared, use_cache=True, logits_to_keep=1)
+    prefill_s = time.perf_counter() - start
+    first = out.logits[:, -1]
+    results = {}
+    for name, make in sorted(makers.items(), key=lambda item: item[1] is None):  # the DynamicCache one last
+        cache = shared if make is None else make().ingest(shared)
+        answer, decode_ms = _greedy_from(model, cache, first, max_new_tokens, eos)
+        results[name] = (answer, prefill_s, decode_ms)
+    return results
+
+
+def _greedy_from(model, cache, logits: torch.Tensor, max_new_tokens: int, eos: Sequence[int]) -> tuple[list[int], float]:
+    """Greedy decoding after a prefill whose last logits are `logits` (1, V). Returns (ids, median decode ms)."""
     answer, times = [], []
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    nxt = logits.argmax(-1, keepdim=True)
     for _ in range(max_new_tokens):
         answer.append(int(nxt))
         if int(nxt) in eos or len(answer) == max_new_tokens:
@@ -113,7 +143,7 @@ def greedy_answer(model, context_ids: Sequence[int], question_ids: Sequence[int]
         times.append(time.perf_counter() - t0)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     decode_ms = 1000 * sorted(times)[len(times) // 2] if times else float("nan")
-    return answer, prefill_s, decode_ms
+    return answer, decode_ms
 
 
 def eos_ids(model, tokenizer) -> list[int]:

@@ -318,6 +318,7 @@ class Run:
             groups.setdefault((p.length, p.depth), []).append(p)
         wording = hashlib.sha1((needle_mod.INSTRUCTION + needle_mod.NEEDLE + needle_mod.QUESTION +
                                 needle_mod.ANSWER_START).encode()).hexdigest()[:10]
+        pending = {}  # spec name -> (rows, todo)
         for sp in self.needle_specs:
             if not sp.in_process and self.kvpress_env.get("status") != "ok":
                 continue
@@ -332,23 +333,57 @@ class Run:
                     rows.extend(got["trials"])
                 else:
                     todo.append((key, settings, prompts))
-            bar = _bar(self.progress, total=sum(len(t[2]) for t in todo), desc=f"needle {sp.name}", unit="prompt")
-            if sp.in_process:
-                for key, settings, prompts in todo:
-                    group = []
-                    for p in prompts:
-                        res = needle_mod.run_trial(self.model, self.tokenizer, p, lambda: make_cache(self.model, sp),
-                                                   s.needle_new_tokens)
-                        group.append(self._trial_row(p, res.answer, res.hit, res.prefill_s))
-                        bar.update(1)
-                    rows.extend(self.cells.put(key, settings, {"trials": group})["trials"])
-            elif todo:
-                rows.extend(self._kvpress_needle(sp, todo, eos, bar))
-            bar.close()
+            pending[sp.name] = (sp, rows, todo)
+        # DynamicCache and our caches attend exactly during prefill: one prefill per prompt serves them all
+        shared = [name for name, (sp, _, todo) in pending.items() if sp.kind in ("dynamic", "pack") and todo]
+        if shared:
+            self._needle_shared({name: pending[name] for name in shared}, eos)
+        for name, (sp, rows, todo) in pending.items():
+            if name not in shared and todo:
+                bar = _bar(self.progress, total=sum(len(t[2]) for t in todo), desc=f"needle {sp.name}",
+                           unit="prompt")
+                if sp.in_process:
+                    for key, settings, prompts in todo:
+                        group = []
+                        for p in prompts:
+                            res = needle_mod.run_trial(self.model, self.tokenizer, p,
+                                                       lambda: make_cache(self.model, sp), s.needle_new_tokens)
+                            group.append(self._trial_row(p, res.answer, res.hit, res.prefill_s))
+                            bar.update(1)
+                        rows.extend(self.cells.put(key, settings, {"trials": group})["trials"])
+                else:
+                    rows.extend(self._kvpress_needle(sp, todo, eos, bar))
+                bar.close()
             rates = needle_mod.rates_of(rows)
             total = [r["hit"] for r in rows]
-            self.results_needle[sp.name] = {"rates": rates, "rate": sum(total) / len(total) if total else None,
-                                            "trials": rows}
+            self.results_needle[name] = {"rates": rates, "rate": sum(total) / len(total) if total else None,
+                                         "trials": rows}
+
+    def _needle_shared(self, pending: dict, eos) -> None:
+        """Needle trials of DynamicCache-like configurations prompt by prompt, one prefill per prompt
+        (`needle.greedy_answers_shared`); each finished (configuration, length, depth) cell is saved at once."""
+        work: dict = {}  # prompt id -> (prompt, [(spec, key, settings, slot)])
+        for sp, rows, todo in pending.values():
+            for key, settings, prompts in todo:
+                cell = {"rows": rows, "left": len(prompts), "group": [None] * len(prompts)}
+                for i, p in enumerate(prompts):
+                    work.setdefault(id(p), (p, []))[1].append((sp, key, settings, cell, i))
+        names = ", ".join(pending)
+        bar = _bar(self.progress, total=len(work), desc=f"needle {names} (shared prefill)", unit="prompt")
+        for p, users in work.values():
+            makers = {sp.name: None if sp.kind == "dynamic" else (lambda sp=sp: make_cache(self.model, sp))
+                      for sp, *_ in users}
+            answers = needle_mod.greedy_answers_shared(self.model, p.context_ids, p.question_ids, makers,
+                                                       self.s.needle_new_tokens, eos)
+            for sp, key, settings, cell, i in users:
+                ids, prefill_s, _ = answers[sp.name]
+                answer, hit = needle_mod.score(self.tokenizer, p, ids)
+                cell["group"][i] = self._trial_row(p, answer, hit, prefill_s)
+                cell["left"] -= 1
+                if cell["left"] == 0:
+                    cell["rows"].extend(self.cells.put(key, settings, {"trials": cell["group"]})["trials"])
+            bar.update(1)
+        bar.close()
 
     def _trial_row(self, p, answer: str, hit: bool, prefill_s: float) -> dict:
         return {"length": p.length, "depth": p.depth, "passkey": p.passkey, "needle_at": p.needle_at,

@@ -1,0 +1,125 @@
+"""Fused CPU kernels for attention over quantized cache pieces, compiled on first use.
+
+Eager PyTorch spends most of a decoding step on quantized pieces turning codes into float blocks (one pass to
+unpack, one to scale, one to read them again in a matmul). `fused.c` reads each code once and accumulates the
+attention output (or the scores) directly. It is plain C, built with the system C compiler into
+~/.cache/attentionpack/kernels (about a second, once per machine and source version) and called through ctypes.
+
+If no compiler is found, the build fails, the tensors are not float32 on CPU, or ATTENTIONPACK_KERNELS=0, callers
+use their torch path (same results up to float rounding; tests/test_kernels.py checks both agree).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("fused.c")
+# -mtune=haswell: gcc tunes some AMD cores (znver1) for 128-bit vectors, which halves the speed of these loops
+FLAGS = ["-O3", "-march=native", *(["-mtune=haswell"] if platform.machine() in ("x86_64", "AMD64") else []),
+         "-funroll-loops", "-fno-math-errno", "-shared", "-fPIC"]
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ATTENTIONPACK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attentionpack")
+    return Path(root) / "kernels"
+
+
+def _build() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        warnings.warn("attentionpack: no C compiler found; attention on quantized pieces uses the slower torch path "
+                      "(install gcc to enable the fused kernels)", RuntimeWarning, stacklevel=3)
+        return None
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"fused-{tag}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # build aside, then rename: concurrent
+        os.close(fd)                                                 # processes never load a half-written file
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            warnings.warn(f"attentionpack: building the fused kernels failed ({compiler}): "
+                          f"{done.stderr.strip()[:500]}; using the slower torch path", RuntimeWarning, stacklevel=3)
+            return None
+        os.replace(tmp, target)
+    lib = ctypes.CDLL(str(target))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.ap_mix_rows.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int, i64]
+    lib.ap_scores_cols.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int]
+    lib.ap_mix_rows.restype = lib.ap_scores_cols.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None when they are disabled or cannot be built (the reason is warned once)."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("ATTENTIONPACK_KERNELS", "1") != "0":
+            _lib = _build()
+    return _lib
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """The kernels apply: they are available and the operands are on CPU with the dtypes they take (uint8 codes,
+    float16 scales, float32 activations)."""
+    ok = (torch.float32, torch.float16, torch.uint8)
+    return all(t.device.type == "cpu" and t.dtype in ok for t in tensors) and library() is not None
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x (*N, M, T) with contiguous rows laid out evenly (a column slice of a wider matrix is fine) and its row
+    stride; otherwise a contiguous copy."""
+    lead_ok = all(x.stride(i) == x.stride(i + 1) * x.shape[i + 1] for i in range(x.dim() - 2))
+    if x.stride(-1) != 1 or not lead_ok:
+        x = x.contiguous()
+    return x, x.stride(-2)
+
+
+def mix_rows(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, p: torch.Tensor, bits: int,
+             group: int, length: int) -> torch.Tensor:
+    """Weighted sum over tokens of per-token quantized rows. codes (*N, T, nb) uint8 (`pack` layout), scales/mins
+    (*N, T, G) float16, p (*N, M, T) float32 -> (*N, M, length) with length <= G * group."""
+    lead = codes.shape[:-2]
+    t, nb = codes.shape[-2:]
+    m, g = p.shape[-2], scales.shape[-1]
+    codes, (p, ps) = codes.contiguous(), _rows(p)
+    scales, mins = scales.to(torch.float16).contiguous(), mins.to(torch.float16).contiguous()
+    out = torch.empty(*lead, m, length, dtype=torch.float32)
+    n = codes.numel() // max(1, t * nb)
+    library().ap_mix_rows(_ptr(codes), _ptr(scales), _ptr(mins), _ptr(p), _ptr(out), n, m, t, nb, g, group, length,
+                          bits, ps)
+    return out
+
+
+def scores_cols(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, x: torch.Tensor, bits: int,
+                group: int, tokens: int) -> torch.Tensor:
+    """Query rows against rows quantized along tokens. codes (*N, R, nb) uint8 (`pack` layout, `tokens` codes per
+    row), scales/mins (*N, R, G) float16, x (*N, M, R) float32 -> (*N, M, tokens)."""
+    lead = codes.shape[:-2]
+    r, nb = codes.shape[-2:]
+    m, g = x.shape[-2], scales.shape[-1]
+    codes, x = codes.contiguous(), x.contiguous()
+    scales, mins = scales.to(torch.float16).contiguous(), mins.to(torch.float16).contiguous()
+    out = torch.empty(*lead, m, tokens, dtype=torch.float32)
+    n = codes.numel() // max(1, r * nb)
+    library().ap_scores_cols(_ptr(codes), _ptr(scales), _ptr(mins), _ptr(x), _ptr(out), n, m, r, tokens, nb, g,
+                             group, bits)
+    return out
