@@ -48,11 +48,15 @@ def _build() -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # build aside, then rename: concurrent
         os.close(fd)                                                 # processes never load a half-written file
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if done.returncode != 0:
+        try:
+            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            error = done.stderr.strip()[:500] if done.returncode != 0 else None
+        except OSError as err:  # the compiler named by CC does not exist or cannot run
+            error = str(err)
+        if error is not None:
             os.unlink(tmp)
-            warnings.warn(f"attentionpack: building the fused kernels failed ({compiler}): "
-                          f"{done.stderr.strip()[:500]}; using the slower torch path", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"attentionpack: building the fused kernels failed ({compiler}): {error}; using the "
+                          "slower torch path", RuntimeWarning, stacklevel=3)
             return None
         os.replace(tmp, target)
     lib = ctypes.CDLL(str(target))
