@@ -4,7 +4,7 @@ The model (bench/tiny_vlm.py, random weights) only supplies realistic cache shap
 (D = 32), fp32, `tokens` image tokens per image. Image groups are stored at a fixed rank r with fp32 factors, so
 their bytes follow from arithmetic alone; per layer and per image group of m token slots (batch 1):
 
-    keys   m·r·4 (coefficients) + r·D·4 (basis) + m·4 (int32 positions, to re-rotate)
+    keys   m·r·4 (coefficients) + r·D·4 (basis) [+ m·4 int32 positions when keys are factored before RoPE]
     values m·r·4 + r·D·4
     layout m·8 (int64 cache indices) + m (valid flags), stored once for all layers
 
@@ -59,7 +59,8 @@ def image_arithmetic(cache: PackedCache, rank: int) -> int:
             if int(seg.valid.sum(dim=1).max()) < cache.config.min_span:  # too short to factor: kept exact
                 total += b * 2 * m * dim * 4
             else:
-                total += b * (2 * (m * r * 4 + r * dim * 4) + m * 4)
+                positions = m * 4 if cache.config.key_pre_rope else 0  # to re-rotate pre-RoPE keys
+                total += b * (2 * (m * r * 4 + r * dim * 4) + positions)
             if seg.group not in layouts:  # one layout per group, shared by the layers
                 layouts.add(seg.group)
                 total += b * m * 9
