@@ -42,29 +42,43 @@ def _build() -> ctypes.CDLL | None:
                       "(install gcc to enable the fused kernels)", RuntimeWarning, stacklevel=3)
         return None
     source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"fused-{tag}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # build aside, then rename: concurrent
-        os.close(fd)                                                 # processes never load a half-written file
-        try:
-            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-            error = done.stderr.strip()[:500] if done.returncode != 0 else None
-        except OSError as err:  # the compiler named by CC does not exist or cannot run
-            error = str(err)
-        if error is not None:
-            os.unlink(tmp)
-            warnings.warn(f"attentionpack: building the fused kernels failed ({compiler}): {error}; using the "
-                          "slower torch path", RuntimeWarning, stacklevel=3)
-            return None
-        os.replace(tmp, target)
+    error = None
+    for extra in (["-fopenmp"], []):  # threads when the compiler has OpenMP, one thread otherwise
+        flags = [*FLAGS, *extra]
+        tag = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"fused-{tag}.so"
+        if target.exists():
+            break
+        error = _compile(compiler, flags, target)
+        if error is None:
+            break
+    if error is not None:
+        warnings.warn(f"attentionpack: building the fused kernels failed ({compiler}): {error}; using the "
+                      "slower torch path", RuntimeWarning, stacklevel=3)
+        return None
     lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.ap_mix_rows.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int, i64]
     lib.ap_scores_cols.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int]
     lib.ap_mix_rows.restype = lib.ap_scores_cols.restype = None
     return lib
+
+
+def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
+    """Build `target`; None on success, else the compiler's complaint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # build aside, then rename: concurrent
+    os.close(fd)                                                 # processes never load a half-written file
+    try:
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        error = done.stderr.strip()[:500] if done.returncode != 0 else None
+    except OSError as err:  # the compiler named by CC does not exist or cannot run
+        error = str(err)
+    if error is not None:
+        os.unlink(tmp)
+        return error
+    os.replace(tmp, target)
+    return None
 
 
 def library() -> ctypes.CDLL | None:

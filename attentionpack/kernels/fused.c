@@ -3,11 +3,21 @@
    Codes are packed as attentionpack.codecs.quant.pack lays them out: a row of n codes (padded to per * nb,
    per = 8 / bits) is cut into `per` planes of nb consecutive codes; byte i of the row holds code k * nb + i in
    bits [k * bits, (k + 1) * bits). Scales and minimums are the stored float16 (_Float16).
-   All tensors are contiguous. Single-threaded: a call is small (one layer, one piece) and torch's own threads
-   stay free for the rest of the step. */
+   All tensors are contiguous. Built with OpenMP when the compiler has it: the process then shares torch's
+   libgomp (same soname), so the kernels split their tokens over torch's threads (torch.set_num_threads) instead
+   of competing with them; small calls stay on one thread. */
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_max_threads(void) { return 1; }
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+#endif
+
+#define MIN_PARALLEL 1024  /* tokens x rows below which a call stays on one thread */
 
 static void unpack_row(const uint8_t *restrict row, int64_t nb, int bits, float *restrict buf) {
     const int per = 8 / bits;
@@ -22,19 +32,44 @@ static void unpack_row(const uint8_t *restrict row, int64_t nb, int bits, float 
 /* Values quantized per token (groups along each token's channels), weighted sum over tokens:
    codes (N, T, nb), scales/mins (N, T, G), p (N, M, T) with rows ps floats apart -> out (N, M, L), L <= G * group:
    out[n, m, c] = sum_t p[n, m, t] * (scales[n, t, c / group] * code[n, t, c] + mins[n, t, c / group]).
-   The per-token work is a few short loops over the W = G * group columns; `mix_core` is inlined with W, group
-   and bits as constants for the common head dims so that those loops are unrolled. */
+   Tokens go TU at a time (each token's scale folded into its weight), so every load and store of the
+   accumulator row carries TU multiply-adds; `mix_core` is inlined with W, group and bits as constants for the
+   common head dims so that the loops over channels are unrolled. */
+#define TU 4
 static inline __attribute__((always_inline)) void mix_core(
         const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
         const float *restrict p, float *restrict out, int64_t N, int64_t M, int64_t T, int64_t nb, int64_t G,
-        int64_t group, int64_t L, int bits, int64_t ps, float *restrict buf, float *restrict acc, float *restrict macc) {
+        int64_t group, int64_t L, int bits, int64_t ps, int64_t t_lo, int64_t t_hi, float *restrict buf,
+        float *restrict acc, float *restrict macc) {
     const int64_t W = G * group;
     const int per = 8 / bits, mask = (1 << bits) - 1;
+    const int64_t S = per * nb;  /* stride of one unpacked token in buf (>= W) */
     for (int64_t n = 0; n < N; n++) {
         memset(acc, 0, sizeof(float) * M * W);
         memset(macc, 0, sizeof(float) * M * G);
         const float *pn = p + n * M * ps;
-        for (int64_t t = 0; t < T; t++) {
+        int64_t t = t_lo;
+        for (; t + TU <= t_hi; t += TU) {
+            for (int u = 0; u < TU; u++) {
+                const uint8_t *row = codes + (n * T + t + u) * nb;
+                for (int k = 0; k < per; k++)
+                    for (int64_t i = 0; i < nb; i++) buf[u * S + k * nb + i] = (float)((row[i] >> (k * bits)) & mask);
+            }
+            const _Float16 *s = scales + (n * T + t) * G, *mn = mins + (n * T + t) * G;  /* TU rows of G */
+            for (int64_t m = 0; m < M; m++) {
+                const float *pm = pn + m * ps + t;
+                float *restrict am = acc + m * W;
+                for (int64_t g = 0; g < G; g++) {
+                    const float w0 = pm[0] * s[g], w1 = pm[1] * s[G + g], w2 = pm[2] * s[2 * G + g],
+                                w3 = pm[3] * s[3 * G + g];
+                    const float *b0 = buf + g * group, *b1 = b0 + S, *b2 = b1 + S, *b3 = b2 + S;
+                    for (int64_t c = 0; c < group; c++)
+                        am[g * group + c] += w0 * b0[c] + w1 * b1[c] + w2 * b2[c] + w3 * b3[c];
+                    macc[m * G + g] += pm[0] * mn[g] + pm[1] * mn[G + g] + pm[2] * mn[2 * G + g] + pm[3] * mn[3 * G + g];
+                }
+            }
+        }
+        for (; t < t_hi; t++) {
             const uint8_t *row = codes + (n * T + t) * nb;
             const _Float16 *s = scales + (n * T + t) * G, *mn = mins + (n * T + t) * G;
             for (int k = 0; k < per; k++)
@@ -42,7 +77,7 @@ static inline __attribute__((always_inline)) void mix_core(
             for (int64_t m = 0; m < M; m++) {
                 const float w = pn[m * ps + t];
                 float *restrict am = acc + m * W;
-                for (int64_t g = 0; g < G; g++) {  /* the token's scale folded into its weight */
+                for (int64_t g = 0; g < G; g++) {
                     const float ws = w * s[g];
                     for (int64_t c = 0; c < group; c++) am[g * group + c] += ws * buf[g * group + c];
                     macc[m * G + g] += w * mn[g];
@@ -55,14 +90,17 @@ static inline __attribute__((always_inline)) void mix_core(
     }
 }
 
-void ap_mix_rows(const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
-                 const float *restrict p, float *restrict out, int64_t N, int64_t M, int64_t T, int64_t nb,
-                 int64_t G, int64_t group, int64_t L, int bits, int64_t ps) {
+/* One thread's share: tokens [t_lo, t_hi) of every row into `dst` (N, M, L). */
+static void mix_range(const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
+                      const float *restrict p, float *restrict dst, int64_t N, int64_t M, int64_t T, int64_t nb,
+                      int64_t G, int64_t group, int64_t L, int bits, int64_t ps, int64_t t_lo, int64_t t_hi) {
     const int64_t W = G * group;
-    float *buf = (float *)malloc(sizeof(float) * (8 * nb > W ? 8 * nb : W));
+    float *buf = (float *)malloc(sizeof(float) * TU * (8 * nb > W ? 8 * nb : W));
     float *acc = (float *)malloc(sizeof(float) * M * W);
     float *macc = (float *)malloc(sizeof(float) * M * G);
-#define MIX(NB, GG, GR, BITS) mix_core(codes, scales, mins, p, out, N, M, T, NB, GG, GR, L, BITS, ps, buf, acc, macc)
+    float *out = dst;
+#define MIX(NB, GG, GR, BITS) \
+    mix_core(codes, scales, mins, p, out, N, M, T, NB, GG, GR, L, BITS, ps, t_lo, t_hi, buf, acc, macc)
     if (bits == 4 && W == 64 && group == 32 && nb == 32) MIX(32, 2, 32, 4);
     else if (bits == 4 && W == 64 && group == 64 && nb == 32) MIX(32, 1, 64, 4);
     else if (bits == 4 && W == 128 && group == 32 && nb == 64) MIX(64, 4, 32, 4);
@@ -76,49 +114,102 @@ void ap_mix_rows(const uint8_t *restrict codes, const _Float16 *restrict scales,
     free(buf); free(acc); free(macc);
 }
 
+/* The tokens are split over the threads; each sums its share into a private (N, M, L) block, then the blocks
+   are added. */
+void ap_mix_rows(const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
+                 const float *restrict p, float *restrict out, int64_t N, int64_t M, int64_t T, int64_t nb,
+                 int64_t G, int64_t group, int64_t L, int bits, int64_t ps) {
+    int threads = N * T >= MIN_PARALLEL ? omp_get_max_threads() : 1;
+    if (threads > T) threads = (int)T;
+    if (threads <= 1) {
+        mix_range(codes, scales, mins, p, out, N, M, T, nb, G, group, L, bits, ps, 0, T);
+        return;
+    }
+    const int64_t size = N * M * L;
+    float *parts = (float *)malloc(sizeof(float) * size * threads);
+    int used = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        const int id = omp_get_thread_num(), nth = omp_get_num_threads();
+        if (id == 0) used = nth;
+        mix_range(codes, scales, mins, p, parts + id * size, N, M, T, nb, G, group, L, bits, ps,
+                  T * id / nth, T * (id + 1) / nth);
+    }
+    for (int64_t i = 0; i < size; i++) {
+        float sum = 0.f;
+        for (int k = 0; k < used; k++) sum += parts[k * size + i];
+        out[i] = sum;
+    }
+    free(parts);
+}
+
 /* Rows quantized along tokens (per-channel keys, low-rank coefficients: groups of `group` tokens per row),
    scored against query rows: codes (N, R, nb) holding T tokens per row, scales/mins (N, R, G), x (N, M, R)
    -> out (N, M, T):  out[n, m, t] = sum_j x[n, m, j] * (scales[n, j, t / group] * code[n, j, t] + mins[...]).
    Tokens go in blocks of whole groups: each row's block is dequantized once into a small buffer, then added to the
    M output rows of the block, which stay in the L1 cache across all R rows. */
 #define BLOCK 512
+
+/* Tokens [t0, t0 + len) of one row quantized along tokens, as floats: codes -> rb -> db = code * scale + min. */
+static inline __attribute__((always_inline)) void dequant_tokens(
+        const uint8_t *restrict row, const _Float16 *restrict scales, const _Float16 *restrict mins, int64_t t0,
+        int64_t len, int64_t nb, int64_t group, int bits, int mask, float *restrict rb, float *restrict db) {
+    for (int64_t i = 0; i < len;) {  /* token t sits in plane t / nb, byte t % nb */
+        const int64_t t = t0 + i, k = t / nb;
+        const int64_t end = (k + 1) * nb - t0 < len ? (k + 1) * nb - t0 : len;
+        const uint8_t *src = row + (t - k * nb) - i;
+        const int shift = (int)k * bits;
+        for (; i < end; i++) rb[i] = (float)((src[i] >> shift) & mask);
+    }
+    const _Float16 *s = scales + t0 / group, *mn = mins + t0 / group;
+    const int64_t full = len / group;
+    for (int64_t g = 0; g < full; g++)
+        for (int64_t c = 0; c < group; c++) db[g * group + c] = rb[g * group + c] * s[g] + mn[g];
+    for (int64_t i = full * group; i < len; i++) db[i] = rb[i] * s[full] + mn[full];
+}
+
 static inline __attribute__((always_inline)) void scores_core(
         const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
         const float *restrict x, float *restrict out, int64_t N, int64_t M, int64_t R, int64_t T,
         int64_t nb, int64_t G, int64_t group, int bits) {
     const int mask = (1 << bits) - 1;
-    float raw[BLOCK + 256], buf[BLOCK + 256];
     const int64_t block = group <= BLOCK ? (BLOCK / group) * group : group;
-    float *big = block > BLOCK ? (float *)malloc(sizeof(float) * 2 * block) : 0;
-    float *restrict rb = big ? big : raw, *restrict db = big ? big + block : buf;
-    for (int64_t n = 0; n < N; n++) {
+    const int64_t blocks = (T + block - 1) / block;
+    /* every (row, block of tokens) writes its own part of `out`: the blocks are shared among the threads */
+#pragma omp parallel for schedule(static) if (N * T >= MIN_PARALLEL)
+    for (int64_t nb_i = 0; nb_i < N * blocks; nb_i++) {
+        const int64_t n = nb_i / blocks, t0 = (nb_i % blocks) * block;
+        const int64_t len = t0 + block < T ? block : T - t0;
+        float raw[BLOCK + 256], buf[4 * (BLOCK + 256)];
+        float *big = block > BLOCK ? (float *)malloc(sizeof(float) * 5 * block) : 0;
+        float *restrict rb = big ? big : raw, *restrict db = big ? big + block : buf;
+        const int64_t D = big ? block : BLOCK + 256;  /* stride of one dequantized row in db */
         float *restrict o = out + n * M * T;
-        memset(o, 0, sizeof(float) * M * T);
-        for (int64_t t0 = 0; t0 < T; t0 += block) {
-            const int64_t len = t0 + block < T ? block : T - t0;
-            for (int64_t j = 0; j < R; j++) {
-                const uint8_t *row = codes + (n * R + j) * nb;
-                for (int64_t i = 0; i < len;) {  /* token t sits in plane t / nb, byte t % nb */
-                    const int64_t t = t0 + i, k = t / nb;
-                    const int64_t end = (k + 1) * nb - t0 < len ? (k + 1) * nb - t0 : len;
-                    const uint8_t *src = row + (t - k * nb) - i;
-                    const int shift = (int)k * bits;
-                    for (; i < end; i++) rb[i] = (float)((src[i] >> shift) & mask);
-                }
-                const _Float16 *s = scales + (n * R + j) * G + t0 / group, *mn = mins + (n * R + j) * G + t0 / group;
-                const int64_t full = len / group;
-                for (int64_t g = 0; g < full; g++)
-                    for (int64_t c = 0; c < group; c++) db[g * group + c] = rb[g * group + c] * s[g] + mn[g];
-                for (int64_t i = full * group; i < len; i++) db[i] = rb[i] * s[full] + mn[full];
-                for (int64_t m = 0; m < M; m++) {
-                    const float a = x[(n * M + m) * R + j];
-                    float *restrict om = o + m * T + t0;
-                    for (int64_t i = 0; i < len; i++) om[i] += a * db[i];
-                }
+        for (int64_t m = 0; m < M; m++) memset(o + m * T + t0, 0, sizeof(float) * len);
+        int64_t j = 0;
+        for (; j + 4 <= R; j += 4) {  /* four rows at a time: each load and store of `o` carries four products */
+            for (int u = 0; u < 4; u++)
+                dequant_tokens(codes + (n * R + j + u) * nb, scales + (n * R + j + u) * G, mins + (n * R + j + u) * G,
+                               t0, len, nb, group, bits, mask, rb, db + u * D);
+            const float *d0 = db, *d1 = db + D, *d2 = db + 2 * D, *d3 = db + 3 * D;
+            for (int64_t m = 0; m < M; m++) {
+                const float *xm = x + (n * M + m) * R + j;
+                const float a0 = xm[0], a1 = xm[1], a2 = xm[2], a3 = xm[3];
+                float *restrict om = o + m * T + t0;
+                for (int64_t i = 0; i < len; i++) om[i] += a0 * d0[i] + a1 * d1[i] + a2 * d2[i] + a3 * d3[i];
             }
         }
+        for (; j < R; j++) {
+            dequant_tokens(codes + (n * R + j) * nb, scales + (n * R + j) * G, mins + (n * R + j) * G,
+                           t0, len, nb, group, bits, mask, rb, db);
+            for (int64_t m = 0; m < M; m++) {
+                const float a = x[(n * M + m) * R + j];
+                float *restrict om = o + m * T + t0;
+                for (int64_t i = 0; i < len; i++) om[i] += a * db[i];
+            }
+        }
+        free(big);
     }
-    free(big);
 }
 
 void ap_scores_cols(const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
