@@ -168,54 +168,55 @@ static inline __attribute__((always_inline)) void dequant_tokens(
     for (int64_t i = full * group; i < len; i++) db[i] = rb[i] * s[full] + mn[full];
 }
 
-static inline __attribute__((always_inline)) void scores_core(
+/* One (row n, block of tokens from t0) of `out`, inlined with group and bits as constants where it is called. */
+static inline __attribute__((always_inline)) void scores_block(
         const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
-        const float *restrict x, float *restrict out, int64_t N, int64_t M, int64_t R, int64_t T,
-        int64_t nb, int64_t G, int64_t group, int bits) {
+        const float *restrict x, float *restrict out, int64_t M, int64_t R, int64_t T, int64_t nb, int64_t G,
+        int64_t group, int bits, int64_t block, int64_t n, int64_t t0) {
     const int mask = (1 << bits) - 1;
-    const int64_t block = group <= BLOCK ? (BLOCK / group) * group : group;
-    const int64_t blocks = (T + block - 1) / block;
-    /* every (row, block of tokens) writes its own part of `out`: the blocks are shared among the threads */
-#pragma omp parallel for schedule(static) if (N * T >= MIN_PARALLEL)
-    for (int64_t nb_i = 0; nb_i < N * blocks; nb_i++) {
-        const int64_t n = nb_i / blocks, t0 = (nb_i % blocks) * block;
-        const int64_t len = t0 + block < T ? block : T - t0;
-        float raw[BLOCK + 256], buf[4 * (BLOCK + 256)];
-        float *big = block > BLOCK ? (float *)malloc(sizeof(float) * 5 * block) : 0;
-        float *restrict rb = big ? big : raw, *restrict db = big ? big + block : buf;
-        const int64_t D = big ? block : BLOCK + 256;  /* stride of one dequantized row in db */
-        float *restrict o = out + n * M * T;
-        for (int64_t m = 0; m < M; m++) memset(o + m * T + t0, 0, sizeof(float) * len);
-        int64_t j = 0;
-        for (; j + 4 <= R; j += 4) {  /* four rows at a time: each load and store of `o` carries four products */
-            for (int u = 0; u < 4; u++)
-                dequant_tokens(codes + (n * R + j + u) * nb, scales + (n * R + j + u) * G, mins + (n * R + j + u) * G,
-                               t0, len, nb, group, bits, mask, rb, db + u * D);
-            const float *d0 = db, *d1 = db + D, *d2 = db + 2 * D, *d3 = db + 3 * D;
-            for (int64_t m = 0; m < M; m++) {
-                const float *xm = x + (n * M + m) * R + j;
-                const float a0 = xm[0], a1 = xm[1], a2 = xm[2], a3 = xm[3];
-                float *restrict om = o + m * T + t0;
-                for (int64_t i = 0; i < len; i++) om[i] += a0 * d0[i] + a1 * d1[i] + a2 * d2[i] + a3 * d3[i];
-            }
+    const int64_t len = t0 + block < T ? block : T - t0;
+    float raw[BLOCK + 256], buf[4 * (BLOCK + 256)];
+    float *big = block > BLOCK ? (float *)malloc(sizeof(float) * 5 * block) : 0;
+    float *restrict rb = big ? big : raw, *restrict db = big ? big + block : buf;
+    const int64_t D = big ? block : BLOCK + 256;  /* stride of one dequantized row in db */
+    float *restrict o = out + n * M * T;
+    for (int64_t m = 0; m < M; m++) memset(o + m * T + t0, 0, sizeof(float) * len);
+    int64_t j = 0;
+    for (; j + 4 <= R; j += 4) {  /* four rows at a time: each load and store of `o` carries four products */
+        for (int u = 0; u < 4; u++)
+            dequant_tokens(codes + (n * R + j + u) * nb, scales + (n * R + j + u) * G, mins + (n * R + j + u) * G,
+                           t0, len, nb, group, bits, mask, rb, db + u * D);
+        const float *d0 = db, *d1 = db + D, *d2 = db + 2 * D, *d3 = db + 3 * D;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = x + (n * M + m) * R + j;
+            const float a0 = xm[0], a1 = xm[1], a2 = xm[2], a3 = xm[3];
+            float *restrict om = o + m * T + t0;
+            for (int64_t i = 0; i < len; i++) om[i] += a0 * d0[i] + a1 * d1[i] + a2 * d2[i] + a3 * d3[i];
         }
-        for (; j < R; j++) {
-            dequant_tokens(codes + (n * R + j) * nb, scales + (n * R + j) * G, mins + (n * R + j) * G,
-                           t0, len, nb, group, bits, mask, rb, db);
-            for (int64_t m = 0; m < M; m++) {
-                const float a = x[(n * M + m) * R + j];
-                float *restrict om = o + m * T + t0;
-                for (int64_t i = 0; i < len; i++) om[i] += a * db[i];
-            }
-        }
-        free(big);
     }
+    for (; j < R; j++) {
+        dequant_tokens(codes + (n * R + j) * nb, scales + (n * R + j) * G, mins + (n * R + j) * G,
+                       t0, len, nb, group, bits, mask, rb, db);
+        for (int64_t m = 0; m < M; m++) {
+            const float a = x[(n * M + m) * R + j];
+            float *restrict om = o + m * T + t0;
+            for (int64_t i = 0; i < len; i++) om[i] += a * db[i];
+        }
+    }
+    free(big);
 }
 
 void ap_scores_cols(const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
                     const float *restrict x, float *restrict out, int64_t N, int64_t M, int64_t R, int64_t T,
                     int64_t nb, int64_t G, int64_t group, int bits) {
-    if (bits == 8 && group == 32) scores_core(codes, scales, mins, x, out, N, M, R, T, nb, G, 32, 8);
-    else if (bits == 4 && group == 32) scores_core(codes, scales, mins, x, out, N, M, R, T, nb, G, 32, 4);
-    else scores_core(codes, scales, mins, x, out, N, M, R, T, nb, G, group, bits);
+    const int64_t block = group <= BLOCK ? (BLOCK / group) * group : group;
+    const int64_t blocks = (T + block - 1) / block;
+    /* every (row, block of tokens) writes its own part of `out`: the blocks are shared among the threads */
+#pragma omp parallel for schedule(static) if (N * T >= MIN_PARALLEL)
+    for (int64_t i = 0; i < N * blocks; i++) {
+        const int64_t n = i / blocks, t0 = (i % blocks) * block;
+        if (bits == 4 && group == 32) scores_block(codes, scales, mins, x, out, M, R, T, nb, G, 32, 4, block, n, t0);
+        else if (bits == 8 && group == 32) scores_block(codes, scales, mins, x, out, M, R, T, nb, G, 32, 8, block, n, t0);
+        else scores_block(codes, scales, mins, x, out, M, R, T, nb, G, group, bits, block, n, t0);
+    }
 }
