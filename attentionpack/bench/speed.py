@@ -5,7 +5,7 @@ and aggregate decoding throughput when every cache gets the same KV memory budge
 Throughput at a budget: one sequence of `context` tokens is prefilled per configuration and its bytes measured
 (every tensor of the cache); the largest batch whose cache fits the budget is that many copies of the sequence
 (`batch_repeat_interleave`: decoding cost does not depend on what the tokens say), and `steps` one-token steps
-of that batch are timed. Tokens/s = batch * steps / time.
+of that batch are timed, the steps of all caches interleaved. Tokens/s = batch * steps / time.
 """
 from __future__ import annotations
 
@@ -33,30 +33,36 @@ def _ids(tokenizer, needed: int, batch: int) -> torch.Tensor:
 @torch.inference_mode()
 def throughput_at_budget(model, tokenizer, specs, budget_bytes: int, context: int, steps: int = 8,
                          max_batch: int = 256) -> dict:
-    """{config: {seq_bytes, batch, tokens_per_s}} with every cache limited to `budget_bytes` of KV."""
-    ids = _ids(tokenizer, context + steps, 1)
-    out = {}
+    """{config: {seq_bytes, batch, tokens_per_s}} with every cache limited to `budget_bytes` of KV.
+
+    All caches are built first, then their steps are interleaved (A B C A B C ...), so that a slow spell of a shared
+    machine hits every configuration alike; tokens/s = batch * steps / (summed time of that cache's steps)."""
+    ids = _ids(tokenizer, context + steps + 1, 1)
+    out, live = {}, {}
     for sp in specs:
         cache = make_cache(model, sp)
         res = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
         seq_bytes = cache_nbytes(cache)
-        batch = min(max_batch, budget_bytes // max(1, seq_bytes))
-        row = {"seq_bytes": seq_bytes, "batch": int(batch), "tokens_per_s": 0.0}
+        batch = int(min(max_batch, budget_bytes // max(1, seq_bytes)))
+        row = {"seq_bytes": seq_bytes, "batch": batch, "tokens_per_s": 0.0}
         if sp.kind == "quantized":  # transformers' QuantizedCache repeats its residual but not its quantized part
             row.update(batch=0, note="not measured: QuantizedCache cannot repeat its batch (batch_repeat_interleave)")
-            batch = 0
-        if batch >= 1:
+        elif batch >= 1:
             if batch > 1:
-                cache.batch_repeat_interleave(int(batch))
-            tok = res.logits[:, -1:].argmax(-1).expand(int(batch), 1).contiguous()
+                cache.batch_repeat_interleave(batch)
+            tok = res.logits[:, -1:].argmax(-1).expand(batch, 1).contiguous()
             model(input_ids=tok, past_key_values=cache, use_cache=True)  # warm-up step
-            t0 = time.perf_counter()
-            for i in range(steps):
-                model(input_ids=ids[:, context + i: context + i + 1].expand(int(batch), 1).contiguous(),
-                      past_key_values=cache, use_cache=True)
-            row["tokens_per_s"] = batch * steps / (time.perf_counter() - t0)
+            live[sp.name] = (cache, batch, [])
         out[sp.name] = row
-        del cache
+        del cache, res
+    for i in range(steps):
+        for name, (cache, batch, times) in live.items():
+            step = ids[:, context + 1 + i: context + 2 + i].expand(batch, 1).contiguous()
+            t0 = time.perf_counter()
+            model(input_ids=step, past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t0)
+    for name, (_, batch, times) in live.items():
+        out[name]["tokens_per_s"] = batch * steps / sum(times)
     ref = out.get("dynamic", {}).get("tokens_per_s")
     for row in out.values():
         row["vs_dynamic"] = row["tokens_per_s"] / ref if ref and row["tokens_per_s"] else None
