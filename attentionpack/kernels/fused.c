@@ -146,9 +146,12 @@ void ap_mix_rows(const uint8_t *restrict codes, const _Float16 *restrict scales,
 /* Rows quantized along tokens (per-channel keys, low-rank coefficients: groups of `group` tokens per row),
    scored against query rows: codes (N, R, nb) holding T tokens per row, scales/mins (N, R, G), x (N, M, R)
    -> out (N, M, T):  out[n, m, t] = sum_j x[n, m, j] * (scales[n, j, t / group] * code[n, j, t] + mins[...]).
-   Tokens go in blocks of whole groups: each row's block is dequantized once into a small buffer, then added to the
-   M output rows of the block, which stay in the L1 cache across all R rows. */
+   Threads share blocks of about BLOCK tokens; within a block, SUB tokens (whole groups) at a time: all R rows are
+   dequantized into a small (R, SUB) tile, then 16 tokens x 4 query rows of the output are summed over R in
+   registers (8 vector accumulators), so every pair of tile loads feeds eight multiply-adds. */
 #define BLOCK 512
+#define SUB 64
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
 
 /* Tokens [t0, t0 + len) of one row quantized along tokens, as floats: codes -> rb -> db = code * scale + min. */
 static inline __attribute__((always_inline)) void dequant_tokens(
@@ -168,6 +171,37 @@ static inline __attribute__((always_inline)) void dequant_tokens(
     for (int64_t i = full * group; i < len; i++) db[i] = rb[i] * s[full] + mn[full];
 }
 
+/* out rows m0.. (up to 4, `rows` of them real) x tokens [i, i + 16) of a tile: dt (R, S) floats, xm (M, R). */
+static inline __attribute__((always_inline)) void tile_16x4(
+        const float *restrict dt, int64_t S, const float *restrict x, int64_t R, int64_t m0, int64_t rows,
+        int64_t i, float *restrict o, int64_t T, int64_t cnt) {
+    const float *x0 = x + m0 * R, *x1 = x0 + (rows > 1 ? R : 0), *x2 = x0 + (rows > 2 ? 2 * R : 0),
+                *x3 = x0 + (rows > 3 ? 3 * R : 0);
+    v8 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
+    for (int64_t j = 0; j < R; j++) {
+        const v8 d0 = *(const v8 *)(dt + j * S + i), d1 = *(const v8 *)(dt + j * S + i + 8);
+        const float b0 = x0[j], b1 = x1[j], b2 = x2[j], b3 = x3[j];
+        a00 += b0 * d0; a01 += b0 * d1;
+        a10 += b1 * d0; a11 += b1 * d1;
+        a20 += b2 * d0; a21 += b2 * d1;
+        a30 += b3 * d0; a31 += b3 * d1;
+    }
+    const v8 acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+    const int64_t n = cnt - i < 16 ? cnt - i : 16;
+    for (int64_t r = 0; r < rows; r++) {
+        float *dst = o + (m0 + r) * T + i;
+        if (n == 16) {
+            *(v8 *)dst = acc[r][0];
+            *(v8 *)(dst + 8) = acc[r][1];
+        } else {
+            float tmp[16];
+            *(v8 *)tmp = acc[r][0];
+            *(v8 *)(tmp + 8) = acc[r][1];
+            for (int64_t k = 0; k < n; k++) dst[k] = tmp[k];
+        }
+    }
+}
+
 /* One (row n, block of tokens from t0) of `out`, inlined with group and bits as constants where it is called. */
 static inline __attribute__((always_inline)) void scores_block(
         const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
@@ -175,35 +209,22 @@ static inline __attribute__((always_inline)) void scores_block(
         int64_t group, int bits, int64_t block, int64_t n, int64_t t0) {
     const int mask = (1 << bits) - 1;
     const int64_t len = t0 + block < T ? block : T - t0;
-    float raw[BLOCK + 256], buf[4 * (BLOCK + 256)];
-    float *big = block > BLOCK ? (float *)malloc(sizeof(float) * 5 * block) : 0;
-    float *restrict rb = big ? big : raw, *restrict db = big ? big + block : buf;
-    const int64_t D = big ? block : BLOCK + 256;  /* stride of one dequantized row in db */
-    float *restrict o = out + n * M * T;
-    for (int64_t m = 0; m < M; m++) memset(o + m * T + t0, 0, sizeof(float) * len);
-    int64_t j = 0;
-    for (; j + 4 <= R; j += 4) {  /* four rows at a time: each load and store of `o` carries four products */
-        for (int u = 0; u < 4; u++)
-            dequant_tokens(codes + (n * R + j + u) * nb, scales + (n * R + j + u) * G, mins + (n * R + j + u) * G,
-                           t0, len, nb, group, bits, mask, rb, db + u * D);
-        const float *d0 = db, *d1 = db + D, *d2 = db + 2 * D, *d3 = db + 3 * D;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + (n * M + m) * R + j;
-            const float a0 = xm[0], a1 = xm[1], a2 = xm[2], a3 = xm[3];
-            float *restrict om = o + m * T + t0;
-            for (int64_t i = 0; i < len; i++) om[i] += a0 * d0[i] + a1 * d1[i] + a2 * d2[i] + a3 * d3[i];
-        }
+    const int64_t sub = group < SUB ? (SUB / group) * group : group;  /* whole groups: scales index by t / group */
+    const int64_t S = (sub + 15) / 16 * 16;  /* row stride of the tile: whole 16-token steps (the pad is not stored) */
+    float *tile = (float *)malloc(sizeof(float) * (R * S + sub));
+    float *rb = tile + R * S;
+    const float *xn = x + n * M * R;
+    float *o = out + n * M * T;
+    for (int64_t s0 = t0; s0 < t0 + len; s0 += sub) {
+        const int64_t cnt = s0 + sub < t0 + len ? sub : t0 + len - s0;
+        for (int64_t j = 0; j < R; j++)
+            dequant_tokens(codes + (n * R + j) * nb, scales + (n * R + j) * G, mins + (n * R + j) * G,
+                           s0, cnt, nb, group, bits, mask, rb, tile + j * S);
+        for (int64_t i = 0; i < cnt; i += 16)
+            for (int64_t m0 = 0; m0 < M; m0 += 4)
+                tile_16x4(tile, S, xn, R, m0, M - m0 < 4 ? M - m0 : 4, i, o + s0, T, cnt);
     }
-    for (; j < R; j++) {
-        dequant_tokens(codes + (n * R + j) * nb, scales + (n * R + j) * G, mins + (n * R + j) * G,
-                       t0, len, nb, group, bits, mask, rb, db);
-        for (int64_t m = 0; m < M; m++) {
-            const float a = x[(n * M + m) * R + j];
-            float *restrict om = o + m * T + t0;
-            for (int64_t i = 0; i < len; i++) om[i] += a * db[i];
-        }
-    }
-    free(big);
+    free(tile);
 }
 
 void ap_scores_cols(const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
