@@ -1,0 +1,90 @@
+"""`PackConfig(budget=f)`: the cache holds at most f x DynamicCache's bytes after a prefill, with clear errors."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from attentionpack import PackConfig, PackedCache
+from attentionpack.budget import BudgetError
+from helpers import dynamic_cache, greedy, padded_batch
+
+SMALL = dict(window=16, min_span=16)  # tiny prompts: a short exact window leaves most tokens to the budget
+
+
+def _prefill(model, cache, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2_sliding", "gemma3_text"])
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.3, 0.2])
+def test_budget_is_respected(tiny_model, name, fraction):
+    model = tiny_model(name)
+    ids, mask = padded_batch(300, pad=7)  # batch of 2, the second left-padded
+    cache = PackedCache(model, PackConfig(budget=fraction, **SMALL))
+    out = _prefill(model, cache, ids, mask)
+    assert cache.nbytes() <= fraction * cache.dynamic_nbytes()
+    ref = _prefill(model, dynamic_cache(model), ids, mask)  # prefill attention stays exact
+    torch.testing.assert_close(out.logits[mask.bool()], ref.logits[mask.bool()], rtol=1e-4, atol=1e-4)
+    chosen = [layer for layer in cache.layers if layer.budget_choice]
+    assert chosen
+    for layer in chosen:  # decode chunks will use the chosen encoding
+        cfg = layer.codecs["text"][0]
+        key, value = layer.budget_choice
+        assert cfg.key_codec == ("quant" if key.startswith("q") else "lowrank" if key.startswith("lr") else "exact")
+        assert cfg.value_codec == ("quant" if value.startswith("q") else "lowrank" if value.startswith("lr")
+                                   else "exact")
+
+
+def test_tighter_budgets_hold_fewer_bytes(tiny_model):
+    model = tiny_model("llama")
+    ids, mask = padded_batch(300, pad=0, batch=1)
+    held = []
+    for fraction in (0.8, 0.4, 0.2):
+        cache = PackedCache(model, PackConfig(budget=fraction, **SMALL))
+        _prefill(model, cache, ids, mask)
+        held.append(cache.nbytes())
+    assert held[0] > held[1] > held[2]
+
+
+def test_generate_with_a_budget(tiny_model):
+    model = tiny_model("qwen2")
+    ids, mask = padded_batch(200, pad=5)
+    cache = PackedCache(model, PackConfig(budget=0.25, chunk=32, **SMALL))
+    out = greedy(model, cache, ids, mask, new_tokens=40)  # 40 steps: decode chunks get compressed too
+    assert out.sequences.shape == (2, 240)
+    assert any(s.kind == "chunk" for s in cache.layers[0].segments)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.5, True, "0.125", float("nan")])
+def test_invalid_budgets_are_rejected(bad):
+    with pytest.raises(ValueError, match=r"PackConfig\.budget=.*must be None or a fraction"):
+        PackConfig(budget=bad)
+
+
+def test_budget_with_modality_overrides_is_rejected():
+    with pytest.raises(ValueError, match=r"PackConfig\.budget=.*modality overrides"):
+        PackConfig(budget=0.25, image={"value_bits": 2, "value_codec": "quant"})
+
+
+def test_too_small_budget_names_the_smallest_feasible_fraction(tiny_model):
+    model = tiny_model("llama")
+    ids, mask = padded_batch(300, pad=0, batch=1)
+    with pytest.raises(BudgetError, match=r"PackConfig\.budget=0\.01 is infeasible.*use budget >= ") as err:
+        _prefill(model, PackedCache(model, PackConfig(budget=0.01, **SMALL)), ids, mask)
+    smallest = float(re.search(r"use budget >= ([0-9.]+)", str(err.value)).group(1))
+    assert 0.01 < smallest < 0.3
+    cache = PackedCache(model, PackConfig(budget=smallest + 1e-3, **SMALL))
+    _prefill(model, cache, ids, mask)  # just above it fits
+    assert cache.nbytes() <= (smallest + 1e-3) * cache.dynamic_nbytes()
+
+
+def test_ingest_needs_the_queries(tiny_model):
+    model = tiny_model("llama")
+    ids, mask = padded_batch(300, pad=0, batch=1)
+    dyn = dynamic_cache(model)
+    _prefill(model, dyn, ids, mask)
+    with pytest.raises(ValueError, match="budget needs the prompt's last queries"):
+        PackedCache(model, PackConfig(budget=0.25, **SMALL)).ingest(dyn)
