@@ -88,3 +88,48 @@ def test_ingest_needs_the_queries(tiny_model):
     _prefill(model, dyn, ids, mask)
     with pytest.raises(ValueError, match="budget needs the prompt's last queries"):
         PackedCache(model, PackConfig(budget=0.25, **SMALL)).ingest(dyn)
+
+
+def test_first_components_equal_a_lower_rank_encoding():
+    from attentionpack.cache.budgeted import _first_components
+    from attentionpack.codecs.lowrank import Factors, spectrum_and_basis
+    from attentionpack.codecs.quant import QuantizedLowRankPart
+
+    x = torch.randn(2, 300, 48)
+    _, vecs = spectrum_and_basis(x)
+    f = Factors((x.double() @ vecs[:, :, :40]).float(), vecs[:, :, :40].transpose(1, 2).float().contiguous())
+    full = QuantizedLowRankPart.from_factors(f, 3, None, (), coeff_bits=4, basis_bits=16)
+    cut = _first_components(full, 17, (17, 17))
+    low = QuantizedLowRankPart.from_factors(Factors(f.coeffs[:, :, :17].contiguous(), f.basis[:, :17].contiguous()),
+                                            3, None, (17, 17), coeff_bits=4, basis_bits=16)
+    assert torch.equal(cut.materialize(0, 300, None), low.materialize(0, 300, None))
+    assert [t.shape for t in cut.tensors()] == [t.shape for t in low.tensors()]
+    assert sum(t.untyped_storage().nbytes() for t in cut.tensors()) == \
+        sum(t.untyped_storage().nbytes() for t in low.tensors())
+
+
+def test_budget_config_names():
+    from attentionpack.eval.configs import parse_config
+
+    spec = parse_config("budget-0.125")
+    assert spec.name == "budget-0.125" and spec.ours and spec.pack.budget == 0.125
+    for bad in ("budget-0", "budget-1.5", "budget-1.2.3"):
+        with pytest.raises(ValueError, match="budget must be a fraction"):
+            parse_config(bad)
+
+
+def test_shared_needle_prefill_prefills_a_budget_cache_itself(tiny_model):
+    from attentionpack.eval.needle import greedy_answers_shared
+
+    model = tiny_model("llama")
+    ids, _ = padded_batch(300, pad=0, batch=1)
+    context, question = ids[0, :280].tolist(), ids[0, 280:].tolist()
+    made = []
+
+    def budgeted():
+        made.append(PackedCache(model, PackConfig(budget=0.3, **SMALL)))
+        return made[-1]
+
+    out = greedy_answers_shared(model, context, question, {"budget": budgeted, "dynamic": None}, max_new_tokens=4)
+    assert len(out["budget"][0]) == 4 and len(out["dynamic"][0]) == 4
+    assert made[0].nbytes() > 0 and any(layer.budget_choice for layer in made[0].layers)
