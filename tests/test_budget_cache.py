@@ -76,9 +76,9 @@ def test_too_small_budget_names_the_smallest_feasible_fraction(tiny_model):
         _prefill(model, PackedCache(model, PackConfig(budget=0.01, **SMALL)), ids, mask)
     smallest = float(re.search(r"use budget >= ([0-9.]+)", str(err.value)).group(1))
     assert 0.01 < smallest < 0.3
-    cache = PackedCache(model, PackConfig(budget=smallest + 1e-3, **SMALL))
-    _prefill(model, cache, ids, mask)  # just above it fits
-    assert cache.nbytes() <= (smallest + 1e-3) * cache.dynamic_nbytes()
+    cache = PackedCache(model, PackConfig(budget=smallest, **SMALL))
+    _prefill(model, cache, ids, mask)  # the named fraction fits
+    assert cache.nbytes() <= smallest * cache.dynamic_nbytes()
 
 
 def test_ingest_needs_the_queries(tiny_model):
@@ -133,3 +133,43 @@ def test_shared_needle_prefill_prefills_a_budget_cache_itself(tiny_model):
     out = greedy_answers_shared(model, context, question, {"budget": budgeted, "dynamic": None}, max_new_tokens=4)
     assert len(out["budget"][0]) == 4 and len(out["dynamic"][0]) == 4
     assert made[0].nbytes() > 0 and any(layer.budget_choice for layer in made[0].layers)
+
+
+def test_errors_match_the_attention_output_error(tiny_model):
+    """The planner's value error of a span is attention_output_error² of the window queries, computed apart."""
+    from attentionpack.budget import attention_output_error
+    from attentionpack.cache.budgeted import QUERIES
+    from attentionpack.codecs.quant import QuantizedPart
+    from attentionpack.models.registry import ModelAdapter
+    from attentionpack.scoring.observation import attention_scaling, window_queries
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch(300, pad=0, batch=1)
+    cfg = PackConfig(budget=0.3, **SMALL)
+    cache = PackedCache(model, cfg)
+    _prefill(model, cache, ids, mask)
+    attn = ModelAdapter(model).attention_modules[1]
+    seen = {}
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, k: seen.update(q=window_queries(m, k["hidden_states"], k["position_embeddings"], QUERIES)),
+        with_kwargs=True)
+    dyn = dynamic_cache(model)
+    try:
+        _prefill(model, dyn, ids, mask)
+    finally:
+        handle.remove()
+    keys, values = dyn.layers[1].keys, dyn.layers[1].values  # (1, H, 300, d)
+    (layer, start), report = next((k, r) for k, r in cache.planner.report.items() if k[0] == 1)
+    end = 300 - cfg.window
+    errors = dict((label, err) for label, _, err in report["values"])
+    assert errors["exact"] == 0 and 0 < errors["q8"] < errors["q4"] < errors["q2"]
+    v_hat = values.clone()
+    v_hat[:, :, start:end] = QuantizedPart.values(values[:, :, start:end], 4, cfg.quant_group).materialize(0, 0, None)
+    valid = torch.ones(1, 300, dtype=torch.bool)
+    ref = attention_output_error(seen["q"], keys, values, keys, v_hat, valid, scaling=attention_scaling(attn))
+    assert errors["q4"] == pytest.approx(float(ref) ** 2, rel=1e-3)
+    key_errors = dict((label, err) for label, _, err in report["keys"])
+    k_hat = keys.clone()
+    k_hat[:, :, start:end] = QuantizedPart.keys(keys[:, :, start:end], 2, cfg.quant_group).materialize(0, 0, None)
+    ref = attention_output_error(seen["q"], keys, values, k_hat, values, valid, scaling=attention_scaling(attn))
+    assert key_errors["q2"] == pytest.approx(float(ref) ** 2, rel=1e-3)
