@@ -31,6 +31,14 @@ class PackConfig:
     rebuilt and rotated when attended) or after it (attention runs on the factors without rebuilding keys: faster
     decoding, higher rank for the same error).
 
+    `budget`: None, or a fraction f in (0, 1]: after every prefill the cache holds at most f x the bytes a
+    DynamicCache would hold for the same tokens (every storage counted). The prompt's spans then ignore the codec
+    fields above: per layer and for keys and values separately, the cache picks among exact, 8/4/2-bit
+    quantization and post-RoPE low-rank encodings the mix with the least attention-output error of the last
+    prompt queries that fits (cache/budgeted.py); each layer's decode chunks use its chosen encoding. Text
+    prompts only; sinks and the recent `window` stay exact, so a small f needs a long prompt (a BudgetError
+    names the smallest feasible fraction).
+
     `compressed_attention`: compute attention directly on the stored form (attention/packed.py) when the model
     uses SDPA; otherwise keys/values are materialized for the model's own attention at every step.
 
@@ -69,6 +77,7 @@ class PackConfig:
     text: dict | None = None
     image: dict | None = None
     video: dict | None = None
+    budget: float | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -110,6 +119,12 @@ class PackConfig:
             _bad("image_basis", self.image_basis, f"one of {IMAGE_BASES}")
         if not _is_int(self.video_group_frames) or self.video_group_frames < 1:
             _bad("video_group_frames", self.video_group_frames, "an integer >= 1")
+        if self.budget is not None:
+            if not (_is_num(self.budget) and 0 < self.budget <= 1):
+                _bad("budget", self.budget, "None or a fraction of DynamicCache's bytes in (0, 1], e.g. 0.125")
+            if any(getattr(self, m) for m in ("text", "image", "video")):
+                _bad("budget", self.budget, "None when modality overrides (text, image, video) are set: a budget "
+                     "chooses the encodings of text prompts itself")
         for modality in ("text", "image", "video"):
             overrides = getattr(self, modality)
             if overrides is None:
@@ -132,7 +147,7 @@ class PackConfig:
     @property
     def is_lossless(self) -> bool:
         """No modality's keys or values are ever encoded."""
-        return all(c.key_codec == "exact" and c.value_codec == "exact"
+        return self.budget is None and all(c.key_codec == "exact" and c.value_codec == "exact"
                    for c in (self.for_modality(m) for m in ("text", "image", "video")))
 
     def replace(self, **changes) -> "PackConfig":

@@ -69,6 +69,8 @@ class PackedLayer(CacheLayerMixin):
         # codec settings per modality: (config, key rule, value rule); text also serves decode chunks
         self.codecs = {m: _codec(config.for_modality(m)) for m in ("text", "image", "video")}
         _, self.key_rule, self.value_rule = self.codecs["text"]
+        self.planner = None  # a BudgetPlanner (cache/budgeted.py) when PackConfig.budget is set
+        self.budget_choice: tuple[str, str] | None = None  # (key, value) candidate labels the budget chose
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -152,6 +154,11 @@ class PackedLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices, ...])
+
+    def set_text_codec(self, cfg: PackConfig) -> None:
+        """Use `cfg`'s codecs for text spans and decode chunks from now on (a budget's choice for this layer)."""
+        self.codecs["text"] = _codec(cfg)
+        _, self.key_rule, self.value_rule = self.codecs["text"]
 
     # ---- inspection -------------------------------------------------------------------------------------------
     @property
@@ -252,6 +259,8 @@ class PackedLayer(CacheLayerMixin):
     def _compact(self, prefill: bool, ctx: StepContext) -> None:
         """Move tokens from the exact tail into frozen segments (see module docstring)."""
         tail_start = self.total - self.tail_length
+        if prefill and self.planner is not None:  # before the sinks leave the tail (their padding flags with them)
+            self.planner.begin(self, ctx)
         if self.sink_end is None:  # first call: the tail starts at token 0
             # sinks: each sample's first `sink` real tokens; with left padding the latest-starting sample decides
             leading_pad = torch.cumprod((~self.tail_valid).int(), dim=1).sum(dim=1)  # left padding only, not inner holes
@@ -284,13 +293,18 @@ class PackedLayer(CacheLayerMixin):
         """Turn tail tokens [start, end) (which must be the oldest tail tokens) into a segment."""
         n = end - start
         k, v, pos, valid = self.tail.view(0, n)
-        if compress:
+        pending = None
+        if compress and kind == "span" and self.planner is not None:  # candidates now, choice at the call's end
+            pending, key_part, value_part = self.planner.propose(self, start, end, k, v, valid)
+        elif compress:
             cfg, key_rule, value_rule = self.codecs["text"]
             key_part = self._encode(k, valid, cfg.key_codec, key_rule, cfg.key_bits, ctx.rope(start, end, pos), pos)
             value_part = self._encode(v, valid, cfg.value_codec, value_rule, cfg.value_bits, None, None)
         else:
             key_part, value_part = ExactPart(k.clone()), ExactPart(v.clone())
         self.segments.append(Segment(start, end, key_part, value_part, kind))
+        if pending is not None:
+            pending.segment = self.segments[-1]
         self.tail.drop_oldest(n)
 
     def _freeze_groups(self, start: int, end: int, groups: list[Group], ctx: StepContext) -> None:

@@ -21,6 +21,7 @@ from ..attention.packed import enable as enable_packed_attention
 from ..config import PackConfig
 from ..models.registry import ModelAdapter
 from ..models.vlm import find_spans, group_labels
+from .budgeted import BudgetPlanner
 from .layer import Group, PackedLayer, StepContext
 from .memory import storage_nbytes
 
@@ -50,6 +51,9 @@ class PackedCache(Cache):
         if config.compressed_attention and not config.is_lossless and enable_packed_attention(model):
             for layer in self.layers:
                 layer.attend_packed = True
+        self.planner = BudgetPlanner(self, config.budget) if config.budget is not None else None
+        for layer in self.layers:
+            layer.planner = self.planner
         self.set_spans(span_boundaries)
         _install_hooks(model, self.adapter)
         self._attention_mask: torch.Tensor | None = None  # 2D (B, kv) mask of the current call
@@ -115,6 +119,8 @@ class PackedCache(Cache):
         )
         out = self.layers[layer_idx].update(key_states, value_states, ctx)
         if layer_idx == len(self.layers) - 1:  # end of the forward call: drop per-call state
+            if self.planner is not None:  # every layer has proposed its candidates: choose within the budget
+                self.planner.finish()
             self._rope_memo.clear()
             self._positions.clear()
             self._layout_memo.clear()
@@ -315,6 +321,8 @@ def _install_hooks(model, adapter: ModelAdapter) -> None:
             cache = kwargs.get("past_key_values")
             if isinstance(cache, PackedCache) and kwargs.get("position_ids") is not None:
                 cache._positions[idx] = kwargs["position_ids"]
+            if isinstance(cache, PackedCache) and cache.planner is not None:
+                cache.planner.note_attention(idx, module, args, kwargs)
 
         attn.register_forward_pre_hook(on_attention, with_kwargs=True)
     setattr(model, _HOOKED, True)

@@ -1,8 +1,8 @@
 """Configuration names of an evaluation run: what each name means, validated before any long work starts.
 
 Names: "dynamic" (transformers DynamicCache), our presets ("lossless", "balanced", "max"), a custom PackConfig as
-"pack:key_energy=0.98,value_energy=0.95", transformers QuantizedCache peers ("quanto-4", "quanto-2", "hqq-4", any
-"<backend>-<bits>"), and NVIDIA kvpress presses as "kvpress-<press>-<ratio>" (e.g. "kvpress-snapkv-0.5").
+"pack:key_energy=0.98,value_energy=0.95", a byte budget as "budget-0.125" (PackConfig(budget=0.125)),
+transformers QuantizedCache peers ("quanto-4", "quanto-2", "hqq-4", any "<backend>-<bits>"), and NVIDIA kvpress presses as "kvpress-<press>-<ratio>" (e.g. "kvpress-snapkv-0.5").
 """
 from __future__ import annotations
 
@@ -80,6 +80,16 @@ def parse_config(name: str) -> Spec:
         return Spec(low, "pack", pack=PackConfig.preset(low))
     if low.startswith("pack:"):
         return Spec(name, "pack", pack=_parse_pack(name[5:], name))
+    m = re.fullmatch(r"budget-([0-9.]+)", low)
+    if m:
+        try:
+            fraction = float(m.group(1))
+        except ValueError:
+            fraction = -1.0
+        if not 0 < fraction <= 1:
+            raise ValueError(f"configuration {name!r}: the budget must be a fraction of DynamicCache's bytes in "
+                             f"(0, 1], e.g. budget-0.125")
+        return Spec(f"budget-{fraction:g}", "pack", pack=PackConfig(budget=fraction, name=f"budget-{fraction:g}"))
     m = re.fullmatch(r"(quanto|hqq)-(\d+)", low)
     if m:
         backend, bits = m.group(1), int(m.group(2))
@@ -102,7 +112,7 @@ def parse_config(name: str) -> Spec:
         return Spec(f"kvpress-{press}-{ratio:g}", "kvpress", press=press, ratio=ratio)
     raise ValueError(
         f"unknown configuration {name!r}; use 'dynamic', a preset {sorted(PRESETS)}, "
-        "'pack:key=value,...' (PackConfig fields), 'quanto-4', 'quanto-2', 'hqq-4' or "
+        "'pack:key=value,...' (PackConfig fields), 'budget-<fraction>' (e.g. budget-0.125), 'quanto-4', 'quanto-2', 'hqq-4' or "
         f"'kvpress-<press>-<ratio>' with press in {sorted(KVPRESS_PRESSES)}"
     )
 

@@ -113,7 +113,8 @@ def greedy_answers_shared(model, context_ids: Sequence[int], question_ids: Seque
     """`greedy_answer` for several caches with one prefill. The prompt goes through a DynamicCache once; a maker
     returning a PackedCache gets its cache derived from it (`PackedCache.ingest`: prefill attention is exact in our
     cache, so the prefill and its logits are the same) and a maker None decodes on the DynamicCache itself, last.
-    prefill_s is the shared prefill's time."""
+    prefill_s is the shared prefill's time, except for a cache with a byte budget (`PackConfig.budget`), which
+    needs the prompt's queries and is prefilled on its own."""
     ids = torch.tensor([list(context_ids) + list(question_ids)], dtype=torch.long)
     from transformers import DynamicCache
 
@@ -124,7 +125,12 @@ def greedy_answers_shared(model, context_ids: Sequence[int], question_ids: Seque
     first = out.logits[:, -1]
     results = {}
     for name, make in sorted(makers.items(), key=lambda item: item[1] is None):  # the DynamicCache one last
-        cache = shared if make is None else make().ingest(shared)
+        cache = shared if make is None else make()
+        if getattr(cache, "planner", None) is not None:  # a byte budget scores the prompt's own queries
+            results[name] = greedy_answer(model, context_ids, question_ids, lambda c=cache: c, max_new_tokens, eos)
+            continue
+        if cache is not shared:
+            cache.ingest(shared)
         answer, decode_ms = _greedy_from(model, cache, first, max_new_tokens, eos)
         results[name] = (answer, prefill_s, decode_ms)
     return results

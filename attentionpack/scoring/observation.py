@@ -82,11 +82,19 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Ten
     with `sliding_window`, the last `sliding_window` of them, as transformers' sliding masks do). `valid` (B, T)
     or per head (B, H, T) marks the keys that exist (False: padding or evicted). Rows of invalid queries
     (`window_valid` (B, w) False) are all zero."""
+    logits = window_logits(queries, keys, valid, window_valid, scaling, sliding_window)
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (invalid queries) -> 0
+
+
+def window_logits(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+                  window_valid: torch.Tensor | None = None, scaling: float | None = None,
+                  sliding_window: int | None = None) -> torch.Tensor:
+    """The scaled logits (B, H, G, w, T), float32, of `window_attention`, -inf where a key is masked."""
     b, h, w, t = _check(queries, keys, valid)
     g = queries.shape[1] // h
     scale = queries.shape[-1] ** -0.5 if scaling is None else scaling
-    q = queries.float().view(b, h, g, w, -1)  # (B, H, G, w, d)
-    logits = q @ keys.float().unsqueeze(2).transpose(-1, -2) * scale  # (B, H, G, w, T)
+    q = queries.float().reshape(b, h, g * w, -1)  # (B, H, G*w, d): no copy of the keys per query head
+    logits = (q @ keys.float().transpose(-1, -2)).mul_(scale).view(b, h, g, w, t)  # (B, H, G, w, T)
     row = torch.arange(t - w, t, device=keys.device).unsqueeze(1)  # (w, 1) key index of each query
     col = torch.arange(t, device=keys.device).unsqueeze(0)  # (1, T)
     allowed = col <= row  # (w, T)
@@ -98,8 +106,7 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Ten
             raise ValueError(f"window_valid must be a bool mask {(b, w)}, got {window_valid.dtype} "
                              f"{tuple(window_valid.shape)}")
         keep = keep & window_valid.view(b, 1, 1, w, 1)
-    probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
-    return probs.nan_to_num(0.0)  # fully masked rows (invalid queries) -> 0
+    return logits.masked_fill_(~keep, float("-inf"))
 
 
 class Importance(NamedTuple):

@@ -1,0 +1,245 @@
+"""`PackConfig(budget=f)`: choose, per layer and tensor, the encoding of the prompt that fits a byte budget.
+
+At a prefill every layer proposes, for each prompt span it freezes, a few candidate encodings of its keys and of
+its values (exact, KIVI quantization at 8/4/2 bits, low-rank post-RoPE factors with 8- or 4-bit coefficients at
+several energies). Each candidate is really encoded, so its bytes are the bytes of its storages, and it gets an
+error measured on the prompt itself: the attention output of the last `QUERIES` prompt queries (the observation
+window, recomputed from the attention module's inputs by a pre-hook, `window_queries`) with the candidate in
+place of the exact span, relative to the exact output (squared, so errors of independent groups add).
+
+Prefill attention is exact in a PackedCache (a layer's segments are not read while its own prefill call
+attends), so no layer's choice changes what later layers see: the cache collects the candidates of every layer
+and, once the last layer has been called, solves one multiple-choice knapsack (`budget.allocate`) over all of
+them with budget f x DynamicCache bytes minus everything else the cache holds (sinks, recent window, earlier
+segments). Each frozen span then gets its chosen parts; the layer's decode chunks use its chosen encoding too.
+Not supported (clear errors): vision-language prompts (modality groups) and `PackedCache.ingest` (no queries).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..budget import BudgetError, Option, allocate
+from ..codecs.lowrank import Factors, energy_rank, spectrum_and_basis
+from ..codecs.quant import QuantizedLowRankPart, QuantizedPart
+from ..config import PackConfig
+from ..scoring.observation import attention_scaling, window_logits, window_queries
+from .memory import storage_nbytes
+from .segments import ExactPart, Segment
+
+# observation-window queries per layer that measure errors. 16 costs half of 32 and chose as well on one text
+# (1/8 of the bytes: +0.23% PPL with 16, +0.86% and +1.24% with 32 and slightly different candidate sets)
+QUERIES = 16
+# candidate encodings: label -> codec fields for one tensor ("{p}" is "key" or "value"); low-rank keys post-RoPE
+_QUANT = {f"q{b}": dict(codec="quant", bits=b) for b in (8, 4, 2)}
+_LOWRANK = {f"lr{e:g}c{b}": dict(codec="lowrank", energy=e, bits=b)
+            for e, b in ((0.98, 4), (0.95, 4), (0.9, 4), (0.8, 4), (0.6, 4))}
+KEY_CANDIDATES: dict[str, dict] = {"exact": dict(codec="exact"), **_QUANT, **_LOWRANK}
+VALUE_CANDIDATES: dict[str, dict] = {"exact": dict(codec="exact"), **_QUANT,
+                                     **{k: v for k, v in _LOWRANK.items() if v["energy"] <= 0.95}}
+
+
+def candidate_config(base: PackConfig, key: str, value: str) -> PackConfig:
+    """`base` with the codec fields of key candidate `key` and value candidate `value` (for decode chunks)."""
+    fields = {}
+    for prefix, spec in (("key", KEY_CANDIDATES[key]), ("value", VALUE_CANDIDATES[value])):
+        fields.update({f"{prefix}_codec": spec["codec"], f"{prefix}_bits": spec.get("bits"),
+                       f"{prefix}_energy": spec.get("energy"), f"{prefix}_rank": None,
+                       f"{prefix}_rank_fraction": None, f"{prefix}_max_rank_fraction": 1.0})
+    return base.replace(key_pre_rope=False, **fields)
+
+
+@dataclass
+class _Context:
+    """What one layer's prefill call needs to score candidates: exact K/V of every token the window sees."""
+
+    first: int  # cache index of keys[..., 0, :]
+    keys: torch.Tensor  # (B, H, T, d)
+    values: torch.Tensor  # (B, H, T, d)
+    queries: torch.Tensor  # (B, H, G*w, d) the call's last w queries, grouped by KV head
+    logits: torch.Tensor  # (B, H, G*w, T) scaled, -inf where masked
+    probs: torch.Tensor  # (B, H, G*w, T) exact window attention
+    out: torch.Tensor  # (B, H, G*w, d) exact window output
+    energy: float  # ||out||^2
+    scaling: float
+    sliding: int | None
+    valid: torch.Tensor  # (B, T)
+
+
+@dataclass
+class _Pending:
+    layer: object  # PackedLayer
+    segment: Segment
+    keys: list[tuple[str, object, int, float]] = field(default_factory=list)  # (label, part, bytes, error)
+    values: list[tuple[str, object, int, float]] = field(default_factory=list)
+
+
+class BudgetPlanner:
+    """Collects candidates during a prefill and assigns encodings within the budget at its end (one per cache)."""
+
+    def __init__(self, cache, fraction: float):
+        self.cache = cache
+        self.fraction = fraction
+        self.queries: dict[int, torch.Tensor] = {}  # layer -> (B, Hq, w, d) window queries of the current call
+        self.scaling: dict[int, float] = {}
+        self.contexts: dict[int, _Context] = {}
+        self.pending: list[_Pending] = []
+        # layer -> (B, Hq, m, d) rotated queries of m tokens *after* the prompt, used instead of the window's when
+        # given: an oracle error for measuring the window's (bench/budget.py --oracle), not for deployment
+        self.held_out: dict[int, torch.Tensor] = {}
+        # the last prefill's options per (layer, span start): {"keys"/"values": [(label, bytes, error)], "choice"}
+        self.report: dict[tuple[int, int], dict] = {}
+
+    # ---- hooks called by PackedCache / PackedLayer ----------------------------------------------------------
+    def note_attention(self, layer_idx: int, module, args, kwargs) -> None:
+        """Attention pre-hook: keep the last prompt queries of a multi-token call."""
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        pe = kwargs.get("position_embeddings")
+        if hidden is None or pe is None or hidden.dim() != 3 or hidden.shape[1] < 2:
+            return
+        self.queries[layer_idx] = window_queries(module, hidden, pe, min(QUERIES, hidden.shape[1]))
+        self.scaling[layer_idx] = attention_scaling(module)
+
+    def begin(self, layer, ctx) -> None:
+        """Start of a prefill compaction of `layer`: snapshot the exact K/V the window queries attend to."""
+        if ctx.layout is not None:
+            raise ValueError("PackConfig.budget covers text prompts only: this prompt has image/video tokens; "
+                             "use a config without budget for vision-language prompts")
+        idx = layer.layer_idx
+        queries = self.queries.pop(idx, None)
+        if queries is None:
+            raise ValueError("PackConfig.budget needs the prompt's last queries, seen by a hook on the model's "
+                             "attention: prefill through the model with this cache (PackedCache.ingest cannot)")
+        keys = layer._materialize(lambda s: s.keys, layer.tail_keys, ctx.rope)  # (B, H, T, d)
+        values = layer._materialize(lambda s: s.values, layer.tail_values, ctx.rope)
+        t, n_tail = keys.shape[-2], layer.tail_length
+        valid = torch.ones(keys.shape[0], t, dtype=torch.bool, device=keys.device)
+        valid[:, t - n_tail:] = layer.tail_valid  # earlier segments: taken as real tokens
+        scaling = self.scaling.pop(idx)
+        sliding = layer.spec.sliding_window
+        b, h = keys.shape[:2]
+        if idx in self.held_out:  # later queries see every prompt key: append as many masked dummy keys
+            queries = self.held_out[idx]
+            pad = keys.new_zeros(b, h, queries.shape[-2], keys.shape[-1])
+            keys, values = torch.cat([keys, pad], dim=-2), torch.cat([values, pad], dim=-2)
+            valid = torch.cat([valid, valid.new_zeros(b, pad.shape[-2])], dim=-1)
+        logits = window_logits(queries, keys, valid, None, scaling, sliding).flatten(2, 3)  # (B, H, G*w, T)
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        out = probs @ values.float()  # (B, H, G*w, d)
+        grouped = queries.float().reshape(b, h, -1, queries.shape[-1])  # (B, H, G*w, d)
+        self.contexts = {}  # one layer at a time: earlier layers are done
+        self.contexts[idx] = _Context(layer.total - t, keys, values, grouped, logits, probs, out,
+                                      float(out.square().sum()), scaling, sliding, valid)
+
+    def propose(self, layer, start: int, end: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
+        """Encode span [start, end) (k, v (B, H, n, d)) every candidate way; return placeholder (key, value) parts
+        (the cheapest candidates) for the segment the layer builds, and remember the segment."""
+        c = self.contexts[layer.layer_idx]
+        a, b = start - c.first, end - c.first
+        cfg = layer.config
+        mask = valid[:, None, :, None]
+        keys = self._candidates(k * mask, True, KEY_CANDIDATES, cfg)
+        values = self._candidates(v * mask, False, VALUE_CANDIDATES, cfg)
+        pend = _Pending(layer, None)
+        masked = torch.isinf(c.logits[..., a:b])  # (B, H, G*w, n) keys of the span a query cannot see
+        values_f = c.values.float()
+        for label, part in keys:
+            err = 0.0
+            if label != "exact":  # only the span's logits change
+                logits = c.logits.clone()
+                span = c.queries @ part.materialize(start, end, None).float().transpose(-1, -2)  # (B, H, G*w, n)
+                logits[..., a:b] = span.mul_(c.scaling).masked_fill_(masked, float("-inf"))
+                probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+                err = self._error(probs @ values_f - c.out, c)
+            pend.keys.append((label, part, storage_nbytes(part.tensors()), err))
+        probs_span = c.probs[..., a:b].contiguous()  # (B, H, G*w, n)
+        for label, part in values:
+            err = 0.0
+            if label != "exact":
+                delta = (part.materialize(start, end, None).float() - v.float()) * mask  # (B, H, n, d)
+                err = self._error(probs_span @ delta, c)
+            pend.values.append((label, part, storage_nbytes(part.tensors()), err))
+        self.pending.append(pend)
+        cheap = lambda opts: min(opts, key=lambda o: o[2])[1]  # noqa: E731
+        return pend, cheap(pend.keys), cheap(pend.values)
+
+    def finish(self) -> None:
+        """End of a forward call: choose every pending span's encodings within the budget and install them."""
+        self.contexts.clear()
+        self.queries.clear()
+        pending = [p for p in self.pending if p.segment is not None and p.segment in p.layer.segments]
+        self.pending = []
+        if not pending:
+            return
+        ours = {t.untyped_storage().data_ptr() for p in pending for t in p.segment.tensors()}
+        fixed = storage_nbytes([t for t in self.cache.tensors() if t.untyped_storage().data_ptr() not in ours])
+        dynamic = self.cache.dynamic_nbytes()
+        limit = int(self.fraction * dynamic)
+        groups = [[Option(nb, err, label) for label, _, nb, err in opts]
+                  for p in pending for opts in (p.keys, p.values)]
+        cheapest = fixed + sum(min(o.nbytes for o in g) for g in groups)
+        if limit < cheapest:
+            smallest = math.ceil(cheapest / dynamic * 1e4) / 1e4  # rounded up: this fraction fits
+            raise BudgetError(f"PackConfig.budget={self.fraction:g} is infeasible for this prompt: the cheapest "
+                              f"encodings hold {cheapest} bytes (sinks and the {self.cache.config.window}-token "
+                              f"recent window stay exact) of DynamicCache's {dynamic}; use budget >= {smallest:.4f}, "
+                              "a smaller window, or a longer prompt")
+        alloc = allocate(groups, limit - fixed)
+        self.report = {}
+        for i, p in enumerate(pending):
+            ki, vi = alloc.choice[2 * i], alloc.choice[2 * i + 1]
+            self.report[p.layer.layer_idx, p.segment.start] = {
+                "keys": [o[:1] + o[2:] for o in p.keys], "values": [o[:1] + o[2:] for o in p.values],
+                "choice": (p.keys[ki][0], p.values[vi][0])}
+            p.segment.keys, p.segment.values = p.keys[ki][1], p.values[vi][1]
+            cfg = candidate_config(p.layer.config, p.keys[ki][0], p.values[vi][0])
+            p.layer.set_text_codec(cfg)
+            p.layer.budget_choice = (p.keys[ki][0], p.values[vi][0])
+
+    # ---- internals -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _error(diff: torch.Tensor, c: _Context) -> float:
+        return float(diff.square().sum()) / max(c.energy, 1e-30)
+
+    @staticmethod
+    def _candidates(x: torch.Tensor, is_key: bool, table: dict[str, dict], cfg: PackConfig) -> list:
+        """(label, part) of every candidate of x (B, H, n, d), padding rows zeroed; encodings not smaller than
+        exact are left out (exact itself is a candidate). Low-rank candidates share one factorization."""
+        exact_bytes = x.numel() * x.element_size()
+        out = [("exact", ExactPart(x.clone()))]
+        b, h, n, d = x.shape
+        lowrank = [(lab, s) for lab, s in table.items() if s["codec"] == "lowrank"]
+        if lowrank:
+            block = x.transpose(1, 2).reshape(b, n, h * d)  # (B, T, H*d)
+            spectrum, vecs = spectrum_and_basis(block)
+            ranks = {lab: [energy_rank(spectrum[i], s["energy"]) for i in range(b)] for lab, s in lowrank}
+            top = max(max(r) for r in ranks.values())
+            f = Factors((block.to(torch.float64) @ vecs[:, :, :top]).to(x.dtype),  # (B, T, top)
+                        vecs[:, :, :top].transpose(1, 2).to(x.dtype).contiguous())  # (B, top, D)
+            # coefficients are quantized per column (groups along T): the first r columns of the top-rank
+            # encoding are exactly the rank-r encoding, so each bit width is quantized once
+            full = {bits: QuantizedLowRankPart.from_factors(f, h, None, (), coeff_bits=bits, basis_bits=16,
+                                                            coeff_group=cfg.quant_group)
+                    for bits in {s["bits"] for _, s in lowrank}}
+        for label, spec in table.items():
+            if spec["codec"] == "quant":
+                make = QuantizedPart.keys if is_key else QuantizedPart.values
+                part = make(x, spec["bits"], cfg.quant_group)
+            elif spec["codec"] == "lowrank":
+                part = _first_components(full[spec["bits"]], max(ranks[label]), tuple(ranks[label]))
+            else:
+                continue
+            if storage_nbytes(part.tensors()) < exact_bytes:
+                out.append((label, part))
+        return out
+
+
+def _first_components(part: QuantizedLowRankPart, r: int, sample_ranks: tuple[int, ...]) -> QuantizedLowRankPart:
+    """The rank-r part made of the first r components of `part` (own storages, so bytes count exactly)."""
+    q = part.coeffs  # stored (B, top, ...): one row per component
+    coeffs = dataclasses.replace(q, codes=q.codes[:, :r].clone(), scales=q.scales[:, :r].clone(),
+                                 mins=q.mins[:, :r].clone(), shape=(q.shape[0], q.shape[1], r))
+    return QuantizedLowRankPart(coeffs, part.basis[:, :r].clone(), part.num_heads, None, sample_ranks)

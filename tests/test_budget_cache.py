@@ -1,0 +1,175 @@
+"""`PackConfig(budget=f)`: the cache holds at most f x DynamicCache's bytes after a prefill, with clear errors."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from attentionpack import PackConfig, PackedCache
+from attentionpack.budget import BudgetError
+from helpers import dynamic_cache, greedy, padded_batch
+
+SMALL = dict(window=16, min_span=16)  # tiny prompts: a short exact window leaves most tokens to the budget
+
+
+def _prefill(model, cache, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2_sliding", "gemma3_text"])
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.3, 0.2])
+def test_budget_is_respected(tiny_model, name, fraction):
+    model = tiny_model(name)
+    ids, mask = padded_batch(300, pad=7)  # batch of 2, the second left-padded
+    cache = PackedCache(model, PackConfig(budget=fraction, **SMALL))
+    out = _prefill(model, cache, ids, mask)
+    assert cache.nbytes() <= fraction * cache.dynamic_nbytes()
+    ref = _prefill(model, dynamic_cache(model), ids, mask)  # prefill attention stays exact
+    torch.testing.assert_close(out.logits[mask.bool()], ref.logits[mask.bool()], rtol=1e-4, atol=1e-4)
+    chosen = [layer for layer in cache.layers if layer.budget_choice]
+    assert chosen
+    for layer in chosen:  # decode chunks will use the chosen encoding
+        cfg = layer.codecs["text"][0]
+        key, value = layer.budget_choice
+        assert cfg.key_codec == ("quant" if key.startswith("q") else "lowrank" if key.startswith("lr") else "exact")
+        assert cfg.value_codec == ("quant" if value.startswith("q") else "lowrank" if value.startswith("lr")
+                                   else "exact")
+
+
+def test_tighter_budgets_hold_fewer_bytes(tiny_model):
+    model = tiny_model("llama")
+    ids, mask = padded_batch(300, pad=0, batch=1)
+    held = []
+    for fraction in (0.8, 0.4, 0.2):
+        cache = PackedCache(model, PackConfig(budget=fraction, **SMALL))
+        _prefill(model, cache, ids, mask)
+        held.append(cache.nbytes())
+    assert held[0] > held[1] > held[2]
+
+
+def test_generate_with_a_budget(tiny_model):
+    model = tiny_model("qwen2")
+    ids, mask = padded_batch(200, pad=5)
+    cache = PackedCache(model, PackConfig(budget=0.25, chunk=32, **SMALL))
+    out = greedy(model, cache, ids, mask, new_tokens=40)  # 40 steps: decode chunks get compressed too
+    assert out.sequences.shape == (2, 240)
+    assert any(s.kind == "chunk" for s in cache.layers[0].segments)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.5, True, "0.125", float("nan")])
+def test_invalid_budgets_are_rejected(bad):
+    with pytest.raises(ValueError, match=r"PackConfig\.budget=.*must be None or a fraction"):
+        PackConfig(budget=bad)
+
+
+def test_budget_with_modality_overrides_is_rejected():
+    with pytest.raises(ValueError, match=r"PackConfig\.budget=.*modality overrides"):
+        PackConfig(budget=0.25, image={"value_bits": 2, "value_codec": "quant"})
+
+
+def test_too_small_budget_names_the_smallest_feasible_fraction(tiny_model):
+    model = tiny_model("llama")
+    ids, mask = padded_batch(300, pad=0, batch=1)
+    with pytest.raises(BudgetError, match=r"PackConfig\.budget=0\.01 is infeasible.*use budget >= ") as err:
+        _prefill(model, PackedCache(model, PackConfig(budget=0.01, **SMALL)), ids, mask)
+    smallest = float(re.search(r"use budget >= ([0-9.]+)", str(err.value)).group(1))
+    assert 0.01 < smallest < 0.3
+    cache = PackedCache(model, PackConfig(budget=smallest, **SMALL))
+    _prefill(model, cache, ids, mask)  # the named fraction fits
+    assert cache.nbytes() <= smallest * cache.dynamic_nbytes()
+
+
+def test_ingest_needs_the_queries(tiny_model):
+    model = tiny_model("llama")
+    ids, mask = padded_batch(300, pad=0, batch=1)
+    dyn = dynamic_cache(model)
+    _prefill(model, dyn, ids, mask)
+    with pytest.raises(ValueError, match="budget needs the prompt's last queries"):
+        PackedCache(model, PackConfig(budget=0.25, **SMALL)).ingest(dyn)
+
+
+def test_first_components_equal_a_lower_rank_encoding():
+    from attentionpack.cache.budgeted import _first_components
+    from attentionpack.codecs.lowrank import Factors, spectrum_and_basis
+    from attentionpack.codecs.quant import QuantizedLowRankPart
+
+    x = torch.randn(2, 300, 48)
+    _, vecs = spectrum_and_basis(x)
+    f = Factors((x.double() @ vecs[:, :, :40]).float(), vecs[:, :, :40].transpose(1, 2).float().contiguous())
+    full = QuantizedLowRankPart.from_factors(f, 3, None, (), coeff_bits=4, basis_bits=16)
+    cut = _first_components(full, 17, (17, 17))
+    low = QuantizedLowRankPart.from_factors(Factors(f.coeffs[:, :, :17].contiguous(), f.basis[:, :17].contiguous()),
+                                            3, None, (17, 17), coeff_bits=4, basis_bits=16)
+    assert torch.equal(cut.materialize(0, 300, None), low.materialize(0, 300, None))
+    assert [t.shape for t in cut.tensors()] == [t.shape for t in low.tensors()]
+    assert sum(t.untyped_storage().nbytes() for t in cut.tensors()) == \
+        sum(t.untyped_storage().nbytes() for t in low.tensors())
+
+
+def test_budget_config_names():
+    from attentionpack.eval.configs import parse_config
+
+    spec = parse_config("budget-0.125")
+    assert spec.name == "budget-0.125" and spec.ours and spec.pack.budget == 0.125
+    for bad in ("budget-0", "budget-1.5", "budget-1.2.3"):
+        with pytest.raises(ValueError, match="budget must be a fraction"):
+            parse_config(bad)
+
+
+def test_shared_needle_prefill_prefills_a_budget_cache_itself(tiny_model):
+    from attentionpack.eval.needle import greedy_answers_shared
+
+    model = tiny_model("llama")
+    ids, _ = padded_batch(300, pad=0, batch=1)
+    context, question = ids[0, :280].tolist(), ids[0, 280:].tolist()
+    made = []
+
+    def budgeted():
+        made.append(PackedCache(model, PackConfig(budget=0.3, **SMALL)))
+        return made[-1]
+
+    out = greedy_answers_shared(model, context, question, {"budget": budgeted, "dynamic": None}, max_new_tokens=4)
+    assert len(out["budget"][0]) == 4 and len(out["dynamic"][0]) == 4
+    assert made[0].nbytes() > 0 and any(layer.budget_choice for layer in made[0].layers)
+
+
+def test_errors_match_the_attention_output_error(tiny_model):
+    """The planner's value error of a span is attention_output_error² of the window queries, computed apart."""
+    from attentionpack.budget import attention_output_error
+    from attentionpack.cache.budgeted import QUERIES
+    from attentionpack.codecs.quant import QuantizedPart
+    from attentionpack.models.registry import ModelAdapter
+    from attentionpack.scoring.observation import attention_scaling, window_queries
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch(300, pad=0, batch=1)
+    cfg = PackConfig(budget=0.3, **SMALL)
+    cache = PackedCache(model, cfg)
+    _prefill(model, cache, ids, mask)
+    attn = ModelAdapter(model).attention_modules[1]
+    seen = {}
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, k: seen.update(q=window_queries(m, k["hidden_states"], k["position_embeddings"], QUERIES)),
+        with_kwargs=True)
+    dyn = dynamic_cache(model)
+    try:
+        _prefill(model, dyn, ids, mask)
+    finally:
+        handle.remove()
+    keys, values = dyn.layers[1].keys, dyn.layers[1].values  # (1, H, 300, d)
+    (layer, start), report = next((k, r) for k, r in cache.planner.report.items() if k[0] == 1)
+    end = 300 - cfg.window
+    errors = dict((label, err) for label, _, err in report["values"])
+    assert errors["exact"] == 0 and 0 < errors["q8"] < errors["q4"] < errors["q2"]
+    v_hat = values.clone()
+    v_hat[:, :, start:end] = QuantizedPart.values(values[:, :, start:end], 4, cfg.quant_group).materialize(0, 0, None)
+    valid = torch.ones(1, 300, dtype=torch.bool)
+    ref = attention_output_error(seen["q"], keys, values, keys, v_hat, valid, scaling=attention_scaling(attn))
+    assert errors["q4"] == pytest.approx(float(ref) ** 2, rel=1e-3)
+    key_errors = dict((label, err) for label, _, err in report["keys"])
+    k_hat = keys.clone()
+    k_hat[:, :, start:end] = QuantizedPart.keys(keys[:, :, start:end], 2, cfg.quant_group).materialize(0, 0, None)
+    ref = attention_output_error(seen["q"], keys, values, k_hat, values, valid, scaling=attention_scaling(attn))
+    assert key_errors["q2"] == pytest.approx(float(ref) ** 2, rel=1e-3)
