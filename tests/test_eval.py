@@ -227,3 +227,18 @@ def test_exact_cache_shortcut_equals_one_token_steps(tiny_model):
     assert rows[3][1].shape == rows[None][1].shape == (40, 128)
     torch.testing.assert_close(rows[3][1], rows[None][1], atol=1e-5, rtol=0)
     assert abs(rows[3][0].ppl - rows[None][0].ppl) < 1e-4 * rows[None][0].ppl
+
+
+def test_a_budget_too_small_for_the_prompts_is_reported_not_fatal(tiny_folder, tmp_path):
+    """budget-0.02 cannot hold these short prompts (the exact window alone is ~20% of them): the quality cell
+    fails with a note, the needle prompts are marked not run, and every artifact is still written."""
+    out = tmp_path / "budget"
+    res = runner.evaluate(out, model=str(tiny_folder), texts=[str(tiny_folder / "prose.txt")], progress=False,
+                          configs=["dynamic", "budget-0.02"], needle_configs=("dynamic", "budget-0.02"),
+                          **{**SMALL, "speed_repeats": 0})
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["needle"]["budget-0.02"]["rate"] is None and saved["needle"]["dynamic"]["rate"] is not None
+    assert all(r["hit"] is None and "infeasible" in r["error"] for r in saved["needle"]["budget-0.02"]["trials"])
+    assert any("needle budget-0.02" in n and "not run" in n for n in res["notes"])
+    assert any("budget-0.02" in n and "infeasible" in n for n in res["notes"])  # the quality cell's failure
+    assert (out / "needle.png").stat().st_size > 0 and (out / "report.md").is_file()

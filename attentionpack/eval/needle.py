@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..budget import BudgetError
+
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about the important information there.")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -109,12 +111,13 @@ def greedy_answer(model, context_ids: Sequence[int], question_ids: Sequence[int]
 @torch.inference_mode()
 def greedy_answers_shared(model, context_ids: Sequence[int], question_ids: Sequence[int],
                           makers: dict[str, Callable[[], object] | None], max_new_tokens: int = 10,
-                          eos: Sequence[int] = ()) -> dict[str, tuple[list[int], float, float]]:
+                          eos: Sequence[int] = ()) -> dict[str, tuple[list[int], float, float] | BudgetError]:
     """`greedy_answer` for several caches with one prefill. The prompt goes through a DynamicCache once; a maker
     returning a PackedCache gets its cache derived from it (`PackedCache.ingest`: prefill attention is exact in our
     cache, so the prefill and its logits are the same) and a maker None decodes on the DynamicCache itself, last.
     prefill_s is the shared prefill's time, except for a cache with a byte budget (`PackConfig.budget`), which
-    needs the prompt's queries and is prefilled on its own."""
+    needs the prompt's queries and is prefilled on its own (its entry is the BudgetError when the prompt is too
+    short for the budget)."""
     ids = torch.tensor([list(context_ids) + list(question_ids)], dtype=torch.long)
     from transformers import DynamicCache
 
@@ -127,7 +130,11 @@ def greedy_answers_shared(model, context_ids: Sequence[int], question_ids: Seque
     for name, make in sorted(makers.items(), key=lambda item: item[1] is None):  # the DynamicCache one last
         cache = shared if make is None else make()
         if getattr(cache, "planner", None) is not None:  # a byte budget scores the prompt's own queries
-            results[name] = greedy_answer(model, context_ids, question_ids, lambda c=cache: c, max_new_tokens, eos)
+            try:
+                results[name] = greedy_answer(model, context_ids, question_ids, lambda c=cache: c, max_new_tokens,
+                                              eos)
+            except BudgetError as err:  # the prompt is too short for the budget
+                results[name] = err
             continue
         if cache is not shared:
             cache.ingest(shared)
@@ -203,9 +210,11 @@ def needle_grid(model, tokenizer, haystack_ids: Sequence[int], make_cache: Calla
 
 
 def rates_of(rows: Sequence[dict]) -> dict:
-    """{length: {depth: hit rate}} of trial rows."""
+    """{length: {depth: hit rate}} of trial rows; None where no trial ran (hit None: e.g. a budget the prompt
+    is too short for)."""
     out: dict = {}
     for row in rows:
         cell = out.setdefault(int(row["length"]), {}).setdefault(float(row["depth"]), [])
-        cell.append(bool(row["hit"]))
-    return {n: {d: sum(h) / len(h) for d, h in sorted(by.items())} for n, by in sorted(out.items())}
+        if row["hit"] is not None:
+            cell.append(bool(row["hit"]))
+    return {n: {d: sum(h) / len(h) if h else None for d, h in sorted(by.items())} for n, by in sorted(out.items())}

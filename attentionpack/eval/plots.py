@@ -73,7 +73,7 @@ def needle_maps(res: dict, path: Path) -> bool:
         rates = entry["rates"]
         lengths = sorted(rates, key=int)
         depths = sorted({d for by in rates.values() for d in by}, key=float)
-        grid = [[rates[n].get(d, float("nan")) for n in lengths] for d in depths]
+        grid = [[float("nan") if rates[n].get(d) is None else rates[n][d] for n in lengths] for d in depths]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..budget import BudgetError
 from . import needle as needle_mod
 from .agreement import compare_files
 from .configs import DEFAULT_CONFIGS, Spec, check_available, make_cache, parse_config, parse_configs
@@ -355,7 +356,12 @@ class Run:
                     rows.extend(self._kvpress_needle(sp, todo, eos, bar))
                 bar.close()
             rates = needle_mod.rates_of(rows)
-            total = [r["hit"] for r in rows]
+            total = [r["hit"] for r in rows if r["hit"] is not None]
+            skipped = [r for r in rows if r["hit"] is None]
+            if skipped:
+                lengths = sorted({r["length"] for r in skipped})
+                self.notes.append(f"needle {name}: {len(skipped)} prompt(s) of length {lengths} not run: "
+                                  f"{skipped[0]['error']}")
             self.results_needle[name] = {"rates": rates, "rate": sum(total) / len(total) if total else None,
                                          "trials": rows}
 
@@ -376,9 +382,13 @@ class Run:
             answers = needle_mod.greedy_answers_shared(self.model, p.context_ids, p.question_ids, makers,
                                                        self.s.needle_new_tokens, eos)
             for sp, key, settings, cell, i in users:
-                ids, prefill_s, _ = answers[sp.name]
-                answer, hit = needle_mod.score(self.tokenizer, p, ids)
-                cell["group"][i] = self._trial_row(p, answer, hit, prefill_s)
+                got = answers[sp.name]
+                if isinstance(got, BudgetError):  # the prompt is too short for this budget: no trial
+                    cell["group"][i] = {**self._trial_row(p, "", False, 0.0), "hit": None,
+                                        "error": str(got).splitlines()[0]}
+                else:
+                    answer, hit = needle_mod.score(self.tokenizer, p, got[0])
+                    cell["group"][i] = self._trial_row(p, answer, hit, got[1])
                 cell["left"] -= 1
                 if cell["left"] == 0:
                     cell["rows"].extend(self.cells.put(key, settings, {"trials": cell["group"]})["trials"])
