@@ -19,7 +19,9 @@ static int omp_get_num_threads(void) { return 1; }
 
 #define MIN_PARALLEL 1024  /* tokens x rows below which a call stays on one thread */
 
-static void unpack_row(const uint8_t *restrict row, int64_t nb, int bits, float *restrict buf) {
+/* One packed row of codes -> floats: plane k (codes k * nb ... ) from bits [k * bits, (k + 1) * bits) of each byte. */
+static inline __attribute__((always_inline)) void unpack_row(const uint8_t *restrict row, int64_t nb, int bits,
+                                                            float *restrict buf) {
     const int per = 8 / bits;
     const int mask = (1 << bits) - 1;
     for (int k = 0; k < per; k++) {
@@ -42,19 +44,14 @@ static inline __attribute__((always_inline)) void mix_core(
         int64_t group, int64_t L, int bits, int64_t ps, int64_t t_lo, int64_t t_hi, float *restrict buf,
         float *restrict acc, float *restrict macc) {
     const int64_t W = G * group;
-    const int per = 8 / bits, mask = (1 << bits) - 1;
-    const int64_t S = per * nb;  /* stride of one unpacked token in buf (>= W) */
+    const int64_t S = (8 / bits) * nb;  /* stride of one unpacked token in buf (>= W) */
     for (int64_t n = 0; n < N; n++) {
         memset(acc, 0, sizeof(float) * M * W);
         memset(macc, 0, sizeof(float) * M * G);
         const float *pn = p + n * M * ps;
         int64_t t = t_lo;
         for (; t + TU <= t_hi; t += TU) {
-            for (int u = 0; u < TU; u++) {
-                const uint8_t *row = codes + (n * T + t + u) * nb;
-                for (int k = 0; k < per; k++)
-                    for (int64_t i = 0; i < nb; i++) buf[u * S + k * nb + i] = (float)((row[i] >> (k * bits)) & mask);
-            }
+            for (int u = 0; u < TU; u++) unpack_row(codes + (n * T + t + u) * nb, nb, bits, buf + u * S);
             const _Float16 *s = scales + (n * T + t) * G, *mn = mins + (n * T + t) * G;  /* TU rows of G */
             for (int64_t m = 0; m < M; m++) {
                 const float *pm = pn + m * ps + t;
@@ -70,10 +67,8 @@ static inline __attribute__((always_inline)) void mix_core(
             }
         }
         for (; t < t_hi; t++) {
-            const uint8_t *row = codes + (n * T + t) * nb;
             const _Float16 *s = scales + (n * T + t) * G, *mn = mins + (n * T + t) * G;
-            for (int k = 0; k < per; k++)
-                for (int64_t i = 0; i < nb; i++) buf[k * nb + i] = (float)((row[i] >> (k * bits)) & mask);
+            unpack_row(codes + (n * T + t) * nb, nb, bits, buf);
             for (int64_t m = 0; m < M; m++) {
                 const float w = pn[m * ps + t];
                 float *restrict am = acc + m * W;
