@@ -22,6 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from ..cache.segments import ExactPart, Part, RopeFn
+from . import fused
 
 NAME = "attentionpack"
 
@@ -71,6 +72,11 @@ class PackedView:
         h = self.num_kv_heads
         g = hq // h
         scale = d ** -0.5 if scaling is None else scaling
+        if q == 1 and not self.gathered:  # a decoding step: one C call when the kernel knows every piece
+            out = fused.decode(self.pieces, self.first, query, self._cache_mask(mask, q, query.device), scale,
+                               softcap)
+            if out is not None:
+                return out
         qg = (query * scale).reshape(b, h, g * q, d)  # query head j*g + i attends with KV head j
         scores = torch.cat([p.keys.scores(qg, p.start, p.end, self.rope) for p in self.pieces], dim=-1)
         n = scores.shape[-1]  # (B, H, g*q, N)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("fused.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "fused.c", HERE / "decode.c"]  # both include common.h
 # -mtune=haswell: gcc tunes some AMD cores (znver1) for 128-bit vectors, which halves the speed of these loops
 FLAGS = ["-O3", "-march=native", *(["-mtune=haswell"] if platform.machine() in ("x86_64", "AMD64") else []),
          "-funroll-loops", "-fno-math-errno", "-shared", "-fPIC"]
@@ -41,7 +42,7 @@ def _build() -> ctypes.CDLL | None:
         warnings.warn("attentionpack: no C compiler found; attention on quantized pieces uses the slower torch path "
                       "(install gcc to enable the fused kernels)", RuntimeWarning, stacklevel=3)
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in [*SOURCES, HERE / "common.h"])
     error = None
     for extra in (["-fopenmp"], []):  # threads when the compiler has OpenMP, one thread otherwise
         flags = [*FLAGS, *extra]
@@ -60,7 +61,8 @@ def _build() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.ap_mix_rows.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int, i64]
     lib.ap_scores_cols.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int]
-    lib.ap_mix_rows.restype = lib.ap_scores_cols.restype = None
+    lib.ap_decode.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_float, ctypes.c_float, ptr, i64, i64, i64, i64]
+    lib.ap_mix_rows.restype = lib.ap_scores_cols.restype = lib.ap_decode.restype = None
     return lib
 
 
@@ -70,7 +72,8 @@ def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # build aside, then rename: concurrent
     os.close(fd)                                                 # processes never load a half-written file
     try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True,
+                              text=True)
         error = done.stderr.strip()[:500] if done.returncode != 0 else None
     except OSError as err:  # the compiler named by CC does not exist or cannot run
         error = str(err)

@@ -1,113 +1,8 @@
 /* Fused CPU kernels for attention over quantized cache pieces (see attentionpack/kernels/__init__.py).
 
-   Codes are packed as attentionpack.codecs.quant.pack lays them out: a row of n codes (padded to per * nb,
-   per = 8 / bits) is cut into `per` planes of nb consecutive codes; byte i of the row holds code k * nb + i in
-   bits [k * bits, (k + 1) * bits). Scales and minimums are the stored float16 (_Float16).
-   All tensors are contiguous. Built with OpenMP when the compiler has it: the process then shares torch's
-   libgomp (same soname), so the kernels split their tokens over torch's threads (torch.set_num_threads) instead
-   of competing with them; small calls stay on one thread. */
-#include <stdint.h>
-#include <string.h>
-#include <stdlib.h>
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static int omp_get_max_threads(void) { return 1; }
-static int omp_get_thread_num(void) { return 0; }
-static int omp_get_num_threads(void) { return 1; }
-#endif
-
-#define MIN_PARALLEL 1024  /* tokens x rows below which a call stays on one thread */
-
-/* One packed row of codes -> floats: plane k (codes k * nb ... ) from bits [k * bits, (k + 1) * bits) of each byte. */
-static inline __attribute__((always_inline)) void unpack_row(const uint8_t *restrict row, int64_t nb, int bits,
-                                                            float *restrict buf) {
-    const int per = 8 / bits;
-    const int mask = (1 << bits) - 1;
-    for (int k = 0; k < per; k++) {
-        float *dst = buf + k * nb;
-        const int shift = k * bits;
-        for (int64_t i = 0; i < nb; i++) dst[i] = (float)((row[i] >> shift) & mask);
-    }
-}
-
-/* Values quantized per token (groups along each token's channels), weighted sum over tokens:
-   codes (N, T, nb), scales/mins (N, T, G), p (N, M, T) with rows ps floats apart -> out (N, M, L), L <= G * group:
-   out[n, m, c] = sum_t p[n, m, t] * (scales[n, t, c / group] * code[n, t, c] + mins[n, t, c / group]).
-   Tokens go TU at a time (each token's scale folded into its weight), so every load and store of the
-   accumulator row carries TU multiply-adds; `mix_core` is inlined with W, group and bits as constants for the
-   common head dims so that the loops over channels are unrolled. */
-#define TU 4
-static inline __attribute__((always_inline)) void mix_core(
-        const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
-        const float *restrict p, float *restrict out, int64_t N, int64_t M, int64_t T, int64_t nb, int64_t G,
-        int64_t group, int64_t L, int bits, int64_t ps, int64_t t_lo, int64_t t_hi, float *restrict buf,
-        float *restrict acc, float *restrict macc) {
-    const int64_t W = G * group;
-    const int64_t S = (8 / bits) * nb;  /* stride of one unpacked token in buf (>= W) */
-    for (int64_t n = 0; n < N; n++) {
-        memset(acc, 0, sizeof(float) * M * W);
-        memset(macc, 0, sizeof(float) * M * G);
-        const float *pn = p + n * M * ps;
-        int64_t t = t_lo;
-        for (; t + TU <= t_hi; t += TU) {
-            for (int u = 0; u < TU; u++) unpack_row(codes + (n * T + t + u) * nb, nb, bits, buf + u * S);
-            const _Float16 *s = scales + (n * T + t) * G, *mn = mins + (n * T + t) * G;  /* TU rows of G */
-            for (int64_t m = 0; m < M; m++) {
-                const float *pm = pn + m * ps + t;
-                float *restrict am = acc + m * W;
-                for (int64_t g = 0; g < G; g++) {
-                    const float w0 = pm[0] * s[g], w1 = pm[1] * s[G + g], w2 = pm[2] * s[2 * G + g],
-                                w3 = pm[3] * s[3 * G + g];
-                    const float *b0 = buf + g * group, *b1 = b0 + S, *b2 = b1 + S, *b3 = b2 + S;
-                    for (int64_t c = 0; c < group; c++)
-                        am[g * group + c] += w0 * b0[c] + w1 * b1[c] + w2 * b2[c] + w3 * b3[c];
-                    macc[m * G + g] += pm[0] * mn[g] + pm[1] * mn[G + g] + pm[2] * mn[2 * G + g] + pm[3] * mn[3 * G + g];
-                }
-            }
-        }
-        for (; t < t_hi; t++) {
-            const _Float16 *s = scales + (n * T + t) * G, *mn = mins + (n * T + t) * G;
-            unpack_row(codes + (n * T + t) * nb, nb, bits, buf);
-            for (int64_t m = 0; m < M; m++) {
-                const float w = pn[m * ps + t];
-                float *restrict am = acc + m * W;
-                for (int64_t g = 0; g < G; g++) {
-                    const float ws = w * s[g];
-                    for (int64_t c = 0; c < group; c++) am[g * group + c] += ws * buf[g * group + c];
-                    macc[m * G + g] += w * mn[g];
-                }
-            }
-        }
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t c = 0; c < L; c++)
-                out[(n * M + m) * L + c] = acc[m * W + c] + macc[m * G + c / group];
-    }
-}
-
-/* One thread's share: tokens [t_lo, t_hi) of every row into `dst` (N, M, L). */
-static void mix_range(const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
-                      const float *restrict p, float *restrict dst, int64_t N, int64_t M, int64_t T, int64_t nb,
-                      int64_t G, int64_t group, int64_t L, int bits, int64_t ps, int64_t t_lo, int64_t t_hi) {
-    const int64_t W = G * group;
-    float *buf = (float *)malloc(sizeof(float) * TU * (8 * nb > W ? 8 * nb : W));
-    float *acc = (float *)malloc(sizeof(float) * M * W);
-    float *macc = (float *)malloc(sizeof(float) * M * G);
-    float *out = dst;
-#define MIX(NB, GG, GR, BITS) \
-    mix_core(codes, scales, mins, p, out, N, M, T, NB, GG, GR, L, BITS, ps, t_lo, t_hi, buf, acc, macc)
-    if (bits == 4 && W == 64 && group == 32 && nb == 32) MIX(32, 2, 32, 4);
-    else if (bits == 4 && W == 64 && group == 64 && nb == 32) MIX(32, 1, 64, 4);
-    else if (bits == 4 && W == 128 && group == 32 && nb == 64) MIX(64, 4, 32, 4);
-    else if (bits == 4 && W == 128 && group == 64 && nb == 64) MIX(64, 2, 64, 4);
-    else if (bits == 8 && W == 64 && group == 32 && nb == 64) MIX(64, 2, 32, 8);
-    else if (bits == 8 && W == 128 && group == 32 && nb == 128) MIX(128, 4, 32, 8);
-    else if (bits == 2 && W == 64 && group == 32 && nb == 16) MIX(16, 2, 32, 2);
-    else if (bits == 2 && W == 128 && group == 32 && nb == 32) MIX(32, 4, 32, 2);
-    else MIX(nb, G, group, bits);
-#undef MIX
-    free(buf); free(acc); free(macc);
-}
+   One operand at a time: the value mix and the key scores of one quantized piece. All tensors are contiguous;
+   the code layout and threading are described in common.h. */
+#include "common.h"
 
 /* The tokens are split over the threads; each sums its share into a private (N, M, L) block, then the blocks
    are added. */
@@ -141,86 +36,8 @@ void ap_mix_rows(const uint8_t *restrict codes, const _Float16 *restrict scales,
 /* Rows quantized along tokens (per-channel keys, low-rank coefficients: groups of `group` tokens per row),
    scored against query rows: codes (N, R, nb) holding T tokens per row, scales/mins (N, R, G), x (N, M, R)
    -> out (N, M, T):  out[n, m, t] = sum_j x[n, m, j] * (scales[n, j, t / group] * code[n, j, t] + mins[...]).
-   Threads share blocks of about BLOCK tokens; within a block, SUB tokens (whole groups) at a time: all R rows are
-   dequantized into a small (R, SUB) tile, then 16 tokens x 4 query rows of the output are summed over R in
-   registers (8 vector accumulators), so every pair of tile loads feeds eight multiply-adds. */
+   Threads share blocks of about BLOCK tokens (scores_span within each). */
 #define BLOCK 512
-#define SUB 64
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
-
-/* Tokens [t0, t0 + len) of one row quantized along tokens, as floats: codes -> rb -> db = code * scale + min. */
-static inline __attribute__((always_inline)) void dequant_tokens(
-        const uint8_t *restrict row, const _Float16 *restrict scales, const _Float16 *restrict mins, int64_t t0,
-        int64_t len, int64_t nb, int64_t group, int bits, int mask, float *restrict rb, float *restrict db) {
-    for (int64_t i = 0; i < len;) {  /* token t sits in plane t / nb, byte t % nb */
-        const int64_t t = t0 + i, k = t / nb;
-        const int64_t end = (k + 1) * nb - t0 < len ? (k + 1) * nb - t0 : len;
-        const uint8_t *src = row + (t - k * nb) - i;
-        const int shift = (int)k * bits;
-        for (; i < end; i++) rb[i] = (float)((src[i] >> shift) & mask);
-    }
-    const _Float16 *s = scales + t0 / group, *mn = mins + t0 / group;
-    const int64_t full = len / group;
-    for (int64_t g = 0; g < full; g++)
-        for (int64_t c = 0; c < group; c++) db[g * group + c] = rb[g * group + c] * s[g] + mn[g];
-    for (int64_t i = full * group; i < len; i++) db[i] = rb[i] * s[full] + mn[full];
-}
-
-/* out rows m0.. (up to 4, `rows` of them real) x tokens [i, i + 16) of a tile: dt (R, S) floats, xm (M, R). */
-static inline __attribute__((always_inline)) void tile_16x4(
-        const float *restrict dt, int64_t S, const float *restrict x, int64_t R, int64_t m0, int64_t rows,
-        int64_t i, float *restrict o, int64_t T, int64_t cnt) {
-    const float *x0 = x + m0 * R, *x1 = x0 + (rows > 1 ? R : 0), *x2 = x0 + (rows > 2 ? 2 * R : 0),
-                *x3 = x0 + (rows > 3 ? 3 * R : 0);
-    v8 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
-    for (int64_t j = 0; j < R; j++) {
-        const v8 d0 = *(const v8 *)(dt + j * S + i), d1 = *(const v8 *)(dt + j * S + i + 8);
-        const float b0 = x0[j], b1 = x1[j], b2 = x2[j], b3 = x3[j];
-        a00 += b0 * d0; a01 += b0 * d1;
-        a10 += b1 * d0; a11 += b1 * d1;
-        a20 += b2 * d0; a21 += b2 * d1;
-        a30 += b3 * d0; a31 += b3 * d1;
-    }
-    const v8 acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
-    const int64_t n = cnt - i < 16 ? cnt - i : 16;
-    for (int64_t r = 0; r < rows; r++) {
-        float *dst = o + (m0 + r) * T + i;
-        if (n == 16) {
-            *(v8 *)dst = acc[r][0];
-            *(v8 *)(dst + 8) = acc[r][1];
-        } else {
-            float tmp[16];
-            *(v8 *)tmp = acc[r][0];
-            *(v8 *)(tmp + 8) = acc[r][1];
-            for (int64_t k = 0; k < n; k++) dst[k] = tmp[k];
-        }
-    }
-}
-
-/* One (row n, block of tokens from t0) of `out`, inlined with group and bits as constants where it is called. */
-static inline __attribute__((always_inline)) void scores_block(
-        const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
-        const float *restrict x, float *restrict out, int64_t M, int64_t R, int64_t T, int64_t nb, int64_t G,
-        int64_t group, int bits, int64_t block, int64_t n, int64_t t0) {
-    const int mask = (1 << bits) - 1;
-    const int64_t len = t0 + block < T ? block : T - t0;
-    const int64_t sub = group < SUB ? (SUB / group) * group : group;  /* whole groups: scales index by t / group */
-    const int64_t S = (sub + 15) / 16 * 16;  /* row stride of the tile: whole 16-token steps (the pad is not stored) */
-    float *tile = (float *)malloc(sizeof(float) * (R * S + sub));
-    float *rb = tile + R * S;
-    const float *xn = x + n * M * R;
-    float *o = out + n * M * T;
-    for (int64_t s0 = t0; s0 < t0 + len; s0 += sub) {
-        const int64_t cnt = s0 + sub < t0 + len ? sub : t0 + len - s0;
-        for (int64_t j = 0; j < R; j++)
-            dequant_tokens(codes + (n * R + j) * nb, scales + (n * R + j) * G, mins + (n * R + j) * G,
-                           s0, cnt, nb, group, bits, mask, rb, tile + j * S);
-        for (int64_t i = 0; i < cnt; i += 16)
-            for (int64_t m0 = 0; m0 < M; m0 += 4)
-                tile_16x4(tile, S, xn, R, m0, M - m0 < 4 ? M - m0 : 4, i, o + s0, T, cnt);
-    }
-    free(tile);
-}
 
 void ap_scores_cols(const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
                     const float *restrict x, float *restrict out, int64_t N, int64_t M, int64_t R, int64_t T,
@@ -230,9 +47,12 @@ void ap_scores_cols(const uint8_t *restrict codes, const _Float16 *restrict scal
     /* every (row, block of tokens) writes its own part of `out`: the blocks are shared among the threads */
 #pragma omp parallel for schedule(static) if (N * T >= MIN_PARALLEL)
     for (int64_t i = 0; i < N * blocks; i++) {
-        const int64_t n = i / blocks, t0 = (i % blocks) * block;
-        if (bits == 4 && group == 32) scores_block(codes, scales, mins, x, out, M, R, T, nb, G, 32, 4, block, n, t0);
-        else if (bits == 8 && group == 32) scores_block(codes, scales, mins, x, out, M, R, T, nb, G, 32, 8, block, n, t0);
-        else scores_block(codes, scales, mins, x, out, M, R, T, nb, G, group, bits, block, n, t0);
+        const int64_t n = i / blocks, t0 = (i % blocks) * block, len = t0 + block < T ? block : T - t0;
+        const uint8_t *c = codes + n * R * nb;
+        const _Float16 *s = scales + n * R * G, *mn = mins + n * R * G;
+        float *o = out + n * M * T + t0;
+        if (bits == 4 && group == 32) scores_span(c, s, mn, x + n * M * R, M, R, nb, G, 32, 4, t0, len, o, T);
+        else if (bits == 8 && group == 32) scores_span(c, s, mn, x + n * M * R, M, R, nb, G, 32, 8, t0, len, o, T);
+        else scores_span(c, s, mn, x + n * M * R, M, R, nb, G, group, bits, t0, len, o, T);
     }
 }

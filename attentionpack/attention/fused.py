@@ -1,0 +1,120 @@
+"""A decoding step of a packed layer as one C call (attentionpack/kernels/decode.c).
+
+`PackedView.attend` runs a dozen small torch operations per layer and step (scores of each piece, concatenation,
+softmax, one mix per piece); at 2k tokens they cost about as much as the kernels themselves. For one-token steps
+over pieces whose forms the kernel knows — exact, keys per channel or factored after RoPE with 4/8-bit
+coefficients, values per token — `decode` hands the kernel a table of the pieces (addresses, strides, code
+layouts) and gets the attention output back: scores, softmax (merged across blocks with a running max) and value
+mix in one pass over the stored bytes. Anything else returns None and the view takes its general path.
+"""
+from __future__ import annotations
+
+import array
+
+import torch
+
+from .. import kernels
+from ..cache.segments import ExactPart
+from ..codecs.quant import Quantized, QuantizedLowRankPart, QuantizedPart, dequantize
+
+KEYS_EXACT, KEYS_PER_CHANNEL, KEYS_FACTORS = 0, 1, 2
+VALUES_EXACT, VALUES_PER_TOKEN = 0, 1
+FIELDS = 27  # int64 fields of piece_t in decode.c
+
+
+def decode(pieces, first: int, query: torch.Tensor, allowed: torch.Tensor | None, scale: float,
+           softcap: float | None) -> torch.Tensor | None:
+    """query (B, Hq, 1, d) float32 rotated; allowed None or (B|1, 1, 1, N) bool over cache indices [first, ...).
+    -> (B, 1, Hq, d), or None when a piece or an operand is not one the kernel takes."""
+    b, hq, q, d = query.shape
+    if q != 1 or query.dtype != torch.float32 or query.device.type != "cpu" or kernels.library() is None:
+        return None
+    keep: list[torch.Tensor] = []  # temporaries whose addresses the table holds
+    table: list[int] = []
+    h = None
+    for p in pieces:
+        if p.index is not None:
+            return None
+        row = _piece(p, b, d, first, keep)
+        if row is None:
+            return None
+        table += row
+        h = h or _heads(p)
+    if h is None or hq % h:
+        return None
+    query = query.contiguous()  # (B, Hq, 1, d) = (B, H, g, d): query head j*g + i uses KV head j
+    mask, mask_sb = 0, 0
+    if allowed is not None:
+        m = allowed.reshape(allowed.shape[0], -1).to(torch.uint8).contiguous()  # (B|1, N)
+        keep.append(m)
+        mask, mask_sb = m.data_ptr(), (m.shape[1] if m.shape[0] > 1 else 0)
+    out = torch.empty(b, 1, hq, d, dtype=torch.float32)
+    desc = array.array("q", table)
+    addr, _ = desc.buffer_info()
+    kernels.library().ap_decode(addr, len(table) // FIELDS, query.data_ptr(), mask, mask_sb, scale,
+                                0.0 if softcap is None else float(softcap), out.data_ptr(), b, h, hq // h, d)
+    return out
+
+
+def _heads(p) -> int | None:
+    part = p.values
+    if isinstance(part, ExactPart):
+        return part.data.shape[1]
+    return part.q.shape[1] if isinstance(part, QuantizedPart) else None
+
+
+def _exact(t: torch.Tensor, b: int, d: int) -> tuple[int, int, int] | None:
+    """(address, batch stride, head stride) of (B, H, T, d) float32 states with rows of d contiguous floats."""
+    if t.dtype != torch.float32 or t.shape[0] != b or t.shape[-1] != d or t.stride(-1) != 1 or \
+            (t.shape[2] > 1 and t.stride(2) != d):
+        return None
+    return t.data_ptr(), t.stride(0), t.stride(1)
+
+
+def _codes(q: Quantized, keep: list) -> list[int]:
+    codes, scales, mins = (t.contiguous() for t in (q.codes, q.scales, q.mins))
+    keep += [codes, scales, mins]
+    return [codes.data_ptr(), scales.data_ptr(), mins.data_ptr(), codes.shape[-1], scales.shape[-1], q.group_size,
+            q.bits]
+
+
+def _piece(p, b: int, d: int, first: int, keep: list) -> list[int] | None:
+    """The 27 fields of piece_t for piece p, or None."""
+    keys, values = p.keys, p.values
+    t = p.end - p.start
+    row = [0, 0, t, p.start - first]
+    # keys: k, k_sb, k_sh | kc, ks, km, k_nb, k_G, k_group, k_bits, k_R | basis, basis_half
+    if isinstance(keys, ExactPart):
+        ex = _exact(keys.data, b, d)
+        if ex is None:
+            return None
+        row[0] = KEYS_EXACT
+        row += [*ex, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    elif isinstance(keys, QuantizedPart) and keys.q.axis == 2 and keys.q.shape[3] == d:
+        row[0] = KEYS_PER_CHANNEL
+        row += [0, 0, 0, *_codes(keys.q, keep), d, 0, 0]
+    elif isinstance(keys, QuantizedLowRankPart) and keys.positions is None and keys.coeffs.dtype == torch.float32:
+        basis = keys.basis
+        if isinstance(basis, Quantized):
+            basis = dequantize(basis)
+        if basis.dtype not in (torch.float32, torch.float16):
+            return None
+        basis = basis.contiguous()
+        keep.append(basis)
+        row[0] = KEYS_FACTORS
+        row += [0, 0, 0, *_codes(keys.coeffs, keep), basis.shape[1], basis.data_ptr(), int(basis.dtype == torch.float16)]
+    else:
+        return None
+    # values: v, v_sb, v_sh | vc, vs, vm, v_nb, v_G, v_group, v_bits
+    if isinstance(values, ExactPart):
+        ex = _exact(values.data, b, d)
+        if ex is None:
+            return None
+        row[1] = VALUES_EXACT
+        row += [*ex, 0, 0, 0, 0, 0, 0, 0]
+    elif isinstance(values, QuantizedPart) and values.q.axis == 3 and values.q.shape[3] == d:
+        row[1] = VALUES_PER_TOKEN
+        row += [0, 0, 0, *_codes(values.q, keep)]
+    else:
+        return None
+    return row

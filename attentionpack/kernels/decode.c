@@ -1,0 +1,225 @@
+/* One decoding step of attention over a whole packed layer in one call (see attentionpack/attention/fused.py).
+
+   The layer is a list of pieces (sink, compressed spans and chunks, the exact tail), each with its keys and values
+   in their stored form. The work is cut into items (sample b, piece, block of tokens): an item scores its tokens
+   for every query row of every KV head, takes the softmax of its block against its own running maximum, and
+   mixes its values with those weights; the items are shared among torch's OpenMP threads and their partial
+   results (max, sum, weighted values) are merged at the end, flash-decoding style. Nothing is concatenated, no
+   float copy of any piece is made, and there is one call per layer instead of a dozen small torch operations.
+
+   Shapes: B samples, H KV heads, M query rows per KV head (grouped-query heads x query tokens), d head dim,
+   T tokens of a piece, R rows of a factor basis (its rank). */
+#include <math.h>
+#include "common.h"
+
+enum { KEYS_EXACT = 0, KEYS_PER_CHANNEL = 1, KEYS_FACTORS = 2 };
+enum { VALUES_EXACT = 0, VALUES_PER_TOKEN = 1 };
+
+/* A piece, as Python fills it (all fields int64, pointers as addresses; see fused.py for the field order). */
+typedef struct {
+    int64_t keys, values;  /* kinds above */
+    int64_t T, col0;       /* tokens per sample; mask column of token 0 */
+    int64_t k, k_sb, k_sh;  /* exact keys: rows of d floats at k + b * k_sb + h * k_sh + t * d */
+    /* quantized keys: per channel, codes (B, H, d, nb) / scales, mins (B, H, d, G); factors (keys after RoPE =
+       coefficients (B, T, R) x basis (B, R, H * d)), codes of the coefficients along T (B, R, nb) / (B, R, G) */
+    int64_t kc, ks, km, k_nb, k_G, k_group, k_bits, k_R;
+    int64_t basis, basis_half;  /* factors: basis (B, R, H * d), float or _Float16 */
+    int64_t v, v_sb, v_sh;  /* exact values, laid out like exact keys */
+    int64_t vc, vs, vm, v_nb, v_G, v_group, v_bits;  /* per-token values: codes (B, H, T, nb), scales (B, H, T, G) */
+} piece_t;
+
+#define DBLK 256  /* tokens per work item (rounded to whole key groups) */
+
+static inline int64_t item_tokens(const piece_t *pc) {
+    if (pc->keys == KEYS_EXACT) return DBLK;
+    return pc->k_group <= DBLK ? (DBLK / pc->k_group) * pc->k_group : pc->k_group;
+}
+
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    v8 acc = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc += *(const v8 *)(a + i) * *(const v8 *)(b + i);
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* Scores of rows (H * M, stride os) for tokens [t0, t0 + cnt) of piece pc in sample b. qs (H * M, d) scaled
+   queries, qt (H * M, R) the same queries in the piece's basis (factors only). */
+static void item_scores(const piece_t *pc, int64_t b, int64_t H, int64_t M, int64_t d, const float *qs,
+                        const float *qt, int64_t t0, int64_t cnt, float *s, int64_t os) {
+    if (pc->keys == KEYS_EXACT) {
+        for (int64_t h = 0; h < H; h++) {
+            const float *kb = (const float *)pc->k + b * pc->k_sb + h * pc->k_sh + t0 * d;
+            for (int64_t m = 0; m < M; m++) {
+                const float *x = qs + (h * M + m) * d;
+                float *o = s + (h * M + m) * os;
+                for (int64_t t = 0; t < cnt; t++) o[t] = dot(x, kb + t * d, d);
+            }
+        }
+        return;
+    }
+    const uint8_t *codes = (const uint8_t *)pc->kc;
+    const _Float16 *sc = (const _Float16 *)pc->ks, *mn = (const _Float16 *)pc->km;
+    const int64_t nb = pc->k_nb, G = pc->k_G, group = pc->k_group, R = pc->k_R;
+    const int bits = (int)pc->k_bits;
+#define SPAN(X, ROWS, OUT, GR, BITS) scores_span(codes + n * R * nb, sc + n * R * G, mn + n * R * G, X, ROWS, R, nb, \
+                                                 G, GR, BITS, t0, cnt, OUT, os)
+#define SPANS(X, ROWS, OUT) do { \
+        if (bits == 4 && group == 32) SPAN(X, ROWS, OUT, 32, 4); \
+        else if (bits == 8 && group == 32) SPAN(X, ROWS, OUT, 32, 8); \
+        else SPAN(X, ROWS, OUT, group, bits); } while (0)
+    if (pc->keys == KEYS_FACTORS) {  /* coefficients shared by all heads: one tile for the H * M rows */
+        const int64_t n = b;
+        SPANS(qt, H * M, s);
+    } else {
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t n = b * H + h;
+            SPANS(qs + h * M * d, M, s + h * M * os);
+        }
+    }
+#undef SPANS
+#undef SPAN
+}
+
+/* acc (H * M, d) = unnormalized weights p (H * M rows, stride os) times the values of tokens [t0, t0 + cnt). */
+static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int64_t d, const float *p, int64_t os,
+                        int64_t t0, int64_t cnt, float *acc) {
+    for (int64_t h = 0; h < H; h++) {
+        const float *ph = p + h * M * os;
+        float *ah = acc + h * M * d;
+        if (pc->values == VALUES_EXACT) {
+            const float *vb = (const float *)pc->v + b * pc->v_sb + h * pc->v_sh + t0 * d;
+            memset(ah, 0, sizeof(float) * M * d);
+            for (int64_t m = 0; m < M; m++) {
+                float *restrict am = ah + m * d;
+                for (int64_t t = 0; t < cnt; t++) {
+                    const float w = ph[m * os + t];
+                    const float *restrict vt = vb + t * d;
+                    for (int64_t c = 0; c < d; c++) am[c] += w * vt[c];
+                }
+            }
+        } else {
+            const int64_t row = (b * H + h) * pc->T + t0;  /* first token's row in (B, H, T) */
+            mix_range((const uint8_t *)pc->vc + row * pc->v_nb, (const _Float16 *)pc->vs + row * pc->v_G,
+                      (const _Float16 *)pc->vm + row * pc->v_G, ph, ah, 1, M, cnt, pc->v_nb, pc->v_G, pc->v_group,
+                      d, (int)pc->v_bits, os, 0, cnt);
+        }
+    }
+}
+
+/* One work item: res = [max (HM), sum (HM), acc (HM, d)] of its block. */
+static void decode_item(const piece_t *pc, int64_t b, int64_t t0, int64_t H, int64_t M, int64_t d, const float *qs,
+                        const float *qt, const uint8_t *mask, int64_t mask_sb, float softcap, float *res) {
+    const int64_t HM = H * M, blk = item_tokens(pc);
+    const int64_t cnt = t0 + blk < pc->T ? blk : pc->T - t0;
+    float *s = (float *)malloc(sizeof(float) * HM * blk);
+    item_scores(pc, b, H, M, d, qs, qt, t0, cnt, s, blk);
+    const uint8_t *mk = mask ? mask + b * mask_sb + pc->col0 + t0 : NULL;
+    float *mx = res, *sm = res + HM;
+    for (int64_t r = 0; r < HM; r++) {
+        float *sr = s + r * blk;
+        if (softcap > 0.f)
+            for (int64_t t = 0; t < cnt; t++) sr[t] = softcap * tanhf(sr[t] / softcap);
+        if (mk)
+            for (int64_t t = 0; t < cnt; t++) if (!mk[t]) sr[t] = -INFINITY;
+        float top = -INFINITY, sum = 0.f;
+        for (int64_t t = 0; t < cnt; t++) top = sr[t] > top ? sr[t] : top;
+        if (top == -INFINITY) {  /* every token of the block masked for this row */
+            memset(sr, 0, sizeof(float) * cnt);
+        } else {
+            for (int64_t t = 0; t < cnt; t++) { sr[t] = expf(sr[t] - top); sum += sr[t]; }
+        }
+        mx[r] = top;
+        sm[r] = sum;
+    }
+    item_values(pc, b, H, M, d, s, blk, t0, cnt, res + 2 * HM);
+    free(s);
+}
+
+/* query (B, H, M, d) rotated, not scaled; mask NULL or (B, columns) uint8 with rows mask_sb apart (1 = attend);
+   softcap <= 0 for none -> out (B, H, M, d). */
+void ap_decode(const int64_t *desc, int64_t P, const float *restrict query, const uint8_t *mask, int64_t mask_sb,
+               float scale, float softcap, float *restrict out, int64_t B, int64_t H, int64_t M, int64_t d) {
+    const piece_t *pieces = (const piece_t *)desc;
+    const int64_t HM = H * M, stride = HM * (d + 2);
+    float *qs = (float *)malloc(sizeof(float) * B * HM * d);
+    for (int64_t i = 0; i < B * HM * d; i++) qs[i] = query[i] * scale;
+
+    /* queries in each factor basis: qt[b][p] (HM, R) */
+    int64_t *qt_at = (int64_t *)malloc(sizeof(int64_t) * (P + 1)), per_sample = 0, tokens = 0;
+    for (int64_t p = 0; p < P; p++) {
+        qt_at[p] = per_sample;
+        if (pieces[p].keys == KEYS_FACTORS) per_sample += HM * pieces[p].k_R;
+        tokens += pieces[p].T;
+    }
+    float *qt = (float *)malloc(sizeof(float) * (B * per_sample + 1));
+    const int parallel = B * tokens >= MIN_PARALLEL;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t i = 0; i < B * P; i++) {
+        const int64_t b = i / P, p = i % P;
+        const piece_t *pc = pieces + p;
+        if (pc->keys != KEYS_FACTORS) continue;
+        const int64_t R = pc->k_R, D = H * d;
+        float *dst = qt + b * per_sample + qt_at[p];
+        float *row = (float *)malloc(sizeof(float) * D);
+        for (int64_t j = 0; j < R; j++) {
+            if (pc->basis_half) {
+                const _Float16 *src = (const _Float16 *)pc->basis + (b * R + j) * D;
+                for (int64_t c = 0; c < D; c++) row[c] = (float)src[c];
+            } else {
+                memcpy(row, (const float *)pc->basis + (b * R + j) * D, sizeof(float) * D);
+            }
+            for (int64_t h = 0; h < H; h++)
+                for (int64_t m = 0; m < M; m++)
+                    dst[(h * M + m) * R + j] = dot(qs + ((b * H + h) * M + m) * d, row + h * d, d);
+        }
+        free(row);
+    }
+
+    /* work items (b, piece, first token), grouped by sample */
+    int64_t items = 0;
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t blk = item_tokens(pieces + p);
+        items += (pieces[p].T + blk - 1) / blk;
+    }
+    const int64_t per_b = items;
+    items *= B;
+    int64_t *item_p = (int64_t *)malloc(sizeof(int64_t) * (items + 1)), *item_t = (int64_t *)malloc(sizeof(int64_t) * (items + 1));
+    for (int64_t b = 0, i = 0; b < B; b++)
+        for (int64_t p = 0; p < P; p++)
+            for (int64_t t = 0, blk = item_tokens(pieces + p); t < pieces[p].T; t += blk, i++) {
+                item_p[i] = p;
+                item_t[i] = t;
+            }
+    float *res = (float *)malloc(sizeof(float) * (items * stride + 1));
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+    for (int64_t i = 0; i < items; i++) {
+        const int64_t b = i / per_b, p = item_p[i];
+        decode_item(pieces + p, b, item_t[i], H, M, d, qs + b * HM * d, qt + b * per_sample + qt_at[p], mask,
+                    mask_sb, softcap, res + i * stride);
+    }
+
+    /* merge the items of each sample: rescale to the common maximum, normalize */
+    for (int64_t b = 0; b < B; b++) {
+        const float *rb = res + b * per_b * stride;
+        for (int64_t r = 0; r < HM; r++) {
+            float top = -INFINITY, den = 0.f;
+            for (int64_t i = 0; i < per_b; i++) top = rb[i * stride + r] > top ? rb[i * stride + r] : top;
+            float *o = out + (b * HM + r) * d;
+            memset(o, 0, sizeof(float) * d);
+            if (top == -INFINITY) continue;  /* no token allowed: zeros */
+            for (int64_t i = 0; i < per_b; i++) {
+                const float *it = rb + i * stride;
+                if (it[r] == -INFINITY) continue;
+                const float w = expf(it[r] - top);
+                den += w * it[HM + r];
+                const float *a = it + 2 * HM + r * d;
+                for (int64_t c = 0; c < d; c++) o[c] += w * a[c];
+            }
+            const float inv = 1.f / den;
+            for (int64_t c = 0; c < d; c++) o[c] *= inv;
+        }
+    }
+    free(qs); free(qt_at); free(qt); free(item_p); free(item_t); free(res);
+}

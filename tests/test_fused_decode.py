@@ -1,0 +1,109 @@
+"""One-call decoding steps (attention/fused.py, kernels/decode.c) against dense attention over the materialized
+pieces: every stored form the kernel takes, padding masks, softcap, batches, pieces longer than a work item."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attentionpack import kernels
+from attentionpack.attention import fused
+from attentionpack.attention.packed import Piece
+from attentionpack.cache.segments import ExactPart, LowRankPart
+from attentionpack.codecs.lowrank import Factors
+from attentionpack.codecs.quant import QuantizedLowRankPart, QuantizedPart
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the torch path is used")
+B, H, G, D = 3, 2, 3, 64  # samples, KV heads, query heads per KV head, head dim
+
+
+def _states(gen, t, d=D):
+    return torch.randn(B, H, t, d, generator=gen)
+
+
+def _keys(kind, gen, t, d=D):
+    if kind == "exact":  # a slice of a wider buffer, as the exact tail hands it over
+        return ExactPart(_states(gen, t + 10, d)[:, :, 3:3 + t])
+    if kind.startswith("channel"):
+        return QuantizedPart.keys(_states(gen, t, d), int(kind[7:]), 32)
+    coeffs = torch.randn(B, t, 20, generator=gen)  # factors of keys after RoPE
+    basis = torch.linalg.qr(torch.randn(B, H * d, 20, generator=gen)).Q.transpose(1, 2).contiguous()
+    basis_form, coeff_bits = kind[len("factors"):].split("-")
+    return QuantizedLowRankPart.from_factors(Factors(coeffs, basis), H, coeff_bits=int(coeff_bits),
+                                             basis_bits={"16": 16, "32": None, "8": 8}[basis_form])
+
+
+def _values(kind, gen, t, d=D):
+    if kind == "exact":
+        return ExactPart(_states(gen, t, d))
+    return QuantizedPart.values(_states(gen, t, d), int(kind[5:]), 32)
+
+
+def _pieces(gen, key_kind, value_kind, lengths, d=D):
+    pieces, at = [], 0
+    for i, t in enumerate(lengths):  # sink and tail exact, the middle in the forms under test
+        middle = 0 < i < len(lengths) - 1
+        pieces.append(Piece(_keys(key_kind if middle else "exact", gen, t, d),
+                            _values(value_kind if middle else "exact", gen, t, d), at, at + t))
+        at += t
+    return pieces
+
+
+def _reference(pieces, query, allowed, scale, softcap):
+    keys = torch.cat([p.keys.materialize(p.start, p.end, None) for p in pieces], 2).double()  # (B, H, N, d)
+    values = torch.cat([p.values.materialize(p.start, p.end, None) for p in pieces], 2).double()
+    b, hq, _, d = query.shape
+    qg = query.double().view(b, H, hq // H, d) * scale
+    s = qg @ keys.transpose(-1, -2)  # (B, H, g, N)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if allowed is not None:
+        s = s.masked_fill(~allowed.view(allowed.shape[0], 1, 1, -1), float("-inf"))
+    out = torch.softmax(s, -1) @ values  # (B, H, g, d)
+    return out.reshape(b, 1, hq, d).float()
+
+
+@pytest.mark.parametrize("key_kind", ["exact", "channel4", "channel2", "factors16-4", "factors32-8", "factors8-4"])
+@pytest.mark.parametrize("value_kind", ["exact", "quant4", "quant8", "quant2"])
+def test_every_stored_form_matches_dense_attention(key_kind, value_kind):
+    gen = torch.Generator().manual_seed(hash((key_kind, value_kind)) % 1000)
+    pieces = _pieces(gen, key_kind, value_kind, [4, 700, 33, 37])  # 700: several work items, a partial one
+    query = torch.randn(B, H * G, 1, D, generator=gen)
+    got = fused.decode(pieces, 0, query, None, D ** -0.5, None)
+    torch.testing.assert_close(got, _reference(pieces, query, None, D ** -0.5, None), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_padding_mask_and_softcap(softcap):
+    gen = torch.Generator().manual_seed(7)
+    pieces = _pieces(gen, "factors16-4", "quant4", [4, 300, 20])
+    for p in pieces:  # the mask covers cache indices from `first` on
+        p.start, p.end = p.start + 5, p.end + 5
+    query = torch.randn(B, H * G, 1, D, generator=gen)
+    allowed = torch.ones(B, 1, 1, 324, dtype=torch.bool)
+    allowed[0, ..., :200] = False  # sample 0 left-padded over the sink and into the span
+    allowed[2, ..., 100:164] = False  # sample 2: a masked run inside the span
+    got = fused.decode(pieces, 5, query, allowed, 0.2, softcap)
+    torch.testing.assert_close(got, _reference(pieces, query, allowed, 0.2, softcap), atol=2e-5, rtol=1e-4)
+
+
+def test_odd_head_dim_and_single_sample_mask_row():
+    gen = torch.Generator().manual_seed(3)
+    pieces = [Piece(_keys("channel4", gen, 90, 40), _values("quant4", gen, 90, 40), 0, 90),
+              Piece(_keys("exact", gen, 5, 40), _values("exact", gen, 5, 40), 90, 95)]
+    query = torch.randn(B, H * G, 1, 40, generator=gen)
+    allowed = torch.ones(1, 1, 1, 95, dtype=torch.bool)  # broadcast over the batch
+    allowed[..., 7] = False
+    got = fused.decode(pieces, 0, query, allowed, 0.3, None)
+    torch.testing.assert_close(got, _reference(pieces, query, allowed, 0.3, None), atol=2e-5, rtol=1e-4)
+
+
+def test_forms_it_does_not_take_fall_back():
+    gen = torch.Generator().manual_seed(1)
+    pieces = _pieces(gen, "exact", "exact", [4, 50, 10])
+    query = torch.randn(B, H * G, 1, D, generator=gen)
+    assert fused.decode(pieces, 0, query.double(), None, 0.1, None) is None  # float64 queries
+    assert fused.decode(pieces, 0, torch.randn(B, H * G, 2, D), None, 0.1, None) is None  # two query tokens
+    pre_rope = LowRankPart(Factors(torch.randn(B, 50, 8), torch.randn(B, 8, H * D)), H,
+                           positions=torch.arange(50, dtype=torch.int32).expand(B, -1))
+    pieces[1] = Piece(pre_rope, pieces[1].values, 4, 54)  # keys that must be rotated per token
+    assert fused.decode(pieces, 0, query, None, 0.1, None) is None
