@@ -36,7 +36,8 @@ class PackConfig:
     fields above: per layer and for keys and values separately, the cache picks among exact, 8/4/2-bit
     quantization and post-RoPE low-rank encodings the mix with the least attention-output error of the last
     prompt queries that fits (cache/budgeted.py); each layer's decode chunks use its chosen encoding. Text
-    prompts only; sinks and the recent `window` stay exact, so a small f needs a long prompt (a BudgetError
+    prompts only. The prompt's last `window` tokens are weighed like the other spans (any candidate, as the
+    error decides); only the sinks stay exact, so a very small f needs a long enough prompt (a BudgetError
     names the smallest feasible fraction).
 
     `compressed_attention`: compute attention directly on the stored form (attention/packed.py) when the model

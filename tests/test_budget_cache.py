@@ -53,9 +53,11 @@ def test_generate_with_a_budget(tiny_model):
     model = tiny_model("qwen2")
     ids, mask = padded_batch(200, pad=5)
     cache = PackedCache(model, PackConfig(budget=0.25, chunk=32, **SMALL))
-    out = greedy(model, cache, ids, mask, new_tokens=40)  # 40 steps: decode chunks get compressed too
-    assert out.sequences.shape == (2, 240)
-    assert any(s.kind == "chunk" for s in cache.layers[0].segments)
+    # the prompt's window is frozen with the spans, so the tail refills: window + chunk steps compress a chunk
+    out = greedy(model, cache, ids, mask, new_tokens=52)
+    assert out.sequences.shape == (2, 252)
+    assert [s.kind for s in cache.layers[0].segments][-3:] == ["span", "window", "chunk"]
+    assert cache.layers[0].tail_length == 16 + 3
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.5, True, "0.125", float("nan")])

@@ -1,6 +1,8 @@
 """`PackConfig(budget=f)`: choose, per layer and tensor, the encoding of the prompt that fits a byte budget.
 
-At a prefill every layer proposes, for each prompt span it freezes, a few candidate encodings of its keys and of
+At a prefill every layer proposes, for each prompt span it freezes (the recent `window` tokens too: they are one
+more span under a budget, so a tight budget can store them at 8 bits rather than starve the older tokens; a short
+prompt's exact window alone can take half of 1/8), a few candidate encodings of its keys and of
 its values (exact, KIVI quantization at 8/4/2 bits, low-rank post-RoPE factors with 8- or 4-bit coefficients at
 several energies). Each candidate is really encoded, so its bytes are the bytes of its storages, and it gets an
 error measured on the prompt itself: the attention output of the last `QUERIES` prompt queries (the observation
@@ -11,7 +13,8 @@ Prefill attention is exact in a PackedCache (a layer's segments are not read whi
 attends), so no layer's choice changes what later layers see: the cache collects the candidates of every layer
 and, once the last layer has been called, solves one multiple-choice knapsack (`budget.allocate`) over all of
 them with budget f x DynamicCache bytes minus everything else the cache holds (sinks, recent window, earlier
-segments). Each frozen span then gets its chosen parts; the layer's decode chunks use its chosen encoding too.
+segments). Each frozen span then gets its chosen parts; the layer's decode chunks use the encoding chosen for its
+longest prompt span.
 Not supported (clear errors): vision-language prompts (modality groups) and `PackedCache.ingest` (no queries).
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 from ..budget import BudgetError, Option, allocate
 from ..codecs.lowrank import Factors, energy_rank, spectrum_and_basis
-from ..codecs.quant import QuantizedLowRankPart, QuantizedPart
+from ..codecs.quant import QuantizedLowRankPart, QuantizedPart, quantize_widths
 from ..config import PackConfig
 from ..scoring.observation import attention_scaling, window_logits, window_queries
 from .memory import storage_nbytes
@@ -61,7 +64,9 @@ class _Context:
     values: torch.Tensor  # (B, H, T, d)
     queries: torch.Tensor  # (B, H, G*w, d) the call's last w queries, grouped by KV head
     logits: torch.Tensor  # (B, H, G*w, T) scaled, -inf where masked
-    probs: torch.Tensor  # (B, H, G*w, T) exact window attention
+    top: torch.Tensor  # (B, H, G*w, 1) each row's largest logit (0 for a row that sees no key)
+    weights: torch.Tensor  # (B, H, G*w, T) exp(logits - top): unnormalized exact window attention
+    total: torch.Tensor  # (B, H, G*w, 1) the weights' sum
     out: torch.Tensor  # (B, H, G*w, d) exact window output
     energy: float  # ||out||^2
     scaling: float
@@ -127,12 +132,15 @@ class BudgetPlanner:
             keys, values = torch.cat([keys, pad], dim=-2), torch.cat([values, pad], dim=-2)
             valid = torch.cat([valid, valid.new_zeros(b, pad.shape[-2])], dim=-1)
         logits = window_logits(queries, keys, valid, None, scaling, sliding).flatten(2, 3)  # (B, H, G*w, T)
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-        out = probs @ values.float()  # (B, H, G*w, d)
+        top = logits.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        weights = torch.exp(logits - top)  # masked keys: 0
+        total = weights.sum(-1, keepdim=True)
+        out = (weights @ values.float()) / total.clamp_min(1e-30)  # (B, H, G*w, d)
         grouped = queries.float().reshape(b, h, -1, queries.shape[-1])  # (B, H, G*w, d)
         self.contexts = {}  # one layer at a time: earlier layers are done
-        self.contexts[idx] = _Context(layer.total - t, keys, values, grouped, logits, probs, out,
-                                      float(out.square().sum()), scaling, sliding, valid)
+        self.contexts[idx] = _Context(layer.total - t, keys, values.float(), grouped, logits, top, weights, total,
+                                      out, float(out.square().sum()), scaling, sliding, valid)
 
     def propose(self, layer, start: int, end: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
         """Encode span [start, end) (k, v (B, H, n, d)) every candidate way; return placeholder (key, value) parts
@@ -145,22 +153,29 @@ class BudgetPlanner:
         values = self._candidates(v * mask, False, VALUE_CANDIDATES, cfg)
         pend = _Pending(layer, None)
         masked = torch.isinf(c.logits[..., a:b])  # (B, H, G*w, n) keys of the span a query cannot see
-        values_f = c.values.float()
+        # only the span's logits change: the softmax's sum and weighted values over the other keys are computed
+        # once, and each candidate adds its span's share (so a short span costs little, whatever the prompt)
+        w_out, v_out = (c.weights[..., :a], c.weights[..., b:]), (c.values[..., :a, :], c.values[..., b:, :])
+        total_out = sum(w.sum(-1, keepdim=True) for w in w_out)  # (B, H, G*w, 1)
+        mixed_out = sum(w @ v for w, v in zip(w_out, v_out))  # (B, H, G*w, d)
+        v_span = c.values[..., a:b, :]
         for label, part in keys:
             err = 0.0
-            if label != "exact":  # only the span's logits change
-                logits = c.logits.clone()
-                span = c.queries @ part.materialize(start, end, None).float().transpose(-1, -2)  # (B, H, G*w, n)
-                logits[..., a:b] = span.mul_(c.scaling).masked_fill_(masked, float("-inf"))
-                probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-                err = self._error(probs @ values_f - c.out, c)
+            if label != "exact":
+                span = part.scores(c.queries, start, end, None)  # (B, H, G*w, n) on the stored form (kernels)
+                span = span.float().mul_(c.scaling).masked_fill_(masked, float("-inf"))
+                top = torch.maximum(c.top, span.amax(-1, keepdim=True))  # the new row maximum
+                e = torch.exp(span - top)
+                shrink = torch.exp(c.top - top)  # rescales the other keys' share to the new maximum
+                out = (mixed_out * shrink + e @ v_span) / (total_out * shrink + e.sum(-1, keepdim=True)).clamp_min(1e-30)
+                err = self._error(out - c.out, c)
             pend.keys.append((label, part, storage_nbytes(part.tensors()), err))
-        probs_span = c.probs[..., a:b].contiguous()  # (B, H, G*w, n)
+        probs_span = c.weights[..., a:b] / c.total.clamp_min(1e-30)  # (B, H, G*w, n)
+        exact_mix = probs_span @ (v.float() * mask)  # (B, H, G*w, d)
         for label, part in values:
             err = 0.0
-            if label != "exact":
-                delta = (part.materialize(start, end, None).float() - v.float()) * mask  # (B, H, n, d)
-                err = self._error(probs_span @ delta, c)
+            if label != "exact":  # padding rows are zero in every encoding's input and get no weight
+                err = self._error(part.mix(probs_span).float() - exact_mix, c)
             pend.values.append((label, part, storage_nbytes(part.tensors()), err))
         self.pending.append(pend)
         cheap = lambda opts: min(opts, key=lambda o: o[2])[1]  # noqa: E731
@@ -184,20 +199,23 @@ class BudgetPlanner:
         if limit < cheapest:
             smallest = math.ceil(cheapest / dynamic * 1e4) / 1e4  # rounded up: this fraction fits
             raise BudgetError(f"PackConfig.budget={self.fraction:g} is infeasible for this prompt: the cheapest "
-                              f"encodings hold {cheapest} bytes (sinks and the {self.cache.config.window}-token "
-                              f"recent window stay exact) of DynamicCache's {dynamic}; use budget >= {smallest:.4f}, "
-                              "a smaller window, or a longer prompt")
+                              f"encodings hold {cheapest} bytes (the sinks stay exact) of DynamicCache's {dynamic}; "
+                              f"use budget >= {smallest:.4f} or a longer prompt")
         alloc = allocate(groups, limit - fixed)
         self.report = {}
+        guide: dict[int, _Pending] = {}  # layer -> the pending span whose choice its decode chunks follow
         for i, p in enumerate(pending):
             ki, vi = alloc.choice[2 * i], alloc.choice[2 * i + 1]
             self.report[p.layer.layer_idx, p.segment.start] = {
                 "keys": [o[:1] + o[2:] for o in p.keys], "values": [o[:1] + o[2:] for o in p.values],
                 "choice": (p.keys[ki][0], p.values[vi][0])}
             p.segment.keys, p.segment.values = p.keys[ki][1], p.values[vi][1]
-            cfg = candidate_config(p.layer.config, p.keys[ki][0], p.values[vi][0])
-            p.layer.set_text_codec(cfg)
-            p.layer.budget_choice = (p.keys[ki][0], p.values[vi][0])
+            longest = guide.get(p.layer.layer_idx)
+            if longest is None or p.segment.kind != "window" and p.segment.length > longest.segment.length:
+                guide[p.layer.layer_idx] = p
+                p.layer.budget_choice = (p.keys[ki][0], p.values[vi][0])
+        for layer_idx, p in guide.items():  # decode chunks take the encoding of the layer's longest prompt span
+            p.layer.set_text_codec(candidate_config(p.layer.config, *p.layer.budget_choice))
 
     # ---- internals -------------------------------------------------------------------------------------------
     @staticmethod
@@ -211,24 +229,27 @@ class BudgetPlanner:
         exact_bytes = x.numel() * x.element_size()
         out = [("exact", ExactPart(x.clone()))]
         b, h, n, d = x.shape
-        lowrank = [(lab, s) for lab, s in table.items() if s["codec"] == "lowrank"]
+        # factors of a span shorter than its width (H*d) hold little less than its states: quantization only
+        lowrank = [(lab, s) for lab, s in table.items() if s["codec"] == "lowrank" and n >= h * d]
         if lowrank:
             block = x.transpose(1, 2).reshape(b, n, h * d)  # (B, T, H*d)
-            spectrum, vecs = spectrum_and_basis(block)
+            # float32 Gram: the candidates keep <= 98% of the energy, far above its round-off (~1e-7 of the total)
+            spectrum, vecs = spectrum_and_basis(block, torch.float32)
             ranks = {lab: [energy_rank(spectrum[i], s["energy"]) for i in range(b)] for lab, s in lowrank}
             top = max(max(r) for r in ranks.values())
-            f = Factors((block.to(torch.float64) @ vecs[:, :, :top]).to(x.dtype),  # (B, T, top)
-                        vecs[:, :, :top].transpose(1, 2).to(x.dtype).contiguous())  # (B, top, D)
+            basis = vecs[:, :, :top].to(x.dtype)  # (B, D, top)
+            f = Factors(block @ basis, basis.transpose(1, 2).contiguous())  # (B, T, top), (B, top, D)
             # coefficients are quantized per column (groups along T): the first r columns of the top-rank
             # encoding are exactly the rank-r encoding, so each bit width is quantized once
             full = {bits: QuantizedLowRankPart.from_factors(f, h, None, (), coeff_bits=bits, basis_bits=16,
                                                             coeff_group=cfg.quant_group)
                     for bits in {s["bits"] for _, s in lowrank}}
+        widths = tuple(s["bits"] for s in table.values() if s["codec"] == "quant")
+        quantized = quantize_widths(x, widths, cfg.quant_group, axis=2 if is_key else 3)  # keys per channel
         for label, spec in table.items():
             if spec["codec"] == "quant":
-                make = QuantizedPart.keys if is_key else QuantizedPart.values
-                part = make(x, spec["bits"], cfg.quant_group)
-            elif spec["codec"] == "lowrank":
+                part = QuantizedPart(quantized[spec["bits"]])
+            elif spec["codec"] == "lowrank" and lowrank:
                 part = _first_components(full[spec["bits"]], max(ranks[label]), tuple(ranks[label]))
             else:
                 continue

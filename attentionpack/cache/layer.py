@@ -283,6 +283,10 @@ class PackedLayer(CacheLayerMixin):
                     self._freeze_groups(a, b, groups, ctx)
                 else:
                     self._freeze(a, b, kind="span", compress=b - a >= self.config.min_span, ctx=ctx)
+            if self.planner is not None and self.total > stop and not self.record_past:  # a budget weighs the
+                # recent window's bytes too (kept exact, or 8-bit when bytes are better spent on older tokens)
+                self._freeze(stop, self.total, kind="window", compress=self.total - stop >= self.config.min_span,
+                             ctx=ctx)
         else:
             while stop - tail_start >= self.config.chunk:
                 self._freeze(tail_start, tail_start + self.config.chunk, kind="chunk", compress=True, ctx=ctx)
@@ -294,7 +298,7 @@ class PackedLayer(CacheLayerMixin):
         n = end - start
         k, v, pos, valid = self.tail.view(0, n)
         pending = None
-        if compress and kind == "span" and self.planner is not None:  # candidates now, choice at the call's end
+        if compress and kind in ("span", "window") and self.planner is not None:  # candidates now, choice later
             pending, key_part, value_part = self.planner.propose(self, start, end, k, v, valid)
         elif compress:
             cfg, key_rule, value_rule = self.codecs["text"]

@@ -132,8 +132,15 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int = -1) -> Qua
     A length not divisible by the group size is padded by repeating the last element (the padding costs its codes,
     not accuracy); a group size beyond the length is cut to the length. Constant groups get scale 0 and are exact
     (when their value is representable in float16)."""
+    return quantize_widths(x, (bits,), group_size, axis)[bits]
+
+
+def quantize_widths(x: torch.Tensor, widths: tuple[int, ...], group_size: int, axis: int = -1) -> dict[int, Quantized]:
+    """`quantize` at several bit widths at once: the groups and their ranges are found once (a budget weighs every
+    width of the same tensor)."""
     where = "quantize"
-    _check_bits_group(where, bits, group_size)
+    for bits in widths:
+        _check_bits_group(where, bits, group_size)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         _bad(where, "x", type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype, "a floating-point tensor")
     if x.ndim == 0 or x.numel() == 0:
@@ -150,16 +157,20 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int = -1) -> Qua
         xt = torch.cat([xt, xt[..., -1:].expand(*xt.shape[:-1], n_groups * g - length)], dim=-1)
     xg = xt.reshape(*xt.shape[:-1], n_groups, g)  # (*rest, G, g)
     lo, hi = torch.aminmax(xg, dim=-1)  # (*rest, G)
-    levels = (1 << bits) - 1
     mins = _round_outward(lo, PARAM_DTYPE, up=False)
-    scales = _round_outward((hi - mins.to(work)) / levels, PARAM_DTYPE, up=True)
-    if not (torch.isfinite(scales).all() and torch.isfinite(mins).all()):
-        _bad(where, "x", "<non-finite or beyond float16 range>",
-             "finite, with groups inside the float16 range (|x| < 65504)")
-    s, m = scales.to(work).unsqueeze(-1), mins.to(work).unsqueeze(-1)  # (*rest, G, 1)
-    q = ((xg - m) / torch.where(s > 0, s, torch.ones_like(s))).round_().clamp_(0, levels)  # (*rest, G, g)
-    codes = pack(q.to(torch.uint8).flatten(-2), bits)  # (*rest, n_bytes)
-    return Quantized(codes, scales, mins, tuple(x.shape), x.dtype, axis, g, bits)
+    span = hi - mins.to(work)
+    out = {}
+    for bits in widths:
+        levels = (1 << bits) - 1
+        scales = _round_outward(span / levels, PARAM_DTYPE, up=True)
+        if not (torch.isfinite(scales).all() and torch.isfinite(mins).all()):
+            _bad(where, "x", "<non-finite or beyond float16 range>",
+                 "finite, with groups inside the float16 range (|x| < 65504)")
+        s, m = scales.to(work).unsqueeze(-1), mins.to(work).unsqueeze(-1)  # (*rest, G, 1)
+        q = ((xg - m) / torch.where(s > 0, s, torch.ones_like(s))).round_().clamp_(0, levels)  # (*rest, G, g)
+        codes = pack(q.to(torch.uint8).flatten(-2), bits)  # (*rest, n_bytes)
+        out[bits] = Quantized(codes, scales, mins, tuple(x.shape), x.dtype, axis, g, bits)
+    return out
 
 
 def dequantize(q: Quantized) -> torch.Tensor:
