@@ -175,3 +175,31 @@ def test_errors_match_the_attention_output_error(tiny_model):
     k_hat[:, :, start:end] = QuantizedPart.keys(keys[:, :, start:end], 2, cfg.quant_group).materialize(0, 0, None)
     ref = attention_output_error(seen["q"], keys, values, k_hat, values, valid, scaling=attention_scaling(attn))
     assert key_errors["q2"] == pytest.approx(float(ref) ** 2, rel=1e-3)
+    # the recent window is a candidate span too: its key error, from the softmax's span share only, is the same
+    window = cache.planner.report[1, end]
+    assert window["keys"][0][0] == "exact"  # shorter than H*d: quantization candidates only
+    assert {label for label, _, _ in window["keys"]} == {"exact", "q8", "q4", "q2"}
+    k_hat = keys.clone()
+    k_hat[:, :, end:] = QuantizedPart.keys(keys[:, :, end:], 4, cfg.quant_group).materialize(0, 0, None)
+    ref = attention_output_error(seen["q"], keys, values, k_hat, values, valid, scaling=attention_scaling(attn))
+    assert dict((label, err) for label, _, err in window["keys"])["q4"] == pytest.approx(float(ref) ** 2, rel=1e-3)
+
+
+def test_the_recent_window_is_weighed_by_the_budget(tiny_model):
+    """A loose budget keeps the prompt's window exact; a tight one encodes it rather than starve older tokens.
+    Decode chunks follow the layer's longest span, not its window."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(300, pad=0, batch=1)
+    kinds = {}
+    for fraction in (1.0, 0.15):
+        cache = PackedCache(model, PackConfig(budget=fraction, window=48, min_span=16))
+        _prefill(model, cache, ids, mask)
+        assert cache.nbytes() <= fraction * cache.dynamic_nbytes()
+        layer = cache.layers[0]
+        assert layer.tail_length == 0 and layer.segments[-1].kind == "window"
+        assert (layer.segments[-1].start, layer.segments[-1].end) == (252, 300)
+        kinds[fraction] = [type(layer.segments[-1].keys).__name__ for layer in cache.layers]
+        span = cache.planner.report[0, 4]["choice"]
+        assert layer.budget_choice == span
+    assert set(kinds[1.0]) == {"ExactPart"}
+    assert "ExactPart" not in set(kinds[0.15])

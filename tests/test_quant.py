@@ -365,3 +365,13 @@ def test_quantized_is_dataclass_with_metadata():
     assert (q.shape, q.dtype, q.axis, q.group_size, q.bits) == ((2, 3, 70, 5), torch.float32, 2, 32, 2)
     assert q.tensors() == [q.codes, q.scales, q.mins]
     assert dequantize(q.map_batch(lambda t: t[:1])).shape == (1, 3, 70, 5)
+
+
+def test_quantize_widths_equal_one_width_at_a_time():
+    x = torch.randn(2, 3, 70, 64, generator=torch.Generator().manual_seed(5))
+    both = Q.quantize_widths(x, (8, 4, 2), 32, axis=2)
+    for bits in (8, 4, 2):
+        one = Q.quantize(x, bits, 32, axis=2)
+        assert both[bits].bits == bits and both[bits].shape == one.shape
+        for a, b in zip(both[bits].tensors(), one.tensors()):
+            assert torch.equal(a, b)
