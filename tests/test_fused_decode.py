@@ -35,6 +35,8 @@ def _keys(kind, gen, t, d=D):
 def _values(kind, gen, t, d=D):
     if kind == "exact":
         return ExactPart(_states(gen, t, d))
+    if kind.startswith("factors"):  # low-rank values: same factor forms as keys after RoPE
+        return _keys(kind, gen, t, d)
     return QuantizedPart.values(_states(gen, t, d), int(kind[5:]), 32)
 
 
@@ -63,7 +65,7 @@ def _reference(pieces, query, allowed, scale, softcap):
 
 
 @pytest.mark.parametrize("key_kind", ["exact", "channel4", "channel2", "factors16-4", "factors32-8", "factors8-4"])
-@pytest.mark.parametrize("value_kind", ["exact", "quant4", "quant8", "quant2"])
+@pytest.mark.parametrize("value_kind", ["exact", "quant4", "quant8", "quant2", "factors16-4", "factors8-8"])
 def test_every_stored_form_matches_dense_attention(key_kind, value_kind):
     gen = torch.Generator().manual_seed(hash((key_kind, value_kind)) % 1000)
     pieces = _pieces(gen, key_kind, value_kind, [4, 700, 33, 37])  # 700: several work items, a partial one
@@ -76,10 +78,12 @@ def test_every_stored_form_matches_dense_attention(key_kind, value_kind):
 def test_padding_mask_and_softcap(softcap):
     gen = torch.Generator().manual_seed(7)
     pieces = _pieces(gen, "factors16-4", "quant4", [4, 300, 20])
+    pieces.insert(2, Piece(_keys("channel4", gen, 40), _values("factors32-4", gen, 40), 304, 344))
+    pieces[-1].start, pieces[-1].end = 344, 364
     for p in pieces:  # the mask covers cache indices from `first` on
         p.start, p.end = p.start + 5, p.end + 5
     query = torch.randn(B, H * G, 1, D, generator=gen)
-    allowed = torch.ones(B, 1, 1, 324, dtype=torch.bool)
+    allowed = torch.ones(B, 1, 1, 364, dtype=torch.bool)
     allowed[0, ..., :200] = False  # sample 0 left-padded over the sink and into the span
     allowed[2, ..., 100:164] = False  # sample 2: a masked run inside the span
     got = fused.decode(pieces, 5, query, allowed, 0.2, softcap)

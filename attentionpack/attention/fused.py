@@ -2,8 +2,8 @@
 
 `PackedView.attend` runs a dozen small torch operations per layer and step (scores of each piece, concatenation,
 softmax, one mix per piece); at 2k tokens they cost about as much as the kernels themselves. For one-token steps
-over pieces whose forms the kernel knows — exact, keys per channel or factored after RoPE with 4/8-bit
-coefficients, values per token — `decode` hands the kernel a table of the pieces (addresses, strides, code
+over pieces whose forms the kernel knows — exact; keys per channel; keys after RoPE or values as factors with 4/8-bit
+coefficients; values per token — `decode` hands the kernel a table of the pieces (addresses, strides, code
 layouts) and gets the attention output back: scores, softmax (merged across blocks with a running max) and value
 mix in one pass over the stored bytes. Anything else returns None and the view takes its general path.
 """
@@ -18,8 +18,8 @@ from ..cache.segments import ExactPart
 from ..codecs.quant import Quantized, QuantizedLowRankPart, QuantizedPart, dequantize
 
 KEYS_EXACT, KEYS_PER_CHANNEL, KEYS_FACTORS = 0, 1, 2
-VALUES_EXACT, VALUES_PER_TOKEN = 0, 1
-FIELDS = 27  # int64 fields of piece_t in decode.c
+VALUES_EXACT, VALUES_PER_TOKEN, VALUES_FACTORS = 0, 1, 2
+FIELDS = 30  # int64 fields of piece_t in decode.c
 
 
 def decode(pieces, first: int, query: torch.Tensor, allowed: torch.Tensor | None, scale: float,
@@ -79,7 +79,7 @@ def _codes(q: Quantized, keep: list) -> list[int]:
 
 
 def _piece(p, b: int, d: int, first: int, keep: list) -> list[int] | None:
-    """The 27 fields of piece_t for piece p, or None."""
+    """The FIELDS fields of piece_t for piece p, or None."""
     keys, values = p.keys, p.values
     t = p.end - p.start
     row = [0, 0, t, p.start - first]
@@ -93,28 +93,37 @@ def _piece(p, b: int, d: int, first: int, keep: list) -> list[int] | None:
     elif isinstance(keys, QuantizedPart) and keys.q.axis == 2 and keys.q.shape[3] == d:
         row[0] = KEYS_PER_CHANNEL
         row += [0, 0, 0, *_codes(keys.q, keep), d, 0, 0]
-    elif isinstance(keys, QuantizedLowRankPart) and keys.positions is None and keys.coeffs.dtype == torch.float32:
-        basis = keys.basis
-        if isinstance(basis, Quantized):
-            basis = dequantize(basis)
-        if basis.dtype not in (torch.float32, torch.float16):
-            return None
-        basis = basis.contiguous()
-        keep.append(basis)
+    elif _factored(keys):
         row[0] = KEYS_FACTORS
-        row += [0, 0, 0, *_codes(keys.coeffs, keep), basis.shape[1], basis.data_ptr(), int(basis.dtype == torch.float16)]
+        row += [0, 0, 0, *_codes(keys.coeffs, keep), keys.coeffs.shape[2], *_basis(keys, keep)]
     else:
         return None
-    # values: v, v_sb, v_sh | vc, vs, vm, v_nb, v_G, v_group, v_bits
+    # values: v, v_sb, v_sh | vc, vs, vm, v_nb, v_G, v_group, v_bits | v_R, v_basis, v_basis_half
     if isinstance(values, ExactPart):
         ex = _exact(values.data, b, d)
         if ex is None:
             return None
         row[1] = VALUES_EXACT
-        row += [*ex, 0, 0, 0, 0, 0, 0, 0]
+        row += [*ex, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
     elif isinstance(values, QuantizedPart) and values.q.axis == 3 and values.q.shape[3] == d:
         row[1] = VALUES_PER_TOKEN
-        row += [0, 0, 0, *_codes(values.q, keep)]
+        row += [0, 0, 0, *_codes(values.q, keep), 0, 0, 0]
+    elif _factored(values):
+        row[1] = VALUES_FACTORS
+        row += [0, 0, 0, *_codes(values.coeffs, keep), values.coeffs.shape[2], *_basis(values, keep)]
     else:
         return None
     return row
+
+
+def _factored(part) -> bool:
+    """Factors attention reads as they are: no per-token rotation, float32 states."""
+    return isinstance(part, QuantizedLowRankPart) and part.positions is None and part.coeffs.dtype == torch.float32
+
+
+def _basis(part: QuantizedLowRankPart, keep: list) -> list[int]:
+    """(address, is float16) of the basis (B, R, H*d) as float32 or float16 (an 8-bit basis is dequantized)."""
+    basis = dequantize(part.basis) if isinstance(part.basis, Quantized) else part.basis
+    basis = basis.to(torch.float32) if basis.dtype not in (torch.float32, torch.float16) else basis.contiguous()
+    keep.append(basis)
+    return [basis.data_ptr(), int(basis.dtype == torch.float16)]

@@ -167,7 +167,8 @@ class BudgetPlanner:
                 top = torch.maximum(c.top, span.amax(-1, keepdim=True))  # the new row maximum
                 e = torch.exp(span - top)
                 shrink = torch.exp(c.top - top)  # rescales the other keys' share to the new maximum
-                out = (mixed_out * shrink + e @ v_span) / (total_out * shrink + e.sum(-1, keepdim=True)).clamp_min(1e-30)
+                total = total_out * shrink + e.sum(-1, keepdim=True)
+                out = (mixed_out * shrink + e @ v_span) / total.clamp_min(1e-30)
                 err = self._error(out - c.out, c)
             pend.keys.append((label, part, storage_nbytes(part.tensors()), err))
         probs_span = c.weights[..., a:b] / c.total.clamp_min(1e-30)  # (B, H, G*w, n)

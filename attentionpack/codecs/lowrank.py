@@ -42,7 +42,8 @@ def energy_rank(spectrum: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(captured, torch.tensor(energy, dtype=captured.dtype) - 1e-12).item()) + 1
 
 
-def spectrum_and_basis(blocks: torch.Tensor, gram_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def spectrum_and_basis(blocks: torch.Tensor,
+                       gram_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared singular values (B, D) descending and right singular vectors (B, D, D) of blocks (B, T, D).
     The Gram matrix is formed in `gram_dtype` (float64: small singular values stay accurate), solved in float64."""
     m = blocks.to(gram_dtype)

@@ -135,7 +135,8 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int = -1) -> Qua
     return quantize_widths(x, (bits,), group_size, axis)[bits]
 
 
-def quantize_widths(x: torch.Tensor, widths: tuple[int, ...], group_size: int, axis: int = -1) -> dict[int, Quantized]:
+def quantize_widths(x: torch.Tensor, widths: tuple[int, ...], group_size: int,
+                    axis: int = -1) -> dict[int, Quantized]:
     """`quantize` at several bit widths at once: the groups and their ranges are found once (a budget weighs every
     width of the same tensor)."""
     where = "quantize"

@@ -13,7 +13,7 @@
 #include "common.h"
 
 enum { KEYS_EXACT = 0, KEYS_PER_CHANNEL = 1, KEYS_FACTORS = 2 };
-enum { VALUES_EXACT = 0, VALUES_PER_TOKEN = 1 };
+enum { VALUES_EXACT = 0, VALUES_PER_TOKEN = 1, VALUES_FACTORS = 2 };
 
 /* A piece, as Python fills it (all fields int64, pointers as addresses; see fused.py for the field order). */
 typedef struct {
@@ -25,14 +25,31 @@ typedef struct {
     int64_t kc, ks, km, k_nb, k_G, k_group, k_bits, k_R;
     int64_t basis, basis_half;  /* factors: basis (B, R, H * d), float or _Float16 */
     int64_t v, v_sb, v_sh;  /* exact values, laid out like exact keys */
-    int64_t vc, vs, vm, v_nb, v_G, v_group, v_bits;  /* per-token values: codes (B, H, T, nb), scales (B, H, T, G) */
+    /* per-token values: codes (B, H, T, nb), scales (B, H, T, G); factors: coefficients (B, T, R) along T,
+       codes (B, R, nb) / (B, R, G), and basis (B, R, H * d) */
+    int64_t vc, vs, vm, v_nb, v_G, v_group, v_bits;
+    int64_t v_R, v_basis, v_basis_half;
 } piece_t;
 
 #define DBLK 256  /* tokens per work item (rounded to whole key groups) */
 
-static inline int64_t item_tokens(const piece_t *pc) {
-    if (pc->keys == KEYS_EXACT) return DBLK;
-    return pc->k_group <= DBLK ? (DBLK / pc->k_group) * pc->k_group : pc->k_group;
+static inline int64_t item_tokens(const piece_t *pc) {  /* whole groups of every operand quantized along T */
+    int64_t g = pc->keys == KEYS_EXACT ? 1 : pc->k_group;
+    if (pc->values == VALUES_FACTORS) {
+        int64_t a = g, b = pc->v_group;
+        while (b) { const int64_t r = a % b; a = b; b = r; }
+        g = g / a * pc->v_group;  /* least common multiple */
+    }
+    return g <= DBLK ? (DBLK / g) * g : g;
+}
+
+/* Row j of a basis (B, R, D) of sample b as floats. */
+static inline const float *basis_row(int64_t basis, int64_t half, int64_t b, int64_t R, int64_t j, int64_t D,
+                                     float *buf) {
+    if (!half) return (const float *)basis + (b * R + j) * D;
+    const _Float16 *src = (const _Float16 *)basis + (b * R + j) * D;
+    for (int64_t c = 0; c < D; c++) buf[c] = (float)src[c];
+    return buf;
 }
 
 static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
@@ -85,6 +102,30 @@ static void item_scores(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
 /* acc (H * M, d) = unnormalized weights p (H * M rows, stride os) times the values of tokens [t0, t0 + cnt). */
 static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int64_t d, const float *p, int64_t os,
                         int64_t t0, int64_t cnt, float *acc) {
+    if (pc->values == VALUES_FACTORS) {  /* weights times the coefficients (HM, R), then times the basis */
+        const int64_t R = pc->v_R, HM = H * M, D = H * d, nb = pc->v_nb, G = pc->v_G;
+        float *tile = (float *)malloc(sizeof(float) * (2 * cnt + HM * R + D));
+        float *rb = tile + cnt, *w = rb + cnt, *row = w + HM * R;
+        for (int64_t j = 0; j < R; j++) {
+            const int64_t at = b * R + j;
+            dequant_tokens((const uint8_t *)pc->vc + at * nb, (const _Float16 *)pc->vs + at * G,
+                           (const _Float16 *)pc->vm + at * G, t0, cnt, nb, pc->v_group, (int)pc->v_bits,
+                           (1 << pc->v_bits) - 1, rb, tile);
+            for (int64_t r = 0; r < HM; r++) w[r * R + j] = dot(p + r * os, tile, cnt);
+        }
+        memset(acc, 0, sizeof(float) * HM * d);
+        for (int64_t j = 0; j < R; j++) {
+            const float *bj = basis_row(pc->v_basis, pc->v_basis_half, b, R, j, D, row);
+            for (int64_t h = 0; h < H; h++)
+                for (int64_t m = 0; m < M; m++) {
+                    const float wj = w[(h * M + m) * R + j];
+                    float *restrict a = acc + (h * M + m) * d;
+                    for (int64_t c = 0; c < d; c++) a[c] += wj * bj[h * d + c];
+                }
+        }
+        free(tile);
+        return;
+    }
     for (int64_t h = 0; h < H; h++) {
         const float *ph = p + h * M * os;
         float *ah = acc + h * M * d;
@@ -162,19 +203,14 @@ void ap_decode(const int64_t *desc, int64_t P, const float *restrict query, cons
         if (pc->keys != KEYS_FACTORS) continue;
         const int64_t R = pc->k_R, D = H * d;
         float *dst = qt + b * per_sample + qt_at[p];
-        float *row = (float *)malloc(sizeof(float) * D);
+        float *buf = (float *)malloc(sizeof(float) * D);
         for (int64_t j = 0; j < R; j++) {
-            if (pc->basis_half) {
-                const _Float16 *src = (const _Float16 *)pc->basis + (b * R + j) * D;
-                for (int64_t c = 0; c < D; c++) row[c] = (float)src[c];
-            } else {
-                memcpy(row, (const float *)pc->basis + (b * R + j) * D, sizeof(float) * D);
-            }
+            const float *row = basis_row(pc->basis, pc->basis_half, b, R, j, D, buf);
             for (int64_t h = 0; h < H; h++)
                 for (int64_t m = 0; m < M; m++)
                     dst[(h * M + m) * R + j] = dot(qs + ((b * H + h) * M + m) * d, row + h * d, d);
         }
-        free(row);
+        free(buf);
     }
 
     /* work items (b, piece, first token), grouped by sample */
@@ -185,7 +221,8 @@ void ap_decode(const int64_t *desc, int64_t P, const float *restrict query, cons
     }
     const int64_t per_b = items;
     items *= B;
-    int64_t *item_p = (int64_t *)malloc(sizeof(int64_t) * (items + 1)), *item_t = (int64_t *)malloc(sizeof(int64_t) * (items + 1));
+    int64_t *item_p = (int64_t *)malloc(sizeof(int64_t) * (items + 1));
+    int64_t *item_t = (int64_t *)malloc(sizeof(int64_t) * (items + 1));
     for (int64_t b = 0, i = 0; b < B; b++)
         for (int64_t p = 0; p < P; p++)
             for (int64_t t = 0, blk = item_tokens(pieces + p); t < pieces[p].T; t += blk, i++) {
