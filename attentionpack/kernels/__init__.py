@@ -2,11 +2,14 @@
 
 Eager PyTorch spends most of a decoding step on quantized pieces turning codes into float blocks (one pass to
 unpack, one to scale, one to read them again in a matmul). `fused.c` reads each code once and accumulates the
-attention output (or the scores) directly. It is plain C, built with the system C compiler into
-~/.cache/attentionpack/kernels (about a second, once per machine and source version) and called through ctypes.
+attention output (or the scores) of one piece directly; `decode.c` does a whole one-token step of a layer (every
+piece's scores, the softmax and the value mix) in one call (attention/fused.py). Plain C sharing `common.h`, built
+with the system C compiler into ~/.cache/attentionpack/kernels (a few seconds, once per machine and source version)
+and called through ctypes.
 
 If no compiler is found, the build fails, the tensors are not float32 on CPU, or ATTENTIONPACK_KERNELS=0, callers
-use their torch path (same results up to float rounding; tests/test_kernels.py checks both agree).
+use their torch path (same results up to float rounding; tests/test_kernels.py and tests/test_fused_decode.py
+check them).
 """
 from __future__ import annotations
 
