@@ -17,8 +17,7 @@ from .. import kernels
 from ..cache.segments import ExactPart
 from ..codecs.quant import Quantized, QuantizedLowRankPart, QuantizedPart, dequantize
 
-KEYS_EXACT, KEYS_PER_CHANNEL, KEYS_FACTORS = 0, 1, 2
-VALUES_EXACT, VALUES_PER_TOKEN, VALUES_FACTORS = 0, 1, 2
+EXACT, QUANTIZED, FACTORS = 0, 1, 2  # operand kinds (decode.c: KEYS_* and VALUES_*)
 FIELDS = 30  # int64 fields of piece_t in decode.c
 
 
@@ -79,41 +78,26 @@ def _codes(q: Quantized, keep: list) -> list[int]:
 
 
 def _piece(p, b: int, d: int, first: int, keep: list) -> list[int] | None:
-    """The FIELDS fields of piece_t for piece p, or None."""
-    keys, values = p.keys, p.values
-    t = p.end - p.start
-    row = [0, 0, t, p.start - first]
-    # keys: k, k_sb, k_sh | kc, ks, km, k_nb, k_G, k_group, k_bits, k_R | basis, basis_half
-    if isinstance(keys, ExactPart):
-        ex = _exact(keys.data, b, d)
-        if ex is None:
-            return None
-        row[0] = KEYS_EXACT
-        row += [*ex, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-    elif isinstance(keys, QuantizedPart) and keys.q.axis == 2 and keys.q.shape[3] == d:
-        row[0] = KEYS_PER_CHANNEL
-        row += [0, 0, 0, *_codes(keys.q, keep), d, 0, 0]
-    elif _factored(keys):
-        row[0] = KEYS_FACTORS
-        row += [0, 0, 0, *_codes(keys.coeffs, keep), keys.coeffs.shape[2], *_basis(keys, keep)]
-    else:
+    """The FIELDS fields of piece_t for piece p, or None: kinds, tokens, mask column, then the keys' and the
+    values' operand fields."""
+    keys = _operand(p.keys, 2, b, d, keep)  # keys quantized per channel (axis 2), values per token (axis 3)
+    values = _operand(p.values, 3, b, d, keep)
+    if keys is None or values is None:
         return None
-    # values: v, v_sb, v_sh | vc, vs, vm, v_nb, v_G, v_group, v_bits | v_R, v_basis, v_basis_half
-    if isinstance(values, ExactPart):
-        ex = _exact(values.data, b, d)
-        if ex is None:
-            return None
-        row[1] = VALUES_EXACT
-        row += [*ex, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-    elif isinstance(values, QuantizedPart) and values.q.axis == 3 and values.q.shape[3] == d:
-        row[1] = VALUES_PER_TOKEN
-        row += [0, 0, 0, *_codes(values.q, keep), 0, 0, 0]
-    elif _factored(values):
-        row[1] = VALUES_FACTORS
-        row += [0, 0, 0, *_codes(values.coeffs, keep), values.coeffs.shape[2], *_basis(values, keep)]
-    else:
-        return None
-    return row
+    return [keys[0], values[0], p.end - p.start, p.start - first, *keys[1], *values[1]]
+
+
+def _operand(part, axis: int, b: int, d: int, keep: list) -> tuple[int, list[int]] | None:
+    """(kind, 13 fields) of keys or values: exact address, batch and head strides | codes, scales, mins, bytes per
+    row, groups per row, group size, bits, rows R | basis address, basis is float16."""
+    if isinstance(part, ExactPart):
+        ex = _exact(part.data, b, d)
+        return None if ex is None else (EXACT, [*ex, *[0] * 10])
+    if isinstance(part, QuantizedPart) and part.q.axis == axis and part.q.shape[3] == d:
+        return QUANTIZED, [0, 0, 0, *_codes(part.q, keep), d, 0, 0]
+    if _factored(part):
+        return FACTORS, [0, 0, 0, *_codes(part.coeffs, keep), part.coeffs.shape[2], *_basis(part, keep)]
+    return None
 
 
 def _factored(part) -> bool:
