@@ -72,9 +72,9 @@ class PackedView:
         h = self.num_kv_heads
         g = hq // h
         scale = d ** -0.5 if scaling is None else scaling
+        cache_mask = self._cache_mask(mask, q, query.device)  # (B|1, 1, q, total - first) bool or None
         if q == 1 and not self.gathered:  # a decoding step: one C call when the kernel knows every piece
-            out = fused.decode(self.pieces, self.first, query, self._cache_mask(mask, q, query.device), scale,
-                               softcap)
+            out = fused.decode(self.pieces, self.first, query, cache_mask, scale, softcap)
             if out is not None:
                 return out
         qg = (query * scale).reshape(b, h, g * q, d)  # query head j*g + i attends with KV head j
@@ -83,7 +83,7 @@ class PackedView:
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
         scores = scores.view(b, h, g, q, n)
-        allowed = self._allowed(mask, b, q, query.device)  # (B, 1, q, N) bool or None
+        allowed = self._allowed(cache_mask, b, q, query.device)  # (B, 1, q, N) bool or None
         if allowed is not None:
             scores = scores.masked_fill(~allowed.unsqueeze(1), torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).view(b, h, g * q, n)
@@ -95,8 +95,8 @@ class PackedView:
             at += width
         return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).contiguous()
 
-    def _allowed(self, mask: torch.Tensor | None, b: int, q: int, device) -> torch.Tensor | None:
-        allowed = self._cache_mask(mask, q, device)  # over cache indices [first, total)
+    def _allowed(self, allowed: torch.Tensor | None, b: int, q: int, device) -> torch.Tensor | None:
+        """The cache mask (over cache indices [first, total)) mapped to the pieces' columns."""
         if not self.gathered:
             return allowed
         n = self.total - self.first
