@@ -128,8 +128,9 @@ class PackedView:
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs):
-    """transformers attention function: compressed path for a `PackedView`, SDPA for plain tensors."""
-    if not isinstance(key, PackedView):
+    """transformers attention function: any key object with an `attend(query, mask, scaling, softcap)` method
+    (a `PackedView`, or a view over several caches) computes the attention itself; plain tensors go to SDPA."""
+    if not hasattr(key, "attend"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     return key.attend(query, attention_mask, scaling, kwargs.get("softcap")), None
