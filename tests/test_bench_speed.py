@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from attentionpack.bench.speed import throughput_at_budget
-from attentionpack.cache.memory import cache_nbytes
+from attentionpack import cache_nbytes
 from attentionpack.eval.configs import make_cache, parse_config
 from tiny_models import VOCAB
 

@@ -8,8 +8,9 @@ import time
 import pytest
 import torch
 
-from attentionpack.budget import BudgetError, Option, allocate, attention_output_error
-from attentionpack.codecs.evict import kept_mask, select_tokens
+from attentionpack.budget import BudgetError, Option, allocate
+from attentionpack.scoring.observation import attention_output_error
+from experiments.evict import kept_mask, select_tokens
 
 
 def _brute(groups, budget):

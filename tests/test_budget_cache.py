@@ -31,7 +31,7 @@ def test_budget_is_respected(tiny_model, name, fraction):
     chosen = [layer for layer in cache.layers if layer.budget_choice]
     assert chosen
     for layer in chosen:  # decode chunks will use the chosen encoding
-        cfg = layer.codecs["text"][0]
+        cfg = layer.codecs["text"]
         key, value = layer.budget_choice
         assert cfg.key_codec == ("quant" if key.startswith("q") else "lowrank" if key.startswith("lr") else "exact")
         assert cfg.value_codec == ("quant" if value.startswith("q") else "lowrank" if value.startswith("lr")
@@ -93,9 +93,10 @@ def test_ingest_needs_the_queries(tiny_model):
 
 
 def test_first_components_equal_a_lower_rank_encoding():
-    from attentionpack.cache.budgeted import _first_components
-    from attentionpack.codecs.lowrank import Factors, spectrum_and_basis
-    from attentionpack.codecs.quant import QuantizedLowRankPart
+    from attentionpack.budget.planner import _first_components
+    from attentionpack.codecs import spectrum_and_basis
+    from attentionpack.parts import Factors
+    from attentionpack.parts import QuantizedLowRankPart
 
     x = torch.randn(2, 300, 48)
     _, vecs = spectrum_and_basis(x)
@@ -139,9 +140,9 @@ def test_shared_needle_prefill_prefills_a_budget_cache_itself(tiny_model):
 
 def test_errors_match_the_attention_output_error(tiny_model):
     """The planner's value error of a span is attention_output_error² of the window queries, computed apart."""
-    from attentionpack.budget import attention_output_error
-    from attentionpack.cache.budgeted import QUERIES
-    from attentionpack.codecs.quant import QuantizedPart
+    from attentionpack.scoring.observation import attention_output_error
+    from attentionpack.budget.planner import QUERIES
+    from attentionpack.parts import QuantizedPart
     from attentionpack.models.registry import ModelAdapter
     from attentionpack.scoring.observation import attention_scaling, window_queries
 

@@ -159,7 +159,7 @@ def test_config_names_agreement_and_needle_prompt(tiny_folder):
 
 def test_quantized_peer_bytes_are_counted(tiny_model):
     pytest.importorskip("optimum.quanto")
-    from attentionpack.eval.memory import held_bytes
+    from attentionpack import cache_nbytes as held_bytes
 
     model = tiny_model("llama")
     spec, dyn = configs.parse_config("quanto-4"), configs.parse_config("dynamic")

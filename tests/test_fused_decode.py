@@ -1,4 +1,4 @@
-"""One-call decoding steps (attention/fused.py, kernels/decode.c) against dense attention over the materialized
+"""One-call decoding steps (kernels/plan.py, kernels/decode.c) against dense attention over the materialized
 pieces: every stored form the kernel takes, padding masks, softcap, batches, pieces longer than a work item."""
 from __future__ import annotations
 
@@ -6,11 +6,23 @@ import pytest
 import torch
 
 from attentionpack import kernels
-from attentionpack.attention import fused
-from attentionpack.attention.packed import Piece
-from attentionpack.cache.segments import ExactPart, LowRankPart
-from attentionpack.codecs.lowrank import Factors
-from attentionpack.codecs.quant import QuantizedLowRankPart, QuantizedPart
+from attentionpack.kernels.plan import DecodePlan
+from attentionpack.parts import ExactPart, Factors, LowRankPart, QuantizedLowRankPart, QuantizedPart, Segment
+
+
+def Piece(keys, values, start, end):  # noqa: N802  (a stored run, as the tests below build them)
+    return Segment(start, end, keys, values, "span")
+
+
+def _decode(pieces, first, query, allowed, scale, softcap):
+    """The one-call step over `pieces`: all but the last planned as frozen segments, the last as the exact tail;
+    None when the plan says the kernel cannot take it."""
+    plan = DecodePlan(H, query.shape[-1], pieces[:-1])
+    tail = pieces[-1]
+    t = (tail.keys.data, tail.values.data, tail.start)
+    if plan.why_not(query, t[0], plan.count):
+        return None
+    return plan.run(plan.count, t, first, query, allowed, scale, softcap)
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the torch path is used")
 B, H, G, D = 3, 2, 3, 64  # samples, KV heads, query heads per KV head, head dim
@@ -70,7 +82,7 @@ def test_every_stored_form_matches_dense_attention(key_kind, value_kind):
     gen = torch.Generator().manual_seed(hash((key_kind, value_kind)) % 1000)
     pieces = _pieces(gen, key_kind, value_kind, [4, 700, 33, 37])  # 700: several work items, a partial one
     query = torch.randn(B, H * G, 1, D, generator=gen)
-    got = fused.decode(pieces, 0, query, None, D ** -0.5, None)
+    got = _decode(pieces, 0, query, None, D ** -0.5, None)
     torch.testing.assert_close(got, _reference(pieces, query, None, D ** -0.5, None), atol=2e-5, rtol=1e-4)
 
 
@@ -86,7 +98,7 @@ def test_padding_mask_and_softcap(softcap):
     allowed = torch.ones(B, 1, 1, 364, dtype=torch.bool)
     allowed[0, ..., :200] = False  # sample 0 left-padded over the sink and into the span
     allowed[2, ..., 100:164] = False  # sample 2: a masked run inside the span
-    got = fused.decode(pieces, 5, query, allowed, 0.2, softcap)
+    got = _decode(pieces, 5, query, allowed, 0.2, softcap)
     torch.testing.assert_close(got, _reference(pieces, query, allowed, 0.2, softcap), atol=2e-5, rtol=1e-4)
 
 
@@ -97,7 +109,7 @@ def test_odd_head_dim_and_single_sample_mask_row():
     query = torch.randn(B, H * G, 1, 40, generator=gen)
     allowed = torch.ones(1, 1, 1, 95, dtype=torch.bool)  # broadcast over the batch
     allowed[..., 7] = False
-    got = fused.decode(pieces, 0, query, allowed, 0.3, None)
+    got = _decode(pieces, 0, query, allowed, 0.3, None)
     torch.testing.assert_close(got, _reference(pieces, query, allowed, 0.3, None), atol=2e-5, rtol=1e-4)
 
 
@@ -105,9 +117,12 @@ def test_forms_it_does_not_take_fall_back():
     gen = torch.Generator().manual_seed(1)
     pieces = _pieces(gen, "exact", "exact", [4, 50, 10])
     query = torch.randn(B, H * G, 1, D, generator=gen)
-    assert fused.decode(pieces, 0, query.double(), None, 0.1, None) is None  # float64 queries
-    assert fused.decode(pieces, 0, torch.randn(B, H * G, 2, D), None, 0.1, None) is None  # two query tokens
+    assert _decode(pieces, 0, query.double(), None, 0.1, None) is None  # float64 queries
+    assert _decode(pieces, 0, torch.randn(B, H * G, 2, D), None, 0.1, None) is None  # two query tokens
     pre_rope = LowRankPart(Factors(torch.randn(B, 50, 8), torch.randn(B, 8, H * D)), H,
                            positions=torch.arange(50, dtype=torch.int32).expand(B, -1))
     pieces[1] = Piece(pre_rope, pieces[1].values, 4, 54)  # keys that must be rotated per token
-    assert fused.decode(pieces, 0, query, None, 0.1, None) is None
+    assert _decode(pieces, 0, query, None, 0.1, None) is None
+    plan = DecodePlan(H, D, pieces[:-1])
+    assert "before RoPE" in plan.why_not(query, pieces[-1].keys.data, plan.count)
+    assert plan.why_not(query, pieces[-1].keys.data, 1) == ""  # a snapshot taken before the segment froze

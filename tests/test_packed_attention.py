@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from attentionpack import PackConfig, PackedCache
-from attentionpack.attention import NAME, PackedView
+from attentionpack.attention import NAME, LayerView
+from attentionpack.attention import packed as packed_attention
 from helpers import dynamic_cache, greedy, manual_decode, padded_batch
 from tiny_models import MODEL_NAMES
 
@@ -57,19 +58,19 @@ def test_every_call_matches_sdpa_on_materialized_pieces(tiny_model, name, config
     """Each attention call on the stored form equals SDPA over the same pieces materialized (same mask)."""
     model = tiny_model(name)
     ids, mask = padded_batch(50, pad=7, seed=3)
-    original, checked = PackedView.attend, []
+    original, checked = packed_attention.attend, []
 
     def attend(view, query, attn_mask, scaling, softcap=None):
         out = original(view, query, attn_mask, scaling, softcap)
-        k = torch.cat([p.keys.materialize(p.start, p.end, view.rope) for p in view.pieces], dim=2)
-        v = torch.cat([p.values.materialize(p.start, p.end, view.rope) for p in view.pieces], dim=2)
+        k = torch.cat([p.keys.materialize(p.start, p.end, view.rope) for p in view.segments], dim=2)
+        v = torch.cat([p.values.materialize(p.start, p.end, view.rope) for p in view.segments], dim=2)
         ref = torch.nn.functional.scaled_dot_product_attention(
             query, k, v, attn_mask=attn_mask, scale=scaling, enable_gqa=True, is_causal=attn_mask is None and query.shape[2] > 1)
         torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
-        checked.append(len(view.pieces))
+        checked.append(len(view.segments))
         return out
 
-    monkeypatch.setattr(PackedView, "attend", attend)
+    monkeypatch.setattr(packed_attention, "attend", attend)
     manual_decode(model, PackedCache(model, CONFIGS[config]), ids, mask, steps=30)
     assert checked and max(checked) >= 3  # sinks, compressed runs and the tail were all seen
 
@@ -88,7 +89,7 @@ def test_update_returns_a_view_only_for_compressed_layers(tiny_model):
         model(input_ids=ids, attention_mask=mask, past_key_values=cache)  # prefill: exact SDPA, then compaction
         k = torch.zeros(2, layer.spec.num_kv_heads, 1, layer.spec.head_dim)
         out, _ = cache.update(k, k.clone(), 0)
-    assert isinstance(out, PackedView) and layer.segments
+    assert isinstance(out, LayerView) and layer.segments
     lossless = PackedCache(model, "lossless")
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=lossless)

@@ -9,12 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import attentionpack.codecs.quant as Q
-from attentionpack.cache.segments import LowRankPart
-from attentionpack.codecs.lowrank import RankRule, factorize
-from attentionpack.codecs.quant import (
+import attentionpack.parts.quant as Q
+from attentionpack.parts import LowRankPart
+from attentionpack.codecs import RankRule, factorize
+from attentionpack.parts import QuantizedLowRankPart
+from attentionpack.parts.quant import (
     Quantized,
-    QuantizedLowRankPart,
     QuantizedPart,
     dequantize,
     error_bound,

@@ -1,4 +1,6 @@
-"""Attention on the stored form of a PackedCache (registered as transformers attention "attentionpack")."""
-from .packed import NAME, PackedView, enable, register
+"""Attention on the stored form of a compressed layer (the transformers attention implementation "attentionpack")."""
 
-__all__ = ["NAME", "PackedView", "enable", "register"]
+from .packed import NAME, attend, disable, enable, register, strict
+from .view import LayerView
+
+__all__ = ["NAME", "LayerView", "attend", "disable", "enable", "register", "strict"]

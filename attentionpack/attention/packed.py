@@ -1,139 +1,146 @@
-"""Attention computed on the stored form of a `PackedCache` layer, registered as a transformers attention
-implementation ("attentionpack").
+"""Attention computed on the stored form of a compressed layer, registered as the transformers attention
+implementation "attentionpack".
 
-When a layer holds compressed segments, `PackedLayer.update` returns a `PackedView` instead of materialized
-keys/values. This function then scores the queries against every stored piece in its own form (exact pieces with
-a matmul; low-rank pieces factored after RoPE and low-rank values through their factors, never rebuilding the
-(T, H*d) block; other codecs decoded piece by piece), takes one softmax over all pieces, and mixes each piece's
-values with its share of the weights. Nothing is concatenated and no full-precision copy of the history is made.
+When a layer holds compressed segments, `PackedLayer.update` returns a `LayerView` instead of materialized
+keys/values, and `attend` computes the attention on it along one of two paths, recorded in the view's counter
+(`PackedCache.stats()["attention_paths"]`):
 
-Anything that is not a `PackedView` (layers without compressed segments, other caches, prefill of a fresh cache)
+- "fused": a one-token step over segments the decode kernel reads — one C call per layer over the table the
+  layer planned when its segments froze (`kernels.plan.DecodePlan`);
+- "per_part": every other call (prefill chunks on a compressed cache, vision-language groups, forms or dtypes
+  the kernel does not take): each segment is scored in its own form (`kernels.ops`: C kernels for quantized
+  parts, the parts' torch reference otherwise), one softmax over all segments, each segment's values mixed with
+  its share of the weights. Nothing is concatenated and no full-precision copy of the history is made.
+
+With ATTENTIONPACK_STRICT=1 a one-token step that cannot take the fused path raises with the reason.
+
+Anything that is not a view (layers without compressed segments, other caches, the prefill of a fresh cache)
 goes to transformers' SDPA unchanged, so exact paths stay bit-identical to the stock model. The mask function
 registered with it is SDPA's: causal, padding and sliding-window masks arrive as boolean (B, 1, q, kv) tensors
-over cache indices [first_index, total), which the view maps to its pieces.
+over cache indices [first, total), which `attend` maps to the segments.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from ..cache.segments import ExactPart, Part, RopeFn
-from . import fused
+from ..kernels import ops
+from .view import LayerView
 
 NAME = "attentionpack"
 
 
-@dataclass
-class Piece:
-    """One stored run of a layer as attention sees it: key/value parts over cache indices [start, end), or over the
-    gathered cache indices `index` (B, n) with `valid` (B, n) marking real slots (per-sample modality groups)."""
-
-    keys: Part
-    values: Part
-    start: int
-    end: int
-    index: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
-
-    @property
-    def width(self) -> int:
-        return self.end - self.start if self.index is None else self.index.shape[1]
-
-    def columns(self, first: int, batch: int) -> torch.Tensor:
-        """(B, n) positions of this piece's tokens in the mask's key axis."""
-        if self.index is None:
-            return torch.arange(self.start - first, self.end - first).expand(batch, -1)
-        return (self.index - first).clamp_min(0)
+def strict() -> bool:
+    """ATTENTIONPACK_STRICT=1: a step that should run on the compressed form's fast path but cannot raises with
+    the reason instead of falling back (the speed benchmarks and their tests run with it)."""
+    return os.environ.get("ATTENTIONPACK_STRICT", "0") not in ("", "0")
 
 
-class PackedView:
-    """A snapshot of one layer's pieces for the attention call that follows `update` (taken before compaction,
-    so the call sees the tokens exactly as they were when it was made)."""
-
-    def __init__(self, layer, rope: RopeFn):
-        self.pieces = [Piece(s.keys, s.values, s.start, s.end, getattr(s, "index", None), getattr(s, "valid", None))
-                       for s in layer.segments]
-        self.gathered = any(p.index is not None for p in self.pieces)
-        if layer.tail_length:
-            k, v, _, _ = layer.tail.view()
-            self.pieces.append(Piece(ExactPart(k), ExactPart(v), layer.total - layer.tail_length, layer.total))
-        self.first, self.total = layer.first_index, layer.total
-        self.num_kv_heads = layer.spec.num_kv_heads
-        self.rope = rope
-
-    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float | None,
-               softcap: float | None = None) -> torch.Tensor:
-        """query (B, Hq, q, d) rotated -> attention output (B, q, Hq, d)."""
-        b, hq, q, d = query.shape
-        h = self.num_kv_heads
-        g = hq // h
-        scale = d ** -0.5 if scaling is None else scaling
-        cache_mask = self._cache_mask(mask, q, query.device)  # (B|1, 1, q, total - first) bool or None
-        if q == 1 and not self.gathered:  # a decoding step: one C call when the kernel knows every piece
-            out = fused.decode(self.pieces, self.first, query, cache_mask, scale, softcap)
-            if out is not None:
-                return out
-        qg = (query * scale).reshape(b, h, g * q, d)  # query head j*g + i attends with KV head j
-        scores = torch.cat([p.keys.scores(qg, p.start, p.end, self.rope) for p in self.pieces], dim=-1)
-        n = scores.shape[-1]  # (B, H, g*q, N)
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
-        scores = scores.view(b, h, g, q, n)
-        allowed = self._allowed(cache_mask, b, q, query.device)  # (B, 1, q, N) bool or None
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed.unsqueeze(1), torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).view(b, h, g * q, n)
-        out, at = None, 0
-        for p in self.pieces:
-            width = p.width
-            part = p.values.mix(probs[..., at:at + width])  # (B, H, g*q, d)
-            out = part if out is None else out.add_(part)
-            at += width
-        return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).contiguous()
-
-    def _allowed(self, allowed: torch.Tensor | None, b: int, q: int, device) -> torch.Tensor | None:
-        """The cache mask (over cache indices [first, total)) mapped to the pieces' columns."""
-        if not self.gathered:
-            return allowed
-        n = self.total - self.first
-        if allowed is None:
-            allowed = torch.ones(1, 1, q, n, dtype=torch.bool, device=device)
-        cols = torch.cat([p.columns(self.first, b).to(device) for p in self.pieces], dim=1)  # (B, N)
-        ok = torch.cat([torch.ones(b, p.width, dtype=torch.bool, device=device) if p.valid is None else p.valid
-                        for p in self.pieces], dim=1)
-        picked = allowed.expand(b, 1, q, n).gather(-1, cols[:, None, None, :].expand(b, 1, q, -1))
-        return picked & ok[:, None, None, :]
-
-    def _cache_mask(self, mask: torch.Tensor | None, q: int, device) -> torch.Tensor | None:
-        n = self.total - self.first
-        if mask is None:
-            if q == 1:
-                return None
-            rows = torch.arange(self.total - q, self.total, device=device)[:, None]
-            cols = torch.arange(self.first, self.total, device=device)[None, :]
-            return (cols <= rows)[None, None]
-        if mask.shape[-1] != n:
-            raise RuntimeError(
-                f"attention mask covers {mask.shape[-1]} keys but the layer holds {n} (cache indices "
-                f"{self.first}..{self.total}); the model built its mask for a different cache"
-            )
-        if mask.dtype != torch.bool:  # additive float mask (0 = attend)
-            mask = mask == 0
-        return mask
+def attend(
+    view: LayerView, query: torch.Tensor, mask: torch.Tensor | None, scaling: float | None, softcap: float | None
+) -> torch.Tensor:
+    """query (B, Hq, q, d) rotated -> attention output (B, q, Hq, d) over the view's segments."""
+    b, hq, q, d = query.shape
+    scale = d**-0.5 if scaling is None else scaling
+    cache_mask = _cache_mask(view, mask, q, query.device)  # (B|1, 1, q, total - first) bool or None
+    tail_keys = view.tail[0] if view.tail is not None else None
+    why = view.plan.why_not(query, tail_keys, view.plan_count)
+    if not why:
+        view.paths["fused"] += 1
+        return view.plan.run(view.plan_count, view.tail, view.first, query, cache_mask, scale, softcap)
+    if q == 1 and strict():
+        raise RuntimeError(f"ATTENTIONPACK_STRICT: a decoding step cannot take the fused kernel: {why}")
+    view.paths["per_part"] += 1
+    return _per_part(view, query, cache_mask, scale, softcap)
 
 
-def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, **kwargs):
-    """transformers attention function: any key object with an `attend(query, mask, scaling, softcap)` method
-    (a `PackedView`, or a view over several caches) computes the attention itself; plain tensors go to SDPA."""
-    if not hasattr(key, "attend"):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    return key.attend(query, attention_mask, scaling, kwargs.get("softcap")), None
+def _per_part(
+    view: LayerView, query: torch.Tensor, cache_mask: torch.Tensor | None, scale: float, softcap: float | None
+) -> torch.Tensor:
+    b, hq, q, d = query.shape
+    h = view.num_kv_heads
+    g = hq // h
+    qg = (query * scale).reshape(b, h, g * q, d)  # query head j*g + i attends with KV head j
+    scores = torch.cat([ops.scores(s.keys, qg, s.start, s.end, view.rope) for s in view.segments], dim=-1)
+    n = scores.shape[-1]  # (B, H, g*q, N)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.view(b, h, g, q, n)
+    allowed = _allowed(view, cache_mask, b, q, query.device)  # (B, 1, q, N) bool or None
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed.unsqueeze(1), torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).view(b, h, g * q, n)
+    out: torch.Tensor | None = None
+    at = 0
+    for s in view.segments:
+        width = s.length
+        part = ops.mix(s.values, probs[..., at : at + width]).to(query.dtype)  # (B, H, g*q, d)
+        out = part if out is None else out.add_(part)
+        at += width
+    assert out is not None
+    return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).contiguous()
+
+
+def _allowed(
+    view: LayerView, allowed: torch.Tensor | None, b: int, q: int, device: torch.device
+) -> torch.Tensor | None:
+    """The cache mask (over cache indices [first, total)) mapped to the segments' columns."""
+    if not view.gathered:
+        return allowed
+    n = view.total - view.first
+    if allowed is None:
+        allowed = torch.ones(1, 1, q, n, dtype=torch.bool, device=device)
+    cols = torch.cat([s.columns(view.first, b).to(device) for s in view.segments], dim=1)  # (B, N)
+    ok = torch.cat(
+        [torch.ones(b, s.length, dtype=torch.bool, device=device) if s.valid is None else s.valid for s in view.segments],
+        dim=1,
+    )
+    picked = allowed.expand(b, 1, q, n).gather(-1, cols[:, None, None, :].expand(b, 1, q, -1))
+    return picked & ok[:, None, None, :]
+
+
+def _cache_mask(view: LayerView, mask: torch.Tensor | None, q: int, device: torch.device) -> torch.Tensor | None:
+    n = view.total - view.first
+    if mask is None:
+        if q == 1:
+            return None
+        rows = torch.arange(view.total - q, view.total, device=device)[:, None]
+        cols = torch.arange(view.first, view.total, device=device)[None, :]
+        return (cols <= rows)[None, None]
+    if mask.shape[-1] != n:
+        raise RuntimeError(
+            f"attention mask covers {mask.shape[-1]} keys but the layer holds {n} (cache indices "
+            f"{view.first}..{view.total}); the model built its mask for a different cache"
+        )
+    if mask.dtype != torch.bool:  # additive float mask (0 = attend)
+        mask = mask == 0
+    return mask
+
+
+def packed_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: Any,
+    value: Any,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: `attend` for a `LayerView`; any other key object with an
+    `attend(query, mask, scaling, softcap)` method (a view over several caches) attends itself; plain tensors go
+    to SDPA."""
+    if isinstance(key, LayerView):
+        return attend(key, query, attention_mask, scaling, kwargs.get("softcap")), None
+    if hasattr(key, "attend"):
+        return key.attend(query, attention_mask, scaling, kwargs.get("softcap")), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def register() -> None:
@@ -142,15 +149,23 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
 
 
-def enable(model) -> bool:
+def enable(model: Any) -> str:
     """Switch a model that uses SDPA (transformers' default on CPU) to the packed attention, which behaves exactly
-    like SDPA for every other cache. Returns whether the model now uses it (eager or other implementations are
-    left alone: the cache then materializes keys/values for them)."""
+    like SDPA for every other cache. Returns "" when the model now uses it, else why it cannot (eager or other
+    implementations are left alone: the cache then rebuilds keys/values for them)."""
     current = getattr(model.config, "_attn_implementation", None)
     if current == NAME:
-        return True
+        return ""
     if current != "sdpa":
-        return False
+        return f"the model runs attn_implementation={current!r} (load it with 'sdpa' to attend on the stored form)"
     register()
     model.set_attn_implementation(NAME)
-    return model.config._attn_implementation == NAME
+    if model.config._attn_implementation != NAME:
+        return "transformers refused attn_implementation='attentionpack' for this model"
+    return ""
+
+
+def disable(model: Any) -> None:
+    """Switch a model back from the packed attention to SDPA (what `enable` replaced)."""
+    if getattr(model.config, "_attn_implementation", None) == NAME:
+        model.set_attn_implementation("sdpa")

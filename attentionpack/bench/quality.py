@@ -15,11 +15,9 @@ from rich.table import Table
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from ..cache import PackedCache
-from ..config import PackConfig
+from .. import PackConfig, PackedCache, load_model
 from ..eval.data import read_text, token_ids
 from ..eval.perplexity import continuation_perplexity
-from ..models import load_model
 from .rss import measure_in_subprocess
 
 PRESET_NAMES = ("lossless", "balanced", "max")

@@ -27,10 +27,8 @@ def _current_rss_bytes() -> int:
 def measure(cache_name: str, batch: int, context: int, model_path: str | None = None, decode_steps: int = 4) -> dict:
     from transformers import DynamicCache
 
-    from ..cache import PackedCache
-    from ..cache.memory import cache_nbytes
+    from .. import PackedCache, cache_nbytes, load_model
     from ..eval.data import read_text, token_ids
-    from ..models import load_model
 
     torch.set_num_threads(2)
     model, tokenizer = load_model(model_path)

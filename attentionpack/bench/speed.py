@@ -16,11 +16,10 @@ from typing import Sequence
 
 import torch
 
-from ..cache.memory import cache_nbytes
+from .. import cache_nbytes, load_model
 from ..eval.configs import make_cache, parse_config
 from ..eval.data import britannica_text, token_ids
 from ..eval.speed import measure_speed
-from ..models.loading import load_model
 
 DEFAULT_CONFIGS = ("dynamic", "balanced", "max", "quanto-4")
 

@@ -20,8 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import DynamicCache
 
-from ..cache import PackedCache
-from ..config import PackConfig
+from .. import PackConfig, PackedCache
 from .tiny_vlm import tiny_llava
 
 IMAGE_COUNTS = (1, 4, 16)

@@ -12,34 +12,37 @@ its modality's codec settings (`PackConfig.for_modality`). Sliding-window layers
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..attention.packed import PackedView
-from ..codecs.lowrank import RankRule, factorize
-from ..codecs.quant import QuantizedLowRankPart, QuantizedPart
+from ..attention import LayerView, strict
+from ..codecs import encode_keys, encode_values
 from ..config import PackConfig
+from ..kernels.plan import DecodePlan
 from ..models.registry import LayerSpec
-from ..rope import undo_rope
-from .memory import storage_nbytes
-from .segments import ExactPart, LowRankPart, RopeFn, Segment
+from ..parts import BatchFn, ExactPart, Kind, Modality, Part, RopeFn, Segment
 from .tail import ExactTail
 
 TAIL_GRANULE = 16  # compressing layers grow their exact tail 16 slots at a time (see tail.py)
 
 
+STEP = "attentionpack_step"  # the key of the `StepContext` in `cache_kwargs`
+
+
 @dataclass
 class StepContext:
-    """What one forward call tells every layer: new tokens' positions and padding, and how to get RoPE."""
+    """What one forward call tells every layer: new tokens' positions and padding, and how to get RoPE. Travels
+    to `PackedLayer.update` in `cache_kwargs[STEP]`."""
 
-    positions: torch.Tensor  # (B, q) long
+    positions: torch.Tensor  # (B, q) long, or (B, q, 3) multimodal positions
     valid: torch.Tensor  # (B, q) bool, False for padding
     rope: RopeFn
     span_boundaries: Sequence[int]
-    layout: Callable[[int, int], list["Group"] | None] | None = None  # modality groups of cache indices [a, b)
+    layout: Callable[[int, int], list[Group] | None] | None = None  # modality groups of cache indices [a, b)
 
 
 @dataclass
@@ -47,7 +50,7 @@ class Group:
     """One modality group of a prompt span: per sample the cache indices of its tokens (see `Segment`)."""
 
     name: str  # "text", "image 0", "images", "video 0 frames 1"
-    modality: str  # "text", "image" or "video"
+    modality: Literal["text", "image", "video"]
     index: torch.Tensor  # (B, n) long, ascending per sample; padding slots hold any index of the span
     valid: torch.Tensor  # (B, n) bool, False for padding slots
     start: int  # smallest cache index covered
@@ -65,16 +68,18 @@ class PackedLayer(CacheLayerMixin):
         self.config = config
         self.is_sliding = spec.sliding_window is not None
         self.compress = not config.is_lossless and (not self.is_sliding or config.compress_sliding_layers)
-        self.attend_packed = False  # set by PackedCache when the model runs the "attentionpack" attention
-        # codec settings per modality: (config, key rule, value rule); text also serves decode chunks
-        self.codecs = {m: _codec(config.for_modality(m)) for m in ("text", "image", "video")}
-        _, self.key_rule, self.value_rule = self.codecs["text"]
-        self.planner = None  # a BudgetPlanner (cache/budgeted.py) when PackConfig.budget is set
+        self.attend_packed = False  # set by PackedCache while the model runs the "attentionpack" attention
+        self.dense_reason = ""  # why attention cannot run on the stored form (set by PackedCache)
+        self.paths: Counter[str] = Counter()  # which attention path each call took (shared by the cache's layers)
+        # codec settings per modality; text also serves decode chunks
+        self.codecs: dict[str, PackConfig] = {m: config.for_modality(m) for m in ("text", "image", "video")}
+        self.planner: Any = None  # a BudgetPlanner (budget/planner.py) when PackConfig.budget is set
         self.budget_choice: tuple[str, str] | None = None  # (key, value) candidate labels the budget chose
         self._reset_state()
 
     def _reset_state(self) -> None:
         self.segments: list[Segment] = []
+        self.plan = DecodePlan(self.spec.num_kv_heads, self.spec.head_dim)
         self.tail: ExactTail | None = None  # newest tokens, exact
         self.total = 0  # tokens seen (cache index of the next token)
         self.sink_end: int | None = None  # cache index where the exact sinks end (per-batch max)
@@ -87,9 +92,16 @@ class PackedLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def update(self, key_states, value_states, ctx: StepContext | None = None, *args, **kwargs):
-        if ctx is None:
-            raise RuntimeError("PackedLayer.update needs the step context; call it through PackedCache.update")
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
+    ) -> tuple[Any, Any]:
+        """Store this call's keys (B, H, q, d, rotated) and values; return what attention reads: the layer's keys
+        and values (B, H, N, d), or one `LayerView` for both when attention runs on the stored form. The call's
+        `StepContext` arrives in `cache_kwargs[STEP]` (PackedCache.update puts it there)."""
+        ctx = (cache_kwargs or {}).get(STEP)
+        if not isinstance(ctx, StepContext):
+            raise RuntimeError("PackedLayer.update needs the step context in cache_kwargs; call it through "
+                               "PackedCache.update")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
@@ -97,11 +109,16 @@ class PackedLayer(CacheLayerMixin):
             self._append(key_states, value_states, ctx.positions.to(torch.int32), ctx.valid)
         else:
             self._append(key_states, value_states, None, None)
+        keys: Any
+        values: Any
         if self.segments and self.attend_packed:  # attention runs on the stored form (attention/packed.py)
-            keys = values = PackedView(self, ctx.rope)
+            keys = values = self.view(ctx.rope)
         else:
-            keys = self._materialize(lambda s: s.keys, self.tail_keys, ctx.rope)
-            values = self._materialize(lambda s: s.values, self.tail_values, ctx.rope)
+            if self.segments:
+                self._dense_fallback()
+            else:
+                self.paths["exact"] += 1
+            keys, values = self.materialize(ctx.rope)
         if self.compress:
             self._compact(prefill=q > 1, ctx=ctx)
         if self.is_sliding and not self.record_past:
@@ -157,8 +174,37 @@ class PackedLayer(CacheLayerMixin):
 
     def set_text_codec(self, cfg: PackConfig) -> None:
         """Use `cfg`'s codecs for text spans and decode chunks from now on (a budget's choice for this layer)."""
-        self.codecs["text"] = _codec(cfg)
-        _, self.key_rule, self.value_rule = self.codecs["text"]
+        self.codecs["text"] = cfg
+
+    def replace_parts(self, segment: Segment, keys: Part, values: Part) -> None:
+        """Store `segment`'s keys and values in other forms (a budget's choice); the decode plan follows."""
+        if not any(s is segment for s in self.segments):
+            raise ValueError(f"segment [{segment.start}, {segment.end}) is not one of layer {self.layer_idx}'s")
+        segment.keys, segment.values = keys, values
+        self.plan = DecodePlan(self.spec.num_kv_heads, self.spec.head_dim, self.segments)
+
+    def view(self, rope: RopeFn) -> LayerView:
+        """A snapshot of the segments and the exact tail for one attention call."""
+        tail = None
+        if self.tail is not None and self.tail_length:
+            k, v, _, _ = self.tail.view()
+            tail = (k, v, self.total - self.tail_length)
+        return LayerView.of(self.segments, tail, self.first_index, self.total, self.spec.num_kv_heads, rope,
+                            self.plan, self.paths)
+
+    def materialize(self, rope: RopeFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every token the layer holds, (B, H, N, d) in cache order (compressed segments
+        rebuilt; gathered segments scattered back to their cache indices)."""
+        if self.tail_keys is None or self.tail_values is None:
+            raise RuntimeError(f"layer {self.layer_idx} holds no tokens yet")
+        return (self._materialize(lambda s: s.keys, self.tail_keys, rope),
+                self._materialize(lambda s: s.values, self.tail_values, rope))
+
+    def _dense_fallback(self) -> None:
+        self.paths["dense"] += 1
+        if strict() and self.config.compressed_attention and not self.config.is_lossless:
+            raise RuntimeError(f"ATTENTIONPACK_STRICT: layer {self.layer_idx} rebuilds its compressed keys/values "
+                               f"for the model's attention: {self.dense_reason or 'attention on the stored form is off'}")
 
     # ---- inspection -------------------------------------------------------------------------------------------
     @property
@@ -191,7 +237,8 @@ class PackedLayer(CacheLayerMixin):
         return self.total - self.tail_length
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [t for s in self.segments for t in s.tensors()]
+        """Every tensor the layer holds: segments, the exact tail's buffers, and what the decode plan made."""
+        out = [t for s in self.segments for t in s.tensors()] + self.plan.tensors()
         return out + ([] if self.tail is None else self.tail.tensors())
 
     def stats(self, seen: set | None = None) -> list[dict]:
@@ -237,7 +284,7 @@ class PackedLayer(CacheLayerMixin):
             self.tail.append(k, v, positions, valid)
         self.total += k.shape[-2]
 
-    def _materialize(self, part_of, tail: torch.Tensor, rope: RopeFn) -> torch.Tensor:
+    def _materialize(self, part_of: Callable[[Segment], Part], tail: torch.Tensor, rope: RopeFn) -> torch.Tensor:
         if not self.segments:
             return tail
         pieces = [part_of(s).materialize(s.start, s.end, rope) for s in self.segments]
@@ -252,6 +299,7 @@ class PackedLayer(CacheLayerMixin):
             if seg.index is None:
                 buf[:, :, seg.start - first:seg.end - first] = x
             else:
+                assert seg.valid is not None
                 slot = torch.where(seg.valid, seg.index - first, held)  # (B, n)
                 buf.scatter_(2, slot[:, None, :, None].expand(b, h, -1, d), x.to(buf.dtype))
         return torch.cat([buf[:, :, :held], tail], dim=-2)
@@ -293,20 +341,24 @@ class PackedLayer(CacheLayerMixin):
                 tail_start += self.config.chunk
         self.tail.shrink()  # release the slots of the frozen tokens (the whole prompt's buffer after a prefill)
 
-    def _freeze(self, start: int, end: int, kind: str, compress: bool, ctx: StepContext) -> None:
+    def _freeze(self, start: int, end: int, kind: Kind, compress: bool, ctx: StepContext) -> None:
         """Turn tail tokens [start, end) (which must be the oldest tail tokens) into a segment."""
+        assert self.tail is not None
         n = end - start
         k, v, pos, valid = self.tail.view(0, n)
         pending = None
+        key_part: Part
+        value_part: Part
         if compress and kind in ("span", "window") and self.planner is not None:  # candidates now, choice later
             pending, key_part, value_part = self.planner.propose(self, start, end, k, v, valid)
         elif compress:
-            cfg, key_rule, value_rule = self.codecs["text"]
-            key_part = self._encode(k, valid, cfg.key_codec, key_rule, cfg.key_bits, ctx.rope(start, end, pos), pos)
-            value_part = self._encode(v, valid, cfg.value_codec, value_rule, cfg.value_bits, None, None)
+            cfg = self.codecs["text"]
+            key_part = encode_keys(k, valid, cfg, ctx.rope(start, end, pos), pos)
+            value_part = encode_values(v, valid, cfg)
         else:
             key_part, value_part = ExactPart(k.clone()), ExactPart(v.clone())
         self.segments.append(Segment(start, end, key_part, value_part, kind))
+        self.plan.add(self.segments[-1])
         if pending is not None:
             pending.segment = self.segments[-1]
         self.tail.drop_oldest(n)
@@ -322,64 +374,40 @@ class PackedLayer(CacheLayerMixin):
             gk, gv = k.gather(2, rows), v.gather(2, rows)  # (B, H, m, d)
             gpos = pos.gather(1, local if pos.dim() == 2 else local[..., None].expand(-1, -1, pos.shape[-1]))
             gvalid = valid.gather(1, local) & g.valid  # real tokens only: padding slots and padding tokens are zeroed
-            cfg, key_rule, value_rule = self.codecs[g.modality]
+            cfg = self.codecs[g.modality]
             slots = int(g.valid.sum(dim=1).max())
+            key_part: Part
+            value_part: Part
             if slots >= self.config.min_span:
-                key_part = self._encode(gk, gvalid, cfg.key_codec, key_rule, cfg.key_bits,
-                                        ctx.rope(g.start, g.end, gpos), gpos, cfg)
-                value_part = self._encode(gv, gvalid, cfg.value_codec, value_rule, cfg.value_bits, None, None, cfg)
+                key_part = encode_keys(gk, gvalid, cfg, ctx.rope(g.start, g.end, gpos), gpos)
+                value_part = encode_values(gv, gvalid, cfg)
             else:
                 key_part, value_part = ExactPart(gk), ExactPart(gv)
-            kind = "span" if g.modality == "text" else g.modality
+            kind: Kind = "span" if g.modality == "text" else g.modality
+            modality: Modality = g.modality
             self.segments.append(Segment(g.start, g.end, key_part, value_part, kind, index=g.index, valid=g.valid,
-                                         modality=g.modality, group=g.name))
+                                         modality=modality, group=g.name))
+            self.plan.add(self.segments[-1])
         self.tail.drop_oldest(n)
-
-    def _encode(self, x, valid, codec, rule, bits, rope_cos_sin, positions, cfg: PackConfig | None = None):
-        """x (B, H, T, d) -> a stored part. Keys come with (cos, sin) and positions: low-rank keys are factored
-        before RoPE (or after it, `key_pre_rope=False`); quantized keys are kept rotated (KIVI). Exact when the
-        codec says so, or when the encoded form would not be smaller (`fallback_exact`)."""
-        cfg = cfg or self.config
-        if codec == "exact":
-            return ExactPart(x.clone())
-        x = x * valid[:, None, :, None]  # padding rows zeroed so they cannot skew a basis or a scale
-        is_key = positions is not None
-        pre_rope = is_key and cfg.key_pre_rope
-        if codec == "quant":
-            part = QuantizedPart.keys(x, bits, cfg.quant_group) if is_key else \
-                QuantizedPart.values(x, bits, cfg.quant_group)
-        else:
-            b, h, t, d = x.shape
-            pre = undo_rope(x, *rope_cos_sin) if pre_rope else x
-            factors, ranks, _ = factorize(pre.transpose(1, 2).reshape(b, t, h * d), rule)  # block (B, T, H*d)
-            pos = positions.clone() if pre_rope else None
-            if bits is None:
-                part = LowRankPart(factors, h, pos, tuple(ranks))
-            else:
-                part = QuantizedLowRankPart.from_factors(factors, h, pos, tuple(ranks), coeff_bits=bits, basis_bits=16,
-                                                         coeff_group=cfg.quant_group)
-        if cfg.fallback_exact and storage_nbytes(part.tensors()) >= x.numel() * x.element_size():
-            return ExactPart(x.clone())
-        return part
 
     def _drop_outside_window(self) -> None:
         """Sliding layers: forget what no future query can see (the stock layer keeps the last W-1 tokens)."""
+        assert self.spec.sliding_window is not None and self.tail is not None
         horizon = self.total - (self.spec.sliding_window - 1)
-        self.segments = [s for s in self.segments if s.end > horizon]
+        kept = [s for s in self.segments if s.end > horizon]
+        if len(kept) != len(self.segments):
+            self.segments = kept
+            self.plan = DecodePlan(self.spec.num_kv_heads, self.spec.head_dim, kept)
         excess = (self.total - self.tail_length) - horizon
         if excess < 0 and not self.segments:
             self.tail.drop_oldest(-excess)
 
-    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def _map_batch(self, fn: BatchFn) -> None:
         for seg in self.segments:
             seg.map_batch(fn)
+        self.plan = DecodePlan(self.spec.num_kv_heads, self.spec.head_dim, self.segments)
         if self.tail is not None:
             self.tail.map_batch(fn)
-
-
-def _codec(cfg: PackConfig) -> tuple[PackConfig, RankRule, RankRule]:
-    return (cfg, RankRule(cfg.key_rank, cfg.key_rank_fraction, cfg.key_energy, cfg.key_max_rank_fraction),
-            RankRule(cfg.value_rank, cfg.value_rank_fraction, cfg.value_energy, cfg.value_max_rank_fraction))
 
 
 def _new_bytes(tensors, seen: set) -> int:

@@ -1,9 +1,12 @@
 """`PackedCache`: a transformers `Cache` that stores the KV cache compacted (see `PackedLayer`).
 
 Use it like any cache: `model.generate(**inputs, past_key_values=PackedCache(model, "balanced"))`, or pass it to
-`model(...)` in a manual decoding loop. Two forward pre-hooks (installed once per model, inert for other caches)
-tell the cache each call's padding mask and token positions, which it needs to keep sinks per sample, to leave
-padding out of the factorization, and to undo/redo RoPE exactly.
+`model(...)` in a manual decoding loop. Constructing the cache attaches it to the model: forward pre-hooks (inert
+for other caches) tell the cache each call's padding mask and token positions, which it needs to keep sinks per
+sample, to leave padding out of the factorization, and to undo/redo RoPE exactly; and a model that runs SDPA is
+switched to the "attentionpack" attention implementation (SDPA itself for every other cache). `detach()` (or
+leaving `with PackedCache(model, cfg) as cache:`) removes the hooks and restores SDPA once no attached cache is
+left on the model.
 
 Vision-language models (LLaVA, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM): a pre-hook on the top-level model
 reads each multi-token call's `input_ids` and finds, per sample, the image and video tokens (`models/vlm.py`);
@@ -12,20 +15,23 @@ model records the multimodal (temporal, height, width) positions so RoPE is undo
 """
 from __future__ import annotations
 
-from typing import Sequence
+import weakref
+from collections import Counter
+from typing import Any, Sequence
 
 import torch
 from transformers.cache_utils import Cache
 
-from ..attention.packed import enable as enable_packed_attention
+from ..attention import disable as disable_packed_attention
+from ..attention import enable as enable_packed_attention
+from ..budget.planner import BudgetPlanner
 from ..config import PackConfig
 from ..models.registry import ModelAdapter
 from ..models.vlm import find_spans, group_labels
-from .budgeted import BudgetPlanner
-from .layer import Group, PackedLayer, StepContext
-from .memory import storage_nbytes
+from ..parts import storage_nbytes
+from .layer import STEP, Group, PackedLayer, StepContext
 
-_HOOKED = "_attentionpack_hooks"
+_ATTACHED = "_attentionpack_attached"  # model attribute: {"hooks": [...], "caches": n, "switched": bool}
 
 
 class PackedCache(Cache):
@@ -38,7 +44,7 @@ class PackedCache(Cache):
             system prompt and of the document. Default: the whole prompt after the sinks is one span.
     """
 
-    def __init__(self, model, config: PackConfig | str | None = None, span_boundaries: Sequence[int] = ()):
+    def __init__(self, model: Any, config: PackConfig | str | None = None, span_boundaries: Sequence[int] = ()):
         if config is None:
             config = PackConfig.preset("balanced")
         elif isinstance(config, str):
@@ -47,15 +53,16 @@ class PackedCache(Cache):
             raise TypeError(f"config must be a PackConfig or a preset name, not {type(config).__name__}")
         self.config = config
         self.adapter = ModelAdapter(model)
-        super().__init__(layers=[PackedLayer(i, spec, config) for i, spec in enumerate(self.adapter.layers)])
-        if config.compressed_attention and not config.is_lossless and enable_packed_attention(model):
-            for layer in self.layers:
-                layer.attend_packed = True
+        self.layers: list[PackedLayer] = [PackedLayer(i, spec, config) for i, spec in enumerate(self.adapter.layers)]
+        super().__init__(layers=self.layers)
+        self.paths: Counter[str] = Counter()  # attention path of every layer call (stats()["attention_paths"])
         self.planner = BudgetPlanner(self, config.budget) if config.budget is not None else None
         for layer in self.layers:
             layer.planner = self.planner
+            layer.paths = self.paths
         self.set_spans(span_boundaries)
-        _install_hooks(model, self.adapter)
+        self._model: weakref.ref[Any] | None = None
+        self.attach(model)
         self._attention_mask: torch.Tensor | None = None  # 2D (B, kv) mask of the current call
         self._positions: dict[int, torch.Tensor] = {}  # layer -> (B, q) position ids of the current call
         self._rope_memo: dict = {}
@@ -65,6 +72,56 @@ class PackedCache(Cache):
         self.groups: list[tuple[str, str]] = [("text", "text")]  # (group name, modality)
         self.spans: list = []  # VisionSpan of every multi-token call so far (cache indices)
         self._layout_memo: dict = {}
+
+    # ---- the model change: scoped and reversible --------------------------------------------------------------
+    def attach(self, model: Any) -> PackedCache:
+        """Install the forward pre-hooks this cache needs on `model` (once per model, shared by its caches) and,
+        when the config attends on the stored form, switch an SDPA model to the "attentionpack" attention (SDPA
+        for every other cache). Done by the constructor; undone by `detach`."""
+        if self._model is not None:
+            if self._model() is model:
+                return self
+            self.detach()
+        state = getattr(model, _ATTACHED, None)
+        if state is None:
+            state = {"hooks": _install_hooks(model, self.adapter), "caches": 0, "switched": False}
+            setattr(model, _ATTACHED, state)
+        state["caches"] += 1
+        self._model = weakref.ref(model)
+        reason = "attention on the stored form is off (PackConfig.compressed_attention=False)"
+        if self.config.compressed_attention and not self.config.is_lossless:
+            reason = enable_packed_attention(model)
+            state["switched"] = state["switched"] or not reason
+        for layer in self.layers:
+            layer.attend_packed = not reason
+            layer.dense_reason = reason
+        return self
+
+    def detach(self) -> None:
+        """Undo `attach`: once no attached cache is left on the model, remove the hooks and switch the model back
+        to SDPA if attaching switched it. The cache keeps what it holds; `attach(model)` before using it again."""
+        model = self._model() if self._model is not None else None
+        self._model = None
+        for layer in self.layers:
+            layer.attend_packed = False
+        if model is None:
+            return
+        state = getattr(model, _ATTACHED, None)
+        if state is None:
+            return
+        state["caches"] -= 1
+        if state["caches"] <= 0:
+            for handle in state["hooks"]:
+                handle.remove()
+            if state["switched"]:
+                disable_packed_attention(model)
+            delattr(model, _ATTACHED)
+
+    def __enter__(self) -> PackedCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
 
     def set_inputs(self, input_ids: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
                    position_ids: torch.Tensor | None = None) -> None:
@@ -104,10 +161,18 @@ class PackedCache(Cache):
     # ---- the Cache interface ------------------------------------------------------------------------------
     def reset(self) -> None:
         super().reset()
+        self.paths.clear()
         self._labels, self.groups, self.spans = None, [("text", "text")], []
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Store this call's keys (B, H, q, d, rotated) and values, and return all keys/values to attend to."""
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[Any, Any]:
+        """Store this call's keys (B, H, q, d, rotated) and values, and return all keys/values to attend to (or a
+        `LayerView` of the stored form, see `PackedLayer.update`)."""
         if key_states.dtype != value_states.dtype or not key_states.dtype.is_floating_point:
             raise TypeError(f"keys/values must share a floating dtype, got {key_states.dtype} / {value_states.dtype}")
         ctx = StepContext(
@@ -117,7 +182,7 @@ class PackedCache(Cache):
             span_boundaries=self.span_boundaries,
             layout=(lambda a, b: self._layout(a, b, key_states.device)) if self._labels is not None else None,
         )
-        out = self.layers[layer_idx].update(key_states, value_states, ctx)
+        out = self.layers[layer_idx].update(key_states, value_states, {**(cache_kwargs or {}), STEP: ctx})
         if layer_idx == len(self.layers) - 1:  # end of the forward call: drop per-call state
             if self.planner is not None:  # every layer has proposed its candidates: choose within the budget
                 self.planner.finish()
@@ -191,6 +256,7 @@ class PackedCache(Cache):
             "dynamic_bytes": dynamic,
             "ratio": dynamic / held if held else float("nan"),
             "modalities": modalities,
+            "attention_paths": dict(self.paths),
             "layers": [
                 {"layer": layer.layer_idx, "bytes": sum(r["bytes"] for r in rows if r["layer"] == layer.layer_idx),
                  "dynamic_bytes": layer.dynamic_equivalent_bytes(), "sliding": layer.is_sliding,
@@ -289,10 +355,10 @@ def _groups_of(labels: torch.Tensor | None, groups: list[tuple[str, str]], start
     return out
 
 
-def _install_hooks(model, adapter: ModelAdapter) -> None:
-    """Forward pre-hooks that hand a PackedCache the 2D padding mask and each layer's position ids."""
-    if getattr(model, _HOOKED, False):
-        return
+def _install_hooks(model: Any, adapter: ModelAdapter) -> list[Any]:
+    """Forward pre-hooks that hand a PackedCache the 2D padding mask and each layer's position ids; returns their
+    handles."""
+    handles = []
     base = adapter.language_model  # the decoder: it always receives the 2D padding mask
 
     def on_model_call(module, args, kwargs):
@@ -300,7 +366,7 @@ def _install_hooks(model, adapter: ModelAdapter) -> None:
         if isinstance(cache, PackedCache):
             cache._begin_call(kwargs.get("attention_mask"))
 
-    base.register_forward_pre_hook(on_model_call, with_kwargs=True)
+    handles.append(base.register_forward_pre_hook(on_model_call, with_kwargs=True))
     if adapter.is_vlm:
         def on_top_call(module, args, kwargs):
             cache = kwargs.get("past_key_values")
@@ -308,14 +374,14 @@ def _install_hooks(model, adapter: ModelAdapter) -> None:
                 ids = kwargs.get("input_ids", args[0] if args else None)
                 cache._begin_top_call(ids, kwargs)
 
-        model.register_forward_pre_hook(on_top_call, with_kwargs=True)
+        handles.append(model.register_forward_pre_hook(on_top_call, with_kwargs=True))
     if adapter.mrope:
         def on_language_model(module, args, kwargs):
             cache = kwargs.get("past_key_values")
             if isinstance(cache, PackedCache):
                 cache._set_mrope_positions(kwargs.get("position_ids"))
 
-        adapter.language_model.register_forward_pre_hook(on_language_model, with_kwargs=True)
+        handles.append(adapter.language_model.register_forward_pre_hook(on_language_model, with_kwargs=True))
     for idx, attn in enumerate(adapter.attention_modules):
         def on_attention(module, args, kwargs, idx=idx):
             cache = kwargs.get("past_key_values")
@@ -324,5 +390,5 @@ def _install_hooks(model, adapter: ModelAdapter) -> None:
             if isinstance(cache, PackedCache) and cache.planner is not None:
                 cache.planner.note_attention(idx, module, args, kwargs)
 
-        attn.register_forward_pre_hook(on_attention, with_kwargs=True)
-    setattr(model, _HOOKED, True)
+        handles.append(attn.register_forward_pre_hook(on_attention, with_kwargs=True))
+    return handles

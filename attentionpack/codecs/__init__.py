@@ -1,1 +1,6 @@
-"""Compression codecs: each turns a block of K or V states into something smaller and back."""
+"""Encoders: turn a run of keys or values into one of the stored forms of `attentionpack.parts`."""
+
+from .encode import encode_keys, encode_values, rank_rules
+from .lowrank import RankRule, energy_rank, factorize, spectrum_and_basis
+
+__all__ = ["RankRule", "encode_keys", "encode_values", "energy_rank", "factorize", "rank_rules", "spectrum_and_basis"]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..parts import Factors
+
 
 @dataclass
 class RankRule:
@@ -50,21 +52,6 @@ def spectrum_and_basis(blocks: torch.Tensor,
     gram = (m.transpose(1, 2) @ m).to(torch.float64)  # (B, D, D)
     eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending
     return eigvals.flip(-1).clamp_min(0), eigvecs.flip(-1)
-
-
-@dataclass
-class Factors:
-    """M ≈ coeffs @ basis: coeffs (B, T, r), basis (B, r, D), in the cache dtype."""
-
-    coeffs: torch.Tensor
-    basis: torch.Tensor
-
-    @property
-    def rank(self) -> int:
-        return self.basis.shape[1]
-
-    def reconstruct(self) -> torch.Tensor:
-        return self.coeffs @ self.basis  # (B, T, D)
 
 
 def factorize(blocks: torch.Tensor, rule: RankRule) -> tuple[Factors, list[int], torch.Tensor]:

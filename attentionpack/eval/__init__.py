@@ -1,7 +1,7 @@
 """Evaluation: what compression costs in quality, memory and speed, measured in one run.
 
 `evaluate(out, ...)` runs every metric for every configuration (see runner.py); each metric is also usable alone:
-perplexity.continuation_perplexity, agreement.agreement, needle.needle_grid, memory.measure_memory,
+perplexity.continuation_perplexity, agreement.agreement, needle.needle_grid, child.measure_memory,
 speed.measure_speed. Imported lazily so that `import attentionpack.eval.cli` stays light."""
 
 __all__ = ["evaluate"]

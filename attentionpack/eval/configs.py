@@ -10,7 +10,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from ..config import PRESETS, PackConfig
+from .. import PRESETS, PackConfig
 
 # kvpress press names accepted here -> class name in the kvpress package (0.5.5). Only presses that work with
 # sdpa attention on a causal LM and take a `compression_ratio` are listed.
@@ -170,7 +170,7 @@ def make_cache(model, spec: Spec):
 
         return DynamicCache(config=model.config)
     if spec.kind == "pack":
-        from ..cache.packed_cache import PackedCache
+        from .. import PackedCache
 
         return PackedCache(model, spec.pack)
     if spec.kind == "quantized":

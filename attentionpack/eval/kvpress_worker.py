@@ -2,7 +2,7 @@
 
 Standalone on purpose: kvpress 0.5.5 needs transformers < 5.3, so this file imports only the standard library,
 torch, transformers and kvpress, never attentionpack. It is started as `VENV/bin/python kvpress_worker.py JOB.json`
-and speaks the line protocol of `attentionpack.eval.memory`: `@progress N`, `@item {json}`, one `@result {json}`.
+and speaks the line protocol of `attentionpack.eval.child`: `@progress N`, `@item {json}`, one `@result {json}`.
 
 Jobs ("mode"):
   quality: the continuation-perplexity protocol. The press is applied while the context is prefilled (kvpress

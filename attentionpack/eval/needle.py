@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..budget import BudgetError
+from .. import BudgetError
 
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about the important information there.")

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from .configs import KVPRESS_PRESSES, Spec
-from .memory import EXACT_TIMED_STEPS, child_env, run_child
+from .child import EXACT_TIMED_STEPS, child_env, run_child
 
 KVPRESS_VERSION = "0.5.5"
 KVPRESS_TRANSFORMERS = "transformers<5.3"
@@ -134,17 +134,17 @@ def _tail(path: Path, n: int = 2000) -> str:
 def model_folder(model: str | None) -> Path:
     """A transformers folder of the model, readable by kvpress's older transformers (GGUF: the converted copy,
     which exists once `load_model` has run)."""
-    from ..models.loading import _converted_cache_dir, embedded_model_file
+    from ..models import converted_cache_dir, embedded_model_file
 
     if model is None:
-        folder = _converted_cache_dir(embedded_model_file(), torch.float32)
+        folder = converted_cache_dir(embedded_model_file(), torch.float32)
     else:
         path = Path(model).expanduser()
         if path.is_dir() and (path / "config.json").is_file():
             return path
         if path.is_dir():
             path = sorted(path.glob("*.gguf"))[0]
-        folder = _converted_cache_dir(path, torch.float32)
+        folder = converted_cache_dir(path, torch.float32)
     if not (folder / "config.json").is_file():
         raise KvpressUnavailable(f"no converted model folder at {folder}; load the model once first")
     return folder

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .memory import held_bytes
+from .. import cache_nbytes
 
 
 @dataclass
@@ -49,7 +49,7 @@ def continuation_perplexity(model, ids: torch.Tensor, context: int, continuation
     start = time.perf_counter()
     out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - start
-    held = held_bytes(cache)
+    held = cache_nbytes(cache)
     targets = ids[:, context: context + continuation]
     nll = [F.cross_entropy(out.logits[:, -1].float(), targets[:, 0], reduction="sum")]
     if on_logits:

@@ -8,6 +8,8 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from .settings import machine_info, settings_dict
+
 MIB = 1024 * 1024
 
 
@@ -62,7 +64,6 @@ def summary_rows(run) -> list[dict]:
 
 
 def assemble(run, started: float) -> dict:
-    from .runner import machine_info, settings_dict
 
     s = run.s
     quality = run.results_quality

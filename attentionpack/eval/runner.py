@@ -11,19 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from ..budget import BudgetError
+from .. import BudgetError, cache_nbytes
 from . import needle as needle_mod
 from .agreement import compare_files
 from .configs import DEFAULT_CONFIGS, Spec, check_available, make_cache, parse_config, parse_configs
-from .memory import ChildError, measure_isolated
+from .child import ChildError, measure_isolated
 from .peers import KvpressUnavailable, ensure_kvpress_env, kvpress_needle, kvpress_quality
+from .settings import Settings, _norm, machine_info, settings_dict
 
 # Defaults sized so that the whole default run fits in 20 minutes on 2 idle cores; any configuration can be added
 # with --needle-configs / --speed-configs.
@@ -32,34 +32,9 @@ DEFAULT_SPEED = ("dynamic", "balanced", "max", "quanto-4")  # the others' decode
 KVPRESS_BASELINE = "kvpress-env-dynamic"  # DynamicCache inside the kvpress environment: its own reference
 
 
-@dataclass
-class Settings:
-    model: str | None = None
-    texts: tuple = (None,)
-    configs: tuple = DEFAULT_CONFIGS
-    contexts: tuple = (2048,)
-    continuation: int = 256
-    needle_configs: tuple | None = None  # None: DEFAULT_NEEDLE among `configs`
-    needle_lengths: tuple = (1024, 2048, 4096)
-    needle_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
-    needle_trials: int = 1
-    needle_new_tokens: int = 10
-    speed_configs: tuple | None = None  # None: DEFAULT_SPEED among `configs`
-    speed_contexts: tuple = (1024, 2048)
-    speed_steps: int = 8
-    speed_repeats: int = 2
-    threads: int | None = None
-    seed: int = 0
-    isolate: bool = True  # quality+memory of each in-process configuration in its own child process
-
-
 def _safe(key: str) -> str:
     clean = re.sub(r"[^A-Za-z0-9._-]+", "_", key)
     return clean if clean == key else f"{clean}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-
-
-def _norm(obj):
-    return json.loads(json.dumps(obj, sort_keys=True))
 
 
 class Cells:
@@ -250,7 +225,7 @@ class Run:
 
     def _quality_here(self, sp: Spec, ids, n: int, logits: Path, tick) -> dict:
         """The quality pass in this process (isolate=False): no peak RSS of its own."""
-        from .memory import LogprobWriter, held_bytes
+        from .child import LogprobWriter
         from .perplexity import continuation_perplexity
 
         caches, writer, done = [], LogprobWriter(logits), [0]
@@ -270,7 +245,7 @@ class Run:
             writer.close()
         return {"config": sp.name, "ppl": r.ppl, "nll": r.nll, "tokens_scored": r.tokens_scored,
                 "prefill_s": r.prefill_s, "decode_ms": r.decode_ms, "bytes_after_prefill": r.bytes_after_prefill,
-                "bytes_at_end": held_bytes(caches[-1]), "isolated": False}
+                "bytes_at_end": cache_nbytes(caches[-1]), "isolated": False}
 
     # ---- phase 2: speed ----------------------------------------------------------------------------------------
     def speed(self) -> None:
@@ -475,20 +450,3 @@ def evaluate(out: str | os.PathLike = "attentionpack-eval", model: str | None = 
     s = Settings(model=None if model is None else str(model), texts=tuple(texts) if texts else (None,),
                  configs=tuple(configs) if configs else DEFAULT_CONFIGS, **tuples)
     return Run(s, Path(out), progress).go()
-
-
-def machine_info(threads: int | None) -> dict:
-    import torch
-
-    mem = None
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        pass
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": threads or torch.get_num_threads(), "ram_bytes": mem,
-            "python": sys.version.split()[0], "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
-
-
-def settings_dict(s: Settings) -> dict:
-    return _norm(asdict(s))

@@ -1,15 +1,15 @@
-"""Fused CPU kernels for attention over quantized cache pieces, compiled on first use.
+"""CPU kernels for attention over stored parts, compiled on first use.
 
-Eager PyTorch spends most of a decoding step on quantized pieces turning codes into float blocks (one pass to
-unpack, one to scale, one to read them again in a matmul). `fused.c` reads each code once and accumulates the
-attention output (or the scores) of one piece directly; `decode.c` does a whole one-token step of a layer (every
-piece's scores, the softmax and the value mix) in one call (attention/fused.py). Plain C sharing `common.h`, built
-with the system C compiler into ~/.cache/attentionpack/kernels (a few seconds, once per machine and source version)
-and called through ctypes.
+Eager PyTorch spends most of a decoding step on quantized parts turning codes into float blocks (one pass to
+unpack, one to scale, one to read them again in a matmul). `part_ops.c` reads each code once and accumulates the
+attention output (or the scores) of one part directly (`ops.py` picks it per part); `decode.c` runs a whole
+one-token step of a layer (every segment's scores, the softmax and the value mix) in one call over a table that
+`plan.py` builds when segments freeze. Plain C sharing `common.h`, built with the system C compiler into
+~/.cache/attentionpack/kernels (once per machine and source version) and called through ctypes.
 
-If no compiler is found, the build fails, the tensors are not float32 on CPU, or ATTENTIONPACK_KERNELS=0, callers
-use their torch path (same results up to float rounding; tests/test_kernels.py and tests/test_fused_decode.py
-check them).
+If no compiler is found, the build fails, or ATTENTIONPACK_KERNELS=0, `library()` is None and `reason()` says
+why; callers then take their torch path and record it (tests/test_kernels.py and tests/test_fused_decode.py check
+both paths against float64 references).
 """
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "fused.c", HERE / "decode.c"]  # both include common.h
+SOURCES = [HERE / "part_ops.c", HERE / "decode.c"]  # both include common.h
 # -mtune=haswell: gcc tunes some AMD cores (znver1) for 128-bit vectors, which halves the speed of these loops
 FLAGS = ["-O3", "-march=native", *(["-mtune=haswell"] if platform.machine() in ("x86_64", "AMD64") else []),
          "-funroll-loops", "-fno-math-errno", "-shared", "-fPIC"]
 _lib: ctypes.CDLL | None = None
 _tried = False
+_why = ""  # why the kernels are not available (empty while they are)
 
 
 def _cache_dir() -> Path:
@@ -41,23 +42,26 @@ def _cache_dir() -> Path:
 
 def _build() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    global _why
     if compiler is None:
+        _why = "no C compiler found (install gcc, or set CC)"
         warnings.warn("attentionpack: no C compiler found; attention on quantized pieces uses the slower torch path "
-                      "(install gcc to enable the fused kernels)", RuntimeWarning, stacklevel=3)
+                      "(install gcc to enable the kernels)", RuntimeWarning, stacklevel=3)
         return None
     source = b"".join(p.read_bytes() for p in [*SOURCES, HERE / "common.h"])
     error = None
     for extra in (["-fopenmp"], []):  # threads when the compiler has OpenMP, one thread otherwise
         flags = [*FLAGS, *extra]
         tag = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"fused-{tag}.so"
+        target = _cache_dir() / f"kernels-{tag}.so"
         if target.exists():
             break
         error = _compile(compiler, flags, target)
         if error is None:
             break
     if error is not None:
-        warnings.warn(f"attentionpack: building the fused kernels failed ({compiler}): {error}; using the "
+        _why = f"building the kernels with {compiler} failed: {error}"
+        warnings.warn(f"attentionpack: building the kernels failed ({compiler}): {error}; using the "
                       "slower torch path", RuntimeWarning, stacklevel=3)
         return None
     lib = ctypes.CDLL(str(target))
@@ -89,12 +93,20 @@ def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None when they are disabled or cannot be built (the reason is warned once)."""
-    global _lib, _tried
+    global _lib, _tried, _why
     if not _tried:
         _tried = True
         if os.environ.get("ATTENTIONPACK_KERNELS", "1") != "0":
             _lib = _build()
+        else:
+            _why = "disabled by ATTENTIONPACK_KERNELS=0"
     return _lib
+
+
+def reason() -> str:
+    """Why `library()` is None ("" when the kernels are loaded)."""
+    library()
+    return _why
 
 
 def usable(*tensors: torch.Tensor) -> bool:

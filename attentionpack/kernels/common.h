@@ -1,5 +1,5 @@
 #pragma once
-/* Helpers shared by the CPU kernels (fused.c, decode.c); see attentionpack/kernels/__init__.py.
+/* Helpers shared by the CPU kernels (part_ops.c, decode.c); see attentionpack/kernels/__init__.py.
 
    Codes are packed as attentionpack.codecs.quant.pack lays them out: a row of n codes (padded to per * nb,
    per = 8 / bits) is cut into `per` planes of nb consecutive codes; byte i of the row holds code k * nb + i in

@@ -1,4 +1,4 @@
-/* One decoding step of attention over a whole packed layer in one call (see attentionpack/attention/fused.py).
+/* One decoding step of attention over a whole packed layer in one call (the table comes from attentionpack/kernels/plan.py).
 
    The layer is a list of pieces (sink, compressed spans and chunks, the exact tail), each with its keys and values
    in their stored form. The work is cut into items (sample b, piece, block of tokens): an item scores its tokens
@@ -15,7 +15,7 @@
 enum { KEYS_EXACT = 0, KEYS_PER_CHANNEL = 1, KEYS_FACTORS = 2 };
 enum { VALUES_EXACT = 0, VALUES_PER_TOKEN = 1, VALUES_FACTORS = 2 };
 
-/* A piece, as Python fills it (all fields int64, pointers as addresses; see fused.py for the field order). */
+/* A piece, as Python fills it (all fields int64, pointers as addresses; see plan.py for the field order). */
 typedef struct {
     int64_t keys, values;  /* kinds above */
     int64_t T, col0;       /* tokens per sample; mask column of token 0 */

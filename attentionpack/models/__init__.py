@@ -1,5 +1,17 @@
-from .loading import embedded_model_file, is_vlm_folder, load_model, load_vlm
+"""Supported architectures (registry), offline loading (loading) and vision-language token spans (vlm)."""
+
+from .loading import converted_cache_dir, embedded_model_file, is_vlm_folder, load_model, load_vlm
 from .registry import SUPPORTED_MODEL_TYPES, SUPPORTED_VLM_TYPES, ModelAdapter, UnsupportedModelError, check_supported
 
-__all__ = ["load_model", "load_vlm", "is_vlm_folder", "embedded_model_file", "SUPPORTED_MODEL_TYPES",
-           "SUPPORTED_VLM_TYPES", "ModelAdapter", "UnsupportedModelError", "check_supported"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "SUPPORTED_VLM_TYPES",
+    "ModelAdapter",
+    "UnsupportedModelError",
+    "check_supported",
+    "converted_cache_dir",
+    "embedded_model_file",
+    "is_vlm_folder",
+    "load_model",
+    "load_vlm",
+]

@@ -20,7 +20,7 @@ def embedded_model_file() -> Path:
     return packaged_file(EMBEDDED_PACKAGE, EMBEDDED_GGUF, "the embedded model package", _EMBEDDED_HINT)
 
 
-def _converted_cache_dir(gguf: Path, dtype: torch.dtype) -> Path:
+def converted_cache_dir(gguf: Path, dtype: torch.dtype) -> Path:
     """Folder where a GGUF model is kept once converted to safetensors, so later loads take seconds."""
     root = Path(os.environ.get("ATTENTIONPACK_CACHE", Path.home() / ".cache" / "attentionpack"))
     stat = gguf.stat()
@@ -75,7 +75,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
             raise ValueError(f"{target} is a file but not a .gguf file; give a model folder or a .gguf file")
         gguf = target
 
-    converted = _converted_cache_dir(gguf, dtype)
+    converted = converted_cache_dir(gguf, dtype)
     if (converted / "config.json").is_file():
         try:
             return _finish(*_load_folder(converted, dtype))

@@ -1,12 +1,47 @@
-"""The storage contract: every stored form of a run of cached tokens (the bottom layer of the package).
+"""The storage contract (the bottom layer of the package): every stored form of a run of cached tokens.
 
-`Segment` is one stored run of tokens of one layer; its `keys` and `values` are `Part`s (exact, low-rank,
-quantized, quantized low-rank, tiered).
+A `Segment` is one stored run of tokens of one layer; its `keys` and `values` are `Part`s: `ExactPart`,
+`LowRankPart` (factors at the cache dtype), `QuantizedPart` (KIVI-style codes), `QuantizedLowRankPart` (factors
+with quantized coefficients). Imports nothing from the rest of the package but `rope`.
 """
-from ..cache.segments import ExactPart, LowRankPart, Part, RopeFn, Segment
-from ..codecs.lowrank import Factors
-from ..codecs.quant import Quantized, QuantizedLowRankPart, QuantizedPart
-from ..codecs.tiered import TieredLowRankPart
 
-__all__ = ["ExactPart", "Factors", "LowRankPart", "Part", "Quantized", "QuantizedLowRankPart", "QuantizedPart",
-           "RopeFn", "Segment", "TieredLowRankPart"]
+from .base import BatchFn, Kind, Modality, Part, RopeFn, Segment, storage_nbytes
+from .exact import ExactPart
+from .lowrank import Factors, LowRankPart, factor_mix, factor_scores
+from .lowrank_quant import QuantizedLowRankPart
+from .quant import (
+    QuantizedPart,
+    Quantized,
+    dequantize,
+    dequantize_native,
+    error_bound,
+    quantize,
+    quantize_keys,
+    quantize_values,
+    quantize_widths,
+)
+
+__all__ = [
+    "BatchFn",
+    "ExactPart",
+    "Factors",
+    "Kind",
+    "LowRankPart",
+    "Modality",
+    "Part",
+    "Quantized",
+    "QuantizedLowRankPart",
+    "QuantizedPart",
+    "RopeFn",
+    "Segment",
+    "dequantize",
+    "dequantize_native",
+    "error_bound",
+    "factor_mix",
+    "factor_scores",
+    "quantize",
+    "quantize_keys",
+    "quantize_values",
+    "quantize_widths",
+    "storage_nbytes",
+]

@@ -143,3 +143,33 @@ def token_importance(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Ten
             flat = F.avg_pool1d(flat, pool_kernel, stride=1, padding=pad, count_include_pad=False)
         scores = flat.view(b, h, t) * valid.view(b, -1, t)  # padding stays 0
     return Importance(scores, scores.mean(dim=1))
+
+
+def attention_output_error(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, keys_hat: torch.Tensor,
+                           values_hat: torch.Tensor, valid: torch.Tensor, valid_hat: torch.Tensor | None = None,
+                           window_valid: torch.Tensor | None = None, scaling: float | None = None,
+                           sliding_window: int | None = None) -> torch.Tensor:
+    """Relative error (B,) of the window's attention output softmax(q Kᵀ·scale) V with (K̂, V̂) instead of (K, V).
+
+    queries (B, Hq, w, d) are the window queries (the keys' last w tokens); keys/values and their encodings
+    (B, H, T, d). valid (B, T) marks real tokens; valid_hat (B, [H,] T) the tokens the encoding keeps (eviction:
+    dropped tokens False; default `valid`). Per sample: ||O - Ô||_F / ||O||_F over heads, queries and channels."""
+    if keys_hat.shape != keys.shape or values_hat.shape != values.shape or values.shape != keys.shape:
+        raise ValueError(f"keys {tuple(keys.shape)}, values {tuple(values.shape)}, keys_hat {tuple(keys_hat.shape)} "
+                         f"and values_hat {tuple(values_hat.shape)} must share one (B, H, T, d) shape")
+    if valid_hat is None:
+        valid_hat = valid
+    elif valid_hat.dim() == 3:
+        valid_hat = valid_hat & valid.unsqueeze(1)
+    else:
+        valid_hat = valid_hat & valid
+
+    def output(k, v, mask):
+        probs = window_attention(queries, k, mask, window_valid, scaling, sliding_window)  # (B, H, G, w, T)
+        return probs @ v.float().unsqueeze(2)  # (B, H, G, w, d)
+
+    exact = output(keys, values, valid)
+    approx = output(keys_hat, values_hat, valid_hat)
+    b = exact.shape[0]
+    num = (exact - approx).reshape(b, -1).norm(dim=-1)
+    return num / exact.reshape(b, -1).norm(dim=-1).clamp_min(1e-30)

@@ -6,9 +6,7 @@ one option per group with total bytes <= budget and minimal total error is a mul
 by dynamic programming over the bytes *above each group's cheapest option* (so the cheapest mix is always
 feasible), on a grid of at most `resolution` steps: exact when that slack is at most `resolution` bytes, otherwise
 costs are rounded up to the grid (the budget is still never exceeded), the result is optimal for the rounded
-costs, and a greedy pass then spends the bytes rounding left unused. Measured CPU time for 60 groups x 20
-undominated options (the worst case; real groups have fewer): ~25 ms at the default resolution 2048, ~17 ms at
-512, on the 2-core machine under a load of 4.5, where plain Python runs ~2x slower than idle.
+costs, and a greedy pass then spends the bytes rounding left unused.
 """
 from __future__ import annotations
 
@@ -17,9 +15,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
-
-from .scoring.observation import window_attention
 
 
 @dataclass(frozen=True)
@@ -132,33 +127,3 @@ def _spend_leftover(arrays: list[tuple[np.ndarray, np.ndarray]], choice: list[in
             break
         pick[flat // width] = flat % width
     choice[:] = pick.tolist()
-
-
-def attention_output_error(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, keys_hat: torch.Tensor,
-                           values_hat: torch.Tensor, valid: torch.Tensor, valid_hat: torch.Tensor | None = None,
-                           window_valid: torch.Tensor | None = None, scaling: float | None = None,
-                           sliding_window: int | None = None) -> torch.Tensor:
-    """Relative error (B,) of the window's attention output softmax(q Kᵀ·scale) V with (K̂, V̂) instead of (K, V).
-
-    queries (B, Hq, w, d) are the window queries (the keys' last w tokens); keys/values and their encodings
-    (B, H, T, d). valid (B, T) marks real tokens; valid_hat (B, [H,] T) the tokens the encoding keeps (eviction:
-    dropped tokens False; default `valid`). Per sample: ||O - Ô||_F / ||O||_F over heads, queries and channels."""
-    if keys_hat.shape != keys.shape or values_hat.shape != values.shape or values.shape != keys.shape:
-        raise ValueError(f"keys {tuple(keys.shape)}, values {tuple(values.shape)}, keys_hat {tuple(keys_hat.shape)} "
-                         f"and values_hat {tuple(values_hat.shape)} must share one (B, H, T, d) shape")
-    if valid_hat is None:
-        valid_hat = valid
-    elif valid_hat.dim() == 3:
-        valid_hat = valid_hat & valid.unsqueeze(1)
-    else:
-        valid_hat = valid_hat & valid
-
-    def output(k, v, mask):
-        probs = window_attention(queries, k, mask, window_valid, scaling, sliding_window)  # (B, H, G, w, T)
-        return probs @ v.float().unsqueeze(2)  # (B, H, G, w, d)
-
-    exact = output(keys, values, valid)
-    approx = output(keys_hat, values_hat, valid_hat)
-    b = exact.shape[0]
-    num = (exact - approx).reshape(b, -1).norm(dim=-1)
-    return num / exact.reshape(b, -1).norm(dim=-1).clamp_min(1e-30)

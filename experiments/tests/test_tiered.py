@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attentionpack.cache.memory import storage_nbytes
+from attentionpack.parts import storage_nbytes
 from attentionpack.codecs.lowrank import RankRule, factorize
-from attentionpack.codecs.quant import QuantizedLowRankPart
-from attentionpack.codecs.tiered import TieredLowRankPart
+from attentionpack.parts import QuantizedLowRankPart
+from experiments.tiered import TieredLowRankPart
 
 H, D = 3, 16
 

@@ -1,4 +1,4 @@
-"""Asymmetric min/max group quantization (KIVI style) with real bit packing, and cache parts built on it.
+"""Asymmetric min/max group quantization (KIVI style) with real bit packing, and the stored form built on it.
 
 A tensor is cut along one axis into groups of `group_size` elements; each group keeps a scale and a minimum and
 every element becomes an integer code q in [0, 2^bits - 1] with x ≈ q * scale + min. Codes are packed into uint8
@@ -9,8 +9,7 @@ scale up, so the stored grid still covers the whole group and every element is w
 reconstruction (the stored fp16 scale, up to float32 arithmetic). Round-to-nearest would instead let an element
 fall off the grid by |min - fp16(min)| + (2^bits - 1)|scale - fp16(scale)|. Storing them in float32 instead
 doubles the overhead (32 -> 64 bits per group) for almost nothing: the fp16 scale is at most ~2^-10 relative above
-the exact one. Measured on Gaussian (2, 3, 512, 64), group 32, relative error fp16 vs fp32 parameters: 8 bits
-0.00462 vs 0.00460, 4 bits 0.0783 vs 0.0782, 2 bits 0.3929 vs 0.3927 (tests/test_quant.py::test_fp16_params).
+the exact one (tests/test_quant.py::test_fp16_params compares the two).
 
 KIVI (arXiv 2402.02750): keys are quantized per channel (a group runs along the tokens of one channel of one head,
 since key outliers live in fixed channels) and values per token (a group runs along the head dim).
@@ -22,13 +21,11 @@ Shapes: B batch, H KV heads, T tokens, d head dim, D = H*d, r rank, G groups, g 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 
-from .. import kernels
-from ..cache.segments import LowRankPart, RopeFn
-from .lowrank import Factors
+from .base import BatchFn, RopeFn
 
 BITS = (2, 4, 8)
 PARAM_DTYPE = torch.float16  # dtype of scales and minimums
@@ -66,7 +63,7 @@ class Quantized:
         return replace(self, codes=codes, scales=scales, mins=mins, shape=(codes.shape[0], *self.shape[1:]))
 
 
-def _bad(where: str, name: str, value, allowed: str):
+def _bad(where: str, name: str, value: object, allowed: str) -> NoReturn:
     raise ValueError(f"{where}: {name}={value!r} is invalid: must be {allowed}")
 
 
@@ -198,8 +195,6 @@ def mix_per_token(q: Quantized, p: torch.Tensor) -> torch.Tensor:
     (p * s_j) @ codes + (p @ m_j), whenever a plane lies inside one group (4-bit codes with groups of d/2, for
     example); otherwise the plane's codes are scaled in place first. p (B, H, M, T) -> (B, H, M, d)."""
     g = q.group_size
-    if kernels.usable(q.codes, p):  # one pass over the codes, nothing materialized
-        return kernels.mix_rows(q.codes, q.scales, q.mins, p, q.bits, g, q.shape[3])
     scales, mins = q.scales.to(p.dtype), q.mins.to(p.dtype)  # (B, H, T, G)
     outs, at = [], 0
     for x in unpack_planes(q.codes, q.bits, p.dtype):  # (B, H, T, m) codes as floats
@@ -244,7 +239,7 @@ def quantize_values(v: torch.Tensor, bits: int = 4, group: int = 32) -> Quantize
     return quantize(v, bits, group, axis=3)
 
 
-# ---- segment parts ---------------------------------------------------------------------------------------------
+# ---- the stored form ------------------------------------------------------------------------------------------
 @dataclass
 class QuantizedPart:
     """Quantized full states (B, H, T, d). Keys are stored after RoPE (as the model produced them), like KIVI, so
@@ -260,14 +255,11 @@ class QuantizedPart:
     def values(cls, v: torch.Tensor, bits: int = 4, group: int = 32) -> "QuantizedPart":
         return cls(quantize_values(v, bits, group))
 
-    def materialize(self, start: int, end: int, rope: RopeFn) -> torch.Tensor:
+    def materialize(self, start: int, end: int, rope: RopeFn | None) -> torch.Tensor:
         return dequantize(self.q)  # (B, H, T, d)
 
-    def scores(self, q: torch.Tensor, start: int, end: int, rope: RopeFn) -> torch.Tensor:
+    def scores(self, q: torch.Tensor, start: int, end: int, rope: RopeFn | None) -> torch.Tensor:
         if self.q.axis == 2:  # per-channel keys are stored (B, H, d, T): already the transposed keys
-            if kernels.usable(self.q.codes, q):
-                return kernels.scores_cols(self.q.codes, self.q.scales, self.q.mins, q, self.q.bits,
-                                           self.q.group_size, self.q.shape[2])
             return q @ dequantize_native(self.q, q.dtype)
         return q @ dequantize(self.q).transpose(-1, -2)
 
@@ -279,98 +271,9 @@ class QuantizedPart:
     def tensors(self) -> list[torch.Tensor]:
         return self.q.tensors()
 
-    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def map_batch(self, fn: BatchFn) -> None:
         self.q = self.q.map_batch(fn)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         layout = {2: "per_channel", 3: "per_token"}.get(self.q.axis, f"axis{self.q.axis}")
         return {"codec": "quant", "bits": self.q.bits, "group": self.q.group_size, "layout": layout}
-
-
-@dataclass
-class QuantizedLowRankPart:
-    """Low-rank factors with quantized coefficients and (optionally) an 8-bit basis; keys stored before RoPE and
-    rotated again on use, exactly like `LowRankPart`.
-
-    coeffs: quantization of (B, T, r) along T: every component (column) gets its own scale per group of tokens.
-    The columns of C = U S scale with their singular values, so a group along r would share one scale between
-    large and small components and crush the small ones; along T each column keeps its own range (the same reason
-    KIVI quantizes keys per channel). Measured on SmolLM2-135M K/V (512 tokens, layers 0/5/15/29, energy 0.99,
-    group 32, 4-bit coeffs), relative error of coeffs @ basis: keys 0.035-0.050 along T vs 0.103-0.110 along r,
-    values 0.063-0.074 vs 0.086-0.109, at the same bytes (a synthetic check: test_coeffs_along_tokens_beats_rank).
-    basis: quantization of (B, r, D) along D (rows are unit vectors, similar ranges), or the tensor itself. 8-bit
-    basis, group 32, on the same data: 8-bit-coeff error 0.002-0.004 -> 0.006-0.007, 4-bit-coeff error +<0.001,
-    for half (fp16 cache) to a quarter (fp32) of the basis bytes.
-    positions (B, T) int32 only for keys."""
-
-    coeffs: Quantized
-    basis: Quantized | torch.Tensor
-    num_heads: int
-    positions: torch.Tensor | None = None
-    sample_ranks: tuple[int, ...] = ()
-
-    @classmethod
-    def from_factors(cls, factors: Factors, num_heads: int, positions: torch.Tensor | None = None,
-                     sample_ranks: tuple[int, ...] = (), coeff_bits: int = 4, coeff_group: int = 32,
-                     basis_bits: int | None = 8, basis_group: int = 32) -> "QuantizedLowRankPart":
-        """coeff_bits in (4, 8); basis_bits 8, 16 (float16) or None (keep the basis in the cache dtype)."""
-        where = "QuantizedLowRankPart.from_factors"
-        if coeff_bits not in (4, 8) or isinstance(coeff_bits, bool):
-            _bad(where, "coeff_bits", coeff_bits, "one of (4, 8)")
-        if basis_bits not in (8, 16, None) or isinstance(basis_bits, bool):
-            _bad(where, "basis_bits", basis_bits, "8, 16 or None")
-        if not isinstance(num_heads, int) or num_heads < 1 or factors.basis.shape[-1] % num_heads:
-            _bad(where, "num_heads", num_heads, f"a positive divisor of D={factors.basis.shape[-1]}")
-        _check_bits_group(where, coeff_bits, coeff_group)
-        coeffs = quantize(factors.coeffs, coeff_bits, coeff_group, axis=1)  # groups along T
-        if basis_bits is None:
-            basis: Quantized | torch.Tensor = factors.basis
-        elif basis_bits == 16:
-            basis = factors.basis.to(torch.float16)
-        else:
-            _check_bits_group(where, basis_bits, basis_group)
-            basis = quantize(factors.basis, basis_bits, basis_group, axis=2)  # groups along D
-        return cls(coeffs, basis, num_heads, positions, tuple(sample_ranks))
-
-    def float_basis(self) -> torch.Tensor:
-        """The basis (B, r, D) in the dtype of the cached states."""
-        if isinstance(self.basis, Quantized):
-            return dequantize(self.basis)
-        return self.basis.to(self.coeffs.dtype)
-
-    def factors(self) -> Factors:
-        """Dequantized factors: coeffs (B, T, r), basis (B, r, D)."""
-        return Factors(dequantize_native(self.coeffs).transpose(1, 2), self.float_basis())  # a view of the stored (B, r, T)
-
-    def materialize(self, start: int, end: int, rope: RopeFn) -> torch.Tensor:
-        return LowRankPart(self.factors(), self.num_heads, self.positions).materialize(start, end, rope)  # (B,H,T,d)
-
-    def scores(self, q: torch.Tensor, start: int, end: int, rope: RopeFn) -> torch.Tensor:
-        if self.positions is None and kernels.usable(self.coeffs.codes, q):  # keys factored after RoPE
-            basis = self.float_basis()  # (B, r, D)
-            b, h, m, _ = q.shape
-            r = basis.shape[1]
-            qt = q @ basis.view(b, r, h, -1).permute(0, 2, 3, 1)  # (B, H, M, r): queries in the basis
-            c = self.coeffs
-            return kernels.scores_cols(c.codes, c.scales, c.mins, qt.reshape(b, h * m, r), c.bits, c.group_size,
-                                       c.shape[1]).view(b, h, m, -1)  # (B, H, M, T)
-        return LowRankPart(self.factors(), self.num_heads, self.positions).scores(q, start, end, rope)
-
-    def mix(self, p: torch.Tensor) -> torch.Tensor:
-        return LowRankPart(self.factors(), self.num_heads).mix(p)
-
-    def tensors(self) -> list[torch.Tensor]:
-        basis = self.basis.tensors() if isinstance(self.basis, Quantized) else [self.basis]
-        return self.coeffs.tensors() + basis + ([self.positions] if self.positions is not None else [])
-
-    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.coeffs = self.coeffs.map_batch(fn)
-        self.basis = self.basis.map_batch(fn) if isinstance(self.basis, Quantized) else fn(self.basis)
-        if self.positions is not None:
-            self.positions = fn(self.positions)
-
-    def describe(self) -> dict:
-        return {"codec": "lowrank_quant", "rank": self.coeffs.shape[2], "sample_ranks": list(self.sample_ranks),
-                "coeff_bits": self.coeffs.bits, "coeff_group": self.coeffs.group_size,
-                "basis_bits": self.basis.bits if isinstance(self.basis, Quantized) else
-                16 if self.basis.dtype == torch.float16 and self.coeffs.dtype != torch.float16 else None}

@@ -5,6 +5,8 @@ import dataclasses
 
 import torch
 
+from ..parts import storage_nbytes
+
 
 def held_tensors(obj, _seen: set | None = None) -> list[torch.Tensor]:
     """All tensors reachable from `obj` through attributes, containers and dataclass fields (not modules)."""
@@ -36,16 +38,6 @@ def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
         names, _ = t.__tensor_flatten__()
         return [leaf for name in names for leaf in _plain_tensors(getattr(t, name))]
     return [t]
-
-
-def storage_nbytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
 
 
 def cache_nbytes(cache) -> int:

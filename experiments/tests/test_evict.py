@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from attentionpack.codecs.evict import (compensation_bias, compensation_token, gather_tokens, kept_mask,
+from experiments.evict import (compensation_bias, compensation_token, gather_tokens, kept_mask,
                                         select_tokens)
 
 

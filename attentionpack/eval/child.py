@@ -1,6 +1,6 @@
 """Memory: bytes held by a cache, and the peak RSS of a process that runs one configuration alone.
 
-Each configuration runs in a fresh child process (`python -m attentionpack.eval.memory JOB.json`) so that one
+Each configuration runs in a fresh child process (`python -m attentionpack.eval.child JOB.json`) so that one
 configuration's allocations cannot hide another's: the child loads the model, records its RSS, prefills `context`
 tokens through the cache under test and teacher-forces `continuation` more (the continuation-perplexity protocol, so
 the same child also yields perplexity, timings and, with `logits_out`, the per-step log-probabilities that
@@ -23,11 +23,10 @@ from typing import Callable
 
 import torch
 
-from ..cache.memory import cache_nbytes
+from .. import cache_nbytes
+from .perplexity import continuation_perplexity
 
 
-# One byte count for every cache (ours, DynamicCache, QuantizedCache's packed tensors): see cache/memory.py.
-held_bytes = cache_nbytes
 
 
 def peak_rss() -> int:
@@ -98,7 +97,7 @@ def measure_isolated(config: str, ids, context: int, continuation: int, model: s
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(job, f)
-        return run_child([sys.executable, "-m", "attentionpack.eval.memory", path], on_progress, log,
+        return run_child([sys.executable, "-m", "attentionpack.eval.child", path], on_progress, log,
                          env=child_env(threads))
     finally:
         os.unlink(path)
@@ -153,7 +152,6 @@ def _child(job_path: str) -> None:
         torch.set_num_threads(int(job["threads"]))
     from ..models import load_model
     from .configs import make_cache, parse_config
-    from .perplexity import continuation_perplexity
 
     spec = parse_config(job["config"])
     model, _ = load_model(job["model"])
@@ -184,7 +182,7 @@ def _child(job_path: str) -> None:
     out = {
         "config": spec.name, "ppl": res.ppl, "nll": res.nll, "tokens_scored": res.tokens_scored,
         "prefill_s": res.prefill_s, "decode_ms": res.decode_ms,
-        "bytes_after_prefill": res.bytes_after_prefill, "bytes_at_end": held_bytes(caches[-1]),
+        "bytes_after_prefill": res.bytes_after_prefill, "bytes_at_end": cache_nbytes(caches[-1]),
         "rss_after_load": rss_after_load, "peak_rss_after_load": peak_after_load, "peak_rss": peak,
         "peak_rss_delta": peak - (rss_after_load or peak_after_load), "load_s": load_s,
         "threads": torch.get_num_threads(), "logits_rows": writer.rows if writer else 0,
@@ -194,5 +192,5 @@ def _child(job_path: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m attentionpack.eval.memory JOB.json")
+        sys.exit("usage: python -m attentionpack.eval.child JOB.json")
     _child(sys.argv[1])

@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .lowrank import Factors
-from .quant import Quantized, dequantize_native, quantize
+from attentionpack.parts import Factors
+from attentionpack.parts import Quantized, dequantize_native, quantize
 
 
 @dataclass

@@ -25,17 +25,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..budget import BudgetError, Option, allocate
-from ..codecs.lowrank import Factors, energy_rank, spectrum_and_basis
-from ..codecs.quant import QuantizedLowRankPart, QuantizedPart, quantize_widths
+from ..codecs import energy_rank, spectrum_and_basis
 from ..config import PackConfig
+from ..kernels import ops
+from ..parts import ExactPart, Factors, Part, QuantizedLowRankPart, QuantizedPart, Segment, quantize_widths, storage_nbytes
 from ..scoring.observation import attention_scaling, window_logits, window_queries
-from .memory import storage_nbytes
-from .segments import ExactPart, Segment
+from .knapsack import BudgetError, Option, allocate
 
-# observation-window queries per layer that measure errors. 16 costs half of 32 and chose as well on one text
-# (1/8 of the bytes: +0.23% PPL with 16, +0.86% and +1.24% with 32 and slightly different candidate sets)
-QUERIES = 16
+QUERIES = 16  # observation-window queries per layer that measure errors
 # candidate encodings: label -> codec fields for one tensor ("{p}" is "key" or "value"); low-rank keys post-RoPE
 _QUANT = {f"q{b}": dict(codec="quant", bits=b) for b in (8, 4, 2)}
 _LOWRANK = {f"lr{e:g}c{b}": dict(codec="lowrank", energy=e, bits=b)
@@ -92,9 +89,6 @@ class BudgetPlanner:
         self.scaling: dict[int, float] = {}
         self.contexts: dict[int, _Context] = {}
         self.pending: list[_Pending] = []
-        # layer -> (B, Hq, m, d) rotated queries of m tokens *after* the prompt, used instead of the window's when
-        # given: an oracle error for measuring the window's (bench/budget.py --oracle), not for deployment
-        self.held_out: dict[int, torch.Tensor] = {}
         # the last prefill's options per (layer, span start): {"keys"/"values": [(label, bytes, error)], "choice"}
         self.report: dict[tuple[int, int], dict] = {}
 
@@ -118,19 +112,13 @@ class BudgetPlanner:
         if queries is None:
             raise ValueError("PackConfig.budget needs the prompt's last queries, seen by a hook on the model's "
                              "attention: prefill through the model with this cache (PackedCache.ingest cannot)")
-        keys = layer._materialize(lambda s: s.keys, layer.tail_keys, ctx.rope)  # (B, H, T, d)
-        values = layer._materialize(lambda s: s.values, layer.tail_values, ctx.rope)
+        keys, values = layer.materialize(ctx.rope)  # (B, H, T, d) each
         t, n_tail = keys.shape[-2], layer.tail_length
         valid = torch.ones(keys.shape[0], t, dtype=torch.bool, device=keys.device)
         valid[:, t - n_tail:] = layer.tail_valid  # earlier segments: taken as real tokens
         scaling = self.scaling.pop(idx)
         sliding = layer.spec.sliding_window
         b, h = keys.shape[:2]
-        if idx in self.held_out:  # later queries see every prompt key: append as many masked dummy keys
-            queries = self.held_out[idx]
-            pad = keys.new_zeros(b, h, queries.shape[-2], keys.shape[-1])
-            keys, values = torch.cat([keys, pad], dim=-2), torch.cat([values, pad], dim=-2)
-            valid = torch.cat([valid, valid.new_zeros(b, pad.shape[-2])], dim=-1)
         logits = window_logits(queries, keys, valid, None, scaling, sliding).flatten(2, 3)  # (B, H, G*w, T)
         top = logits.amax(-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
@@ -162,7 +150,7 @@ class BudgetPlanner:
         for label, part in keys:
             err = 0.0
             if label != "exact":
-                span = part.scores(c.queries, start, end, None)  # (B, H, G*w, n) on the stored form (kernels)
+                span = ops.scores(part, c.queries, start, end, None)  # (B, H, G*w, n) on the stored form
                 span = span.float().mul_(c.scaling).masked_fill_(masked, float("-inf"))
                 top = torch.maximum(c.top, span.amax(-1, keepdim=True))  # the new row maximum
                 e = torch.exp(span - top)
@@ -176,7 +164,7 @@ class BudgetPlanner:
         for label, part in values:
             err = 0.0
             if label != "exact":  # padding rows are zero in every encoding's input and get no weight
-                err = self._error(part.mix(probs_span).float() - exact_mix, c)
+                err = self._error(ops.mix(part, probs_span).float() - exact_mix, c)
             pend.values.append((label, part, storage_nbytes(part.tensors()), err))
         self.pending.append(pend)
         cheap = lambda opts: min(opts, key=lambda o: o[2])[1]  # noqa: E731
@@ -210,7 +198,7 @@ class BudgetPlanner:
             self.report[p.layer.layer_idx, p.segment.start] = {
                 "keys": [o[:1] + o[2:] for o in p.keys], "values": [o[:1] + o[2:] for o in p.values],
                 "choice": (p.keys[ki][0], p.values[vi][0])}
-            p.segment.keys, p.segment.values = p.keys[ki][1], p.values[vi][1]
+            p.layer.replace_parts(p.segment, p.keys[ki][1], p.values[vi][1])
             longest = guide.get(p.layer.layer_idx)
             if longest is None or p.segment.kind != "window" and p.segment.length > longest.segment.length:
                 guide[p.layer.layer_idx] = p

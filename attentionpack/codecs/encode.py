@@ -1,0 +1,78 @@
+"""Encode a run of keys or values into its stored form, as a `PackConfig`'s codec fields say.
+
+Keys arrive rotated (B, H, T, d) with their (cos, sin) and positions: low-rank keys are factored before RoPE
+(`key_pre_rope`, the most compressible form, rotated again when used) or after it (attended through their
+factors); quantized keys stay rotated, per channel (KIVI); values are factored or quantized per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import PackConfig
+from ..parts import ExactPart, LowRankPart, Part, QuantizedLowRankPart, QuantizedPart, storage_nbytes
+from ..rope import undo_rope
+from .lowrank import RankRule, factorize
+
+
+def rank_rules(cfg: PackConfig) -> tuple[RankRule, RankRule]:
+    """The (key, value) rank rules of a config's low-rank codec."""
+    return (
+        RankRule(cfg.key_rank, cfg.key_rank_fraction, cfg.key_energy, cfg.key_max_rank_fraction),
+        RankRule(cfg.value_rank, cfg.value_rank_fraction, cfg.value_energy, cfg.value_max_rank_fraction),
+    )
+
+
+def encode_keys(
+    k: torch.Tensor,
+    valid: torch.Tensor,
+    cfg: PackConfig,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    positions: torch.Tensor,
+) -> Part:
+    """k (B, H, T, d) rotated, valid (B, T) bool (padding False), cos/sin (B, T, d), positions (B, T[, 3])."""
+    return _encode(k, valid, cfg, is_key=True, cos_sin=cos_sin, positions=positions)
+
+
+def encode_values(v: torch.Tensor, valid: torch.Tensor, cfg: PackConfig) -> Part:
+    """v (B, H, T, d), valid (B, T) bool (padding False)."""
+    return _encode(v, valid, cfg, is_key=False)
+
+
+def _encode(
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    cfg: PackConfig,
+    is_key: bool,
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
+    positions: torch.Tensor | None = None,
+) -> Part:
+    """Exact when the codec says so, or when the encoded form would not be smaller (`fallback_exact`)."""
+    codec, bits = (cfg.key_codec, cfg.key_bits) if is_key else (cfg.value_codec, cfg.value_bits)
+    if codec == "exact":
+        return ExactPart(x.clone())
+    x = x * valid[:, None, :, None]  # padding rows zeroed so they cannot skew a basis or a scale
+    part: Part
+    if codec == "quant":
+        assert bits is not None  # PackConfig validates: the quant codec has bits
+        part = QuantizedPart.keys(x, bits, cfg.quant_group) if is_key else QuantizedPart.values(x, bits, cfg.quant_group)
+    else:
+        pre_rope = is_key and cfg.key_pre_rope
+        b, h, t, d = x.shape
+        if pre_rope:
+            assert cos_sin is not None and positions is not None
+            x_in = undo_rope(x, *cos_sin)
+        else:
+            x_in = x
+        rule = rank_rules(cfg)[0 if is_key else 1]
+        factors, ranks, _ = factorize(x_in.transpose(1, 2).reshape(b, t, h * d), rule)  # block (B, T, H*d)
+        pos = positions.clone() if pre_rope and positions is not None else None
+        if bits is None:
+            part = LowRankPart(factors, h, pos, tuple(ranks))
+        else:
+            part = QuantizedLowRankPart.from_factors(
+                factors, h, pos, tuple(ranks), coeff_bits=bits, basis_bits=16, coeff_group=cfg.quant_group
+            )
+    if cfg.fallback_exact and storage_nbytes(part.tensors()) >= x.numel() * x.element_size():
+        return ExactPart(x.clone())
+    return part

@@ -1,0 +1,207 @@
+"""A layer's one-token decoding step as one C call (kernels/decode.c), planned when segments freeze.
+
+For one-token steps over segments whose forms the kernel knows — exact; keys quantized per channel; values
+quantized per token; keys after RoPE or values as factors with 4/8-bit coefficients — the kernel takes a table
+of the segments (addresses, strides, code layouts) and returns the attention output: scores, softmax (merged
+across blocks with a running max, flash-decoding style) and value mix in one pass over the stored bytes.
+
+`DecodePlan` holds that table for a layer's frozen segments: a row is built when a segment is added (the layer
+calls `add` when it freezes one, `reset` when segments are replaced, dropped or reordered); per step only the row
+of the exact tail is made. When a segment cannot be read by the kernel, `why_not` names the reason, and the
+attention takes its per-part path and records it (no silent fallback).
+"""
+
+from __future__ import annotations
+
+import array
+
+import torch
+
+from ..parts import ExactPart, LowRankPart, Part, Quantized, QuantizedLowRankPart, QuantizedPart, Segment, dequantize
+from . import library
+from . import reason as library_reason
+
+EXACT, QUANTIZED, FACTORS = 0, 1, 2  # operand kinds (decode.c: KEYS_* and VALUES_*)
+FIELDS = 30  # int64 fields of piece_t in decode.c
+_COLUMN = 3  # index of the mask-column field in a row (filled per step: start - first)
+
+
+class DecodePlan:
+    """The decode kernel's table for one layer's frozen segments (see module doc).
+
+    Rows hold addresses of the segments' tensors; the plan keeps a reference to every tensor it points to, so a
+    stale row can never point at freed memory. `tensors()` are the storages the plan holds besides the cache's
+    own (an 8-bit basis dequantized for the kernel, for example): the cache counts them in its bytes."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, segments: list[Segment] | tuple[()] = ()) -> None:
+        self.heads, self.dim = num_kv_heads, head_dim
+        self.rows: list[list[int]] = []
+        self.starts: list[int] = []
+        self.keep: list[torch.Tensor] = []  # every tensor a row points to
+        self.extra: list[torch.Tensor] = []  # tensors made for the kernel (not stored by the segments)
+        self.count = 0  # segments added
+        self.blocked_at: int | None = None  # index of the first segment the kernel cannot read
+        self.blocker = ""  # why it cannot
+        self.batch: int | None = None
+        for seg in segments:
+            self.add(seg)
+
+    def add(self, seg: Segment) -> None:
+        """Append the row of a newly frozen segment (the newest: rows stay in cache order). A plan is only ever
+        appended to; the layer makes a new plan when its segments are replaced, dropped or reordered, so a
+        snapshot (`count` at the time) stays valid for the attention call it was taken for."""
+        self.count += 1
+        if self.blocked_at is None:
+            why = self._row(seg)
+            if why:
+                self.blocked_at, self.blocker = self.count - 1, why
+
+    def _row(self, seg: Segment) -> str:
+        if seg.index is not None:
+            return f"a gathered {seg.modality} segment (vision-language modality group)"
+        b = _batch(seg.values)
+        if self.batch is not None and b != self.batch:
+            return f"segments of different batch sizes ({self.batch} and {b})"
+        keys = _operand(seg.keys, 2, b, self.dim, self.keep, self.extra)
+        values = _operand(seg.values, 3, b, self.dim, self.keep, self.extra)
+        if isinstance(keys, str):
+            return f"{seg.kind} segment [{seg.start}, {seg.end}) keys: {keys}"
+        if isinstance(values, str):
+            return f"{seg.kind} segment [{seg.start}, {seg.end}) values: {values}"
+        self.batch = b
+        self.rows.append([keys[0], values[0], seg.end - seg.start, 0, *keys[1], *values[1]])
+        self.starts.append(seg.start)
+        return ""
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.extra)
+
+    def why_not(self, query: torch.Tensor, tail_keys: torch.Tensor | None, count: int) -> str:
+        """"" when `run` can serve this step over the first `count` segments, else the reason it cannot."""
+        b, hq, q, d = query.shape
+        if q != 1:
+            return f"{q} query tokens (the one-call kernel serves one-token decoding steps)"
+        if query.dtype != torch.float32 or query.device.type != "cpu":
+            return f"queries are {query.dtype} on {query.device.type} (the kernel takes float32 on CPU)"
+        if library() is None:
+            return f"kernels unavailable: {library_reason()}"
+        if self.blocked_at is not None and self.blocked_at < count:
+            return self.blocker
+        if hq % self.heads or d != self.dim:
+            return f"{hq} query heads of dim {d} for {self.heads} KV heads of dim {self.dim}"
+        if self.batch is not None and self.batch != b:
+            return f"batch {b} but the segments hold {self.batch}"
+        if tail_keys is not None and _exact(tail_keys, b, d) is None:
+            return f"the exact tail is {tail_keys.dtype} with strides {tail_keys.stride()}"
+        return ""
+
+    def run(
+        self,
+        count: int,
+        tail: tuple[torch.Tensor, torch.Tensor, int] | None,
+        first: int,
+        query: torch.Tensor,
+        allowed: torch.Tensor | None,
+        scale: float,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        """One decoding step over the first `count` segments (call only when `why_not` is ""). tail: (keys, values (B, H, n, d), cache index of
+        the first) or None; query (B, Hq, 1, d) float32 rotated; allowed None or (B|1, 1, 1, N) bool over cache
+        indices [first, ...). -> (B, 1, Hq, d)."""
+        b, hq, _, d = query.shape
+        table: list[int] = []
+        for row, start in zip(self.rows[:count], self.starts[:count], strict=True):
+            row[_COLUMN] = start - first
+            table += row
+        keep: list[torch.Tensor] = []  # temporaries whose addresses the table holds
+        if tail is not None and tail[0].shape[2]:
+            tk, tv, tail_start = tail
+            ek, ev = _exact(tk, b, d), _exact(tv, b, d)
+            assert ek is not None and ev is not None, "why_not() must be called first"
+            table += [EXACT, EXACT, tk.shape[2], tail_start - first, *ek, *[0] * 10, *ev, *[0] * 10]
+        query = query.contiguous()  # (B, Hq, 1, d) = (B, H, g, d): query head j*g + i uses KV head j
+        mask, mask_sb = 0, 0
+        if allowed is not None:
+            m = allowed.reshape(allowed.shape[0], -1).to(torch.uint8).contiguous()  # (B|1, N)
+            keep.append(m)
+            mask, mask_sb = m.data_ptr(), (m.shape[1] if m.shape[0] > 1 else 0)
+        out = torch.empty(b, 1, hq, d, dtype=torch.float32)
+        desc = array.array("q", table)
+        addr, _ = desc.buffer_info()
+        lib = library()
+        assert lib is not None
+        cap = 0.0 if softcap is None else float(softcap)
+        h = self.heads
+        lib.ap_decode(addr, len(table) // FIELDS, query.data_ptr(), mask, mask_sb, scale, cap, out.data_ptr(), b, h,
+                      hq // h, d)
+        return out
+
+
+def _batch(part: Part) -> int:
+    return int(part.tensors()[0].shape[0])
+
+
+def _exact(t: torch.Tensor, b: int, d: int) -> tuple[int, int, int] | None:
+    """(address, batch stride, head stride) of (B, H, T, d) float32 states with rows of d contiguous floats."""
+    if (
+        t.dtype != torch.float32
+        or t.shape[0] != b
+        or t.shape[-1] != d
+        or t.stride(-1) != 1
+        or (t.shape[2] > 1 and t.stride(2) != d)
+    ):
+        return None
+    return t.data_ptr(), t.stride(0), t.stride(1)
+
+
+def _codes(q: Quantized, keep: list[torch.Tensor], extra: list[torch.Tensor]) -> list[int]:
+    out = []
+    for t in (q.codes, q.scales, q.mins):
+        c = t.contiguous()
+        keep.append(c)
+        if c.data_ptr() != t.data_ptr():
+            extra.append(c)
+        out.append(c.data_ptr())
+    return [*out, q.codes.shape[-1], q.scales.shape[-1], q.group_size, q.bits]
+
+
+def _operand(
+    part: Part, axis: int, b: int, d: int, keep: list[torch.Tensor], extra: list[torch.Tensor]
+) -> tuple[int, list[int]] | str:
+    """(kind, 13 fields) of keys or values — exact address, batch and head strides | codes, scales, mins, bytes per
+    row, groups per row, group size, bits, rows R | basis address, basis is float16 — or why the kernel cannot
+    read the part."""
+    if isinstance(part, ExactPart):
+        ex = _exact(part.data, b, d)
+        if ex is None:
+            return f"exact {part.data.dtype} states (the kernel reads float32 rows)"
+        keep.append(part.data)
+        return EXACT, [*ex, *[0] * 10]
+    if isinstance(part, QuantizedPart):
+        if part.q.axis != axis or part.q.shape[3] != d:
+            return f"quantized along axis {part.q.axis} (the kernel reads keys per channel, values per token)"
+        return QUANTIZED, [0, 0, 0, *_codes(part.q, keep, extra), d, 0, 0]
+    if isinstance(part, QuantizedLowRankPart):
+        if part.positions is not None:
+            return "low-rank keys stored before RoPE (rotated per token when read)"
+        if part.coeffs.dtype != torch.float32:
+            return f"factors of {part.coeffs.dtype} states (the kernel reads float32 models' factors)"
+        return FACTORS, [0, 0, 0, *_codes(part.coeffs, keep, extra), part.coeffs.shape[2], *_basis(part, keep, extra)]
+    if isinstance(part, LowRankPart):
+        if part.positions is not None:
+            return "low-rank keys stored before RoPE (rotated per token when read)"
+        return "low-rank factors with unquantized coefficients (the kernel reads 4/8-bit coefficients)"
+    return f"{type(part).__name__} (no kernel reads this form)"
+
+
+def _basis(part: QuantizedLowRankPart, keep: list[torch.Tensor], extra: list[torch.Tensor]) -> list[int]:
+    """(address, is float16) of the basis (B, R, H*d) as float32 or float16 (an 8-bit basis is dequantized)."""
+    stored = part.basis
+    basis = dequantize(stored) if isinstance(stored, Quantized) else stored
+    if basis.dtype not in (torch.float32, torch.float16):
+        basis = basis.to(torch.float32)
+    basis = basis.contiguous()
+    keep.append(basis)
+    if isinstance(stored, Quantized) or basis.data_ptr() != stored.data_ptr():
+        extra.append(basis)
+    return [basis.data_ptr(), int(basis.dtype == torch.float16)]

@@ -1,0 +1,105 @@
+"""The storage contract: a `Part` is the stored keys or values of a run of tokens, a `Segment` is one stored run.
+
+Every layer of a `PackedCache` is a list of segments in cache order (sinks, prompt spans, decode chunks, the recent
+window); the cache, the attention, the budget planner, the kernels' decode plan and the file format all read
+segments through this contract and nothing else.
+
+Shapes: B batch, H KV heads, T tokens of the segment, d head dim, D = H*d, M query rows per KV head, r rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Protocol
+
+import torch
+
+# (start, end, positions (B, T) or (B, T, 3)) -> cos, sin (B, T, d) of those tokens; None where no part needs RoPE
+RopeFn = Callable[[int, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+BatchFn = Callable[[torch.Tensor], torch.Tensor]  # index_select / repeat_interleave / indexing along dim 0
+
+# why a segment exists: attention sinks, a prompt span, the prompt's recent window (budget caches), a chunk of
+# generated text, an image or video group of a vision-language prompt, the exact tail of newest tokens
+Kind = Literal["sink", "span", "window", "chunk", "image", "video", "recent"]
+Modality = Literal["text", "image", "video", "mixed"]
+
+
+class Part(Protocol):
+    """Keys or values of one segment in some stored form.
+
+    `materialize` rebuilds the states (B, H, T, d) (keys rotated); `scores` and `mix` let attention run on the
+    stored form: q (B, H, M, d) query rows of each KV head -> (B, H, M, T) logits; p (B, H, M, T) weights ->
+    (B, H, M, d). These are the torch reference; `kernels.ops` runs faster equivalents where a kernel exists.
+    `rope` is needed only by parts that store keys before RoPE."""
+
+    def materialize(self, start: int, end: int, rope: RopeFn | None) -> torch.Tensor: ...
+
+    def scores(self, q: torch.Tensor, start: int, end: int, rope: RopeFn | None) -> torch.Tensor: ...
+
+    def mix(self, p: torch.Tensor) -> torch.Tensor: ...
+
+    def tensors(self) -> list[torch.Tensor]: ...
+
+    def map_batch(self, fn: BatchFn) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Segment:
+    """A stored run of tokens of one layer: its keys and values, and which cache indices they hold.
+
+    Contiguous (index None): cache indices [start, end), the same for every sample, parts (B, H, end - start, d).
+    Gathered (vision-language prompts): per sample its own set of cache indices, index (B, n) long, in the row
+    order of the parts (B, H, n, d); valid (B, n) bool is False for padding slots (a sample with fewer or smaller
+    images), whose index is meaningless. start/end are then the min/max (+1) cache index covered. `group` names
+    the modality group ("image 1", "images", "text"...).
+    """
+
+    start: int
+    end: int
+    keys: Part
+    values: Part
+    kind: Kind
+    index: torch.Tensor | None = None  # (B, n) long, gathered segments only
+    valid: torch.Tensor | None = None  # (B, n) bool, gathered segments only
+    modality: Modality = "text"
+    group: str = ""
+
+    @property
+    def length(self) -> int:
+        """Token slots per sample (end - start when contiguous)."""
+        return self.end - self.start if self.index is None else self.index.shape[1]
+
+    def tokens(self) -> int:
+        """Cache entries held, summed over the batch (padding slots excluded)."""
+        if self.valid is None:
+            return self.keys.tensors()[0].shape[0] * self.length
+        return int(self.valid.sum())
+
+    def columns(self, first: int, batch: int) -> torch.Tensor:
+        """(B, n) positions of this segment's tokens on a mask's key axis that starts at cache index `first`."""
+        if self.index is None:
+            return torch.arange(self.start - first, self.end - first).expand(batch, -1)
+        return (self.index - first).clamp_min(0)
+
+    def tensors(self) -> list[torch.Tensor]:
+        layout = [] if self.index is None or self.valid is None else [self.index, self.valid]
+        return self.keys.tensors() + self.values.tensors() + layout
+
+    def map_batch(self, fn: BatchFn) -> None:
+        self.keys.map_batch(fn)
+        self.values.map_batch(fn)
+        if self.index is not None and self.valid is not None:
+            self.index, self.valid = fn(self.index), fn(self.valid)
+
+
+def storage_nbytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the storages behind `tensors`, each storage counted once and whole (a view costs its storage)."""
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
