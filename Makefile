@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench-quality clean
+.PHONY: install demo test test-fast style format bench-quality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not real_model"
+
+# formatting, lint, types, import layers and import cycles (CI runs it before the tests)
+style: $(STAMP)
+	$(VENV)/bin/ruff format --check attentionpack tests experiments tools
+	$(VENV)/bin/ruff check attentionpack tests experiments tools
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(PY) tools/check_cycles.py
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format attentionpack tests experiments tools
+	$(VENV)/bin/ruff check --fix attentionpack tests experiments tools
 
 bench-quality: $(STAMP)
 	$(VENV)/bin/attentionpack bench quality --out bench-quality.json

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, NoReturn
 
 Codec = Literal["exact", "lowrank", "quant"]
 CODECS = ("exact", "lowrank", "quant")
@@ -81,7 +81,7 @@ class PackConfig:
     budget: float | None = None
     name: str = field(default="custom", compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for prefix in ("key", "value"):
             codec = getattr(self, f"{prefix}_codec")
             if codec not in CODECS:
@@ -151,7 +151,7 @@ class PackConfig:
         return self.budget is None and all(c.key_codec == "exact" and c.value_codec == "exact"
                    for c in (self.for_modality(m) for m in ("text", "image", "video")))
 
-    def replace(self, **changes) -> "PackConfig":
+    def replace(self, **changes: Any) -> PackConfig:
         """A copy with some fields changed (validated again)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
@@ -166,26 +166,23 @@ class PackConfig:
         return cls(**PRESETS[name], name=name)
 
 
-def _is_int(x) -> bool:
+def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_num(x) -> bool:
+def _is_num(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _bad(field_name: str, value, allowed: str):
+def _bad(field_name: str, value: object, allowed: str) -> NoReturn:
     raise ValueError(f"PackConfig.{field_name}={value!r} is invalid: must be {allowed}")
 
 
 # Preset values are tuned with `attentionpack bench quality` on SmolLM2-135M / Britannica (see README).
 PRESETS: dict[str, dict] = {
     "lossless": dict(key_codec="exact", value_codec="exact", key_energy=None, value_energy=None),
-    # keys: low-rank factors of the rotated keys (attention scores them without rebuilding them; fused kernels,
-    # attentionpack/kernels) with 4-bit coefficients and a float16 basis; values: 4-bit per token (values are not
-    # low-rank on SmolLM2: 99% of their energy needs rank ~170 of 192). Measured (2,048-token prefill + 256,
-    # Britannica): energy 0.98 -> 5.95x smaller at +0.18% perplexity, 0.95 -> 6.82x at +0.29%; pre-RoPE keys at
-    # 0.98 / 8-bit are 6.42x at -0.1% but decode ~1.7x slower (every step rebuilds and rotates them).
+    # keys: low-rank factors of the rotated keys (attention scores them without rebuilding them, kernels/) with
+    # 4-bit coefficients and a float16 basis; values: 4-bit per token (README "Presets, measured" says why).
     "balanced": dict(key_energy=0.98, key_bits=4, key_pre_rope=False, value_codec="quant", value_bits=4,
                      value_energy=None),
     "max": dict(key_energy=0.95, key_bits=4, key_pre_rope=False, value_codec="quant", value_bits=4,

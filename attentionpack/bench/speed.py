@@ -116,3 +116,11 @@ def _print_speed(batch: int, summary: dict) -> None:
             cells += (f" | {r['prefill_s']:6.2f}s {r.get('prefill_ratio', float('nan')):4.2f}x"
                       f" {r['decode_ms']:6.1f}ms {r.get('decode_ratio', float('nan')):4.2f}x")
         print(f"{name:12s}{cells}")
+    for name, by in summary.items():
+        paths = {}
+        for r in by.values():
+            for path, n in r.get("decode_paths", {}).items():
+                paths[path] = paths.get(path, 0) + n
+        if paths:
+            print(f"{name:12s} decoding steps' attention paths (layer calls): "
+                  + ", ".join(f"{p} {n}" for p, n in sorted(paths.items())))

@@ -38,7 +38,7 @@ class BudgetError(ValueError):
     """The budget is below the fewest bytes any mix of options can hold."""
 
 
-def _arrays(g: int, group) -> tuple[np.ndarray, np.ndarray]:
+def _arrays(g: int, group: Sequence[Option | tuple]) -> tuple[np.ndarray, np.ndarray]:
     """nbytes (int64) and errors (float64) of one group's options, validated."""
     if len(group) == 0:
         raise ValueError(f"group {g} has no options: give at least one (nbytes, error) option per group")

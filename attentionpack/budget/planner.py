@@ -22,13 +22,25 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 from ..codecs import energy_rank, spectrum_and_basis
 from ..config import PackConfig
 from ..kernels import ops
-from ..parts import ExactPart, Factors, Part, QuantizedLowRankPart, QuantizedPart, Segment, quantize_widths, storage_nbytes
+from ..parts import (
+    ExactPart,
+    Factors,
+    Part,
+    QuantizedLowRankPart,
+    QuantizedPart,
+    Quantized,
+    RopeFn,
+    Segment,
+    quantize_widths,
+    storage_nbytes,
+)
 from ..scoring.observation import attention_scaling, window_logits, window_queries
 from .knapsack import BudgetError, Option, allocate
 
@@ -37,9 +49,45 @@ QUERIES = 16  # observation-window queries per layer that measure errors
 _QUANT = {f"q{b}": dict(codec="quant", bits=b) for b in (8, 4, 2)}
 _LOWRANK = {f"lr{e:g}c{b}": dict(codec="lowrank", energy=e, bits=b)
             for e, b in ((0.98, 4), (0.95, 4), (0.9, 4), (0.8, 4), (0.6, 4))}
-KEY_CANDIDATES: dict[str, dict] = {"exact": dict(codec="exact"), **_QUANT, **_LOWRANK}
-VALUE_CANDIDATES: dict[str, dict] = {"exact": dict(codec="exact"), **_QUANT,
-                                     **{k: v for k, v in _LOWRANK.items() if v["energy"] <= 0.95}}
+KEY_CANDIDATES: dict[str, dict[str, Any]] = {"exact": dict(codec="exact"), **_QUANT, **_LOWRANK}
+VALUE_CANDIDATES: dict[str, dict[str, Any]] = {
+    "exact": dict(codec="exact"),
+    **_QUANT,
+    **{k: v for k, v in _LOWRANK.items() if float(v["energy"]) <= 0.95},  # type: ignore[arg-type]
+}
+
+
+class BudgetLayer(Protocol):
+    """What the planner reads and calls on a cache layer (`PackedLayer` implements it)."""
+
+    layer_idx: int
+    config: PackConfig
+    segments: list[Segment]
+    total: int
+    budget_choice: tuple[str, str] | None
+
+    @property
+    def tail_length(self) -> int: ...
+
+    @property
+    def tail_valid(self) -> torch.Tensor | None: ...
+
+    @property
+    def sliding_window(self) -> int | None: ...
+
+    def materialize(self, rope: RopeFn) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def replace_parts(self, segment: Segment, keys: Part, values: Part) -> None: ...
+
+    def set_text_codec(self, cfg: PackConfig) -> None: ...
+
+
+class BudgetCache(Protocol):
+    """What the planner reads of the cache (`PackedCache` implements it)."""
+
+    def tensors(self) -> list[torch.Tensor]: ...
+
+    def dynamic_nbytes(self) -> int: ...
 
 
 def candidate_config(base: PackConfig, key: str, value: str) -> PackConfig:
@@ -73,16 +121,16 @@ class _Context:
 
 @dataclass
 class _Pending:
-    layer: object  # PackedLayer
-    segment: Segment
-    keys: list[tuple[str, object, int, float]] = field(default_factory=list)  # (label, part, bytes, error)
-    values: list[tuple[str, object, int, float]] = field(default_factory=list)
+    layer: BudgetLayer
+    segment: Segment | None = None
+    keys: list[tuple[str, Part, int, float]] = field(default_factory=list)  # (label, part, bytes, error)
+    values: list[tuple[str, Part, int, float]] = field(default_factory=list)
 
 
 class BudgetPlanner:
     """Collects candidates during a prefill and assigns encodings within the budget at its end (one per cache)."""
 
-    def __init__(self, cache, fraction: float):
+    def __init__(self, cache: BudgetCache, fraction: float) -> None:
         self.cache = cache
         self.fraction = fraction
         self.queries: dict[int, torch.Tensor] = {}  # layer -> (B, Hq, w, d) window queries of the current call
@@ -90,10 +138,12 @@ class BudgetPlanner:
         self.contexts: dict[int, _Context] = {}
         self.pending: list[_Pending] = []
         # the last prefill's options per (layer, span start): {"keys"/"values": [(label, bytes, error)], "choice"}
-        self.report: dict[tuple[int, int], dict] = {}
+        self.report: dict[tuple[int, int], dict[str, Any]] = {}
 
     # ---- hooks called by PackedCache / PackedLayer ----------------------------------------------------------
-    def note_attention(self, layer_idx: int, module, args, kwargs) -> None:
+    def note_attention(
+        self, layer_idx: int, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         """Attention pre-hook: keep the last prompt queries of a multi-token call."""
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         pe = kwargs.get("position_embeddings")
@@ -102,7 +152,7 @@ class BudgetPlanner:
         self.queries[layer_idx] = window_queries(module, hidden, pe, min(QUERIES, hidden.shape[1]))
         self.scaling[layer_idx] = attention_scaling(module)
 
-    def begin(self, layer, ctx) -> None:
+    def begin(self, layer: BudgetLayer, ctx: Any) -> None:
         """Start of a prefill compaction of `layer`: snapshot the exact K/V the window queries attend to."""
         if ctx.layout is not None:
             raise ValueError("PackConfig.budget covers text prompts only: this prompt has image/video tokens; "
@@ -115,9 +165,10 @@ class BudgetPlanner:
         keys, values = layer.materialize(ctx.rope)  # (B, H, T, d) each
         t, n_tail = keys.shape[-2], layer.tail_length
         valid = torch.ones(keys.shape[0], t, dtype=torch.bool, device=keys.device)
-        valid[:, t - n_tail:] = layer.tail_valid  # earlier segments: taken as real tokens
+        if layer.tail_valid is not None:
+            valid[:, t - n_tail :] = layer.tail_valid  # earlier segments: taken as real tokens
         scaling = self.scaling.pop(idx)
-        sliding = layer.spec.sliding_window
+        sliding = layer.sliding_window
         b, h = keys.shape[:2]
         logits = window_logits(queries, keys, valid, None, scaling, sliding).flatten(2, 3)  # (B, H, G*w, T)
         top = logits.amax(-1, keepdim=True)
@@ -130,7 +181,9 @@ class BudgetPlanner:
         self.contexts[idx] = _Context(layer.total - t, keys, values.float(), grouped, logits, top, weights, total,
                                       out, float(out.square().sum()), scaling, sliding, valid)
 
-    def propose(self, layer, start: int, end: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
+    def propose(
+        self, layer: BudgetLayer, start: int, end: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[_Pending, Part, Part]:
         """Encode span [start, end) (k, v (B, H, n, d)) every candidate way; return placeholder (key, value) parts
         (the cheapest candidates) for the segment the layer builds, and remember the segment."""
         c = self.contexts[layer.layer_idx]
@@ -139,7 +192,7 @@ class BudgetPlanner:
         mask = valid[:, None, :, None]
         keys = self._candidates(k * mask, True, KEY_CANDIDATES, cfg)
         values = self._candidates(v * mask, False, VALUE_CANDIDATES, cfg)
-        pend = _Pending(layer, None)
+        pend = _Pending(layer)
         masked = torch.isinf(c.logits[..., a:b])  # (B, H, G*w, n) keys of the span a query cannot see
         # only the span's logits change: the softmax's sum and weighted values over the other keys are computed
         # once, and each candidate adds its span's share (so a short span costs little, whatever the prompt)
@@ -174,11 +227,12 @@ class BudgetPlanner:
         """End of a forward call: choose every pending span's encodings within the budget and install them."""
         self.contexts.clear()
         self.queries.clear()
-        pending = [p for p in self.pending if p.segment is not None and p.segment in p.layer.segments]
+        pending = [p for p in self.pending if p.segment is not None and any(s is p.segment for s in p.layer.segments)]
         self.pending = []
         if not pending:
             return
-        ours = {t.untyped_storage().data_ptr() for p in pending for t in p.segment.tensors()}
+        segments = [p.segment for p in pending if p.segment is not None]
+        ours = {t.untyped_storage().data_ptr() for s in segments for t in s.tensors()}
         fixed = storage_nbytes([t for t in self.cache.tensors() if t.untyped_storage().data_ptr() not in ours])
         dynamic = self.cache.dynamic_nbytes()
         limit = int(self.fraction * dynamic)
@@ -192,19 +246,19 @@ class BudgetPlanner:
                               f"use budget >= {smallest:.4f} or a longer prompt")
         alloc = allocate(groups, limit - fixed)
         self.report = {}
-        guide: dict[int, _Pending] = {}  # layer -> the pending span whose choice its decode chunks follow
-        for i, p in enumerate(pending):
+        guide: dict[int, tuple[BudgetLayer, int, tuple[str, str]]] = {}  # layer -> (layer, span length, choice)
+        for i, (p, seg) in enumerate(zip(pending, segments, strict=True)):
             ki, vi = alloc.choice[2 * i], alloc.choice[2 * i + 1]
-            self.report[p.layer.layer_idx, p.segment.start] = {
+            self.report[p.layer.layer_idx, seg.start] = {
                 "keys": [o[:1] + o[2:] for o in p.keys], "values": [o[:1] + o[2:] for o in p.values],
                 "choice": (p.keys[ki][0], p.values[vi][0])}
-            p.layer.replace_parts(p.segment, p.keys[ki][1], p.values[vi][1])
+            p.layer.replace_parts(seg, p.keys[ki][1], p.values[vi][1])
             longest = guide.get(p.layer.layer_idx)
-            if longest is None or p.segment.kind != "window" and p.segment.length > longest.segment.length:
-                guide[p.layer.layer_idx] = p
-                p.layer.budget_choice = (p.keys[ki][0], p.values[vi][0])
-        for layer_idx, p in guide.items():  # decode chunks take the encoding of the layer's longest prompt span
-            p.layer.set_text_codec(candidate_config(p.layer.config, *p.layer.budget_choice))
+            if longest is None or seg.kind != "window" and seg.length > longest[1]:
+                guide[p.layer.layer_idx] = (p.layer, seg.length, (p.keys[ki][0], p.values[vi][0]))
+        for layer, _, choice in guide.values():  # decode chunks take the encoding of the layer's longest prompt span
+            layer.budget_choice = choice
+            layer.set_text_codec(candidate_config(layer.config, *choice))
 
     # ---- internals -------------------------------------------------------------------------------------------
     @staticmethod
@@ -212,11 +266,13 @@ class BudgetPlanner:
         return float(diff.square().sum()) / max(c.energy, 1e-30)
 
     @staticmethod
-    def _candidates(x: torch.Tensor, is_key: bool, table: dict[str, dict], cfg: PackConfig) -> list:
+    def _candidates(
+        x: torch.Tensor, is_key: bool, table: dict[str, dict[str, Any]], cfg: PackConfig
+    ) -> list[tuple[str, Part]]:
         """(label, part) of every candidate of x (B, H, n, d), padding rows zeroed; encodings not smaller than
         exact are left out (exact itself is a candidate). Low-rank candidates share one factorization."""
         exact_bytes = x.numel() * x.element_size()
-        out = [("exact", ExactPart(x.clone()))]
+        out: list[tuple[str, Part]] = [("exact", ExactPart(x.clone()))]
         b, h, n, d = x.shape
         # factors of a span shorter than its width (H*d) hold little less than its states: quantization only
         lowrank = [(lab, s) for lab, s in table.items() if s["codec"] == "lowrank" and n >= h * d]
@@ -236,6 +292,7 @@ class BudgetPlanner:
         widths = tuple(s["bits"] for s in table.values() if s["codec"] == "quant")
         quantized = quantize_widths(x, widths, cfg.quant_group, axis=2 if is_key else 3)  # keys per channel
         for label, spec in table.items():
+            part: Part
             if spec["codec"] == "quant":
                 part = QuantizedPart(quantized[spec["bits"]])
             elif spec["codec"] == "lowrank" and lowrank:
@@ -252,4 +309,6 @@ def _first_components(part: QuantizedLowRankPart, r: int, sample_ranks: tuple[in
     q = part.coeffs  # stored (B, top, ...): one row per component
     coeffs = dataclasses.replace(q, codes=q.codes[:, :r].clone(), scales=q.scales[:, :r].clone(),
                                  mins=q.mins[:, :r].clone(), shape=(q.shape[0], q.shape[1], r))
-    return QuantizedLowRankPart(coeffs, part.basis[:, :r].clone(), part.num_heads, None, sample_ranks)
+    basis = part.basis
+    assert not isinstance(basis, Quantized), "budget candidates keep a float16 basis"
+    return QuantizedLowRankPart(coeffs, basis[:, :r].clone(), part.num_heads, None, sample_ranks)

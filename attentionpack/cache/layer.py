@@ -138,7 +138,7 @@ class PackedLayer(CacheLayerMixin):
         return self.total
 
     def get_max_length(self) -> int:
-        return self.spec.sliding_window if self.is_sliding else -1
+        return self.spec.sliding_window if self.spec.sliding_window is not None else -1
 
     def reset(self) -> None:
         self._reset_state()
@@ -158,7 +158,7 @@ class PackedLayer(CacheLayerMixin):
                 f"cannot crop {n} tokens from layer {self.layer_idx}: only the {self.tail_length} newest tokens "
                 "are still exact; compressed tokens cannot be removed"
             )
-        self.tail.drop_newest(n)
+        self._live.drop_newest(n)
         self.total -= n
         if self.is_sliding:
             self._drop_outside_window()
@@ -195,10 +195,8 @@ class PackedLayer(CacheLayerMixin):
     def materialize(self, rope: RopeFn) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every token the layer holds, (B, H, N, d) in cache order (compressed segments
         rebuilt; gathered segments scattered back to their cache indices)."""
-        if self.tail_keys is None or self.tail_values is None:
-            raise RuntimeError(f"layer {self.layer_idx} holds no tokens yet")
-        return (self._materialize(lambda s: s.keys, self.tail_keys, rope),
-                self._materialize(lambda s: s.values, self.tail_values, rope))
+        keys, values, _, _ = self._live.view()  # (B, H, n, d) each
+        return (self._materialize(lambda s: s.keys, keys, rope), self._materialize(lambda s: s.values, values, rope))
 
     def _dense_fallback(self) -> None:
         self.paths["dense"] += 1
@@ -211,23 +209,15 @@ class PackedLayer(CacheLayerMixin):
     def tail_length(self) -> int:
         return 0 if self.tail is None else len(self.tail)
 
-    # views of the exact tail: keys/values (B, H, n, d), positions (B, n) int32, valid (B, n) bool (None when the
-    # layer does not compress)
-    @property
-    def tail_keys(self) -> torch.Tensor | None:
-        return None if self.tail is None else self.tail.view()[0]
-
-    @property
-    def tail_values(self) -> torch.Tensor | None:
-        return None if self.tail is None else self.tail.view()[1]
-
-    @property
-    def tail_positions(self) -> torch.Tensor | None:
-        return None if self.tail is None else self.tail.view()[2]
-
     @property
     def tail_valid(self) -> torch.Tensor | None:
+        """(B, n) padding flags of the exact tail (None when the layer does not compress or holds nothing)."""
         return None if self.tail is None else self.tail.view()[3]
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The layer's attention window (None for full attention)."""
+        return self.spec.sliding_window
 
     @property
     def first_index(self) -> int:
@@ -254,9 +244,9 @@ class PackedLayer(CacheLayerMixin):
                          "entries": seg.tokens(), "modality": "exact" if seg.kind == "sink" else seg.modality,
                          "group": seg.group, "keys": seg.keys.describe(), "values": seg.values.describe(),
                          "bytes": _new_bytes(seg.tensors(), seen), "dynamic_bytes": seg.tokens() * entry})
-        if self.tail_length:
+        if self.tail is not None and self.tail_length:
             tail = self.tail.tensors()
-            entries = self.tail_keys.shape[0] * self.tail_length
+            entries = self.tail.keys.shape[0] * self.tail_length
             rows.append({"layer": self.layer_idx, "kind": "recent", "start": self.total - self.tail_length,
                          "tokens": self.tail_length, "entries": entries, "modality": "exact", "group": "",
                          "keys": {"codec": "exact"}, "values": {"codec": "exact"},
@@ -268,16 +258,33 @@ class PackedLayer(CacheLayerMixin):
         if not self.is_initialized or self.tail is None and not self.segments:
             return 0
         held = self.total
-        if self.is_sliding:  # the stock layer keeps a view of cat(old, new): W-1 older tokens plus the last call
+        if self.spec.sliding_window is not None:  # the stock layer keeps a view of cat(old, new): W-1 older + new
             q = self._last_call_tokens
             held = min(self.total - q, self.spec.sliding_window - 1) + q
-        ref = self.tail_keys if self.tail_keys is not None else None
-        batch = ref.shape[0] if ref is not None else self.segments[0].keys.tensors()[0].shape[0]
+        batch = self.tail.keys.shape[0] if self.tail is not None else self.segments[0].keys.tensors()[0].shape[0]
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * batch * self.spec.num_kv_heads * held * self.spec.head_dim * elem
 
     # ---- internals --------------------------------------------------------------------------------------------
-    def _append(self, k, v, positions, valid) -> None:
+    @property
+    def _live(self) -> ExactTail:
+        if self.tail is None:
+            raise RuntimeError(f"layer {self.layer_idx} holds no tokens yet")
+        return self.tail
+
+    def _compress_view(
+        self, start: int = 0, stop: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """keys, values (B, H, n, d), positions (B, n[, 3]) and valid (B, n) of tail tokens [start, stop) of a
+        compressing layer (which records positions and padding flags)."""
+        k, v, pos, valid = self._live.view(start, stop)
+        if pos is None or valid is None:
+            raise RuntimeError(f"layer {self.layer_idx} does not compress: it keeps no positions")
+        return k, v, pos, valid
+
+    def _append(
+        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor | None
+    ) -> None:
         if self.tail is None:
             self.tail = ExactTail(k, v, positions, valid, granule=TAIL_GRANULE if self.compress else 1)
         else:
@@ -311,7 +318,8 @@ class PackedLayer(CacheLayerMixin):
             self.planner.begin(self, ctx)
         if self.sink_end is None:  # first call: the tail starts at token 0
             # sinks: each sample's first `sink` real tokens; with left padding the latest-starting sample decides
-            leading_pad = torch.cumprod((~self.tail_valid).int(), dim=1).sum(dim=1)  # left padding only, not inner holes
+            _, _, _, tail_valid = self._compress_view()
+            leading_pad = torch.cumprod((~tail_valid).int(), dim=1).sum(dim=1)  # left padding only, not inner holes
             self.sink_end = int(leading_pad.max()) + self.config.sink
         stop = self.total - self.config.window
         if self.sink_end > tail_start:
@@ -339,13 +347,12 @@ class PackedLayer(CacheLayerMixin):
             while stop - tail_start >= self.config.chunk:
                 self._freeze(tail_start, tail_start + self.config.chunk, kind="chunk", compress=True, ctx=ctx)
                 tail_start += self.config.chunk
-        self.tail.shrink()  # release the slots of the frozen tokens (the whole prompt's buffer after a prefill)
+        self._live.shrink()  # release the slots of the frozen tokens (the whole prompt's buffer after a prefill)
 
     def _freeze(self, start: int, end: int, kind: Kind, compress: bool, ctx: StepContext) -> None:
         """Turn tail tokens [start, end) (which must be the oldest tail tokens) into a segment."""
-        assert self.tail is not None
         n = end - start
-        k, v, pos, valid = self.tail.view(0, n)
+        k, v, pos, valid = self._compress_view(0, n)
         pending = None
         key_part: Part
         value_part: Part
@@ -361,12 +368,12 @@ class PackedLayer(CacheLayerMixin):
         self.plan.add(self.segments[-1])
         if pending is not None:
             pending.segment = self.segments[-1]
-        self.tail.drop_oldest(n)
+        self._live.drop_oldest(n)
 
     def _freeze_groups(self, start: int, end: int, groups: list[Group], ctx: StepContext) -> None:
         """Turn tail tokens [start, end) (the oldest tail tokens) into one gathered segment per modality group."""
         n = end - start
-        k, v, pos, valid = self.tail.view(0, n)  # (B, H, n, d) x2, (B, n[, 3]), (B, n)
+        k, v, pos, valid = self._compress_view(0, n)  # (B, H, n, d) x2, (B, n[, 3]), (B, n)
         b, h, _, d = k.shape
         for g in sorted(groups, key=lambda g: g.start):
             local = torch.where(g.valid, g.index - start, 0)  # (B, m) rows of the tail block
@@ -388,7 +395,7 @@ class PackedLayer(CacheLayerMixin):
             self.segments.append(Segment(g.start, g.end, key_part, value_part, kind, index=g.index, valid=g.valid,
                                          modality=modality, group=g.name))
             self.plan.add(self.segments[-1])
-        self.tail.drop_oldest(n)
+        self._live.drop_oldest(n)
 
     def _drop_outside_window(self) -> None:
         """Sliding layers: forget what no future query can see (the stock layer keeps the last W-1 tokens)."""
@@ -410,7 +417,7 @@ class PackedLayer(CacheLayerMixin):
             self.tail.map_batch(fn)
 
 
-def _new_bytes(tensors, seen: set) -> int:
+def _new_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
     """Bytes of the storages behind `tensors` not yet in `seen` (which they are added to)."""
     total = 0
     for t in tensors:

@@ -8,7 +8,7 @@ import torch
 from ..parts import storage_nbytes
 
 
-def held_tensors(obj, _seen: set | None = None) -> list[torch.Tensor]:
+def held_tensors(obj: object, _seen: set[int] | None = None) -> list[torch.Tensor]:
     """All tensors reachable from `obj` through attributes, containers and dataclass fields (not modules)."""
     seen = set() if _seen is None else _seen
     if id(obj) in seen or isinstance(obj, (torch.nn.Module, type, str, bytes, int, float, bool)) or obj is None:
@@ -40,8 +40,9 @@ def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     return [t]
 
 
-def cache_nbytes(cache) -> int:
+def cache_nbytes(cache: object) -> int:
     """Bytes held by a cache: `nbytes()` for ours, a walk of the layers' tensors for any other cache."""
-    if hasattr(cache, "nbytes"):
-        return int(cache.nbytes())
+    nbytes = getattr(cache, "nbytes", None)
+    if callable(nbytes):
+        return int(nbytes())
     return storage_nbytes(held_tensors(getattr(cache, "layers", cache)))

@@ -53,8 +53,10 @@ class PackedCache(Cache):
             raise TypeError(f"config must be a PackConfig or a preset name, not {type(config).__name__}")
         self.config = config
         self.adapter = ModelAdapter(model)
-        self.layers: list[PackedLayer] = [PackedLayer(i, spec, config) for i, spec in enumerate(self.adapter.layers)]
-        super().__init__(layers=self.layers)
+        layers = [PackedLayer(i, spec, config) for i, spec in enumerate(self.adapter.layers)]
+        super().__init__(layers=list(layers))
+        # the base class types its layers as any transformers layer; this cache's are all PackedLayers
+        self.layers: list[PackedLayer] = layers  # type: ignore[assignment]
         self.paths: Counter[str] = Counter()  # attention path of every layer call (stats()["attention_paths"])
         self.planner = BudgetPlanner(self, config.budget) if config.budget is not None else None
         for layer in self.layers:
@@ -192,7 +194,7 @@ class PackedCache(Cache):
             self._mrope_positions = None
         return out
 
-    def ingest(self, source) -> "PackedCache":
+    def ingest(self, source: Any) -> PackedCache:
         """Fill this empty cache from another cache that holds a text prompt's keys/values (e.g. a DynamicCache
         after a prefill), leaving this cache exactly as if the prompt had been prefilled through it: prefill
         attention is exact in a PackedCache, so only the storage differs. Lets an evaluation prefill a prompt once
@@ -208,7 +210,7 @@ class PackedCache(Cache):
         self._begin_call(None)
         for idx, layer in enumerate(layers):
             keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if keys is None or keys.dim() != 4 or keys.shape[-2] != n:
+            if keys is None or values is None or keys.dim() != 4 or keys.shape[-2] != n:
                 raise ValueError(f"ingest: layer {idx} of the source does not hold all {n} tokens (a sliding-window "
                                  "or compressed layer); prefill through this cache instead")
             self.update(keys, values, idx)
@@ -294,7 +296,9 @@ class PackedCache(Cache):
             return torch.ones(b, q, dtype=torch.bool, device=key_states.device)
         return mask[:, -q:].to(torch.bool).expand(b, q)
 
-    def _rope(self, layer_idx: int, start: int, end: int, positions: torch.Tensor, dtype: torch.dtype):
+    def _rope(
+        self, layer_idx: int, start: int, end: int, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, T, d) for a stored run; shared by all layers of a RoPE group within one call (gathered
         segments may share start/end, so a hit is checked against the positions themselves)."""
         group = self.adapter.layers[layer_idx].layer_type if self.adapter._rotary_takes_layer_type else "all"
@@ -361,14 +365,14 @@ def _install_hooks(model: Any, adapter: ModelAdapter) -> list[Any]:
     handles = []
     base = adapter.language_model  # the decoder: it always receives the 2D padding mask
 
-    def on_model_call(module, args, kwargs):
+    def on_model_call(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         cache = kwargs.get("past_key_values")
         if isinstance(cache, PackedCache):
             cache._begin_call(kwargs.get("attention_mask"))
 
     handles.append(base.register_forward_pre_hook(on_model_call, with_kwargs=True))
     if adapter.is_vlm:
-        def on_top_call(module, args, kwargs):
+        def on_top_call(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             cache = kwargs.get("past_key_values")
             if isinstance(cache, PackedCache):
                 ids = kwargs.get("input_ids", args[0] if args else None)
@@ -376,14 +380,14 @@ def _install_hooks(model: Any, adapter: ModelAdapter) -> list[Any]:
 
         handles.append(model.register_forward_pre_hook(on_top_call, with_kwargs=True))
     if adapter.mrope:
-        def on_language_model(module, args, kwargs):
+        def on_language_model(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             cache = kwargs.get("past_key_values")
             if isinstance(cache, PackedCache):
                 cache._set_mrope_positions(kwargs.get("position_ids"))
 
         handles.append(adapter.language_model.register_forward_pre_hook(on_language_model, with_kwargs=True))
     for idx, attn in enumerate(adapter.attention_modules):
-        def on_attention(module, args, kwargs, idx=idx):
+        def on_attention(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], idx: int = idx) -> None:
             cache = kwargs.get("past_key_values")
             if isinstance(cache, PackedCache) and kwargs.get("position_ids") is not None:
                 cache._positions[idx] = kwargs["position_ids"]

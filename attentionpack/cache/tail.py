@@ -18,7 +18,14 @@ import torch
 
 
 class ExactTail:
-    def __init__(self, keys, values, positions=None, valid=None, granule: int = 1):
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        granule: int = 1,
+    ) -> None:
         n = keys.shape[-2]
         self.granule = granule
         self.begin, self.end = 0, n
@@ -37,7 +44,9 @@ class ExactTail:
     def capacity(self) -> int:
         return self.keys.shape[-2]
 
-    def view(self, start: int = 0, stop: int | None = None):
+    def view(
+        self, start: int = 0, stop: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(keys, values, positions, valid) of live tokens [start, stop) (relative to the oldest), as views."""
         stop = len(self) if stop is None else stop
         sl = slice(self.begin + start, self.begin + stop)
@@ -46,7 +55,13 @@ class ExactTail:
                 None if self.valid is None else self.valid[:, sl])
 
     # ---- changes ------------------------------------------------------------------------------------------------
-    def append(self, k, v, positions=None, valid=None) -> None:
+    def append(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> None:
         q = k.shape[-2]
         if self.end + q > self.capacity:
             self._regrow(self._rounded(len(self) + q))
@@ -72,20 +87,29 @@ class ExactTail:
             self._regrow(self._rounded(len(self)))
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        keys, values, positions, valid = (None if t is None else fn(t.contiguous()) for t in self.view())
-        self.__init__(keys, values, positions, valid, self.granule)
+        keys, values, positions, valid = self.view()
+        mapped = ExactTail(
+            fn(keys.contiguous()),
+            fn(values.contiguous()),
+            None if positions is None else fn(positions.contiguous()),
+            None if valid is None else fn(valid.contiguous()),
+            self.granule,
+        )
+        self.__dict__.update(mapped.__dict__)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values, self.positions, self.valid) if t is not None]
 
     # ---- internals ----------------------------------------------------------------------------------------------
-    def _write(self, at: int, k, v, positions, valid) -> None:
+    def _write(
+        self, at: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor | None
+    ) -> None:
         q = k.shape[-2]
         self.keys[..., at:at + q, :] = k
         self.values[..., at:at + q, :] = v
-        if self.positions is not None:
+        if self.positions is not None and positions is not None:
             self.positions[:, at:at + q] = positions
-        if self.valid is not None:
+        if self.valid is not None and valid is not None:
             self.valid[:, at:at + q] = valid
 
     def _rounded(self, n: int) -> int:

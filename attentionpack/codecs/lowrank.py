@@ -31,6 +31,8 @@ class RankRule:
             return min(self.rank, dim)
         if self.fraction is not None:
             return max(1, min(dim, int(round(self.fraction * dim))))
+        if self.energy is None:
+            raise ValueError("RankRule needs one of rank, fraction or energy")
         return min(energy_rank(spectrum, self.energy), cap)
 
 

@@ -85,28 +85,26 @@ def assemble(run, started: float) -> dict:
 
 
 # ---- formatting (report.md and index.html show exactly these strings) ------------------------------------------
-def fmt(value, kind: str) -> str:
+FORMATS = {  # kind -> (scale, format)
+    "mib": (1 / MIB, "{:.1f}"),
+    "x": (1, "{:.2f}x"),
+    "pct": (1, "{:+.1f}%"),
+    "ppl": (1, "{:.2f}"),
+    "share": (100, "{:.1f}%"),
+    "kl": (1, "{:.4f}"),
+    "ms": (1, "{:.1f}"),
+    "s": (1, "{:.2f}"),
+    "ratio": (1, "{:.2f}"),
+}
+
+
+def fmt(value: float | None, kind: str) -> str:
     if value is None:
         return "-"
-    if kind == "mib":
-        return f"{value / MIB:.1f}"
-    if kind == "x":
-        return f"{value:.2f}x"
-    if kind == "pct":
-        return f"{value:+.1f}%"
-    if kind == "ppl":
-        return f"{value:.2f}"
-    if kind == "share":
-        return f"{100 * value:.1f}%"
-    if kind == "kl":
-        return f"{value:.4f}"
-    if kind == "ms":
-        return f"{value:.1f}"
-    if kind == "s":
-        return f"{value:.2f}"
-    if kind == "ratio":
-        return f"{value:.2f}"
-    return str(value)
+    if kind not in FORMATS:
+        return str(value)
+    scale, form = FORMATS[kind]
+    return form.format(value * scale)
 
 
 COLUMNS = [  # (header, key, kind)

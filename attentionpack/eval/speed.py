@@ -14,7 +14,8 @@ import torch
 @torch.inference_mode()
 def time_one(model, ids: torch.Tensor, context: int, decode_steps: int, make_cache: Callable[[], object]) -> dict:
     """Prefill `context` tokens of `ids` through a fresh cache, then teacher-force `decode_steps` tokens one at a
-    time. Returns prefill seconds and the median decode milliseconds per token."""
+    time. Returns prefill seconds, the median decode milliseconds per token and, for a PackedCache, which attention
+    path its decoding steps took (layer calls per path, `PackedCache.stats()["attention_paths"]`)."""
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.shape[1] < context + decode_steps:
@@ -23,14 +24,24 @@ def time_one(model, ids: torch.Tensor, context: int, decode_steps: int, make_cac
     t0 = time.perf_counter()
     model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - t0
+    before = _paths(cache)
     times = []
     for i in range(decode_steps):
         t1 = time.perf_counter()
         model(input_ids=ids[:, context + i: context + i + 1], past_key_values=cache, use_cache=True)
         times.append(time.perf_counter() - t1)
+    after = _paths(cache)
     del cache
     gc.collect()
-    return {"prefill_s": prefill_s, "decode_ms": 1000 * statistics.median(times)}
+    out: dict = {"prefill_s": prefill_s, "decode_ms": 1000 * statistics.median(times)}
+    if after is not None and before is not None:
+        out["decode_paths"] = {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)}
+    return out
+
+
+def _paths(cache: object) -> dict | None:
+    stats = getattr(cache, "stats", None)
+    return dict(stats()["attention_paths"]) if callable(stats) else None
 
 
 def speed_round(model, ids: torch.Tensor, makers: Mapping[str, Callable[[], object]], contexts: Sequence[int],
@@ -61,15 +72,19 @@ def summarize(rounds: Sequence[dict], reference: str = "dynamic") -> dict:
     for rnd in rounds:
         for name, by_ctx in rnd.items():
             for ctx, m in by_ctx.items():
-                cell = merged.setdefault(name, {}).setdefault(int(ctx), {"prefill_s": [], "decode_ms": []})
+                cell = merged.setdefault(name, {}).setdefault(int(ctx), {"prefill_s": [], "decode_ms": [], "paths": {}})
                 cell["prefill_s"].append(m["prefill_s"])
                 cell["decode_ms"].append(m["decode_ms"])
+                for path, n in m.get("decode_paths", {}).items():
+                    cell["paths"][path] = cell["paths"].get(path, 0) + n
     out: dict = {}
     for name, by_ctx in merged.items():
         for ctx, cell in by_ctx.items():
             ref = merged.get(reference, {}).get(ctx)
             row = {"prefill_s": statistics.median(cell["prefill_s"]), "decode_ms": statistics.median(cell["decode_ms"]),
                    "repeats": len(cell["decode_ms"])}
+            if cell["paths"]:
+                row["decode_paths"] = cell["paths"]
             if ref:
                 row["prefill_ratio"] = row["prefill_s"] / statistics.median(ref["prefill_s"])
                 row["decode_ratio"] = row["decode_ms"] / statistics.median(ref["decode_ms"])

@@ -140,7 +140,9 @@ def mix_rows(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, p: t
     scales, mins = scales.to(torch.float16).contiguous(), mins.to(torch.float16).contiguous()
     out = torch.empty(*lead, m, length, dtype=torch.float32)
     n = codes.numel() // max(1, t * nb)
-    library().ap_mix_rows(_ptr(codes), _ptr(scales), _ptr(mins), _ptr(p), _ptr(out), n, m, t, nb, g, group, length,
+    lib = library()
+    assert lib is not None, reason()
+    lib.ap_mix_rows(_ptr(codes), _ptr(scales), _ptr(mins), _ptr(p), _ptr(out), n, m, t, nb, g, group, length,
                           bits, ps)
     return out
 
@@ -156,6 +158,8 @@ def scores_cols(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, x
     scales, mins = scales.to(torch.float16).contiguous(), mins.to(torch.float16).contiguous()
     out = torch.empty(*lead, m, tokens, dtype=torch.float32)
     n = codes.numel() // max(1, r * nb)
-    library().ap_scores_cols(_ptr(codes), _ptr(scales), _ptr(mins), _ptr(x), _ptr(out), n, m, r, tokens, nb, g,
+    lib = library()
+    assert lib is not None, reason()
+    lib.ap_scores_cols(_ptr(codes), _ptr(scales), _ptr(mins), _ptr(x), _ptr(out), n, m, r, tokens, nb, g,
                              group, bits)
     return out
