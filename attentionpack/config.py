@@ -10,6 +10,7 @@ CODECS = ("exact", "lowrank", "quant")
 QUANT_BITS = (2, 4, 8)  # codec "quant": bits of the states themselves
 FACTOR_BITS = (4, 8)  # codec "lowrank": optional bits of the coefficients (basis then 8-bit)
 IMAGE_BASES = ("per_image", "shared")
+KEY_OBJECTIVES = ("keys", "scores")
 # fields a modality (text, image, video tokens of a vision-language prompt) may set for itself
 MODALITY_FIELDS = tuple(f"{p}_{n}" for p in ("key", "value")
                         for n in ("codec", "rank", "rank_fraction", "energy", "max_rank_fraction", "bits"))
@@ -29,7 +30,10 @@ class PackConfig:
     `*_energy` (smallest rank capturing that share of the squared singular values). `*_max_rank_fraction`
     caps the energy rule. `key_pre_rope`: factor low-rank keys before RoPE (the most compressible form; keys are
     rebuilt and rotated when attended) or after it (attention runs on the factors without rebuilding keys: faster
-    decoding, higher rank for the same error).
+    decoding, higher rank for the same error). `key_objective` (keys factored after RoPE): "keys" minimizes the
+    keys' own squared error (rank by captured energy); "scores" minimizes the error of the attention scores under
+    the prompt's own queries (the keys weighted by the second moment of each head's queries, rank by captured
+    weighted energy; `codecs.lowrank.score_weighting`).
 
     `budget`: None, or a fraction f in (0, 1]: after every prefill the cache holds at most f x the bytes a
     DynamicCache would hold for the same tokens (every storage counted). The prompt's spans then ignore the codec
@@ -57,6 +61,7 @@ class PackConfig:
     key_max_rank_fraction: float = 1.0
     key_bits: int | None = None
     key_pre_rope: bool = True
+    key_objective: Literal["keys", "scores"] = "keys"
 
     value_codec: Codec = "lowrank"
     value_rank: int | None = None
@@ -116,6 +121,8 @@ class PackConfig:
         for name in ("key_pre_rope", "compressed_attention", "compress_sliding_layers", "fallback_exact"):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, getattr(self, name), "True or False")
+        if self.key_objective not in KEY_OBJECTIVES:
+            _bad("key_objective", self.key_objective, f"one of {KEY_OBJECTIVES}")
         if self.image_basis not in IMAGE_BASES:
             _bad("image_basis", self.image_basis, f"one of {IMAGE_BASES}")
         if not _is_int(self.video_group_frames) or self.video_group_frames < 1:

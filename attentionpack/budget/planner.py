@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from ..codecs import energy_rank, spectrum_and_basis
+from ..codecs.lowrank import score_weighting
 from ..config import PackConfig
 from ..kernels import ops
 from ..parts import (
@@ -65,6 +66,7 @@ class BudgetLayer(Protocol):
     segments: list[Segment]
     total: int
     budget_choice: tuple[str, str] | None
+    query_moments: torch.Tensor | None
 
     @property
     def tail_length(self) -> int: ...
@@ -190,7 +192,8 @@ class BudgetPlanner:
         a, b = start - c.first, end - c.first
         cfg = layer.config
         mask = valid[:, None, :, None]
-        keys = self._candidates(k * mask, True, KEY_CANDIDATES, cfg)
+        moments = layer.query_moments if cfg.key_objective == "scores" else None
+        keys = self._candidates(k * mask, True, KEY_CANDIDATES, cfg, moments)
         values = self._candidates(v * mask, False, VALUE_CANDIDATES, cfg)
         pend = _Pending(layer)
         masked = torch.isinf(c.logits[..., a:b])  # (B, H, G*w, n) keys of the span a query cannot see
@@ -267,7 +270,11 @@ class BudgetPlanner:
 
     @staticmethod
     def _candidates(
-        x: torch.Tensor, is_key: bool, table: dict[str, dict[str, Any]], cfg: PackConfig
+        x: torch.Tensor,
+        is_key: bool,
+        table: dict[str, dict[str, Any]],
+        cfg: PackConfig,
+        query_moments: torch.Tensor | None = None,
     ) -> list[tuple[str, Part]]:
         """(label, part) of every candidate of x (B, H, n, d), padding rows zeroed; encodings not smaller than
         exact are left out (exact itself is a candidate). Low-rank candidates share one factorization."""
@@ -278,12 +285,17 @@ class BudgetPlanner:
         lowrank = [(lab, s) for lab, s in table.items() if s["codec"] == "lowrank" and n >= h * d]
         if lowrank:
             block = x.transpose(1, 2).reshape(b, n, h * d)  # (B, T, H*d)
+            weighting = score_weighting(query_moments).to(x.dtype) if query_moments is not None else None
+            seen = block if weighting is None else block @ weighting  # keys as the prompt's queries see them
             # float32 Gram: the candidates keep <= 98% of the energy, far above its round-off (~1e-7 of the total)
-            spectrum, vecs = spectrum_and_basis(block, torch.float32)
+            spectrum, vecs = spectrum_and_basis(seen, torch.float32)
             ranks = {lab: [energy_rank(spectrum[i], s["energy"]) for i in range(b)] for lab, s in lowrank}
             top = max(max(r) for r in ranks.values())
             basis = vecs[:, :, :top].to(x.dtype)  # (B, D, top)
-            f = Factors(block @ basis, basis.transpose(1, 2).contiguous())  # (B, T, top), (B, top, D)
+            right = basis.transpose(1, 2)  # (B, top, D)
+            if weighting is not None:  # basis = V_rᵀ L⁻¹ (see codecs.lowrank.factorize)
+                right = torch.linalg.solve_triangular(weighting, right, upper=False, left=False)
+            f = Factors(seen @ basis, right.contiguous())  # (B, T, top), (B, top, D)
             # coefficients are quantized per column (groups along T): the first r columns of the top-rank
             # encoding are exactly the rank-r encoding, so each bit width is quantized once
             full = {bits: QuantizedLowRankPart.from_factors(f, h, None, (), coeff_bits=bits, basis_bits=16,

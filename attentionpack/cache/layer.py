@@ -43,6 +43,7 @@ class StepContext:
     rope: RopeFn
     span_boundaries: Sequence[int]
     layout: Callable[[int, int], list[Group] | None] | None = None  # modality groups of cache indices [a, b)
+    query_moments: torch.Tensor | None = None  # (B, H, d, d) of this call's queries (multi-token calls, "scores")
 
 
 @dataclass
@@ -80,6 +81,7 @@ class PackedLayer(CacheLayerMixin):
     def _reset_state(self) -> None:
         self.segments: list[Segment] = []
         self.plan = DecodePlan(self.spec.num_kv_heads, self.spec.head_dim)
+        self.query_moments: torch.Tensor | None = None  # (B, H, d, d) of the last prompt's queries
         self.tail: ExactTail | None = None  # newest tokens, exact
         self.total = 0  # tokens seen (cache index of the next token)
         self.sink_end: int | None = None  # cache index where the exact sinks end (per-batch max)
@@ -104,6 +106,8 @@ class PackedLayer(CacheLayerMixin):
                                "PackedCache.update")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if ctx.query_moments is not None:  # a prompt's queries weigh its keys' factors (and later decode chunks')
+            self.query_moments = ctx.query_moments
         q = key_states.shape[-2]
         if self.compress:  # positions and padding flags are needed only to compress later
             self._append(key_states, value_states, ctx.positions.to(torch.int32), ctx.valid)
@@ -360,7 +364,7 @@ class PackedLayer(CacheLayerMixin):
             pending, key_part, value_part = self.planner.propose(self, start, end, k, v, valid)
         elif compress:
             cfg = self.codecs["text"]
-            key_part = encode_keys(k, valid, cfg, ctx.rope(start, end, pos), pos)
+            key_part = encode_keys(k, valid, cfg, ctx.rope(start, end, pos), pos, self.query_moments)
             value_part = encode_values(v, valid, cfg)
         else:
             key_part, value_part = ExactPart(k.clone()), ExactPart(v.clone())
@@ -386,7 +390,7 @@ class PackedLayer(CacheLayerMixin):
             key_part: Part
             value_part: Part
             if slots >= self.config.min_span:
-                key_part = encode_keys(gk, gvalid, cfg, ctx.rope(g.start, g.end, gpos), gpos)
+                key_part = encode_keys(gk, gvalid, cfg, ctx.rope(g.start, g.end, gpos), gpos, self.query_moments)
                 value_part = encode_values(gv, gvalid, cfg)
             else:
                 key_part, value_part = ExactPart(gk), ExactPart(gv)

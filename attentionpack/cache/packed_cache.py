@@ -29,6 +29,7 @@ from ..config import PackConfig
 from ..models.registry import ModelAdapter
 from ..models.vlm import find_spans, group_labels
 from ..parts import storage_nbytes
+from ..scoring.observation import query_moments
 from .layer import STEP, Group, PackedLayer, StepContext
 
 _ATTACHED = "_attentionpack_attached"  # model attribute: {"hooks": [...], "caches": n, "switched": bool}
@@ -69,6 +70,11 @@ class PackedCache(Cache):
         self._positions: dict[int, torch.Tensor] = {}  # layer -> (B, q) position ids of the current call
         self._rope_memo: dict = {}
         self._mrope_positions: torch.Tensor | None = None  # (B, q, 3) multimodal positions of the current call
+        self._moments: dict[int, torch.Tensor] = {}  # layer -> (B, H, d, d) query moments of the current call
+        self.wants_query_moments = any(
+            c.key_codec == "lowrank" and not c.key_pre_rope and c.key_objective == "scores"
+            for c in (config.for_modality(m) for m in ("text", "image", "video"))
+        )
         # vision-language prompts: modality group of every (sample, cache index) seen in input_ids
         self._labels: torch.Tensor | None = None  # (B, N) long, indexes self.groups
         self.groups: list[tuple[str, str]] = [("text", "text")]  # (group name, modality)
@@ -183,6 +189,7 @@ class PackedCache(Cache):
             rope=lambda start, end, pos: self._rope(layer_idx, start, end, pos, key_states.dtype),
             span_boundaries=self.span_boundaries,
             layout=(lambda a, b: self._layout(a, b, key_states.device)) if self._labels is not None else None,
+            query_moments=self._moments.pop(layer_idx, None),
         )
         out = self.layers[layer_idx].update(key_states, value_states, {**(cache_kwargs or {}), STEP: ctx})
         if layer_idx == len(self.layers) - 1:  # end of the forward call: drop per-call state
@@ -191,6 +198,7 @@ class PackedCache(Cache):
             self._rope_memo.clear()
             self._positions.clear()
             self._layout_memo.clear()
+            self._moments.clear()
             self._mrope_positions = None
         return out
 
@@ -319,6 +327,17 @@ class PackedCache(Cache):
                 Group(g.name, g.modality, g.index.to(device), g.valid.to(device), g.start, g.end) for g in groups]
         return self._layout_memo[key]
 
+    def _note_queries(self, layer_idx: int, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Attention pre-hook of a multi-token call: the second moments of its queries (key_objective="scores")."""
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        pe = kwargs.get("position_embeddings")
+        if hidden is None or pe is None or hidden.dim() != 3 or hidden.shape[1] < 2:
+            return
+        mask = self._attention_mask
+        valid = None if mask is None or mask.shape[-1] < hidden.shape[1] else mask[:, -hidden.shape[1] :].bool()
+        heads = self.adapter.layers[layer_idx].num_kv_heads
+        self._moments[layer_idx] = query_moments(module, hidden, pe, heads, valid)
+
     def _begin_top_call(self, input_ids: torch.Tensor | None, kwargs: dict) -> None:
         if input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1] > 1:
             self.set_inputs(input_ids, kwargs.get("video_grid_thw"), kwargs.get("position_ids"))
@@ -393,6 +412,8 @@ def _install_hooks(model: Any, adapter: ModelAdapter) -> list[Any]:
                 cache._positions[idx] = kwargs["position_ids"]
             if isinstance(cache, PackedCache) and cache.planner is not None:
                 cache.planner.note_attention(idx, module, args, kwargs)
+            if isinstance(cache, PackedCache) and cache.wants_query_moments:
+                cache._note_queries(idx, module, args, kwargs)
 
         handles.append(attn.register_forward_pre_hook(on_attention, with_kwargs=True))
     return handles

@@ -12,7 +12,7 @@ import torch
 from ..config import PackConfig
 from ..parts import ExactPart, LowRankPart, Part, QuantizedLowRankPart, QuantizedPart, storage_nbytes
 from ..rope import undo_rope
-from .lowrank import RankRule, factorize
+from .lowrank import RankRule, factorize, score_weighting
 
 
 def rank_rules(cfg: PackConfig) -> tuple[RankRule, RankRule]:
@@ -29,9 +29,11 @@ def encode_keys(
     cfg: PackConfig,
     cos_sin: tuple[torch.Tensor, torch.Tensor],
     positions: torch.Tensor,
+    query_moments: torch.Tensor | None = None,
 ) -> Part:
-    """k (B, H, T, d) rotated, valid (B, T) bool (padding False), cos/sin (B, T, d), positions (B, T[, 3])."""
-    return _encode(k, valid, cfg, is_key=True, cos_sin=cos_sin, positions=positions)
+    """k (B, H, T, d) rotated, valid (B, T) bool (padding False), cos/sin (B, T, d), positions (B, T[, 3]);
+    query_moments (B, H, d, d): second moments of the prompt's queries, used by `key_objective="scores"`."""
+    return _encode(k, valid, cfg, is_key=True, cos_sin=cos_sin, positions=positions, query_moments=query_moments)
 
 
 def encode_values(v: torch.Tensor, valid: torch.Tensor, cfg: PackConfig) -> Part:
@@ -46,6 +48,7 @@ def _encode(
     is_key: bool,
     cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
     positions: torch.Tensor | None = None,
+    query_moments: torch.Tensor | None = None,
 ) -> Part:
     """Exact when the codec says so, or when the encoded form would not be smaller (`fallback_exact`)."""
     codec, bits = (cfg.key_codec, cfg.key_bits) if is_key else (cfg.value_codec, cfg.value_bits)
@@ -65,7 +68,10 @@ def _encode(
         else:
             x_in = x
         rule = rank_rules(cfg)[0 if is_key else 1]
-        factors, ranks, _ = factorize(x_in.transpose(1, 2).reshape(b, t, h * d), rule)  # block (B, T, H*d)
+        weighting = None
+        if is_key and not pre_rope and cfg.key_objective == "scores" and query_moments is not None:
+            weighting = score_weighting(query_moments)  # (B, D, D): minimize the score error, not the key error
+        factors, ranks, _ = factorize(x_in.transpose(1, 2).reshape(b, t, h * d), rule, weighting)  # (B, T, H*d)
         pos = positions.clone() if pre_rope and positions is not None else None
         if bits is None:
             part = LowRankPart(factors, h, pos, tuple(ranks))

@@ -56,13 +56,42 @@ def spectrum_and_basis(blocks: torch.Tensor,
     return eigvals.flip(-1).clamp_min(0), eigvecs.flip(-1)
 
 
-def factorize(blocks: torch.Tensor, rule: RankRule) -> tuple[Factors, list[int], torch.Tensor]:
+def score_weighting(moments: torch.Tensor) -> torch.Tensor:
+    """A (B, D, D) block-diagonal L with L Lᵀ = M, from per-head query second moments M (B, H, d, d).
+
+    For keys K (T, D) and queries q of head h, the squared score errors summed over the queries are
+    tr((K - K̂)_h M_h (K - K̂)_hᵀ) = ||(K - K̂) L||²: factoring K L instead of K minimizes the error attention
+    scores really make instead of the keys' own error. A small ridge (1e-4 of each head's mean eigenvalue) keeps
+    L invertible when the queries span fewer than d directions."""
+    b, h, d, _ = moments.shape
+    m = moments.to(torch.float64)
+    ridge = 1e-4 * m.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)  # (B, H)
+    chol = torch.linalg.cholesky(m + ridge[..., None, None] * torch.eye(d, dtype=torch.float64))  # (B, H, d, d)
+    out = torch.zeros(b, h * d, h * d, dtype=torch.float64)
+    for i in range(h):
+        out[:, i * d : (i + 1) * d, i * d : (i + 1) * d] = chol[:, i]
+    return out
+
+
+def factorize(
+    blocks: torch.Tensor, rule: RankRule, weighting: torch.Tensor | None = None
+) -> tuple[Factors, list[int], torch.Tensor]:
     """Factor blocks (B, T, D). Returns the factors (rank = the largest per-sample rank), the per-sample ranks the
-    rule chose, and the squared singular values (B, D)."""
-    spectrum, vecs = spectrum_and_basis(blocks)
+    rule chose, and the squared singular values (B, D) the rule saw.
+
+    With `weighting` L (B, D, D) invertible, the factors minimize ||(M - M̂) L|| instead of ||M - M̂|| (the rank
+    rule reads the weighted spectrum): the SVD of M L gives coeffs = (M L) V_r and basis = V_rᵀ L⁻¹, so that
+    coeffs @ basis is still the approximation of M itself (see `score_weighting`)."""
+    x = blocks.to(torch.float64)
+    if weighting is not None:
+        x = x @ weighting.to(torch.float64)
+    spectrum, vecs = spectrum_and_basis(x)
     ranks = [rule.choose(spectrum[b]) for b in range(blocks.shape[0])]
     r = max(ranks)
     basis64 = vecs[:, :, :r]  # (B, D, r)
-    coeffs = (blocks.to(torch.float64) @ basis64).to(blocks.dtype)  # (B, T, r)
-    basis = basis64.transpose(1, 2).to(blocks.dtype).contiguous()  # (B, r, D)
+    coeffs = (x @ basis64).to(blocks.dtype)  # (B, T, r)
+    right = basis64.transpose(1, 2)  # (B, r, D)
+    if weighting is not None:  # back from the weighted space: basis = V_rᵀ L⁻¹
+        right = torch.linalg.solve_triangular(weighting.to(torch.float64), right, upper=False, left=False)
+    basis = right.to(blocks.dtype).contiguous()  # (B, r, D)
     return Factors(coeffs.contiguous(), basis), ranks, spectrum

@@ -56,6 +56,43 @@ def window_queries(attn_module, hidden_states: torch.Tensor, position_embeddings
     return apply_rope(q, cos[:, t - w:].expand(b, -1, -1), sin[:, t - w:].expand(b, -1, -1))
 
 
+@torch.no_grad()
+def query_moments(
+    attn_module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    num_kv_heads: int,
+    valid: torch.Tensor | None = None,
+    max_positions: int = 512,
+) -> torch.Tensor:
+    """Second moment of the rotated queries of each KV head's query group, (B, H, d, d) float64: the mean of
+    q qᵀ over up to `max_positions` evenly spaced positions of the call (padding excluded by `valid` (B, T)).
+
+    With it, the mean squared score error of replacing keys K by K̂ over these queries is
+    tr((K - K̂) M (K - K̂)ᵀ) per head: the weighting `codecs.lowrank` factors keys under (objective "scores")."""
+    b, t, _ = hidden_states.shape
+    stride = max(1, -(-t // max_positions))
+    pos = torch.arange(t - 1, -1, -stride, device=hidden_states.device).flip(0)  # always includes the last
+    q_proj, head_dim = getattr(attn_module, "q_proj", None), getattr(attn_module, "head_dim", None)
+    if q_proj is None or head_dim is None:
+        raise ValueError(f"{type(attn_module).__name__} lacks q_proj/head_dim; pass a supported attention module")
+    cos, sin = position_embeddings
+    q = q_proj(hidden_states[:, pos]).view(b, len(pos), -1, head_dim)  # (B, n, Hq, d)
+    q_norm = getattr(attn_module, "q_norm", None)
+    if q_norm is not None:
+        q = q_norm(q)
+    q = apply_rope(q.transpose(1, 2), cos[:, pos].expand(b, -1, -1), sin[:, pos].expand(b, -1, -1))  # (B, Hq, n, d)
+    hq = q.shape[1]
+    q = q.double().reshape(b, num_kv_heads, hq // num_kv_heads, len(pos), head_dim)
+    if valid is not None:
+        q = q * valid[:, pos].to(q.dtype).view(b, 1, 1, -1, 1)
+        count = valid[:, pos].sum(dim=1).clamp_min(1).to(q.dtype).view(b, 1, 1, 1) * (hq // num_kv_heads)
+    else:
+        count = torch.full((b, 1, 1, 1), float(len(pos) * (hq // num_kv_heads)), dtype=q.dtype)
+    q = q.flatten(2, 3)  # (B, H, g*n, d)
+    return (q.transpose(-1, -2) @ q) / count  # (B, H, d, d)
+
+
 def _check(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> tuple[int, int, int, int]:
     if queries.dim() != 4 or keys.dim() != 4:
         raise ValueError(f"queries (B, Hq, w, d) and keys (B, H, T, d) must be 4-D, got {tuple(queries.shape)} "
