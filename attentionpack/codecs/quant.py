@@ -198,8 +198,8 @@ def mix_per_token(q: Quantized, p: torch.Tensor) -> torch.Tensor:
     (p * s_j) @ codes + (p @ m_j), whenever a plane lies inside one group (4-bit codes with groups of d/2, for
     example); otherwise the plane's codes are scaled in place first. p (B, H, M, T) -> (B, H, M, d)."""
     g = q.group_size
-    if kernels.usable(q.codes, p):  # one pass over the codes, nothing materialized
-        return kernels.mix_rows(q.codes, q.scales, q.mins, p, q.bits, g, q.shape[3])
+    if kernels.usable(q.codes, p):  # one pass over the codes, nothing materialized (float32 accumulation)
+        return kernels.mix_rows(q.codes, q.scales, q.mins, p, q.bits, g, q.shape[3]).to(p.dtype)
     scales, mins = q.scales.to(p.dtype), q.mins.to(p.dtype)  # (B, H, T, G)
     outs, at = [], 0
     for x in unpack_planes(q.codes, q.bits, p.dtype):  # (B, H, T, m) codes as floats
@@ -267,7 +267,7 @@ class QuantizedPart:
         if self.q.axis == 2:  # per-channel keys are stored (B, H, d, T): already the transposed keys
             if kernels.usable(self.q.codes, q):
                 return kernels.scores_cols(self.q.codes, self.q.scales, self.q.mins, q, self.q.bits,
-                                           self.q.group_size, self.q.shape[2])
+                                           self.q.group_size, self.q.shape[2]).to(q.dtype)
             return q @ dequantize_native(self.q, q.dtype)
         return q @ dequantize(self.q).transpose(-1, -2)
 
@@ -342,22 +342,35 @@ class QuantizedLowRankPart:
         """Dequantized factors: coeffs (B, T, r), basis (B, r, D)."""
         return Factors(dequantize_native(self.coeffs).transpose(1, 2), self.float_basis())  # a view of the stored (B, r, T)
 
+    def factors_as(self, dtype: torch.dtype) -> Factors:
+        """Factors dequantized straight to `dtype` (the queries' or weights' dtype, whatever the cached states'):
+        coeffs (B, T, r), basis (B, r, D)."""
+        return Factors(dequantize_native(self.coeffs, dtype).transpose(1, 2), self._basis_as(dtype))
+
+    def _basis_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The basis (B, r, D) dequantized straight to `dtype`."""
+        if isinstance(self.basis, Quantized):
+            return dequantize_native(self.basis, dtype).movedim(-1, self.basis.axis)
+        return self.basis.to(dtype)
+
     def materialize(self, start: int, end: int, rope: RopeFn) -> torch.Tensor:
         return LowRankPart(self.factors(), self.num_heads, self.positions).materialize(start, end, rope)  # (B,H,T,d)
 
     def scores(self, q: torch.Tensor, start: int, end: int, rope: RopeFn) -> torch.Tensor:
+        """q (B, H, M, d) of any float dtype -> (B, H, M, T) in q's dtype (the kernel path sums in float32)."""
         if self.positions is None and kernels.usable(self.coeffs.codes, q):  # keys factored after RoPE
-            basis = self.float_basis()  # (B, r, D)
+            basis = self._basis_as(torch.float32)  # (B, r, D)
             b, h, m, _ = q.shape
             r = basis.shape[1]
-            qt = q @ basis.view(b, r, h, -1).permute(0, 2, 3, 1)  # (B, H, M, r): queries in the basis
+            qt = q.to(torch.float32) @ basis.view(b, r, h, -1).permute(0, 2, 3, 1)  # (B, H, M, r): queries in the basis
             c = self.coeffs
             return kernels.scores_cols(c.codes, c.scales, c.mins, qt.reshape(b, h * m, r), c.bits, c.group_size,
-                                       c.shape[1]).view(b, h, m, -1)  # (B, H, M, T)
-        return LowRankPart(self.factors(), self.num_heads, self.positions).scores(q, start, end, rope)
+                                       c.shape[1]).view(b, h, m, -1).to(q.dtype)  # (B, H, M, T)
+        return LowRankPart(self.factors_as(q.dtype), self.num_heads, self.positions).scores(q, start, end, rope)
 
     def mix(self, p: torch.Tensor) -> torch.Tensor:
-        return LowRankPart(self.factors(), self.num_heads).mix(p)
+        """p (B, H, M, T) of any float dtype -> (B, H, M, d) in p's dtype."""
+        return LowRankPart(self.factors_as(p.dtype), self.num_heads).mix(p)
 
     def tensors(self) -> list[torch.Tensor]:
         basis = self.basis.tensors() if isinstance(self.basis, Quantized) else [self.basis]
