@@ -45,6 +45,15 @@ class _ProgressStreamer(BaseStreamer):
             self.decode.close()
 
 
+def size_ratio(held: int, dynamic: int) -> str:
+    """How `held` bytes compare with DynamicCache's `dynamic`: "4.12x smaller", "same size", "1.02x larger"."""
+    if not held or not dynamic:
+        return "-"
+    if held == dynamic:
+        return "same size"
+    return f"{dynamic / held:.2f}x smaller" if held < dynamic else f"{held / dynamic:.2f}x larger"
+
+
 def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
     """Token ids (1, T) of the prompt, wrapped in the chat template when asked and available."""
     if not text.strip():
@@ -141,13 +150,12 @@ def run_generate(text: str, preset: str = "balanced", model_path: str | None = N
     for col in ("cache", "bytes held", "MiB", "vs DynamicCache"):
         table.add_column(col, justify="right" if col != "cache" else "left")
     table.add_row("DynamicCache (same tokens)", f"{dynamic:,}", f"{dynamic / 2**20:.2f}", "1.00x")
-    table.add_row(f"PackedCache '{preset}'", f"{held:,}", f"{held / 2**20:.2f}",
-                  f"{dynamic / held:.2f}x smaller" if held else "-")
+    table.add_row(f"PackedCache '{preset}'", f"{held:,}", f"{held / 2**20:.2f}", size_ratio(held, dynamic))
     modalities = cache.stats()["modalities"]
     if vlm:  # per modality: what the cache holds for those tokens vs DynamicCache for the same tokens
         for name, m in sorted(modalities.items()):
             table.add_row(f"  {name} tokens ({m['entries']:,} layer x sample entries)", f"{m['bytes']:,}",
-                          f"{m['bytes'] / 2**20:.2f}", f"{m['ratio']:.2f}x smaller" if m["bytes"] else "-")
+                          f"{m['bytes'] / 2**20:.2f}", size_ratio(m["bytes"], m["dynamic_bytes"]))
     console.print(table)
     return {"answer": answer, "bytes": held, "dynamic_bytes": dynamic, "prompt_tokens": ids.shape[1],
             "modalities": modalities, "images": len(pictures)}
