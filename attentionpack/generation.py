@@ -17,25 +17,34 @@ from .models.registry import language_model_of
 
 
 class _ProgressStreamer(BaseStreamer):
-    """Progress bars for `generate`: prefill advances per decoder layer (hooks), decoding per generated token."""
+    """Progress bars for `generate`: the prefill bar advances per decoder layer of the first forward call (hooks),
+    then the decoding bar advances per generated token.
 
-    def __init__(self, model, prompt_tokens: int, max_new_tokens: int):
+    transformers hands the prompt to `put` before the prefill runs, so `put` cannot mark the prefill's end; the
+    last layer of the first forward call does, and only then does the decoding bar start (its rate excludes the
+    prefill)."""
+
+    def __init__(self, model, prompt_tokens: int, max_new_tokens: int, file=None):
         layers = language_model_of(model).layers
-        self.prefill = tqdm(total=len(layers), desc=f"prefill {prompt_tokens} tokens", unit="layer", leave=False)
+        self.layers = len(layers)
+        self.file = file
+        self.prefill = tqdm(total=self.layers, desc=f"prefill {prompt_tokens} tokens", unit="layer", leave=False,
+                            file=file)
         self.decode = None
         self.max_new_tokens = max_new_tokens
         self.hooks = [layer.register_forward_hook(self._layer_done) for layer in layers]
 
     def _layer_done(self, module, args, output):
-        if self.decode is None:
-            self.prefill.update(1)
+        if self.decode is not None:
+            return
+        self.prefill.update(1)
+        if self.prefill.n >= self.layers:  # the prompt's forward call has passed every layer
+            self.prefill.close()
+            self.decode = tqdm(total=self.max_new_tokens, desc="decoding", unit="tok", leave=False, file=self.file)
 
     def put(self, value):
-        if self.decode is None:  # the first call carries the prompt: prefill is over
-            self.prefill.close()
-            self.decode = tqdm(total=self.max_new_tokens, desc="decoding", unit="tok", leave=False)
-            return
-        self.decode.update(1)
+        if self.decode is not None:  # the first call carries the prompt (before the prefill): nothing to count
+            self.decode.update(1)
 
     def end(self):
         for hook in self.hooks:

@@ -232,13 +232,12 @@ class Run:
             else:
                 res = kvpress_quality(sp, text["ids"], n, s.continuation, model=s.model, logits_out=logits,
                                       threads=s.threads, on_progress=tick, log=log)
+            tick(s.continuation - 1)  # done: the bar ends at N/N (ticking after closing it left it at 0/N)
         except ChildError as err:
-            bar.close()
             self.notes.append(f"{name} at context {n} failed: {str(err).splitlines()[0]} (log: {log})")
             return {"error": str(err)[-1500:]}
         finally:
             bar.close()
-        tick(s.continuation - 1)
         res["config"] = name
         res["elapsed_s"] = time.perf_counter() - t0
         if name != "dynamic":
