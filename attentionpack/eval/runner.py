@@ -140,14 +140,16 @@ class Run:
         where several threads per process stall each other; then 1 thread in every process of this run."""
         import torch
 
+        from ..threads import busy_load
+
         s = self.s
         self._threads_before = torch.get_num_threads()
-        if s.threads is None and hasattr(os, "getloadavg"):
-            load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-            if cpus > 1 and load >= cpus - 0.5:
-                self.s = s = Settings(**{**asdict(s), "threads": 1})
-                self.notes.append(f"the machine was busy at the start (load average {load:.1f} on {cpus} CPUs): every "
-                                  "process of this run used 1 torch thread (pass threads / --threads to choose)")
+        busy = busy_load() if s.threads is None else None  # the one rule (attentionpack/threads.py)
+        if busy is not None:
+            load, cpus = busy
+            self.s = s = Settings(**{**asdict(s), "threads": 1})
+            self.notes.append(f"the machine was busy at the start (load average {load:.1f} on {cpus} CPUs): every "
+                              "process of this run used 1 torch thread (pass threads / --threads to choose)")
 
     # ---- inputs: everything that can fail is checked here, before any long work -------------------------------
     def _load_inputs(self) -> None:
