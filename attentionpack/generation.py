@@ -114,13 +114,23 @@ def encode_vlm_prompt(processor, text: str, images: list, chat: bool) -> dict:
 
 def run_generate(text: str, preset: str = "balanced", model_path: str | None = None, max_new_tokens: int = 128,
                  chat: bool = True, sample: bool = False, temperature: float = 0.7, seed: int = 0,
-                 console: Console | None = None, images=()) -> dict:
+                 console: Console | None = None, images=(), budget: float | None = None,
+                 threads: int | None = None) -> dict:
     """Generate an answer with a PackedCache; print it and a memory table. Returns the numbers printed.
 
+    `budget` (a fraction of DynamicCache's bytes, in (0, 1]) replaces the preset: `PackConfig(budget=budget)`.
+    `threads`: torch's and the kernels' threads (default: torch's, or 1 on a busy machine; attentionpack/threads.py).
     `images` (file paths) need `model_path` to be a local vision-language model folder (see SUPPORTED_VLM_TYPES);
     a VLM folder also works without images."""
+    from .threads import apply_threads, choose_threads
+
     console = console or Console()
-    config = PackConfig.preset(preset)
+    config = PackConfig.preset(preset) if budget is None else PackConfig(budget=budget)
+    label = f"'{preset}'" if budget is None else f"budget={budget:g}"
+    threads, note = choose_threads(threads)
+    if note:
+        console.print(f"note: {note}", style="yellow")
+    apply_threads(threads)
     images = list(images or ())
     vlm = model_path is not None and is_vlm_folder(model_path)
     if images and not vlm:
@@ -159,7 +169,7 @@ def run_generate(text: str, preset: str = "balanced", model_path: str | None = N
     for col in ("cache", "bytes held", "MiB", "vs DynamicCache"):
         table.add_column(col, justify="right" if col != "cache" else "left")
     table.add_row("DynamicCache (same tokens)", f"{dynamic:,}", f"{dynamic / 2**20:.2f}", "1.00x")
-    table.add_row(f"PackedCache '{preset}'", f"{held:,}", f"{held / 2**20:.2f}", size_ratio(held, dynamic))
+    table.add_row(f"PackedCache {label}", f"{held:,}", f"{held / 2**20:.2f}", size_ratio(held, dynamic))
     modalities = cache.stats()["modalities"]
     if vlm:  # per modality: what the cache holds for those tokens vs DynamicCache for the same tokens
         for name, m in sorted(modalities.items()):
