@@ -19,16 +19,25 @@ def _fail(message: str) -> None:
 @app.command()
 def generate(
     prompt_file: Path = typer.Option(..., "--prompt-file", "-f", help="Text file with the prompt ('-' for stdin)."),
-    preset: str = typer.Option("balanced", "--preset", "-p", help="lossless, balanced or max."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="lossless, balanced or max (default: balanced; "
+                                         "not with --budget)."),
+    budget: Optional[float] = typer.Option(None, "--budget", "-b", help="Byte budget F in (0, 1]: hold at most F x "
+                                           "DynamicCache's bytes after the prompt, e.g. 0.25 (not with --preset)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
     image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="Image file(s) for a vision-language model folder (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3/SmolVLM); repeat for several."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Tokens to generate at most."),
     chat: bool = typer.Option(True, help="Wrap the prompt in the model's chat template when it has one."),
     sample: bool = typer.Option(False, help="Sample instead of greedy decoding."),
-    temperature: float = typer.Option(0.7, min=0.01),
-    seed: int = typer.Option(0),
+    temperature: float = typer.Option(0.7, min=0.01, help="Sampling temperature (with --sample)."),
+    seed: int = typer.Option(0, help="Random seed (with --sample)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="Threads for torch and the kernels "
+                                          "(default: torch's, or 1 when the machine is already busy)."),
 ):
     """Answer a (long) prompt with a compressed KV cache, then show the bytes held vs DynamicCache."""
+    if preset is not None and budget is not None:
+        _fail("--preset and --budget exclude each other: a budget chooses the encodings itself; give one of them")
+    if budget is not None and not 0 < budget <= 1:
+        _fail(f"--budget {budget:g} is invalid: give a fraction of DynamicCache's bytes in (0, 1], e.g. 0.25")
     from .generation import run_generate
 
     try:
@@ -36,21 +45,22 @@ def generate(
     except (OSError, UnicodeDecodeError) as err:
         _fail(f"cannot read prompt file {prompt_file}: {err}")
     try:
-        run_generate(text, preset=preset, model_path=model, max_new_tokens=max_new_tokens, chat=chat,
-                     sample=sample, temperature=temperature, seed=seed, images=image or ())
+        run_generate(text, preset=preset or "balanced", model_path=model, max_new_tokens=max_new_tokens, chat=chat,
+                     sample=sample, temperature=temperature, seed=seed, images=image or (), budget=budget,
+                     threads=threads)
     except (ValueError, FileNotFoundError, TypeError) as err:
         _fail(str(err))
 
 
 @bench_app.command("quality")
 def bench_quality(
-    model: Optional[str] = typer.Option(None, "--model", "-m"),
-    context: int = typer.Option(2048, min=16),
-    continuation: int = typer.Option(256, min=2),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
+    context: int = typer.Option(2048, min=16, help="Prompt tokens prefilled into each cache."),
+    continuation: int = typer.Option(256, min=2, help="Tokens teacher-forced and scored after the prompt (perplexity)."),
     sweep: bool = typer.Option(True, help="Also sweep K and V ranks."),
     rss: bool = typer.Option(True, help="Also measure peak RSS at batch x context in separate processes."),
-    rss_batch: int = typer.Option(8, min=1),
-    rss_context: int = typer.Option(4096, min=16),
+    rss_batch: int = typer.Option(8, min=1, help="Batch of the peak-RSS measurement."),
+    rss_context: int = typer.Option(4096, min=16, help="Tokens per sequence of the peak-RSS measurement."),
     out: Optional[Path] = typer.Option(None, help="Write the rows as JSON here."),
 ):
     """Memory, perplexity and decode speed of DynamicCache, each preset and a K/V rank sweep, in one run."""
@@ -65,15 +75,16 @@ def bench_quality(
 
 @bench_app.command("speed")
 def bench_speed(
-    model: Optional[str] = typer.Option(None, "--model", "-m"),
-    configs: list[str] = typer.Option(list(("dynamic", "balanced", "max", "quanto-4")), "--configs", "-c"),
-    contexts: list[int] = typer.Option([2048, 8192], "--context", "-n"),
-    batches: list[int] = typer.Option([1, 8], "--batch", "-b"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
+    configs: list[str] = typer.Option(list(("dynamic", "balanced", "max", "quanto-4")), "--configs", "-c",
+                                      help="Caches to time (repeat the option for several)."),
+    contexts: list[int] = typer.Option([2048, 8192], "--context", "-n", help="Context lengths (repeat for several)."),
+    batches: list[int] = typer.Option([1, 8], "--batch", "-b", help="Batch sizes (repeat for several)."),
     steps: int = typer.Option(8, min=1, help="Timed one-token decode steps per measurement."),
     repeats: int = typer.Option(2, min=1, help="Interleaved rounds (the median is reported)."),
     budget_gib: float = typer.Option(1.0, min=0.0, help="KV budget of the throughput test (0 skips it)."),
     budget_context: int = typer.Option(4096, min=16, help="Tokens per sequence in the throughput test."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: torch's)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Threads for torch and the kernels (default: torch's, or 1 when the machine is already busy)."),
     out: Optional[Path] = typer.Option(None, help="Write every number as JSON here."),
 ):
     """Prefill and decode speed vs DynamicCache (interleaved, one run), and throughput at a fixed KV budget."""

@@ -17,25 +17,34 @@ from .models.registry import language_model_of
 
 
 class _ProgressStreamer(BaseStreamer):
-    """Progress bars for `generate`: prefill advances per decoder layer (hooks), decoding per generated token."""
+    """Progress bars for `generate`: the prefill bar advances per decoder layer of the first forward call (hooks),
+    then the decoding bar advances per generated token.
 
-    def __init__(self, model, prompt_tokens: int, max_new_tokens: int):
+    transformers hands the prompt to `put` before the prefill runs, so `put` cannot mark the prefill's end; the
+    last layer of the first forward call does, and only then does the decoding bar start (its rate excludes the
+    prefill)."""
+
+    def __init__(self, model, prompt_tokens: int, max_new_tokens: int, file=None):
         layers = language_model_of(model).layers
-        self.prefill = tqdm(total=len(layers), desc=f"prefill {prompt_tokens} tokens", unit="layer", leave=False)
+        self.layers = len(layers)
+        self.file = file
+        self.prefill = tqdm(total=self.layers, desc=f"prefill {prompt_tokens} tokens", unit="layer", leave=False,
+                            file=file)
         self.decode = None
         self.max_new_tokens = max_new_tokens
         self.hooks = [layer.register_forward_hook(self._layer_done) for layer in layers]
 
     def _layer_done(self, module, args, output):
-        if self.decode is None:
-            self.prefill.update(1)
+        if self.decode is not None:
+            return
+        self.prefill.update(1)
+        if self.prefill.n >= self.layers:  # the prompt's forward call has passed every layer
+            self.prefill.close()
+            self.decode = tqdm(total=self.max_new_tokens, desc="decoding", unit="tok", leave=False, file=self.file)
 
     def put(self, value):
-        if self.decode is None:  # the first call carries the prompt: prefill is over
-            self.prefill.close()
-            self.decode = tqdm(total=self.max_new_tokens, desc="decoding", unit="tok", leave=False)
-            return
-        self.decode.update(1)
+        if self.decode is not None:  # the first call carries the prompt (before the prefill): nothing to count
+            self.decode.update(1)
 
     def end(self):
         for hook in self.hooks:
@@ -43,6 +52,15 @@ class _ProgressStreamer(BaseStreamer):
         self.prefill.close()
         if self.decode is not None:
             self.decode.close()
+
+
+def size_ratio(held: int, dynamic: int) -> str:
+    """How `held` bytes compare with DynamicCache's `dynamic`: "4.12x smaller", "same size", "1.02x larger"."""
+    if not held or not dynamic:
+        return "-"
+    if held == dynamic:
+        return "same size"
+    return f"{dynamic / held:.2f}x smaller" if held < dynamic else f"{held / dynamic:.2f}x larger"
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
@@ -96,13 +114,23 @@ def encode_vlm_prompt(processor, text: str, images: list, chat: bool) -> dict:
 
 def run_generate(text: str, preset: str = "balanced", model_path: str | None = None, max_new_tokens: int = 128,
                  chat: bool = True, sample: bool = False, temperature: float = 0.7, seed: int = 0,
-                 console: Console | None = None, images=()) -> dict:
+                 console: Console | None = None, images=(), budget: float | None = None,
+                 threads: int | None = None) -> dict:
     """Generate an answer with a PackedCache; print it and a memory table. Returns the numbers printed.
 
+    `budget` (a fraction of DynamicCache's bytes, in (0, 1]) replaces the preset: `PackConfig(budget=budget)`.
+    `threads`: torch's and the kernels' threads (default: torch's, or 1 on a busy machine; attentionpack/threads.py).
     `images` (file paths) need `model_path` to be a local vision-language model folder (see SUPPORTED_VLM_TYPES);
     a VLM folder also works without images."""
+    from .threads import apply_threads, choose_threads
+
     console = console or Console()
-    config = PackConfig.preset(preset)
+    config = PackConfig.preset(preset) if budget is None else PackConfig(budget=budget)
+    label = f"'{preset}'" if budget is None else f"budget={budget:g}"
+    threads, note = choose_threads(threads)
+    if note:
+        console.print(f"note: {note}", style="yellow")
+    apply_threads(threads)
     images = list(images or ())
     vlm = model_path is not None and is_vlm_folder(model_path)
     if images and not vlm:
@@ -141,13 +169,12 @@ def run_generate(text: str, preset: str = "balanced", model_path: str | None = N
     for col in ("cache", "bytes held", "MiB", "vs DynamicCache"):
         table.add_column(col, justify="right" if col != "cache" else "left")
     table.add_row("DynamicCache (same tokens)", f"{dynamic:,}", f"{dynamic / 2**20:.2f}", "1.00x")
-    table.add_row(f"PackedCache '{preset}'", f"{held:,}", f"{held / 2**20:.2f}",
-                  f"{dynamic / held:.2f}x smaller" if held else "-")
+    table.add_row(f"PackedCache {label}", f"{held:,}", f"{held / 2**20:.2f}", size_ratio(held, dynamic))
     modalities = cache.stats()["modalities"]
     if vlm:  # per modality: what the cache holds for those tokens vs DynamicCache for the same tokens
         for name, m in sorted(modalities.items()):
             table.add_row(f"  {name} tokens ({m['entries']:,} layer x sample entries)", f"{m['bytes']:,}",
-                          f"{m['bytes'] / 2**20:.2f}", f"{m['ratio']:.2f}x smaller" if m["bytes"] else "-")
+                          f"{m['bytes'] / 2**20:.2f}", size_ratio(m["bytes"], m["dynamic_bytes"]))
     console.print(table)
     return {"answer": answer, "bytes": held, "dynamic_bytes": dynamic, "prompt_tokens": ids.shape[1],
             "modalities": modalities, "images": len(pictures)}

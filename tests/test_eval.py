@@ -242,3 +242,22 @@ def test_a_budget_too_small_for_the_prompts_is_reported_not_fatal(tiny_folder, t
     assert any("needle budget-0.02" in n and "not run" in n for n in res["notes"])
     assert any("budget-0.02" in n and "infeasible" in n for n in res["notes"])  # the quality cell's failure
     assert (out / "needle.png").stat().st_size > 0 and (out / "report.md").is_file()
+
+
+def test_quality_bars_finish_at_n(tiny_folder, tmp_path, monkeypatch):
+    """Every quality bar ends at N/N (it was ticked after being closed: it showed 0/N)."""
+    import io
+
+    bars = []
+    real = runner._bar
+
+    def recording(enabled, **kw):
+        bars.append(real(True, file=io.StringIO(), **kw))
+        return bars[-1]
+
+    monkeypatch.setattr(runner, "_bar", recording)
+    runner.evaluate(tmp_path / "bars", model=str(tiny_folder), texts=[str(tiny_folder / "prose.txt")],
+                    progress=True, configs=["dynamic", "max"], **{**SMALL, "needle_trials": 0, "speed_repeats": 0})
+    quality = [b for b in bars if b.desc.startswith("quality")]
+    assert len(quality) == 2 and all(b.n == b.total == SMALL["continuation"] - 1 for b in quality), \
+        [(b.desc, b.n, b.total) for b in quality]

@@ -77,8 +77,12 @@ def run(model_path: str | None = None, configs: Sequence[str] = DEFAULT_CONFIGS,
         raise ValueError("bench speed needs 'dynamic' among the configurations (every ratio is relative to it)")
     if any(not sp.in_process for sp in specs):
         raise ValueError("bench speed runs in-process configurations only (dynamic, presets, pack:..., quanto-N)")
-    if threads:
-        torch.set_num_threads(threads)
+    from ..threads import apply_threads, choose_threads
+
+    threads, note = choose_threads(threads)  # default: torch's, or 1 on a busy machine (attentionpack/threads.py)
+    if note:
+        print(f"note: {note}")
+    apply_threads(threads)
     model, tokenizer = load_model(model_path)
     result: dict = {"threads": torch.get_num_threads(), "steps": steps, "repeats": repeats, "speed": {}}
     for batch in batches:

@@ -24,10 +24,10 @@ from ..codecs import encode_keys, encode_values
 from ..config import PackConfig
 from ..kernels.plan import DecodePlan
 from ..models.registry import LayerSpec
-from ..parts import BatchFn, ExactPart, Kind, Modality, Part, RopeFn, Segment
+from ..parts import BatchFn, ExactPart, Kind, Modality, Part, RopeFn, Segment, storage_nbytes
 from .tail import ExactTail
 
-TAIL_GRANULE = 16  # compressing layers grow their exact tail 16 slots at a time (see tail.py)
+TAIL_GRANULE = 16  # compressing layers grow their exact tail 16 slots at a time once compression pays for them
 
 
 STEP = "attentionpack_step"  # the key of the `StepContext` in `cache_kwargs`
@@ -290,7 +290,7 @@ class PackedLayer(CacheLayerMixin):
         self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor | None
     ) -> None:
         if self.tail is None:
-            self.tail = ExactTail(k, v, positions, valid, granule=TAIL_GRANULE if self.compress else 1)
+            self.tail = ExactTail(k, v, positions, valid)  # granule 1 until compression pays for spare slots
         else:
             self.tail.append(k, v, positions, valid)
         self.total += k.shape[-2]
@@ -333,6 +333,8 @@ class PackedLayer(CacheLayerMixin):
                 self._freeze(tail_start, self.sink_end, kind="sink", compress=False, ctx=ctx)
             tail_start = self.sink_end
         if stop - tail_start < (self.config.min_span if prefill else self.config.chunk):
+            if self.tail.capacity > len(self.tail):  # frozen sinks: release their tail slots (no bytes held twice)
+                self.tail.shrink()
             return
         if prefill:
             bounds = [b for b in ctx.span_boundaries if tail_start < b < stop]
@@ -351,6 +353,7 @@ class PackedLayer(CacheLayerMixin):
             while stop - tail_start >= self.config.chunk:
                 self._freeze(tail_start, tail_start + self.config.chunk, kind="chunk", compress=True, ctx=ctx)
                 tail_start += self.config.chunk
+        self._live.granule = _tail_granule(self)
         self._live.shrink()  # release the slots of the frozen tokens (the whole prompt's buffer after a prefill)
 
     def _freeze(self, start: int, end: int, kind: Kind, compress: bool, ctx: StepContext) -> None:
@@ -419,6 +422,15 @@ class PackedLayer(CacheLayerMixin):
         self.plan = DecodePlan(self.spec.num_kv_heads, self.spec.head_dim, self.segments)
         if self.tail is not None:
             self.tail.map_batch(fn)
+
+
+def _tail_granule(layer: PackedLayer) -> int:
+    """TAIL_GRANULE when the layer's segments hold at least that many token slots' bytes less than DynamicCache
+    would for their tokens (so the tail's spare slots never make the layer larger than DynamicCache), else 1."""
+    k = layer._live.keys
+    slot = 2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()  # keys + values of one token slot
+    saved = sum(seg.tokens() * slot // k.shape[0] - storage_nbytes(seg.tensors()) for seg in layer.segments)
+    return TAIL_GRANULE if saved >= TAIL_GRANULE * slot else 1
 
 
 def _new_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:

@@ -6,9 +6,18 @@ newest tokens live in `[begin, end)` of a preallocated buffer: appending writes 
 tokens (compaction, sliding windows) only moves `begin`, and the buffer is reallocated (amortized) when full.
 Capacity is rounded up to a multiple of `granule` tokens: compressing layers (granule 16) copy their few live
 tokens once every 16 steps and hold at most 15 spare slots; layers that never compress (granule 1) grow exactly
-like a DynamicCache, so their bytes stay equal to its bytes.
+like a DynamicCache, so their bytes stay equal to its bytes. A compressing layer switches to its granule only once
+its compressed segments have saved more than the spare slots cost (`PackedLayer`), so a short prompt's cache is never
+larger than a DynamicCache.
 
-Shapes: keys/values (B, H, cap, d); positions (B, cap[, 3]) int32 and valid (B, cap) bool, or None when unneeded.
+Positions and padding flags (needed to compress tokens later) are not stored while they follow the rule of a
+left-padded text batch: token i (absolute, counted from the tail's creation) of sample b is padding when i < pad[b]
+and has position i - pad[b] otherwise. `view` derives them; the first call that breaks the rule (an inner hole,
+multimodal positions, a reordered batch) turns them into stored arrays. So an exact tail holds the bytes of its
+keys and values only, like a DynamicCache.
+
+Shapes: keys/values (B, H, cap, d); positions (B, cap[, 3]) int32 and valid (B, cap) bool, or None when unneeded
+or derived.
 """
 from __future__ import annotations
 
@@ -29,6 +38,12 @@ class ExactTail:
         n = keys.shape[-2]
         self.granule = granule
         self.begin, self.end = 0, n
+        self.dropped = 0  # tokens dropped from the old end since creation (absolute index of the oldest = dropped)
+        self.pad: list[int] | None = None  # per-sample leading padding while positions/valid are derived
+        if positions is not None and valid is not None:
+            self.pad = _leading_padding(positions, valid, 0)
+            if self.pad is not None:
+                positions = valid = None
         cap = self._rounded(n)
         self.keys = _alloc_like(keys, cap)
         self.values = _alloc_like(values, cap)
@@ -50,9 +65,29 @@ class ExactTail:
         """(keys, values, positions, valid) of live tokens [start, stop) (relative to the oldest), as views."""
         stop = len(self) if stop is None else stop
         sl = slice(self.begin + start, self.begin + stop)
-        return (self.keys[..., sl, :], self.values[..., sl, :],
-                None if self.positions is None else self.positions[:, sl],
-                None if self.valid is None else self.valid[:, sl])
+        if self.pad is not None:
+            positions, valid = self._derived(start, stop)
+        else:
+            positions = None if self.positions is None else self.positions[:, sl]
+            valid = None if self.valid is None else self.valid[:, sl]
+        return self.keys[..., sl, :], self.values[..., sl, :], positions, valid
+
+    def _derived(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, n) int32 and valid (B, n) bool of live tokens [start, stop) under the padding rule."""
+        index = torch.arange(self.dropped + start, self.dropped + stop, device=self.keys.device)[None, :]
+        pad = torch.tensor(self.pad, device=self.keys.device)[:, None]
+        return (index - pad).clamp_min(0).to(torch.int32), index >= pad
+
+    def _materialize_flags(self) -> None:
+        """Store positions and padding flags as arrays from now on (the rule no longer holds)."""
+        if self.pad is None:
+            return
+        positions, valid = self._derived(0, len(self))
+        b, cap = self.keys.shape[0], self.capacity
+        self.positions = torch.zeros(b, cap, dtype=torch.int32, device=self.keys.device)
+        self.valid = torch.zeros(b, cap, dtype=torch.bool, device=self.keys.device)
+        self.positions[:, self.begin:self.end], self.valid[:, self.begin:self.end] = positions, valid
+        self.pad = None
 
     # ---- changes ------------------------------------------------------------------------------------------------
     def append(
@@ -63,6 +98,12 @@ class ExactTail:
         valid: torch.Tensor | None = None,
     ) -> None:
         q = k.shape[-2]
+        if self.pad is not None:
+            if positions is not None and _leading_padding(positions, valid, self.dropped + len(self), self.pad) == \
+                    self.pad:
+                positions = valid = None  # still derived
+            else:
+                self._materialize_flags()
         if self.end + q > self.capacity:
             self._regrow(self._rounded(len(self) + q))
         self._write(self.end, k, v, positions, valid)
@@ -73,6 +114,7 @@ class ExactTail:
         if not 0 <= n <= len(self):
             raise ValueError(f"cannot drop {n} of {len(self)} tail tokens")
         self.begin += n
+        self.dropped += n
         if self.begin == self.end:
             self.begin = self.end = 0
 
@@ -87,15 +129,14 @@ class ExactTail:
             self._regrow(self._rounded(len(self)))
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._materialize_flags()  # a reordered or selected batch keeps explicit flags
         keys, values, positions, valid = self.view()
-        mapped = ExactTail(
-            fn(keys.contiguous()),
-            fn(values.contiguous()),
-            None if positions is None else fn(positions.contiguous()),
-            None if valid is None else fn(valid.contiguous()),
-            self.granule,
-        )
+        mapped = ExactTail(fn(keys.contiguous()), fn(values.contiguous()), None, None, self.granule)
         self.__dict__.update(mapped.__dict__)
+        if positions is not None and valid is not None:
+            positions, valid = fn(positions.contiguous()), fn(valid.contiguous())
+            self.positions, self.valid = _alloc_like(positions, self.capacity), _alloc_like(valid, self.capacity)
+            self.positions[:, : len(self)], self.valid[:, : len(self)] = positions, valid
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values, self.positions, self.valid) if t is not None]
@@ -124,6 +165,29 @@ class ExactTail:
         self.valid = None if self.valid is None else _alloc_like(self.valid, cap)
         self.begin, self.end = 0, n
         self._write(0, *live)
+
+
+def _leading_padding(positions: torch.Tensor, valid: torch.Tensor, first: int,
+                     pad: list[int] | None = None) -> list[int] | None:
+    """Per-sample leading padding of a call's tokens at absolute indices [first, first + q) when they follow the
+    rule (padding exactly the indices below pad[b], then positions index - pad[b]); None when they do not.
+    `pad` given: the earlier calls' padding, which later calls must continue."""
+    if positions.dim() != 2 or valid is None:
+        return None
+    b, q = valid.shape
+    index = torch.arange(first, first + q, device=valid.device)[None, :]
+    if pad is None:
+        lead = torch.cumprod((~valid).to(torch.int32), dim=1).sum(dim=1)  # leading False flags per sample
+        if first != 0 or bool((lead == q).any()):  # a sample of padding only: keep explicit flags
+            return None
+        pad = [int(x) for x in lead]
+    if len(pad) != b:
+        return None
+    pt = torch.tensor(pad, device=valid.device)[:, None]
+    real = index >= pt
+    if not torch.equal(valid, real) or not torch.equal(positions[real].long(), (index - pt).expand(b, q)[real]):
+        return None
+    return pad
 
 
 def _alloc_like(t: torch.Tensor, cap: int) -> torch.Tensor:

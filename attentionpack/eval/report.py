@@ -8,9 +8,17 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from ..threads import plural
 from .settings import machine_info, settings_dict
 
 MIB = 1024 * 1024
+
+
+def _load(load) -> str:
+    """Load averages (1, 5, 15 minutes) as '3.49 / 2.95 / 2.10 (1 / 5 / 15 min)'; 'unknown' without them."""
+    if not load:
+        return "unknown"
+    return " / ".join(f"{x:.2f}" for x in load) + " (1 / 5 / 15 min)"
 
 
 def _versions() -> dict:
@@ -164,8 +172,8 @@ def report_md(res: dict, images: list[str]) -> str:
            "a process that ran that configuration alone. Agreement and KL: vs DynamicCache on the same steps.",
            "", f"Wall time of this run: {res['wall_s']:.0f} s (cells measured {res['cells']['measured']}, reused "
            f"{res['cells']['reused']}). Machine: {res['machine']['cpu_count']} CPUs, "
-           f"{res['machine']['torch_threads']} torch threads, load average at the end "
-           f"{res['machine']['load_average']}. Phases: "
+           f"{plural(res['machine']['torch_threads'], 'torch thread')}, load average at the end "
+           f"{_load(res['machine']['load_average'])}. Phases: "
            + ", ".join(f"{k} {v:.0f} s" for k, v in res["phase_s"].items()) + ".", "", "## Summary", "",
            _md_table([c[0] for c in COLUMNS], summary_table(res["summary"])), "",
            "Speed: from interleaved rounds (A B C A B C ...) at this context where the configuration was timed there; "

@@ -115,14 +115,16 @@ class Run:
         where several threads per process stall each other; then 1 thread in every process of this run."""
         import torch
 
+        from ..threads import busy_load
+
         s = self.s
         self._threads_before = torch.get_num_threads()
-        if s.threads is None and hasattr(os, "getloadavg"):
-            load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-            if cpus > 1 and load >= cpus - 0.5:
-                self.s = s = Settings(**{**asdict(s), "threads": 1})
-                self.notes.append(f"the machine was busy at the start (load average {load:.1f} on {cpus} CPUs): every "
-                                  "process of this run used 1 torch thread (pass threads / --threads to choose)")
+        busy = busy_load() if s.threads is None else None  # the one rule (attentionpack/threads.py)
+        if busy is not None:
+            load, cpus = busy
+            self.s = s = Settings(**{**asdict(s), "threads": 1})
+            self.notes.append(f"the machine was busy at the start (load average {load:.1f} on {cpus} CPUs): every "
+                              "process of this run used 1 torch thread (pass threads / --threads to choose)")
 
     # ---- inputs: everything that can fail is checked here, before any long work -------------------------------
     def _load_inputs(self) -> None:
@@ -207,13 +209,12 @@ class Run:
             else:
                 res = kvpress_quality(sp, text["ids"], n, s.continuation, model=s.model, logits_out=logits,
                                       threads=s.threads, on_progress=tick, log=log)
+            tick(s.continuation - 1)  # done: the bar ends at N/N (ticking after closing it left it at 0/N)
         except ChildError as err:
-            bar.close()
             self.notes.append(f"{name} at context {n} failed: {str(err).splitlines()[0]} (log: {log})")
             return {"error": str(err)[-1500:]}
         finally:
             bar.close()
-        tick(s.continuation - 1)
         res["config"] = name
         res["elapsed_s"] = time.perf_counter() - t0
         if name != "dynamic":

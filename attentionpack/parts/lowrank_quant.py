@@ -69,14 +69,27 @@ class QuantizedLowRankPart:
         """Dequantized factors: coeffs (B, T, r), basis (B, r, D)."""
         return Factors(dequantize_native(self.coeffs).transpose(1, 2), self.float_basis())  # a view of the stored (B, r, T)
 
+    def factors_as(self, dtype: torch.dtype) -> Factors:
+        """Factors dequantized straight to `dtype` (the queries' or weights' dtype, whatever the cached states'):
+        coeffs (B, T, r), basis (B, r, D)."""
+        return Factors(dequantize_native(self.coeffs, dtype).transpose(1, 2), self.basis_as(dtype))
+
+    def basis_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The basis (B, r, D) dequantized straight to `dtype`."""
+        if isinstance(self.basis, Quantized):
+            return dequantize_native(self.basis, dtype).movedim(-1, self.basis.axis)
+        return self.basis.to(dtype)
+
     def materialize(self, start: int, end: int, rope: RopeFn | None) -> torch.Tensor:
         return LowRankPart(self.factors(), self.num_heads, self.positions).materialize(start, end, rope)  # (B,H,T,d)
 
     def scores(self, q: torch.Tensor, start: int, end: int, rope: RopeFn | None) -> torch.Tensor:
-        return LowRankPart(self.factors(), self.num_heads, self.positions).scores(q, start, end, rope)
+        """q (B, H, M, d) of any float dtype -> (B, H, M, T) in q's dtype."""
+        return LowRankPart(self.factors_as(q.dtype), self.num_heads, self.positions).scores(q, start, end, rope)
 
     def mix(self, p: torch.Tensor) -> torch.Tensor:
-        return LowRankPart(self.factors(), self.num_heads).mix(p)
+        """p (B, H, M, T) of any float dtype -> (B, H, M, d) in p's dtype."""
+        return LowRankPart(self.factors_as(p.dtype), self.num_heads).mix(p)
 
     def tensors(self) -> list[torch.Tensor]:
         basis = self.basis.tensors() if isinstance(self.basis, Quantized) else [self.basis]
