@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from attentionpack import kernels
+from attentionpack.kernels import ops
 from attentionpack.codecs import RankRule, factorize
 from attentionpack.parts import dequantize_native
 from attentionpack.parts import Quantized, QuantizedLowRankPart, QuantizedPart
@@ -41,7 +42,7 @@ def path(request, monkeypatch):
     if request.param == "kernels" and kernels.library() is None:
         pytest.skip("no C compiler: the torch path is used")
     if request.param == "torch":
-        monkeypatch.setattr(kernels, "usable", lambda *t: False)
+        monkeypatch.setattr(ops, "usable", lambda *t: False)
     return request.param
 
 
@@ -64,7 +65,7 @@ def test_quantized_part_half_precision(cache_dtype, query_dtype, bits, path):
     keys, values = QuantizedPart.keys(k, bits, 32), QuantizedPart.values(v, bits, 32)
     ref_scores = q.double() @ _exact64(keys.q).transpose(-1, -2)
     ref_mix = p.double() @ _exact64(values.q)
-    scores, mixed = keys.scores(q, 0, 300, None), values.mix(p)
+    scores, mixed = ops.scores(keys, q, 0, 300, None), ops.mix(values, p)
     assert scores.dtype == query_dtype and mixed.dtype == query_dtype
     _close(scores, ref_scores, query_dtype)
     _close(mixed, ref_mix, query_dtype)
@@ -88,7 +89,7 @@ def test_quantized_lowrank_part_half_precision(cache_dtype, query_dtype, basis_b
     keys, values = parts
     ref_scores = q.double() @ _lowrank64(keys).transpose(-1, -2)
     ref_mix = p.double() @ _lowrank64(values)
-    scores, mixed = keys.scores(q, 0, 300, None), values.mix(p)
+    scores, mixed = ops.scores(keys, q, 0, 300, None), ops.mix(values, p)
     assert scores.dtype == query_dtype and mixed.dtype == query_dtype
     _close(scores, ref_scores, query_dtype)
     _close(mixed, ref_mix, query_dtype)
