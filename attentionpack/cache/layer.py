@@ -333,8 +333,8 @@ class PackedLayer(CacheLayerMixin):
                 self._freeze(tail_start, self.sink_end, kind="sink", compress=False, ctx=ctx)
             tail_start = self.sink_end
         if stop - tail_start < (self.config.min_span if prefill else self.config.chunk):
-            if self.tail.capacity > len(self.tail):  # frozen sinks: release their tail slots (no bytes held twice)
-                self.tail.shrink()
+            if self._live.capacity > len(self._live):  # frozen sinks: release their tail slots (no bytes twice)
+                self._live.shrink()
             return
         if prefill:
             bounds = [b for b in ctx.span_boundaries if tail_start < b < stop]

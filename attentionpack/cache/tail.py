@@ -65,6 +65,8 @@ class ExactTail:
         """(keys, values, positions, valid) of live tokens [start, stop) (relative to the oldest), as views."""
         stop = len(self) if stop is None else stop
         sl = slice(self.begin + start, self.begin + stop)
+        positions: torch.Tensor | None
+        valid: torch.Tensor | None
         if self.pad is not None:
             positions, valid = self._derived(start, stop)
         else:
@@ -99,8 +101,8 @@ class ExactTail:
     ) -> None:
         q = k.shape[-2]
         if self.pad is not None:
-            if positions is not None and _leading_padding(positions, valid, self.dropped + len(self), self.pad) == \
-                    self.pad:
+            if positions is not None and valid is not None and \
+                    _leading_padding(positions, valid, self.dropped + len(self), self.pad) == self.pad:
                 positions = valid = None  # still derived
             else:
                 self._materialize_flags()

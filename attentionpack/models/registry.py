@@ -131,6 +131,7 @@ class ModelAdapter:
         """cos, sin of shape (B, T, d) for integer `positions` (B, T) — or (B, T, 3) for multimodal RoPE — exactly
         as the model computes them."""
         probe = torch.empty(0, dtype=dtype, device=positions.device)
+        assert self.rotary is not None  # checked in __init__
         if self.mrope:
             if positions.dim() == 2:  # text-only positions: the same index on all three axes
                 positions = positions.unsqueeze(-1).expand(*positions.shape, 3)

@@ -156,7 +156,8 @@ def probe_scores(model, length: int = 256, seeds: tuple[int, ...] = (0, 1, 2)) -
     for layer, attn in enumerate(adapter.attention_modules):
         hidden, pe = captured[layer]
         q = window_queries(attn, hidden, pe, length)  # (B, Hq, length, d)
-        keys = cache.layers[layer].keys  # (B, H, T, d)
+        keys = getattr(cache.layers[layer], "keys", None)  # (B, H, T, d)
+        assert isinstance(keys, torch.Tensor), "a DynamicCache layer holds its keys"
         probs = window_attention(q, keys, valid, scaling=attention_scaling(attn),
                                  sliding_window=adapter.layers[layer].sliding_window)  # (B, H, G, length, T)
         ind = probs[..., j, off + j + 1]  # (B, H, G, length)
