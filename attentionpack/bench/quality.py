@@ -85,8 +85,10 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['cache']} | {r['bytes'] / 2**20:.1f} | {r['ratio']:.2f}x smaller | {r['ppl']:.2f} | "
                      f"{r['ppl_change_pct']:+.2f}% | {r['decode_ms']:.0f} | {r['decode_ratio']:.2f}x |")
-    for rss in [result.get("rss")] if result.get("rss") else []:
-        dyn, packed = rss
+    rss_rows = result.get("rss") or []
+    if rss_rows:
+        rss = rss_rows
+        dyn = rss[0]
         lines += ["", f"Peak RSS, batch {dyn['batch']} x {dyn['context']} tokens, each cache in its own process:", "",
                   "| cache | KV MiB held | peak RSS MiB | peak RSS above the loaded model, MiB |", "|---|---|---|---|"]
         for r in rss:

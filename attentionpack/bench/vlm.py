@@ -51,7 +51,7 @@ def image_arithmetic(cache: PackedCache, rank: int) -> int:
     dim, total, layouts = spec.num_kv_heads * spec.head_dim, 0, set()
     for layer in cache.layers:
         for seg in layer.segments:
-            if seg.modality != "image":
+            if seg.modality != "image" or seg.index is None or seg.valid is None:
                 continue
             b, m = seg.index.shape
             r = min(rank, dim)
@@ -105,4 +105,5 @@ def run(image_counts=IMAGE_COUNTS, rank: int = 8, image_size: int = 64, console:
 
 
 def _dynamic_bytes(cache: DynamicCache) -> int:
-    return sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values))
+    tensors = [getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values")]
+    return sum(t.untyped_storage().nbytes() for t in tensors if isinstance(t, torch.Tensor))

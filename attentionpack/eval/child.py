@@ -55,6 +55,7 @@ def run_child(cmd: list[str], on_progress: Callable[[int], None] | None = None, 
     result = None
     with open(log, "w", encoding="utf-8") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        assert proc.stdout is not None  # stdout=PIPE
         try:
             for line in proc.stdout:
                 if line.startswith("@progress ") and on_progress:

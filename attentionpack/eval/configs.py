@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .. import PRESETS, PackConfig
 
@@ -57,8 +58,8 @@ class Spec:
         """Runs in this process's environment (kvpress runs in its own virtual environment)."""
         return self.kind != "kvpress"
 
-    def describe(self) -> dict:
-        out = {"name": self.name, "kind": self.kind}
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind}
         if self.pack is not None:
             out["pack_config"] = {k: v for k, v in dataclasses.asdict(self.pack).items() if k != "name"}
         if self.backend:
@@ -176,13 +177,14 @@ def make_cache(model, spec: Spec):
     if spec.kind == "quantized":
         from transformers import QuantizedCache
 
+        assert spec.backend is not None  # parse_config sets it for quantized configurations
         return QuantizedCache(spec.backend, model.config, nbits=spec.nbits, residual_length=QUANT_RESIDUAL)
     raise ValueError(f"{spec.name} runs in the kvpress environment, not in this process")
 
 
 def check_available(spec: Spec) -> str | None:
     """None if the configuration can run here, else why not (a missing optional package)."""
-    if spec.kind != "quantized":
+    if spec.kind != "quantized" or spec.backend is None:
         return None
     import importlib.util
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -126,13 +126,16 @@ def greedy_answers_shared(model, context_ids: Sequence[int], question_ids: Seque
     out = model(input_ids=ids, past_key_values=shared, use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - start
     first = out.logits[:, -1]
-    results = {}
+    results: dict[str, tuple[list[int], float, float] | BudgetError] = {}
     for name, make in sorted(makers.items(), key=lambda item: item[1] is None):  # the DynamicCache one last
-        cache = shared if make is None else make()
+        cache: Any = shared if make is None else make()
         if getattr(cache, "planner", None) is not None:  # a byte budget scores the prompt's own queries
+
+            def same(c: Any = cache) -> Any:
+                return c
+
             try:
-                results[name] = greedy_answer(model, context_ids, question_ids, lambda c=cache: c, max_new_tokens,
-                                              eos)
+                results[name] = greedy_answer(model, context_ids, question_ids, same, max_new_tokens, eos)
             except BudgetError as err:  # the prompt is too short for the budget
                 results[name] = err
             continue

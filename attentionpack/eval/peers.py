@@ -171,13 +171,16 @@ def kvpress_quality(spec: Spec | None, ids, context: int, continuation: int, mod
     job = {"mode": "quality", "model": str(model_folder(model)), "ids": ids, "context": context,
            "continuation": continuation, "logits_out": str(logits_out) if logits_out else None, "threads": threads,
            "timed_steps": EXACT_TIMED_STEPS,
-           "press": KVPRESS_PRESSES[spec.press] if spec else None, "ratio": spec.ratio if spec else None}
+           "press": KVPRESS_PRESSES[spec.press] if spec and spec.press else None,
+           "ratio": spec.ratio if spec else None}
     return _run_worker(job, on_progress, log=log, threads=threads)
 
 
 def kvpress_needle(spec: Spec, prompts, eos, max_new_tokens: int, model: str | None = None,
                    threads: int | None = None, on_item=None, log: Path | None = None) -> dict:
     """Greedy answers of needle prompts with a press on the context; `on_item` gets each answer as it comes."""
+    if spec.press is None:
+        raise ValueError(f"{spec.name} is not a kvpress configuration")
     job = {"mode": "needle", "model": str(model_folder(model)), "threads": threads, "eos": list(eos),
            "max_new_tokens": max_new_tokens, "press": KVPRESS_PRESSES[spec.press], "ratio": spec.ratio,
            "prompts": [{"context_ids": p.context_ids, "question_ids": p.question_ids} for p in prompts]}
