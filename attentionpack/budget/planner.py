@@ -286,9 +286,12 @@ class BudgetPlanner:
         if lowrank:
             block = x.transpose(1, 2).reshape(b, n, h * d)  # (B, T, H*d)
             weighting = score_weighting(query_moments).to(x.dtype) if query_moments is not None else None
-            seen = block if weighting is None else block @ weighting  # keys as the prompt's queries see them
             # float32 Gram: the candidates keep <= 98% of the energy, far above its round-off (~1e-7 of the total)
-            spectrum, vecs = spectrum_and_basis(seen, torch.float32)
+            spectrum, vecs = spectrum_and_basis(block, torch.float32)  # ranks from the keys' own energy
+            seen = block
+            if weighting is not None:  # which directions: those the prompt's queries see (codecs.lowrank.factorize)
+                seen = block @ weighting
+                _, vecs = spectrum_and_basis(seen, torch.float32)
             ranks = {lab: [energy_rank(spectrum[i], s["energy"]) for i in range(b)] for lab, s in lowrank}
             top = max(max(r) for r in ranks.values())
             basis = vecs[:, :, :top].to(x.dtype)  # (B, D, top)

@@ -79,14 +79,17 @@ def factorize(
     """Factor blocks (B, T, D). Returns the factors (rank = the largest per-sample rank), the per-sample ranks the
     rule chose, and the squared singular values (B, D) the rule saw.
 
-    With `weighting` L (B, D, D) invertible, the factors minimize ||(M - M̂) L|| instead of ||M - M̂|| (the rank
-    rule reads the weighted spectrum): the SVD of M L gives coeffs = (M L) V_r and basis = V_rᵀ L⁻¹, so that
-    coeffs @ basis is still the approximation of M itself (see `score_weighting`)."""
+    With `weighting` L (B, D, D) invertible, the rank-r factors minimize ||(M - M̂) L|| instead of ||M - M̂||: the
+    SVD of M L gives coeffs = (M L) V_r and basis = V_rᵀ L⁻¹, so that coeffs @ basis is still the approximation of
+    M itself (see `score_weighting`). The rank is still read from M's own spectrum: the weighting chooses which r
+    directions to keep, not how many (the weighted spectrum is dominated by the scores' common offset, which the
+    softmax ignores, and would pick far too few)."""
     x = blocks.to(torch.float64)
-    if weighting is not None:
-        x = x @ weighting.to(torch.float64)
     spectrum, vecs = spectrum_and_basis(x)
     ranks = [rule.choose(spectrum[b]) for b in range(blocks.shape[0])]
+    if weighting is not None:
+        x = x @ weighting.to(torch.float64)
+        _, vecs = spectrum_and_basis(x)
     r = max(ranks)
     basis64 = vecs[:, :, :r]  # (B, D, r)
     coeffs = (x @ basis64).to(blocks.dtype)  # (B, T, r)
