@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 from .fingerprint import model_fingerprint, tokenizer_fingerprint
+from .prefix import PrefixStore, reusable_prefix
 from .serialize import FORMAT_VERSION, CacheFileError, LoadedCache, load_cache, read_manifest, save_cache
 
-__all__ = ["CacheFileError", "FORMAT_VERSION", "LoadedCache", "load_cache", "model_fingerprint", "read_manifest",
-           "save_cache", "tokenizer_fingerprint"]
+__all__ = ["CacheFileError", "FORMAT_VERSION", "LoadedCache", "PrefixStore", "load_cache", "model_fingerprint",
+           "read_manifest", "reusable_prefix", "save_cache", "tokenizer_fingerprint"]
