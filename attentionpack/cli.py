@@ -27,6 +27,8 @@ def generate(
     sample: bool = typer.Option(False, help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(0.7, min=0.01),
     seed: int = typer.Option(0),
+    prefix_store: Optional[Path] = typer.Option(None, "--prefix-store", help="Reuse the longest stored prefix of "
+                                                "the prompt from this folder, or store the prompt's for next time."),
 ):
     """Answer a (long) prompt with a compressed KV cache, then show the bytes held vs DynamicCache."""
     from .generation import run_generate
@@ -37,7 +39,7 @@ def generate(
         _fail(f"cannot read prompt file {prompt_file}: {err}")
     try:
         run_generate(text, preset=preset, model_path=model, max_new_tokens=max_new_tokens, chat=chat,
-                     sample=sample, temperature=temperature, seed=seed, images=image or ())
+                     sample=sample, temperature=temperature, seed=seed, images=image or (), prefix_store=prefix_store)
     except (ValueError, FileNotFoundError, TypeError) as err:
         _fail(str(err))
 
@@ -99,6 +101,8 @@ def bench_vlm(
 
 from .eval.cli import eval_command  # noqa: E402  (the evaluation harness: attentionpack/eval/)
 app.command("eval")(eval_command)
+from .store.cli import cache_app  # noqa: E402  (saved caches, a prefix store: attentionpack/store/)
+app.add_typer(cache_app, name="cache")
 
 
 def main() -> None:  # pragma: no cover

@@ -96,11 +96,12 @@ def encode_vlm_prompt(processor, text: str, images: list, chat: bool) -> dict:
 
 def run_generate(text: str, preset: str = "balanced", model_path: str | None = None, max_new_tokens: int = 128,
                  chat: bool = True, sample: bool = False, temperature: float = 0.7, seed: int = 0,
-                 console: Console | None = None, images=()) -> dict:
+                 console: Console | None = None, images=(), prefix_store=None) -> dict:
     """Generate an answer with a PackedCache; print it and a memory table. Returns the numbers printed.
 
     `images` (file paths) need `model_path` to be a local vision-language model folder (see SUPPORTED_VLM_TYPES);
-    a VLM folder also works without images."""
+    a VLM folder also works without images. `prefix_store`: a folder (attentionpack/store/prefix.py) whose longest
+    stored prefix of the prompt is reused; on a miss the prompt's reusable prefix is stored there."""
     console = console or Console()
     config = PackConfig.preset(preset)
     images = list(images or ())
@@ -122,7 +123,15 @@ def run_generate(text: str, preset: str = "balanced", model_path: str | None = N
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     ids = inputs["input_ids"]
     check_length(model, ids.shape[1], max_new_tokens)
-    cache = PackedCache(model, config)
+    if prefix_store is not None and not vlm:
+        from .store.prefix import cache_from_store
+
+        cache, reused, note = cache_from_store(prefix_store, model, tokenizer, ids, config, text, chat)
+        console.print(note)
+    elif prefix_store is not None:
+        raise ValueError("--prefix-store supports text prompts only")
+    else:
+        cache, reused = PackedCache(model, config), 0
     torch.manual_seed(seed)
     start = time.perf_counter()
     streamer = _ProgressStreamer(model, ids.shape[1], max_new_tokens)
@@ -150,4 +159,4 @@ def run_generate(text: str, preset: str = "balanced", model_path: str | None = N
                           f"{m['bytes'] / 2**20:.2f}", f"{m['ratio']:.2f}x smaller" if m["bytes"] else "-")
     console.print(table)
     return {"answer": answer, "bytes": held, "dynamic_bytes": dynamic, "prompt_tokens": ids.shape[1],
-            "modalities": modalities, "images": len(pictures)}
+            "modalities": modalities, "images": len(pictures), "prefix_tokens": reused}

@@ -325,6 +325,9 @@ def _decode_cache(cache, tree: dict, r: _Reader) -> None:
             layer.dtype, layer.device = r.decode(entry["dtype"], ""), r.device
         i = layer.layer_idx
         layer.segments = [r.decode(seg, f"{i}.{j}") for j, seg in enumerate(entry["segments"])]
+        plan = getattr(layer, "plan", None)
+        if plan is not None:  # state derived from the segments (a decode table), when the layer keeps one
+            layer.plan = type(plan)(layer.spec.num_kv_heads, layer.spec.head_dim, layer.segments)
         layer.tail = None if entry["tail"] is None else _restore_tail(layer, entry["tail"], r)
         if entry["budget_choice"] is not None:
             layer.budget_choice = tuple(entry["budget_choice"])
