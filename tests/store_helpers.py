@@ -53,3 +53,62 @@ def gemma3_path() -> Path:
     target = Path.home() / ".cache" / "attentionpack" / "gemma-3-270m-Q4_K_M.gguf"
     target.parent.mkdir(parents=True, exist_ok=True)
     return Path(gemma.assemble(target))
+
+
+STRESS_CONFIG = dict(key_rank=4, value_codec="quant", value_bits=4, chunk=16, window=8, min_span=8)
+
+
+def stress_tokens(worker: int, i: int) -> torch.Tensor:
+    """The prompt worker `worker` stores at iteration i (derivable by any process from the entry's info)."""
+    gen = torch.Generator().manual_seed(1000 * worker + i)
+    n = 20 + (7 * i + 13 * worker) % 50
+    return torch.randint(3, 128, (n,), generator=gen)
+
+
+def store_worker(folder: str, worker: int, seconds: float, max_iters: int, out: str) -> None:
+    """One process of the concurrency test: alternately store a new prompt's cache and load a random entry
+    (written by either process) through the store, checking every loaded cache's tokens; writes a JSON report."""
+    import json
+    import random
+    import time
+    import warnings
+
+    from attentionpack import PackConfig
+    from attentionpack.store import CacheFileError, PrefixStore, load_cache
+    from attentionpack.store.prefix import prefill_prefix
+    from tiny_models import build_model
+
+    torch.set_num_threads(1)
+    model = build_model("llama")
+    config = PackConfig(**STRESS_CONFIG)
+    store = PrefixStore(folder, max_bytes=1 << 40, block=16)
+    rng = random.Random(worker)
+    report = {"written": [], "reads": 0, "cross_reads": 0, "errors": []}
+    deadline = time.time() + seconds
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(max_iters):
+            if time.time() > deadline:
+                break
+            ids = stress_tokens(worker, i)
+            cache = PackedCache(model, config)
+            prefill_prefix(model, cache, ids[None])
+            report["written"].append(store.put(ids, cache, info={"worker": worker, "i": i}))
+            entries = store.entries()
+            entry = rng.choice(entries)
+            want = stress_tokens(entry.info["worker"], entry.info["i"])
+            prompt = torch.cat([want, torch.tensor([5, 6, 7])])
+            try:
+                loaded, covered = store.load(prompt, model, config)
+                direct = load_cache(store.entries_dir / entry.key, model, config)
+            except CacheFileError as err:
+                report["errors"].append(f"{entry.key}: {err}")
+                continue
+            if loaded is None or covered != want.numel() or not torch.equal(loaded.tokens[0], want) \
+                    or not torch.equal(direct.tokens[0], want):
+                report["errors"].append(f"{entry.key}: wrong or no cache for {want.numel()} tokens ({covered})")
+            report["reads"] += 1
+            report["cross_reads"] += entry.info["worker"] != worker
+    report["errors"] += [str(w.message) for w in caught if "prefix store" in str(w.message)]
+    with open(out, "w") as f:
+        json.dump(report, f)

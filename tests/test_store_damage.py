@@ -21,6 +21,7 @@ from attentionpack.store.serialize import MANIFEST, TENSORS, _sha, canonical_jso
 from store_helpers import prefill
 from tiny_models import build_model
 
+ALL_REASONS = {"missing", "format", "damaged", "truncated", "model", "tokenizer", "config", "tokens", "malformed"}
 CONFIG = PackConfig(key_rank=6, value_codec="quant", value_bits=4, key_bits=4, chunk=16, window=16)
 
 
@@ -152,6 +153,12 @@ def test_generated_corruptions_are_all_refused(saved, monkeypatch):
         add(f"edit {label} (resealed)", _resealed(edited), tensor_bytes, reasons, damaged=label not in (
             "layers_dropped", "layer_total", "tail_begin", "tail_capacity", "class_fields", "segment_dropped",
             "class_unknown", "tensor_renamed", "seq_length"))
+    for field in ("model", "tokenizer", "tokens", "file", "classes", "strides", "cache", "config", "seq_length"):
+        for value in (None, 7, "x", [1], {}):  # fields of the wrong type, resealed: refused, never a crash
+            if field == "tokenizer" and value is None or manifest.get(field) == value:
+                continue  # a file without tokenizer fingerprint is valid; an unchanged field is no edit
+            edited = {**json.loads(manifest_bytes), field: value}
+            add(f"type {field}={value!r} (resealed)", _resealed(edited), tensor_bytes, ALL_REASONS, damaged=False)
     edited = json.loads(manifest_bytes)  # a manifest re-written with other whitespace / key order
     add("pretty-printed manifest", json.dumps(edited, indent=1).encode(), tensor_bytes, {"damaged"})
 

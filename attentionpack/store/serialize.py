@@ -605,6 +605,18 @@ def _damaged_names(data: bytes, manifest: dict) -> str:
         if bad else ""
 
 
+def _stored_tokens(manifest: dict, tensors: dict, where: str) -> torch.Tensor | None:
+    info = manifest.get("tokens")
+    if info is None:
+        return None
+    tok = tensors.get(_TOKENS)
+    if not isinstance(info, dict) or tok is None or tok.dim() != 2 \
+            or list(tok.shape) != [info.get("batch"), info.get("count")] or info.get("count") != manifest["seq_length"] \
+            or _sha(_tensor_bytes(tok)) != info.get("sha256"):
+        raise CacheFileError("tokens", f"{where}: the stored token ids do not match the manifest")
+    return tok.to(torch.long)
+
+
 def load_cache(path: str | os.PathLike, model, config=None, tokenizer=None) -> LoadedCache:
     """Load the cache saved in folder `path` for `model` (and `config`: None uses the saved PackConfig, a given one
     must equal it). Raises CacheFileError (see module docstring) before building anything when the files are
@@ -614,20 +626,19 @@ def load_cache(path: str | os.PathLike, model, config=None, tokenizer=None) -> L
 
     path = Path(path)
     where = str(path)
-    manifest = read_manifest(path)
     if config is not None and isinstance(config, str):
         config = PackConfig.preset(config)
-    check_compatible(manifest, model, config, tokenizer, where)
-    stored_config = _stored_config(manifest, where)
-    tensors = read_tensors(path, manifest, where)
-    tokens = None
-    if manifest.get("tokens") is not None:
-        tok = tensors.get(_TOKENS)
-        info = manifest["tokens"]
-        if tok is None or tok.dim() != 2 or list(tok.shape) != [info.get("batch"), info.get("count")] \
-                or info.get("count") != manifest["seq_length"] or _sha(_tensor_bytes(tok)) != info.get("sha256"):
-            raise CacheFileError("tokens", f"{where}: the stored token ids do not match the manifest")
-        tokens = tok.to(torch.long)
+    manifest = read_manifest(path)
+    try:
+        check_compatible(manifest, model, config, tokenizer, where)
+        stored_config = _stored_config(manifest, where)
+        tensors = read_tensors(path, manifest, where)
+        tokens = _stored_tokens(manifest, tensors, where)
+    except CacheFileError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as err:  # fields of the wrong type
+        raise CacheFileError("malformed", f"{where}: the manifest is inconsistent ({type(err).__name__}: {err})") \
+            from None
     device = next(iter(model.parameters())).device
     try:
         cache = PackedCache(model, config if config is not None else stored_config)
