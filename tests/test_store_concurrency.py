@@ -6,10 +6,11 @@ import json
 import multiprocessing
 import os
 
-from attentionpack import PackConfig
-from attentionpack.store import PrefixStore, load_cache
 from store_helpers import STRESS_CONFIG, store_worker
 from tiny_models import build_model
+
+from attentionpack import PackConfig
+from attentionpack.store import PrefixStore, load_cache
 
 SECONDS = float(os.environ.get("ATTENTIONPACK_STORE_STRESS_SECONDS", "60"))
 MAX_ITERS = 5000

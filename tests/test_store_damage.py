@@ -14,12 +14,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from store_helpers import prefill
+from tiny_models import build_model
 
 from attentionpack import PackConfig, PackedCache
 from attentionpack.store import CacheFileError, load_cache
 from attentionpack.store.serialize import MANIFEST, TENSORS, _sha, canonical_json, tensor_checksums
-from store_helpers import prefill
-from tiny_models import build_model
 
 ALL_REASONS = {"missing", "format", "damaged", "truncated", "model", "tokenizer", "config", "tokens", "malformed"}
 CONFIG = PackConfig(key_rank=6, value_codec="quant", value_bits=4, key_bits=4, chunk=16, window=16)
@@ -42,7 +42,7 @@ class FakeTokenizer:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     model = build_model("llama")
-    cache, ids, mask, nxt = prefill(model, CONFIG, prompt=200, decode=20)
+    cache, ids, _, _ = prefill(model, CONFIG, prompt=200, decode=20)
     root = tmp_path_factory.mktemp("damage")
     tok = FakeTokenizer()
     cache.save(root / "orig", tokens=ids, tokenizer=tok)
@@ -223,8 +223,9 @@ def test_error_messages_name_the_reason(saved, tmp_path):
 
 
 def test_in_place_weight_change_changes_fingerprint():
-    from attentionpack.store import model_fingerprint
     import torch
+
+    from attentionpack.store import model_fingerprint
 
     model = build_model("llama")
     before = model_fingerprint(model)

@@ -117,7 +117,7 @@ def test_damaged_entry_is_a_miss_removed_with_a_warning(tiny_model, tmp_path):
     data[len(data) // 2] ^= 0x04
     path.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="damaged entry .* removed"):
-        cache, covered = store.cache_for(p, model, CONFIG)
+        _, covered = store.cache_for(p, model, CONFIG)
     assert covered == 80  # the next longest entry
     assert not (store.entries_dir / key).exists() and store.damaged == 1
     assert [e.tokens for e in store.entries()] == [80]

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from store_helpers import decode_both, folder_bytes, gemma3_path, prefill
+from tiny_models import MODEL_NAMES
 
 from attentionpack import PackConfig, PackedCache
 from attentionpack.store import load_cache, read_manifest
 from attentionpack.store.serialize import tensor_checksums
-from store_helpers import decode_both, folder_bytes, gemma3_path, prefill
-from tiny_models import MODEL_NAMES
 
 CONFIGS = {
     "lossless": PackConfig.preset("lossless"),
@@ -88,7 +88,7 @@ def test_batch_and_left_padding_rows_kept(tiny_model, tmp_path):
 
 def test_saved_config_used_when_none_given(tiny_model, tmp_path):
     model = tiny_model("llama")
-    cache, ids, mask, nxt = prefill(model, CONFIGS["max"])
+    cache, _, mask, nxt = prefill(model, CONFIGS["max"])
     cache.save(tmp_path / "c")
     loaded = PackedCache.load(tmp_path / "c", model)
     assert loaded.config == CONFIGS["max"]

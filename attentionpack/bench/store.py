@@ -136,7 +136,7 @@ def run(lengths=(2048, 8192), budget: float = 0.125, repeats: int = 3, needle_le
     print(f"model fingerprint (once per model object, memoized): {fingerprint_s:.2f} s; torch threads "
           f"{torch.get_num_threads()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="attentionpack-bench-store-") as tmp:
-        ttft = ttft_rows(model, tokenizer, lengths, budget, repeats, Path(tmp))
+        ttft = ttft_rows(model, tokenizer, lengths, budget, repeats, Path(tmp)) if lengths else []
         needle = needle_rows(model, tokenizer, needle_lengths, depths, budget, Path(tmp)) if needle_lengths else []
     result = {"fingerprint_s": fingerprint_s, "threads": torch.get_num_threads(), "ttft": ttft, "needle": needle,
               "needle_all_equal": all(r.get("equal", True) for r in needle)}
@@ -149,7 +149,7 @@ def run(lengths=(2048, 8192), budget: float = 0.125, repeats: int = 3, needle_le
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--tokens", type=int, nargs="*", default=[2048, 8192], help="prompt lengths (none: skip)")
     p.add_argument("--budget", type=float, default=0.125)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--needle-lengths", type=int, nargs="*", default=[1024, 2048, 4096])

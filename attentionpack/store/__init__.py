@@ -12,5 +12,5 @@ from .fingerprint import model_fingerprint, tokenizer_fingerprint
 from .prefix import PrefixStore, reusable_prefix
 from .serialize import FORMAT_VERSION, CacheFileError, LoadedCache, load_cache, read_manifest, save_cache
 
-__all__ = ["CacheFileError", "FORMAT_VERSION", "LoadedCache", "PrefixStore", "load_cache", "model_fingerprint",
+__all__ = ["FORMAT_VERSION", "CacheFileError", "LoadedCache", "PrefixStore", "load_cache", "model_fingerprint",
            "read_manifest", "reusable_prefix", "save_cache", "tokenizer_fingerprint"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -22,7 +21,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def config_from(preset: str, budget: Optional[float]):
+def config_from(preset: str, budget: float | None):
     """The PackConfig of `--preset` or, when given, `--budget` (a fraction of DynamicCache's bytes)."""
     from ..config import PackConfig
 
@@ -33,9 +32,9 @@ def config_from(preset: str, budget: Optional[float]):
 def put(
     prompt_file: Path = typer.Option(..., "--prompt-file", "-f", help="Text file whose prompt cache to store."),
     preset: str = typer.Option("balanced", "--preset", "-p", help="lossless, balanced or max."),
-    budget: Optional[float] = typer.Option(None, "--budget", help="Byte budget, a fraction of DynamicCache's bytes "
+    budget: float | None = typer.Option(None, "--budget", help="Byte budget, a fraction of DynamicCache's bytes "
                                                                   "(e.g. 0.125); replaces --preset."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: "
+    model: str | None = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: "
                                                                     "embedded SmolLM2-135M-Instruct)."),
     chat: bool = typer.Option(True, help="Wrap the prompt in the model's chat template, as `generate` does."),
     store: Path = STORE_OPTION,
@@ -94,7 +93,7 @@ def ls(store: Path = STORE_OPTION):
 
 @cache_app.command("rm")
 def rm(
-    keys: Optional[list[str]] = typer.Argument(None, help="Keys to remove (see `cache ls`)."),
+    keys: list[str] | None = typer.Argument(None, help="Keys to remove (see `cache ls`)."),
     all_entries: bool = typer.Option(False, "--all", help="Remove every entry."),
     store: Path = STORE_OPTION,
 ):

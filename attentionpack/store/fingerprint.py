@@ -22,8 +22,8 @@ import torch
 
 _IGNORED_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "_attn_implementation",
                         "_attn_implementation_autoset", "attn_implementation", "_experts_implementation"}
-_MODEL_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_TOKENIZER_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MODEL_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKENIZER_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _canonical(obj) -> bytes:

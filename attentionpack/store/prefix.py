@@ -8,10 +8,10 @@ boundary, so the hash of the prompt's first L tokens for any entry length L cost
 is then loaded (every check of `serialize.load_cache`) and its stored token ids compared with the prompt's.
 
 Folder layout:
-- `entries/<key>/manifest.json` and `tensors.safetensors`: one saved cache per entry (key: sha256 of the model, tokenizer
-  and PackConfig fingerprints and the token ids). An entry is written in `tmp/` and renamed into `entries/` whole, so
-  readers never see a partial entry; entries are never modified afterwards, and removal renames them into `trash/`
-  first. The entry folder's modification time is its last use (least-recently-used eviction).
+- `entries/<key>/manifest.json` and `tensors.safetensors`: one saved cache per entry (key: sha256 of the model,
+  tokenizer and PackConfig fingerprints and the token ids). An entry is written in `tmp/` and renamed into
+  `entries/` whole, so readers never see a partial entry; entries are never modified afterwards, and removal renames
+  them into `trash/` first. The entry folder's modification time is its last use (least-recently-used eviction).
 - `index.json`: key -> context, token count, token hash and bytes; written atomically (temporary file + os.replace).
   It is only a cache of the entries' manifests: a lost or damaged index is rebuilt from them, and entries added or
   removed by other processes are picked up at the next lookup.
@@ -30,15 +30,20 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from filelock import FileLock
 
 from .fingerprint import config_sha256, model_fingerprint, tokenizer_fingerprint
-from .serialize import MANIFEST, TENSORS, CacheFileError, build_files, canonical_json, load_cache, read_manifest, \
-    write_files
+from .serialize import (
+    CacheFileError,
+    build_files,
+    canonical_json,
+    load_cache,
+    read_manifest,
+    write_files,
+)
 
 INDEX = "index.json"
 INDEX_VERSION = 1

@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -139,14 +140,15 @@ class _Writer:
 
     def encode(self, obj, name: str):
         """JSON form of `obj`: scalars as themselves (strings starting with one of "#@%!~" get a "~" prefix), a
-        tensor "#checksum" / "@name" (see `tensor`), a dtype "%float32", a non-finite float "!inf", a dict an object, a tuple ["(", ...],
-        a list ["[", ...], a dataclass [class name, field values in the order listed in `classes`]."""
+        tensor "#checksum" / "@name" (see `tensor`), a dtype "%float32", a non-finite float "!inf", a dict an
+        object, a tuple ["(", ...], a list ["[", ...], a dataclass [class name, field values in the order listed in
+        `classes`]."""
         if obj is None or isinstance(obj, (bool, int)):
             return obj
         if isinstance(obj, str):
             return "~" + obj if obj[:1] in _MARKS else obj
         if isinstance(obj, float):
-            return obj if obj == obj and abs(obj) != float("inf") else "!" + repr(obj)
+            return obj if math.isfinite(obj) else "!" + repr(obj)
         if isinstance(obj, torch.Tensor):
             return self.tensor(obj, name)
         if isinstance(obj, torch.dtype):
@@ -492,11 +494,10 @@ def check_compatible(manifest: dict, model, config=None, tokenizer=None, where: 
         if stored.get(key) != fp[key]:
             detail = f" ({stored.get(key)} vs {fp[key]})" if key == "architecture" else ""
             raise CacheFileError("model", f"{where} was written by another model: its {what} differs{detail}")
-    if tokenizer is not None and manifest.get("tokenizer") is not None:
-        if manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
-            raise CacheFileError("tokenizer", f"{where} was written with another tokenizer "
-                                              f"({manifest['tokenizer'].get('class')}, different vocabulary or "
-                                              "templates)")
+    recorded = manifest.get("tokenizer")
+    if tokenizer is not None and recorded is not None and recorded != tokenizer_fingerprint(tokenizer):
+        raise CacheFileError("tokenizer", f"{where} was written with another tokenizer ({recorded.get('class')}, "
+                                          "different vocabulary or templates)")
     if config is not None and config_sha256(config) != manifest["config_sha256"]:
         mine = config_fields(config)
         theirs = manifest["config"]
@@ -611,8 +612,8 @@ def _stored_tokens(manifest: dict, tensors: dict, where: str) -> torch.Tensor | 
         return None
     tok = tensors.get(_TOKENS)
     if not isinstance(info, dict) or tok is None or tok.dim() != 2 \
-            or list(tok.shape) != [info.get("batch"), info.get("count")] or info.get("count") != manifest["seq_length"] \
-            or _sha(_tensor_bytes(tok)) != info.get("sha256"):
+            or list(tok.shape) != [info.get("batch"), info.get("count")] \
+            or info.get("count") != manifest["seq_length"] or _sha(_tensor_bytes(tok)) != info.get("sha256"):
         raise CacheFileError("tokens", f"{where}: the stored token ids do not match the manifest")
     return tok.to(torch.long)
 
