@@ -200,6 +200,7 @@ def test_generated_corruptions_are_all_refused(saved, monkeypatch):
             make()
         assert info.value.reason == reason
     total = len(cases) + len(mismatches)
+    print(f"{total} damaged or mismatched loads refused: {len(cases)} damaged files, {len(mismatches)} mismatches")
     assert not crashes, crashes[:5]
     assert not accepted, [a[0] for a in accepted]
     assert total >= 500, total
