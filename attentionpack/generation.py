@@ -115,13 +115,14 @@ def encode_vlm_prompt(processor, text: str, images: list, chat: bool) -> dict:
 def run_generate(text: str, preset: str = "balanced", model_path: str | None = None, max_new_tokens: int = 128,
                  chat: bool = True, sample: bool = False, temperature: float = 0.7, seed: int = 0,
                  console: Console | None = None, images=(), budget: float | None = None,
-                 threads: int | None = None) -> dict:
+                 threads: int | None = None, prefix_store=None) -> dict:
     """Generate an answer with a PackedCache; print it and a memory table. Returns the numbers printed.
 
     `budget` (a fraction of DynamicCache's bytes, in (0, 1]) replaces the preset: `PackConfig(budget=budget)`.
     `threads`: torch's and the kernels' threads (default: torch's, or 1 on a busy machine; attentionpack/threads.py).
     `images` (file paths) need `model_path` to be a local vision-language model folder (see SUPPORTED_VLM_TYPES);
-    a VLM folder also works without images."""
+    a VLM folder also works without images. `prefix_store`: a folder (attentionpack/store/prefix.py) whose longest
+    stored prefix of the prompt is reused; on a miss the prompt's reusable prefix is stored there."""
     from .threads import apply_threads, choose_threads
 
     console = console or Console()
@@ -150,7 +151,15 @@ def run_generate(text: str, preset: str = "balanced", model_path: str | None = N
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     ids = inputs["input_ids"]
     check_length(model, ids.shape[1], max_new_tokens)
-    cache = PackedCache(model, config)
+    if prefix_store is not None and not vlm:
+        from .store.prefix import cache_from_store
+
+        cache, reused, note = cache_from_store(prefix_store, model, tokenizer, ids, config, text, chat, encode_prompt)
+        console.print(note)
+    elif prefix_store is not None:
+        raise ValueError("--prefix-store supports text prompts only")
+    else:
+        cache, reused = PackedCache(model, config), 0
     torch.manual_seed(seed)
     start = time.perf_counter()
     streamer = _ProgressStreamer(model, ids.shape[1], max_new_tokens)
@@ -177,4 +186,4 @@ def run_generate(text: str, preset: str = "balanced", model_path: str | None = N
                           f"{m['bytes'] / 2**20:.2f}", size_ratio(m["bytes"], m["dynamic_bytes"]))
     console.print(table)
     return {"answer": answer, "bytes": held, "dynamic_bytes": dynamic, "prompt_tokens": ids.shape[1],
-            "modalities": modalities, "images": len(pictures)}
+            "modalities": modalities, "images": len(pictures), "prefix_tokens": reused}

@@ -54,6 +54,7 @@ class PackedCache(Cache):
             raise TypeError(f"config must be a PackConfig or a preset name, not {type(config).__name__}")
         self.config = config
         self.adapter = ModelAdapter(model)
+        self.model_ref = weakref.ref(model)  # the model served (its fingerprint is saved with the cache)
         layers = [PackedLayer(i, spec, config) for i, spec in enumerate(self.adapter.layers)]
         super().__init__(layers=list(layers))
         # the base class types its layers as any transformers layer; this cache's are all PackedLayers
@@ -231,6 +232,23 @@ class PackedCache(Cache):
         `index` (B, n) / `valid` (B, n) — which cache indices of which sample it holds — ranks the image tokens per
         sample by the attention text queries give them, and re-encodes or restores the segment's parts."""
         return [s for s in self.layers[layer_idx].segments if s.index is not None and s.modality in ("image", "video")]
+
+    # ---- saving (attentionpack/store/serialize.py: file format and checks) ------------------------------------
+    def save(self, path, tokens=None, tokenizer=None):
+        """Save this cache into the folder `path` (tensors in safetensors + a JSON manifest); `tokens`: the (B, N)
+        token ids it covers, `tokenizer`: fingerprinted so a load with another tokenizer is refused."""
+        from .files import save_cache
+
+        return save_cache(self, path, tokens=tokens, tokenizer=tokenizer)
+
+    @classmethod
+    def load(cls, path, model, config: PackConfig | str | None = None, tokenizer=None) -> "PackedCache":
+        """A cache saved by `save`, for `model`; it continues exactly as the saved one. Raises
+        `CacheFileError` (a ValueError, `attentionpack.store.CacheFileError`) for damaged files and for another model, tokenizer or
+        PackConfig (`config` None: the saved one)."""
+        from .files import load_cache
+
+        return load_cache(path, model, cls, config, tokenizer).cache
 
     # ---- accounting -----------------------------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:

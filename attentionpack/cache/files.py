@@ -1,0 +1,674 @@
+"""Save a `PackedCache` to a folder and load it back, bit for bit, refusing anything damaged or mismatched.
+
+On disk a saved cache is a folder with two files:
+
+- `tensors.safetensors`: every tensor the cache holds, once (tensors shared between layers, e.g. the index/valid of
+  gathered vision segments, are stored once), named hierarchically (`3.1.keys.coeffs.codes`: layer 3, segment 1,
+  the keys part's `coeffs.codes`; `3.tail.keys`: the live slots of layer 3's exact tail), plus `tokens` (B, N)
+  int32, the token ids the cache covers when the caller gave them.
+- `manifest.json`: one line of canonical JSON (sorted keys, no spaces, ASCII) with
+  `format` ("attentionpack.cache"), `format_version` (FORMAT_VERSION), `model` (architecture, config and weights
+  fingerprint, `fingerprint.model_fingerprint`), `tokenizer` (fingerprint or null), `config` (every PackConfig field)
+  and `config_sha256`, `seq_length`, `batch`, `tokens` (count, batch and sha256, or null), `nbytes` (the cache's
+  `nbytes()` when saved), `cache` (the layout: per layer its counters, segments and exact tail), `classes` (name ->
+  module and field names of every dataclass in the layout), `strides` (the few tensors that were dense but not
+  contiguous: their strides), `file` (size and sha256 of `tensors.safetensors`), `extra` (caller data, e.g. the
+  prefix store's) and `manifest_sha256` (sha256 of the canonical JSON of every other field).
+  Stored forms are written generically (`_Writer.encode`): a dataclass is [class name, its field values in the order
+  `classes` lists], a tensor "#<first 8 hex digits of the sha256 of its bytes>" (stored under its path, e.g.
+  `3.1.keys.coeffs.codes`) or "@<name>" (the same tensor stored earlier), so every dataclass `attentionpack.parts`
+  exports round-trips without per-class code, wherever it lives.
+
+Loading checks, before any cache is built: the manifest parses, is in canonical form and matches its checksum;
+format and version; the model fingerprint; the tokenizer fingerprint (when the caller passes a tokenizer and the
+file has one); the PackConfig (when the caller passes one); the tensors file's size and sha256; every tensor's
+dtype and shape. Any failure raises `CacheFileError` naming the reason. The cache is then rebuilt with the same
+tensors (dtype, shape and strides), the exact tail with its original capacity and slot offsets, and every
+counter, so it continues exactly as the saved cache did.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .fingerprint import config_fields, config_sha256, model_fingerprint, tokenizer_fingerprint
+
+FORMAT = "attentionpack.cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+_TOKENS = "tokens"
+
+
+class CacheFileError(ValueError):
+    """A saved cache that cannot be used: `reason` is one of "missing", "format", "damaged", "truncated", "model",
+    "tokenizer", "config", "tokens", "malformed"; the message says what differs or is broken."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{message} [{reason}]")
+        self.reason = reason
+
+
+@dataclass
+class LoadedCache:
+    """What `load_cache` returns: the cache, the token ids it covers ((B, N) long, or None when not saved) and the
+    validated manifest."""
+
+    cache: Any
+    tokens: torch.Tensor | None
+    manifest: dict
+
+
+# ---- canonical JSON ------------------------------------------------------------------------------------------------
+def canonical_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def _sha(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+# ---- generic encoding of stored forms ------------------------------------------------------------------------------
+def _registry() -> dict[str, type]:
+    """Classes by name: every dataclass `attentionpack.parts` exports (the storage contract) and the VLM span."""
+    from .. import parts
+    from ..models.vlm import VisionSpan
+
+    out = {name: getattr(parts, name) for name in getattr(parts, "__all__", dir(parts))
+           if isinstance(getattr(parts, name, None), type) and dataclasses.is_dataclass(getattr(parts, name))}
+    out["VisionSpan"] = VisionSpan
+    return out
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """True when `t` covers its memory without gaps or overlap (contiguous up to a permutation of its dims)."""
+    return _stride_is_dense(list(t.shape), list(t.stride()))
+
+
+def _stride_is_dense(shape, stride) -> bool:
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*shape, *stride]):
+        return False
+    expected = 1
+    for st, size in sorted((st, size) for size, st in zip(shape, stride) if size != 1):
+        if st != expected:
+            return False
+        expected *= size
+    return True
+
+
+class _Writer:
+    """Encodes objects into the compact layout tree (see `encode`) and collects the tensors to store."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.strides: dict[str, list] = {}  # tensors stored contiguous that were dense with other strides
+        self.classes: dict[str, dict] = {}
+        self._seen: dict[tuple, str] = {}
+
+    def tensor(self, t: torch.Tensor, name: str) -> str:
+        """Store `t` under `name`: "#<first 8 hex digits of its bytes' sha256>"; or refer to an identical view
+        stored earlier: "@<its name>"."""
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() == 0:  # empty tensors may share a null pointer: never merged
+            key = (name,)
+        if key in self._seen:
+            return "@" + self._seen[key]
+        if name in self.tensors:
+            raise ValueError(f"two tensors would both be stored as {name!r}")
+        self._seen[key] = name
+        data = t.detach().cpu().contiguous()
+        self.tensors[name] = data
+        if not t.is_contiguous() and _is_dense(t):
+            self.strides[name] = list(t.stride())
+        return "#" + _sha(_tensor_bytes(data))[:8]
+
+    def encode(self, obj, name: str):
+        """JSON form of `obj`: scalars as themselves (strings starting with one of "#@%!~" get a "~" prefix), a
+        tensor "#checksum" / "@name" (see `tensor`), a dtype "%float32", a non-finite float "!inf", a dict an
+        object, a tuple ["(", ...], a list ["[", ...], a dataclass [class name, field values in the order listed in
+        `classes`]."""
+        if obj is None or isinstance(obj, (bool, int)):
+            return obj
+        if isinstance(obj, str):
+            return "~" + obj if obj[:1] in _MARKS else obj
+        if isinstance(obj, float):
+            return obj if math.isfinite(obj) else "!" + repr(obj)
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj, name)
+        if isinstance(obj, torch.dtype):
+            return "%" + str(obj).removeprefix("torch.")
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return ["(", *(self.encode(x, f"{name}.{i}") for i, x in enumerate(obj))]
+        if isinstance(obj, list):
+            return ["[", *(self.encode(x, f"{name}.{i}") for i, x in enumerate(obj))]
+        if isinstance(obj, dict):
+            if not all(isinstance(k, str) for k in obj):
+                raise TypeError(f"{name}: only dicts with string keys can be saved")
+            return {k: self.encode(v, f"{name}.{k}") for k, v in obj.items()}
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            cls = type(obj)
+            fields = [f.name for f in dataclasses.fields(obj)]
+            known = self.classes.setdefault(cls.__name__, {"module": cls.__module__, "fields": fields})
+            if known["fields"] != fields or known["module"] != cls.__module__:
+                raise TypeError(f"two classes named {cls.__name__} in one cache")
+            return [cls.__name__, *(self.encode(getattr(obj, f), f"{name}.{f}") for f in fields)]
+        raise TypeError(f"{name}: cannot save an object of type {type(obj).__name__}")
+
+
+_MARKS = ("#", "@", "%", "!", "~")
+
+
+class _Reader:
+    """Decodes the layout tree written by `_Writer` into objects, with tensors from the verified tensors file."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], strides: dict, classes: dict, device: torch.device):
+        self.tensors, self.strides, self.device = tensors, strides, device
+        self.classes = classes if isinstance(classes, dict) else {}
+        self.registry = _registry()
+        self._built: dict[str, torch.Tensor] = {}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name in self._built:  # a tensor shared by several owners stays shared
+            return self._built[name]
+        if name not in self.tensors:
+            raise CacheFileError("malformed", f"the layout refers to tensor {name!r}, which the file does not hold")
+        src = self.tensors[name]
+        stride = self.strides.get(name)
+        out = torch.empty_strided(src.shape, stride, dtype=src.dtype, device=self.device) if stride else \
+            torch.empty(src.shape, dtype=src.dtype, device=self.device)
+        out.copy_(src)
+        self._built[name] = out
+        return out
+
+    def decode(self, obj, name: str):
+        if obj is None or isinstance(obj, (bool, int, float)):
+            return obj
+        if isinstance(obj, str):
+            mark, rest = obj[:1], obj[1:]
+            if mark in ("#", "@"):
+                return self.tensor(name if mark == "#" else rest)
+            if mark == "%":
+                dtype = getattr(torch, rest, None)
+                if not isinstance(dtype, torch.dtype):
+                    raise CacheFileError("malformed", f"unknown dtype {rest!r}")
+                return dtype
+            if mark == "!":
+                return float(rest)
+            return rest if mark == "~" else obj
+        if isinstance(obj, dict):
+            return {k: self.decode(v, f"{name}.{k}") for k, v in obj.items()}
+        if not isinstance(obj, list) or not obj or not isinstance(obj[0], str):
+            raise CacheFileError("malformed", f"unexpected layout node {str(obj)[:80]!r} at {name}")
+        tag, items = obj[0], obj[1:]
+        if tag in ("(", "["):
+            out = [self.decode(x, f"{name}.{i}") for i, x in enumerate(items)]
+            return tuple(out) if tag == "(" else out
+        return self._dataclass(tag, items, name)
+
+    def _dataclass(self, cls_name: str, items: list, name: str):
+        info = self.classes.get(cls_name)
+        if not isinstance(info, dict) or not isinstance(info.get("fields"), list) \
+                or len(info["fields"]) != len(items):
+            raise CacheFileError("malformed", f"stored form {cls_name!r} at {name} is not described in the manifest")
+        module = info.get("module", "")
+        cls = self.registry.get(cls_name)
+        if cls is None and isinstance(module, str) and module.startswith("attentionpack."):
+            try:
+                cls = getattr(importlib.import_module(module), cls_name, None)
+            except ImportError:
+                cls = None
+        if cls is None or not dataclasses.is_dataclass(cls):
+            raise CacheFileError("malformed", f"stored form {cls_name!r} ({module}) is unknown to this attentionpack")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if set(info["fields"]) != set(fields):
+            raise CacheFileError("malformed", f"stored form {cls_name} has fields {info['fields']}, this "
+                                              f"attentionpack's {cls_name} has {list(fields)}")
+        decoded = {k: self.decode(v, f"{name}.{k}") for k, v in zip(info["fields"], items)}
+        inst = cls(**{k: v for k, v in decoded.items() if fields[k].init})
+        for k, v in decoded.items():
+            if not fields[k].init:
+                object.__setattr__(inst, k, v)
+        return inst
+
+
+# ---- the cache <-> tree ----------------------------------------------------------------------------------------------
+def _encode_cache(cache, w: _Writer) -> dict:
+    layers = []
+    for i, layer in enumerate(cache.layers):
+        entry = {
+            "total": layer.total, "sink_end": layer.sink_end, "last_call_tokens": layer._last_call_tokens,
+            "record_past": layer.record_past, "is_initialized": layer.is_initialized,
+            "dtype": w.encode(getattr(layer, "dtype", None), f"{i}.dtype") if layer.is_initialized else None,
+            "budget_choice": list(layer.budget_choice) if layer.budget_choice is not None else None,
+            "segments": [w.encode(seg, f"{i}.{j}") for j, seg in enumerate(layer.segments)],
+            "query_moments": None if layer.query_moments is None else w.tensor(layer.query_moments,
+                                                                                f"{i}.query_moments"),
+            "tail": None,
+        }
+        tail = layer.tail
+        if tail is not None:
+            keys, values, positions, valid = tail.view()
+            if tail.pad is not None:  # positions and padding flags follow the left-padding rule: derived, not held
+                positions = valid = None
+            entry["tail"] = {
+                "keys": w.tensor(keys, f"{i}.tail.keys"), "values": w.tensor(values, f"{i}.tail.values"),
+                "positions": None if positions is None else w.tensor(positions, f"{i}.tail.positions"),
+                "valid": None if valid is None else w.tensor(valid, f"{i}.tail.valid"),
+                "begin": tail.begin, "end": tail.end, "capacity": tail.capacity, "granule": tail.granule,
+                "pad": tail.pad, "dropped": tail.dropped,
+            }
+        layers.append(entry)
+    return {
+        "span_boundaries": list(cache.span_boundaries),
+        "labels": None if cache._labels is None else w.tensor(cache._labels, "labels"),
+        "groups": [list(g) for g in cache.groups],
+        "spans": [w.encode(sp, f"span.{k}") for k, sp in enumerate(cache.spans)],
+        "layers": layers,
+    }
+
+
+def _restore_tail(layer, t: dict, r: _Reader):
+    from .tail import ExactTail
+
+    i = layer.layer_idx
+    keys, values = r.decode(t["keys"], f"{i}.tail.keys"), r.decode(t["values"], f"{i}.tail.values")
+    positions, valid = r.decode(t["positions"], f"{i}.tail.positions"), r.decode(t["valid"], f"{i}.tail.valid")
+    if not all(isinstance(x, torch.Tensor) for x in (keys, values)) or keys.dim() != 4 or keys.shape != values.shape:
+        raise CacheFileError("malformed", f"layer {i}: the exact tail's keys/values are not (B, H, n, d) tensors")
+    begin, end, cap, granule = (int(t[k]) for k in ("begin", "end", "capacity", "granule"))
+    n = keys.shape[-2]
+    if not (0 <= begin <= end <= cap and end - begin == n and granule >= 1):
+        raise CacheFileError("malformed", f"layer {layer.layer_idx}: tail slots [{begin}, {end}) of {cap} do not "
+                                          f"hold its {n} tokens")
+    tail = ExactTail.__new__(ExactTail)
+    tail.granule, tail.begin, tail.end = granule, begin, end
+    pad, dropped = t.get("pad"), int(t.get("dropped", 0))
+    if pad is not None and (not isinstance(pad, list) or len(pad) != keys.shape[0]
+                            or not all(isinstance(p, int) and p >= 0 for p in pad) or positions is not None):
+        raise CacheFileError("malformed", f"layer {i}: the exact tail's padding rule {pad!r} does not fit its tokens")
+    if pad is None and (positions is None) != (valid is None):
+        raise CacheFileError("malformed", f"layer {i}: the exact tail holds positions or padding flags, not both")
+    tail.pad, tail.dropped = pad, dropped
+
+    def buffer(live):  # the original capacity, live tokens at their original slots (same strides as before)
+        if live is None:
+            return None
+        shape = list(live.shape)
+        axis = 2 if live.dim() == 4 else 1
+        shape[axis] = cap
+        buf = torch.empty(shape, dtype=live.dtype, device=live.device)
+        buf.narrow(axis, begin, n).copy_(live)
+        return buf
+
+    tail.keys, tail.values, tail.positions, tail.valid = buffer(keys), buffer(values), buffer(positions), buffer(valid)
+    return tail
+
+
+def _decode_cache(cache, tree: dict, r: _Reader) -> None:
+    from ..budget.planner import candidate_config
+
+    layers = tree["layers"]
+    if len(layers) != len(cache.layers):
+        raise CacheFileError("malformed", f"the file holds {len(layers)} layers, the model has {len(cache.layers)}")
+    cache.span_boundaries = tuple(int(b) for b in tree["span_boundaries"])
+    cache._labels = r.decode(tree["labels"], "labels")
+    cache.groups = [tuple(g) for g in tree["groups"]]
+    cache.spans = [r.decode(sp, f"span.{k}") for k, sp in enumerate(tree["spans"])]
+    for layer, entry in zip(cache.layers, layers):
+        layer._reset_state()
+        layer.total, layer.sink_end = int(entry["total"]), entry["sink_end"]
+        layer._last_call_tokens, layer.record_past = int(entry["last_call_tokens"]), bool(entry["record_past"])
+        layer.is_initialized = bool(entry["is_initialized"])
+        if layer.is_initialized:
+            layer.dtype, layer.device = r.decode(entry["dtype"], ""), r.device
+        i = layer.layer_idx
+        layer.segments = [r.decode(seg, f"{i}.{j}") for j, seg in enumerate(entry["segments"])]
+        plan = getattr(layer, "plan", None)
+        if plan is not None:  # state derived from the segments (a decode table), when the layer keeps one
+            layer.plan = type(plan)(layer.spec.num_kv_heads, layer.spec.head_dim, layer.segments)
+        layer.tail = None if entry["tail"] is None else _restore_tail(layer, entry["tail"], r)
+        moments = entry.get("query_moments")
+        layer.query_moments = None if moments is None else r.decode(moments, f"{i}.query_moments")
+        if entry["budget_choice"] is not None:
+            layer.budget_choice = tuple(entry["budget_choice"])
+            layer.set_text_codec(candidate_config(layer.config, *layer.budget_choice))
+        held = (layer.segments[0].start if layer.segments else layer.total - layer.tail_length)
+        if not 0 <= held <= layer.total or layer.tail_length > layer.total:
+            raise CacheFileError("malformed", f"layer {layer.layer_idx}: counters do not match its stored tokens")
+
+
+# ---- files ---------------------------------------------------------------------------------------------------------
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _tokens_tensor(tokens, cache) -> torch.Tensor | None:
+    if tokens is None:
+        return None
+    t = torch.as_tensor(tokens)
+    if t.dim() == 1:
+        t = t[None]
+    n = cache.get_seq_length()
+    if t.dim() != 2 or t.shape[1] != n:
+        raise ValueError(f"tokens of shape {tuple(t.shape)} do not cover the cache's {n} tokens: pass the (B, {n}) "
+                         "token ids the cache holds")
+    batch = _batch_of(cache)
+    if batch is not None and t.shape[0] != batch:
+        raise ValueError(f"tokens have {t.shape[0]} rows, the cache holds {batch} samples")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= 2 ** 31):
+        raise ValueError("token ids must lie in [0, 2^31)")
+    return t.to(torch.int32).contiguous()
+
+
+def _batch_of(cache) -> int | None:
+    for layer in cache.layers:
+        if layer.tail is not None:
+            return layer.tail.keys.shape[0]
+        for seg in layer.segments:
+            return seg.keys.tensors()[0].shape[0]
+    return None
+
+
+def build_files(cache, tokens=None, tokenizer=None, extra: dict | None = None) -> tuple[bytes, bytes]:
+    """The two files of a saved cache: (manifest bytes, tensors bytes). See the module docstring."""
+    from safetensors.torch import save as st_save
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        __version__ = version("attentionpack")
+    except PackageNotFoundError:  # a source tree that was not installed
+        __version__ = "unknown"
+
+    w = _Writer()
+    tree = _encode_cache(cache, w)
+    tok = _tokens_tensor(tokens, cache)
+    if tok is not None:
+        w.tensor(tok, _TOKENS)
+    data = st_save(w.tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "attentionpack": __version__,
+        "model": model_fingerprint(_model_of(cache)),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "config": _jsonable(config_fields(cache.config)), "config_sha256": config_sha256(cache.config),
+        "seq_length": cache.get_seq_length(), "batch": _batch_of(cache),
+        "tokens": None if tok is None else {"count": tok.shape[1], "batch": tok.shape[0],
+                                              "sha256": _sha(_tensor_bytes(tok))},
+        "nbytes": cache.nbytes(), "cache": tree, "classes": w.classes, "strides": w.strides,
+        "file": {"name": TENSORS, "bytes": len(data), "sha256": _sha(data)},
+        "extra": extra or {},
+    }
+    manifest["manifest_sha256"] = _sha(canonical_json(manifest))
+    return canonical_json(manifest) + b"\n", data
+
+
+def _model_of(cache):
+    model = cache.model_ref() if getattr(cache, "model_ref", None) is not None else None
+    if model is None:
+        raise ValueError("the model this cache was built for is gone; a cache is saved while its model is alive")
+    return model
+
+
+def _jsonable(fields: dict) -> dict:
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in fields.items()}
+
+
+def write_files(folder: Path, manifest: bytes, data: bytes) -> None:
+    """Write both files into a new folder (tensors first, then the manifest), each fsynced."""
+    folder.mkdir(parents=True)
+    _fsync_write(folder / TENSORS, data)
+    _fsync_write(folder / MANIFEST, manifest)
+
+
+def save_cache(cache, path: str | os.PathLike, tokens=None, tokenizer=None, extra: dict | None = None) -> Path:
+    """Save `cache` into the folder `path` (created; an existing saved cache there is replaced, anything else is an
+    error). `tokens`: the (B, N) or (N,) token ids the cache covers (N = cache.get_seq_length()), recorded so a
+    loader can check them; `tokenizer`: recorded as a fingerprint. Written to a temporary folder then renamed."""
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and ((path / MANIFEST).exists() or not any(path.iterdir()))):
+        raise ValueError(f"{path} exists and is not a saved cache; choose a new folder")
+    manifest, data = build_files(cache, tokens, tokenizer, extra)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    write_files(tmp, manifest, data)
+    if path.exists():
+        trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+        os.rename(path, trash)
+        os.rename(tmp, path)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The validated manifest of the saved cache in folder `path` (format, version, checksum); CacheFileError
+    otherwise."""
+    path = Path(path)
+    try:
+        raw = (path / MANIFEST).read_bytes()
+    except FileNotFoundError:
+        raise CacheFileError("missing", f"{path} holds no {MANIFEST}: not a saved cache, or removed") from None
+    except OSError as err:
+        raise CacheFileError("missing", f"cannot read {path / MANIFEST}: {err}") from None
+    return parse_manifest(raw, str(path))
+
+
+def parse_manifest(raw: bytes, where: str = "manifest") -> dict:
+    """Validate manifest bytes: JSON, format, version, canonical form, checksum."""
+    try:
+        manifest = json.loads(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CacheFileError("damaged", f"{where}: the manifest is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CacheFileError("format", f"{where}: not an attentionpack saved cache (format {got!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CacheFileError("format", f"{where}: written in cache format version {version!r}; this attentionpack "
+                                       f"reads version {FORMAT_VERSION}")
+    try:
+        canonical = canonical_json(manifest) + b"\n"
+    except (TypeError, ValueError) as err:
+        raise CacheFileError("damaged", f"{where}: the manifest holds values JSON cannot express ({err})") from None
+    if canonical != raw:
+        raise CacheFileError("damaged", f"{where}: the manifest is not in its written (canonical) form: edited or "
+                                        "damaged")
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    if manifest.get("manifest_sha256") != _sha(canonical_json(body)):
+        raise CacheFileError("damaged", f"{where}: the manifest checksum does not match its contents: edited or "
+                                        "damaged")
+    for key, kind in (("model", dict), ("config", dict), ("cache", dict), ("classes", dict), ("strides", dict),
+                      ("file", dict),
+                      ("seq_length", int), ("config_sha256", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise CacheFileError("malformed", f"{where}: manifest field {key!r} is missing or not a {kind.__name__}")
+    return manifest
+
+
+def check_compatible(manifest: dict, model, config=None, tokenizer=None, where: str = "cache") -> None:
+    """Refuse (CacheFileError) a manifest written by another model, tokenizer or PackConfig."""
+    fp = model_fingerprint(model)
+    stored = manifest["model"]
+    for key, what in (("architecture", "architecture"), ("config_sha256", "model config"),
+                      ("weights_sha256", "weights")):
+        if stored.get(key) != fp[key]:
+            detail = f" ({stored.get(key)} vs {fp[key]})" if key == "architecture" else ""
+            raise CacheFileError("model", f"{where} was written by another model: its {what} differs{detail}")
+    recorded = manifest.get("tokenizer")
+    if tokenizer is not None and recorded is not None and recorded != tokenizer_fingerprint(tokenizer):
+        raise CacheFileError("tokenizer", f"{where} was written with another tokenizer ({recorded.get('class')}, "
+                                          "different vocabulary or templates)")
+    if config is not None and config_sha256(config) != manifest["config_sha256"]:
+        mine = config_fields(config)
+        theirs = manifest["config"]
+        differ = sorted(k for k in set(mine) | set(theirs) if k != "name" and mine.get(k) != theirs.get(k))
+        raise CacheFileError("config", f"{where} was written with another PackConfig: "
+                                       + ", ".join(f"{k}={theirs.get(k)!r} (yours {mine.get(k)!r})" for k in differ))
+
+
+def _stored_config(manifest: dict, where: str):
+    from ..config import PackConfig
+
+    try:
+        config = PackConfig(**manifest["config"])
+    except (TypeError, ValueError) as err:
+        raise CacheFileError("config", f"{where}: its PackConfig cannot be rebuilt here ({err})") from None
+    if config_sha256(config) != manifest["config_sha256"]:
+        raise CacheFileError("config", f"{where}: its PackConfig does not match its recorded checksum")
+    return config
+
+
+def read_tensors(path: Path, manifest: dict, where: str) -> dict[str, torch.Tensor]:
+    """Read and verify the tensors file (size, sha256, dtypes, shapes) -> name -> tensor (CPU)."""
+    from safetensors.torch import load as st_load
+
+    info = manifest["file"]
+    try:
+        with open(path / TENSORS, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CacheFileError("missing", f"{where}: {TENSORS} is missing") from None
+    except OSError as err:
+        raise CacheFileError("missing", f"{where}: cannot read {TENSORS}: {err}") from None
+    if len(data) != info.get("bytes"):
+        raise CacheFileError("truncated", f"{where}: {TENSORS} has {len(data):,} bytes, the manifest says "
+                                          f"{info.get('bytes')!r}: truncated or overwritten")
+    if _sha(data) != info.get("sha256"):
+        raise CacheFileError("damaged", f"{where}: {TENSORS} does not match the manifest's sha256"
+                                        f"{_damaged_names(data, manifest)}: damaged, or from another save")
+    try:
+        tensors = st_load(data)
+    except Exception as err:  # noqa: BLE001 - the checksum matched, so this is a malformed writer's file
+        raise CacheFileError("malformed", f"{where}: {TENSORS} cannot be parsed ({err})") from None
+    expected = set(tensor_checksums(manifest)) | ({_TOKENS} if manifest.get("tokens") is not None else set())
+    if set(tensors) != expected:
+        raise CacheFileError("malformed", f"{where}: {TENSORS} holds other tensors than the layout refers to")
+    for name, stride in manifest["strides"].items():
+        t = tensors.get(name)
+        if t is None or not (isinstance(stride, list) and len(stride) == t.dim()
+                             and _stride_is_dense(list(t.shape), stride)):
+            raise CacheFileError("malformed", f"{where}: tensor {name}'s stride {stride!r} is impossible")
+    return tensors
+
+
+def tensor_checksums(manifest: dict) -> dict[str, str]:
+    """Every tensor the layout stores: name -> first 8 hex digits of the sha256 of its bytes."""
+    classes = manifest.get("classes") or {}
+    out: dict[str, str] = {}
+
+    def walk(node, name):
+        if isinstance(node, str):
+            if node.startswith("#"):
+                out[name] = node[1:]
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{name}.{k}")
+        elif isinstance(node, list) and node and isinstance(node[0], str):
+            tag, items = node[0], node[1:]
+            keys = range(len(items)) if tag in ("(", "[") else (classes.get(tag) or {}).get("fields")
+            if keys is None or len(keys) != len(items):
+                raise CacheFileError("malformed", f"layout node {tag!r} at {name} is not described in the manifest")
+            for k, x in zip(keys, items):
+                walk(x, f"{name}.{k}")
+
+    try:
+        tree = manifest["cache"]
+        walk(tree["labels"], "labels")
+        for k, span in enumerate(tree["spans"]):
+            walk(span, f"span.{k}")
+        for i, layer in enumerate(tree["layers"]):
+            for j, seg in enumerate(layer["segments"]):
+                walk(seg, f"{i}.{j}")
+            for key in ("keys", "values", "positions", "valid"):
+                if layer["tail"] is not None:
+                    walk(layer["tail"][key], f"{i}.tail.{key}")
+    except CacheFileError:
+        raise
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CacheFileError("malformed", f"the layout is incomplete ({type(err).__name__}: {err})") from None
+    return out
+
+
+def _damaged_names(data: bytes, manifest: dict) -> str:
+    """' (tensors a, b differ)' when the file still parses: names the damaged tensors for the error message."""
+    from safetensors.torch import load as st_load
+
+    try:
+        tensors = st_load(data)
+    except Exception:  # noqa: BLE001
+        return " (its header is damaged)"
+    try:
+        sums = tensor_checksums(manifest)
+    except CacheFileError:
+        return ""
+    bad = [n for n, t in tensors.items() if n in sums and _sha(_tensor_bytes(t))[:8] != sums[n]]
+    return f" (tensor{'s' if len(bad) > 1 else ''} {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} differ)" \
+        if bad else ""
+
+
+def _stored_tokens(manifest: dict, tensors: dict, where: str) -> torch.Tensor | None:
+    info = manifest.get("tokens")
+    if info is None:
+        return None
+    tok = tensors.get(_TOKENS)
+    if not isinstance(info, dict) or tok is None or tok.dim() != 2 \
+            or list(tok.shape) != [info.get("batch"), info.get("count")] \
+            or info.get("count") != manifest["seq_length"] or _sha(_tensor_bytes(tok)) != info.get("sha256"):
+        raise CacheFileError("tokens", f"{where}: the stored token ids do not match the manifest")
+    return tok.to(torch.long)
+
+
+def load_cache(path: str | os.PathLike, model, cache_class, config=None, tokenizer=None) -> LoadedCache:
+    """Load the cache saved in folder `path` for `model` (and `config`: None uses the saved PackConfig, a given one
+    must equal it); `cache_class` builds the empty cache (`PackedCache`). Raises CacheFileError (see module docstring) before building anything when the files are
+    damaged or were written for another model, tokenizer (checked when both are known) or PackConfig."""
+    from ..config import PackConfig
+
+    path = Path(path)
+    where = str(path)
+    if config is not None and isinstance(config, str):
+        config = PackConfig.preset(config)
+    manifest = read_manifest(path)
+    try:
+        check_compatible(manifest, model, config, tokenizer, where)
+        stored_config = _stored_config(manifest, where)
+        tensors = read_tensors(path, manifest, where)
+        tokens = _stored_tokens(manifest, tensors, where)
+    except CacheFileError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as err:  # fields of the wrong type
+        raise CacheFileError("malformed", f"{where}: the manifest is inconsistent ({type(err).__name__}: {err})") \
+            from None
+    device = next(iter(model.parameters())).device
+    try:
+        cache = cache_class(model, config if config is not None else stored_config)
+        reader = _Reader(tensors, manifest["strides"], manifest["classes"], device)
+        _decode_cache(cache, manifest["cache"], reader)
+        if cache.get_seq_length() != manifest["seq_length"]:
+            raise CacheFileError("malformed", f"{where}: rebuilt {cache.get_seq_length()} tokens, the manifest says "
+                                              f"{manifest['seq_length']}")
+    except CacheFileError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any inconsistency of a checksummed file is a writer bug or an edit
+        raise CacheFileError("malformed", f"{where}: the layout cannot be rebuilt ({type(err).__name__}: {err})") \
+            from None
+    return LoadedCache(cache, tokens, manifest)
