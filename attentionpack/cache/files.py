@@ -601,6 +601,8 @@ def tensor_checksums(manifest: dict) -> dict[str, str]:
             for key in ("keys", "values", "positions", "valid"):
                 if layer["tail"] is not None:
                     walk(layer["tail"][key], f"{i}.tail.{key}")
+            if layer.get("query_moments") is not None:
+                walk(layer["query_moments"], f"{i}.query_moments")
     except CacheFileError:
         raise
     except (KeyError, TypeError, AttributeError) as err:
