@@ -11,6 +11,10 @@ one `RowsView` for both keys and values. The model must run the "attentionpack" 
 each row is attended either by its cache's own view (a `PackedView` of compressed pieces) or, for plain tensors,
 by SDPA (or eager math when the model uses a logit softcap) over that row's keys/values.
 
+Faults stay in their row: an exception raised by one sequence's cache (in `update` or in its view's `attend`) is
+recorded in `failed[row]` and that row's attention output is zeros for the rest of the step, so the other rows'
+results are unaffected (rows never mix in a decoder); the caller fails that sequence and drops its cache.
+
 Masks: the model builds a mask from this wrapper's `get_mask_sizes`, which describes a trivial one-key mask; it
 is ignored. Each row needs no causal mask (one query token attending to everything its cache returned) except on
 sliding-window layers, where the row keeps only keys at cache indices >= length - window (the stock semantics:
@@ -75,6 +79,7 @@ class SequenceBatchCache(Cache):
         super().__init__(layers=[_RowsLayer(w is not None) for w in windows])
         self.caches = list(caches)
         self.windows = list(windows)
+        self.failed: dict[int, BaseException] = {}  # row -> the exception its cache raised during this step
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key_states/value_states (N, H, 1, d): row i goes to cache i. Returns (view, view), one `RowsView`."""
@@ -83,9 +88,16 @@ class SequenceBatchCache(Cache):
             raise ValueError(f"a step of {n} rows for {len(self.caches)} sequence caches")
         if key_states.shape[-2] != 1:
             raise ValueError(f"SequenceBatchCache serves one-token decoding steps, got {key_states.shape[-2]} tokens")
-        rows = [cache.update(key_states[i:i + 1], value_states[i:i + 1], layer_idx)
-                for i, cache in enumerate(self.caches)]
-        view = RowsView(rows, self.windows[layer_idx])
+        rows = []
+        for i, cache in enumerate(self.caches):
+            result = None
+            if i not in self.failed:
+                try:
+                    result = cache.update(key_states[i:i + 1], value_states[i:i + 1], layer_idx)
+                except Exception as err:  # noqa: BLE001 - a fault of one sequence fails that sequence only
+                    self.failed[i] = err
+            rows.append(result)
+        view = RowsView(rows, self.windows[layer_idx], self.failed)
         return view, view
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -100,18 +112,27 @@ class RowsView:
     """The per-row results of one layer's update; `attend` computes each row's attention against its own cache.
 
     rows[i] is (keys, values) returned by sequence i's cache: a view with `attend` (both entries the same object)
-    or plain tensors (1, H, L, d) covering that sequence's newest L cache indices.
+    or plain tensors (1, H, L, d) covering that sequence's newest L cache indices; None for a failed row.
     """
 
-    def __init__(self, rows: list[tuple], window: int | None):
+    def __init__(self, rows: list[tuple | None], window: int | None, failed: dict[int, BaseException]):
         self.rows = rows
         self.window = window
+        self.failed = failed
 
     def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float | None,
                softcap: float | None = None) -> torch.Tensor:
         """query (N, Hq, 1, d) rotated -> output (N, 1, Hq, d); `mask` (built for the whole batch) is ignored."""
-        outs = [self._attend_row(query[i:i + 1], keys, values, scaling, softcap)
-                for i, (keys, values) in enumerate(self.rows)]
+        outs = []
+        for i, row in enumerate(self.rows):
+            q = query[i:i + 1]
+            out = None
+            if row is not None and i not in self.failed:
+                try:
+                    out = self._attend_row(q, row[0], row[1], scaling, softcap)
+                except Exception as err:  # noqa: BLE001 - see the module docstring
+                    self.failed[i] = err
+            outs.append(q.new_zeros(1, q.shape[2], q.shape[1], q.shape[3]) if out is None else out)
         return torch.cat(outs, dim=0)
 
     def _attend_row(self, q: torch.Tensor, keys, values, scaling: float | None, softcap: float | None):
