@@ -483,3 +483,31 @@ def cache_spec_from(preset: str | None, budget: float | None) -> str | PackConfi
     if preset == "dynamic":
         return "dynamic"
     return PackConfig.preset(preset)
+
+
+def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             timeout: float = 600.0) -> list[list[int]]:
+    """Submit all prompts at once to a started engine and return each one's generated token ids (blocking).
+
+    Served concurrently (continuous batching); pass one prompt at a time to serve it alone."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+
+    async def run() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        seqs = [Sequence(list(p), dataclasses.replace(pp), queue, loop, index=i)
+                for i, (p, pp) in enumerate(zip(prompts, plist))]
+        engine.submit(seqs)
+        out: list[list[int]] = [[] for _ in seqs]
+        open_ = set(range(len(seqs)))
+        while open_:
+            kind, idx, *payload = await asyncio.wait_for(queue.get(), timeout)
+            if kind == "token":
+                out[idx].append(payload[0])
+            elif kind == "end":
+                open_.discard(idx)
+            else:
+                raise RuntimeError(f"sequence {idx} failed: {payload}")
+        return out
+
+    return asyncio.run(run())
