@@ -184,6 +184,7 @@ class Engine:
         self.dynamic_equivalent = 0
         self.reservation_violations = 0
         self.max_active = 0
+        self.exact_fallbacks = 0  # sequences served with DynamicCache because their prompt was too short for a budget
         self.decode_steps = 0
         self.decode_seconds = 0.0
         self.decode_tokens = 0
@@ -242,6 +243,7 @@ class Engine:
                     "kv_bytes_held": self.held, "kv_bytes_held_max": self.held_max, "kv_bytes_reserved": self.reserved,
                     "kv_bytes_limit": self.kv_memory, "kv_bytes_dynamic_equivalent": self.dynamic_equivalent,
                     "max_running": self.max_active, "reservation_violations": self.reservation_violations,
+                    "exact_fallbacks": self.exact_fallbacks,
                     "decode_steps": self.decode_steps, "decode_seconds": self.decode_seconds,
                     "decode_tokens": self.decode_tokens}
 
@@ -313,6 +315,7 @@ class Engine:
                 self.prefilling = None
                 self.reserved -= seq.reserved
                 seq.reserved, seq.cache, seq.exact_fallback = 0, None, True
+                self.exact_fallbacks += 1
                 self.waiting.appendleft(seq)
             return
         except Exception as err:  # noqa: BLE001 - fails this request only
@@ -395,9 +398,9 @@ class Engine:
         if reason is None and seq.length + 1 > self.max_context:
             reason = "length"
         if reason is not None:
-            seq.emit("end", reason)
             with self._lock:
-                self._release(seq, outcome="finished")
+                self._release(seq, outcome="finished")  # freed before the client hears the end
+            seq.emit("end", reason)
 
     def _release(self, seq: Sequence, outcome: str, error: str | None = None) -> None:
         """Under the lock: remove a sequence from the batch and free its cache and reservation."""
