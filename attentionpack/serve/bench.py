@@ -99,7 +99,7 @@ async def _load(url: str, prompts: list[list[int]], max_tokens: int, duration: f
 
 
 def bench_config(model, tokenizer, name: str, prompts: list[list[int]], kv_memory: int, max_tokens: int,
-                 duration: float, sample_every: float = 0.25) -> dict:
+                 duration: float, sample_every: float = 0.5) -> dict:
     """Serve `prompts` at once through a fresh engine + server for config `name`; return the measured row."""
     from .app import ServerThread, create_app
     from .metrics import ServerMetrics
@@ -191,7 +191,8 @@ def _fmt(x, unit="s") -> str:
 
 
 def _line(r: dict) -> str:
-    return (f"{r['config']:>12}: {r['requests']} requests, {r['failed']} failed | held at once {r['max_concurrent_sequences']}"
+    return (f"{r['config']:>12}: {r['requests']} requests, {r['failed']} failed"
+            f" | held at once {r['max_concurrent_sequences']}"
             f" | tokens/s end-to-end {r['tokens_per_s_end_to_end']:.2f}, in decoding steps "
             f"{r['decode_tokens_per_s']:.2f} (mean batch {r['mean_decode_batch']:.1f})"
             f" | TTFT p50 {_fmt(r['ttft_p50_s'])} p99 {_fmt(r['ttft_p99_s'])}"
@@ -207,11 +208,13 @@ def _summary(rows: list[dict]) -> None:
     for r in rows:
         if r is base:
             continue
-        print(f"{r['config']} vs dynamic: {r['max_concurrent_sequences'] / max(1, base['max_concurrent_sequences']):.2f}x "
+        held = r["max_concurrent_sequences"] / max(1, base["max_concurrent_sequences"])
+        print(f"{r['config']} vs dynamic: {held:.2f}x "
               f"sequences held, {r['decode_tokens_per_s'] / max(1e-9, base['decode_tokens_per_s']):.2f}x tokens/s in "
               f"decoding steps, {r['tokens_per_s_end_to_end'] / max(1e-9, base['tokens_per_s_end_to_end']):.2f}x "
               "tokens/s end-to-end")
-    over = [r["config"] for r in rows if max(r["kv_bytes_held_max_engine"], r["kv_bytes_held_max_sampled"]) > r["kv_memory"]]
+    over = [r["config"] for r in rows
+            if max(r["kv_bytes_held_max_engine"], r["kv_bytes_held_max_sampled"]) > r["kv_memory"]]
     print("KV bytes held never exceeded the cap" if not over else f"CAP EXCEEDED by: {over}")
 
 

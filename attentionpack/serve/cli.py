@@ -25,9 +25,12 @@ def _budget(text: str | None) -> float | None:
 
 
 def serve_command(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="lossless, balanced (default), max, or dynamic (transformers' DynamicCache)."),
-    budget: Optional[str] = typer.Option(None, "--budget", "-b", help="Byte budget as a fraction of DynamicCache, e.g. 1/8 (instead of --preset)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file "
+                                        "(default: embedded SmolLM2-135M-Instruct)."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="lossless, balanced (default), max, or "
+                                         "dynamic (transformers' DynamicCache)."),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help="Byte budget as a fraction of "
+                                         "DynamicCache, e.g. 1/8 (instead of --preset)."),
     kv_memory: str = typer.Option("2GiB", "--kv-memory", help="Most KV cache bytes held by all requests together."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
@@ -76,14 +79,18 @@ def serve_command(
 
 def bench_serve_command(
     model: Optional[str] = typer.Option(None, "--model", "-m"),
-    configs: list[str] = typer.Option(["dynamic", "balanced", "budget=1/8"], "--configs", "-c", help="dynamic, a preset, or budget=F."),
+    configs: list[str] = typer.Option(["dynamic", "balanced", "budget=1/8"], "--configs", "-c",
+                                      help="dynamic, a preset, or budget=F."),
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="Default: room for two DynamicCache sequences."),
     prompt_tokens: int = typer.Option(4096, "--prompt-tokens", min=16),
     max_tokens: int = typer.Option(32, "--max-tokens", min=1),
-    requests: Optional[list[int]] = typer.Option(None, "--requests", "-r", help="Requests per config (default 4, 6, 12)."),
-    duration: float = typer.Option(600.0, "--duration", min=1.0, help="Seconds after which a config's requests are cut."),
+    requests: Optional[list[int]] = typer.Option(None, "--requests", "-r",
+                                                 help="Requests per config, repeated (default 4, 6, 12)."),
+    duration: float = typer.Option(600.0, "--duration", min=1.0,
+                                   help="Seconds after which a config's requests are cut."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    out: Path = typer.Option(Path("serve-bench"), "--out", help="Folder for serve-bench.json and serve-bench.png."),
+    out: Path = typer.Option(Path("serve-bench"), "--out",
+                             help="Folder for serve-bench.json and serve-bench.png."),
 ):
     """Load-test servers it starts on 127.0.0.1: sequences held, tokens/s, TTFT/ITL, failures, KV bytes vs cap."""
     try:

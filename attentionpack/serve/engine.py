@@ -259,10 +259,17 @@ class Engine:
                 if seq is None and not self.active:
                     self._lock.wait(timeout=0.5)
                     continue
-            if seq is not None:
-                self._prefill(seq)
-            if self.active:
-                self._decode_step()
+            try:
+                if seq is not None:
+                    self._prefill(seq)
+                if self.active:
+                    self._decode_step()
+            except Exception as err:  # noqa: BLE001 - an engine bug must not leave clients waiting forever
+                log.exception("engine step failed")
+                with self._lock:
+                    for s in list(self.active) + ([self.prefilling] if self.prefilling is not None else []):
+                        self._release(s, outcome="failed", error=f"engine failure: {type(err).__name__}: {err}")
+                    self.prefilling = None
         with self._lock:
             for s in list(self.waiting) + self.active:
                 s.emit("error", 503, "the server is shutting down")
@@ -358,7 +365,13 @@ class Engine:
         tokens = []
         for i, s in enumerate(batch):
             s.length += 1
-            tokens.append(None if i in wrapper.failed else self._sample(logits[i, -1], s))
+            token = None
+            if i not in wrapper.failed:
+                try:
+                    token = self._sample(logits[i, -1], s)
+                except Exception as err:  # noqa: BLE001 - e.g. non-finite logits: this sequence fails alone
+                    wrapper.failed[i] = err
+            tokens.append(token)
         with self._lock:
             self.decode_steps += 1
             self.decode_seconds += elapsed
