@@ -74,9 +74,9 @@ def test_a_request_that_can_never_fit_answers_400_naming_the_limit(model):
         assert "--kv-memory" in message and "20000" in message and str(108 * 512) in message
 
 
-def _load(model, spec, kv_memory: int, requests: int = 10):
+def _load(model, spec, kv_memory: int, requests: int = 10, prompt: str = PROMPT):
     """All requests queued before the engine starts, so only the KV memory limits how many run at once."""
-    bodies = [{"prompt": f"{i:02d} " + PROMPT, "max_tokens": 16, "temperature": 0} for i in range(requests)]
+    bodies = [{"prompt": f"{i:02d} " + prompt, "max_tokens": 16, "temperature": 0} for i in range(requests)]
     with running_server(model, ByteTokenizer(), spec, kv_memory=kv_memory, max_queue=requests,
                         start_engine=False) as (srv, engine):
         threads, results = _post_all(srv, bodies)
@@ -102,3 +102,12 @@ def test_bytes_held_never_exceed_the_cap_and_compression_admits_more(model):
     assert dyn["max_running"] == 2 and lossless["max_running"] == 2
     assert budget["max_running"] >= 2 * dyn["max_running"], (budget, dyn)
     assert lossless_texts == dyn_texts  # lossless: the same greedy text as DynamicCache
+
+
+def test_short_prompts_under_a_budget_are_reserved_as_exact(model):
+    """A prompt shorter than sink + window + min_span is not compacted, so the budget's f x DynamicCache bound does
+    not apply to it: its reservation must cover it exact (no reservation is ever exceeded)."""
+    small = dict(window=16, chunk=16, min_span=8)
+    snap, _ = _load(model, PackConfig.preset("balanced").replace(**small, budget=0.125), 1 << 20, requests=6,
+                    prompt="short one")
+    assert snap["reservation_violations"] == 0 and 0 < snap["kv_bytes_held_max"] <= 1 << 20, snap

@@ -127,13 +127,14 @@ class KVAccounting:
     def before_prefill(self, prompt: int, max_tokens: int, exact_fallback: bool = False) -> int:
         """Reservation before the prefill: an upper bound of the bytes held at any step boundary until the end.
 
-        DynamicCache (and the exact fallback): prompt + max_tokens tokens at full size. A byte budget f: the prefill
-        leaves at most f x DynamicCache bytes of the prompt (PackConfig.budget, enforced by the cache or raised as
-        BudgetError), plus `growth(max_tokens)`. Other PackConfigs: every token exact plus tail metadata."""
+        DynamicCache (and the exact fallback): prompt + max_tokens tokens at full size. A byte budget f: a prefill
+        that compacts (prompt >= sink + window + min_span) leaves at most f x DynamicCache bytes of the prompt
+        (PackConfig.budget, enforced by the cache or raised as BudgetError), plus `growth(max_tokens)`; a shorter
+        prompt stays exact. Other PackConfigs: every token exact plus tail metadata."""
         if self.spec == "dynamic" or exact_fallback:
             return self.per_token * (prompt + max_tokens)
         budget = self.spec.budget
-        if budget is not None:
+        if budget is not None and prompt >= self.spec.sink + self.spec.window + self.spec.min_span:
             return math.ceil(budget * self.per_token * prompt) + self.growth(max_tokens)
         if not self.compressing:
             return self.per_token * (prompt + max_tokens)
