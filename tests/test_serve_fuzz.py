@@ -8,7 +8,6 @@ import random
 import time
 
 import httpx
-import pytest
 
 import tiny_models
 from serve_helpers import ByteTokenizer, running_server
