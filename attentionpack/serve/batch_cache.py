@@ -29,6 +29,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..attention.packed import packed_attention_forward
+
 
 def layer_windows(model) -> list[int | None]:
     """Per decoder layer: its sliding window in tokens, or None for full attention (transformers' own rule)."""
@@ -136,12 +138,15 @@ class RowsView:
         return torch.cat(outs, dim=0)
 
     def _attend_row(self, q: torch.Tensor, keys, values, scaling: float | None, softcap: float | None):
-        if hasattr(keys, "attend"):
+        if not isinstance(keys, torch.Tensor):  # a view of stored pieces over cache indices [first, total)
             row_mask = None
             if self.window is not None and keys.total - keys.first > self.window:
                 cols = torch.arange(keys.first, keys.total, device=q.device)
                 row_mask = (cols >= keys.total - self.window)[None, None, None, :]  # (1, 1, 1, held)
-            return keys.attend(q, row_mask, scaling, softcap)
+            module = SimpleNamespace(num_key_value_groups=q.shape[1] // keys.num_kv_heads, is_causal=True,
+                                     training=False)
+            out, _ = packed_attention_forward(module, q, keys, values, row_mask, scaling=scaling, softcap=softcap)
+            return out
         if self.window is not None and keys.shape[-2] > self.window:
             keys, values = keys[..., -self.window:, :], values[..., -self.window:, :]
         groups = q.shape[1] // keys.shape[1]

@@ -34,10 +34,15 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
+from ..attention.packed import NAME as PACKED_ATTENTION
 from ..attention.packed import enable as enable_packed_attention
-from ..cache.memory import cache_nbytes
 from ..config import PackConfig
 from .batch_cache import SequenceBatchCache, layer_windows
+
+try:  # the byte walk's home after the cache refactor (issue 12), then before it
+    from ..cache import cache_nbytes
+except ImportError:  # pragma: no cover - depends on the library version
+    from ..cache.memory import cache_nbytes
 
 log = logging.getLogger("attentionpack.serve")
 
@@ -159,7 +164,8 @@ class Engine:
     def __init__(self, model, cache_spec: str | PackConfig = "dynamic", kv_memory: int = 2 << 30,
                  max_queue: int = 64, max_context: int | None = None,
                  cache_factory: Callable[[Sequence], object] | None = None, metrics=None):
-        if not enable_packed_attention(model):
+        enable_packed_attention(model)
+        if getattr(model.config, "_attn_implementation", None) != PACKED_ATTENTION:
             raise ValueError("continuous batching needs a model that uses SDPA attention (it runs the "
                              f"'attentionpack' implementation); this one uses {model.config._attn_implementation!r}")
         if kv_memory <= 0:
