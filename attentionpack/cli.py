@@ -112,6 +112,9 @@ def bench_vlm(
 
 from .eval.cli import eval_command  # noqa: E402  (the evaluation harness: attentionpack/eval/)
 app.command("eval")(eval_command)
+from .serve.cli import bench_serve_command, serve_command  # noqa: E402  (attentionpack/serve/)
+app.command("serve")(serve_command)
+bench_app.command("serve")(bench_serve_command)
 
 from .store_cli import cache_app  # noqa: E402  (saved caches, a prefix store: attentionpack/store/)
 

@@ -1,0 +1,169 @@
+"""`SequenceBatchCache`: N independent batch-1 caches seen by the model as one batch of N one-token rows.
+
+Continuous batching runs ONE model forward per decoding step over every active sequence: input_ids (N, 1),
+position_ids (N, 1) (each sequence's own length), past_key_values = a `SequenceBatchCache` wrapping the N
+sequences' own caches (each a `PackedCache` or a `DynamicCache`, of any lengths). The weights are read once per
+step for all sequences; attention is computed per sequence, each row against its own cache only.
+
+`update(k (N, H, 1, d), v, layer_idx)` hands row i to cache i (`update(k[i:i+1], v[i:i+1], layer_idx)`) and returns
+one `RowsView` for both keys and values. The model must run the "attentionpack" attention implementation
+(`attentionpack.attention.packed.enable(model)`), which calls `RowsView.attend` for any key object with `attend`:
+each row is attended either by its cache's own view (a `LayerView` of its compressed segments) or, for plain tensors,
+by SDPA (or eager math when the model uses a logit softcap) over that row's keys/values.
+
+Faults stay in their row: an exception raised by one sequence's cache (in `update` or in its view's `attend`) is
+recorded in `failed[row]` and that row's attention output is zeros for the rest of the step, so the other rows'
+results are unaffected (rows never mix in a decoder); the caller fails that sequence and drops its cache.
+
+Masks: the model builds a mask from this wrapper's `get_mask_sizes`, which describes a trivial one-key mask; it
+is ignored. Each row needs no causal mask (one query token attending to everything its cache returned) except on
+sliding-window layers, where the row keeps only keys at cache indices >= length - window (the stock semantics:
+query position p sees keys p - window < j <= p).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ..attention.packed import packed_attention_forward
+
+
+def layer_windows(model) -> list[int | None]:
+    """Per decoder layer: its sliding window in tokens, or None for full attention (transformers' own rule)."""
+    config = model.config.get_text_config(decoder=True)
+    types, kwargs = get_layer_types_and_kwargs(config)
+    return [kw.get("sliding_window") if t in ("sliding_attention", "chunked_attention") else None
+            for t, kw in zip(types, kwargs)]
+
+
+class _RowsLayer(CacheLayerMixin):
+    """Layer object transformers' mask code inspects: a trivial (1 query, 1 key) mask, never used by `RowsView`."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, sliding: bool):
+        super().__init__()
+        self.is_sliding = sliding
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # pragma: no cover - never stores
+        pass
+
+    def update(self, *args, **kwargs):  # pragma: no cover - SequenceBatchCache.update dispatches per row
+        raise RuntimeError("a SequenceBatchCache layer stores nothing; call SequenceBatchCache.update")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class SequenceBatchCache(Cache):
+    """N batch-1 caches (one per sequence) served as one batch of one-token decoding rows.
+
+    Args:
+        caches: the sequences' caches, row i of the batch is `caches[i]`; each already holds that sequence's tokens.
+        windows: per layer the sliding window (None for full attention), from `layer_windows(model)`.
+    """
+
+    def __init__(self, caches: Sequence[Cache], windows: Sequence[int | None]):
+        if not caches:
+            raise ValueError("SequenceBatchCache needs at least one sequence cache")
+        super().__init__(layers=[_RowsLayer(w is not None) for w in windows])
+        self.caches = list(caches)
+        self.windows = list(windows)
+        self.failed: dict[int, BaseException] = {}  # row -> the exception its cache raised during this step
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key_states/value_states (N, H, 1, d): row i goes to cache i. Returns (view, view), one `RowsView`."""
+        n = key_states.shape[0]
+        if n != len(self.caches):
+            raise ValueError(f"a step of {n} rows for {len(self.caches)} sequence caches")
+        if key_states.shape[-2] != 1:
+            raise ValueError(f"SequenceBatchCache serves one-token decoding steps, got {key_states.shape[-2]} tokens")
+        rows = []
+        for i, cache in enumerate(self.caches):
+            result = None
+            if i not in self.failed:
+                try:
+                    result = cache.update(key_states[i:i + 1], value_states[i:i + 1], layer_idx)
+                except Exception as err:  # noqa: BLE001 - a fault of one sequence fails that sequence only
+                    self.failed[i] = err
+            rows.append(result)
+        view = RowsView(rows, self.windows[layer_idx], self.failed)
+        return view, view
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Longest sequence held (positions are passed explicitly per row; masks use `get_mask_sizes`)."""
+        return max(c.get_seq_length(layer_idx) for c in self.caches)
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class RowsView:
+    """The per-row results of one layer's update; `attend` computes each row's attention against its own cache.
+
+    rows[i] is (keys, values) returned by sequence i's cache: a view with `attend` (both entries the same object)
+    or plain tensors (1, H, L, d) covering that sequence's newest L cache indices; None for a failed row.
+    """
+
+    def __init__(self, rows: list[tuple | None], window: int | None, failed: dict[int, BaseException]):
+        self.rows = rows
+        self.window = window
+        self.failed = failed
+
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float | None,
+               softcap: float | None = None) -> torch.Tensor:
+        """query (N, Hq, 1, d) rotated -> output (N, 1, Hq, d); `mask` (built for the whole batch) is ignored."""
+        outs = []
+        for i, row in enumerate(self.rows):
+            q = query[i:i + 1]
+            out = None
+            if row is not None and i not in self.failed:
+                try:
+                    out = self._attend_row(q, row[0], row[1], scaling, softcap)
+                except Exception as err:  # noqa: BLE001 - see the module docstring
+                    self.failed[i] = err
+            outs.append(q.new_zeros(1, q.shape[2], q.shape[1], q.shape[3]) if out is None else out)
+        return torch.cat(outs, dim=0)
+
+    def _attend_row(self, q: torch.Tensor, keys, values, scaling: float | None, softcap: float | None):
+        if not isinstance(keys, torch.Tensor):  # a view of stored pieces over cache indices [first, total)
+            row_mask = None
+            if self.window is not None and keys.total - keys.first > self.window:
+                cols = torch.arange(keys.first, keys.total, device=q.device)
+                row_mask = (cols >= keys.total - self.window)[None, None, None, :]  # (1, 1, 1, held)
+            module = SimpleNamespace(num_key_value_groups=q.shape[1] // keys.num_kv_heads, is_causal=True,
+                                     training=False)
+            out, _ = packed_attention_forward(module, q, keys, values, row_mask, scaling=scaling, softcap=softcap)
+            return out
+        if self.window is not None and keys.shape[-2] > self.window:
+            keys, values = keys[..., -self.window:, :], values[..., -self.window:, :]
+        groups = q.shape[1] // keys.shape[1]
+        if softcap is None:
+            module = SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=False)
+            out, _ = sdpa_attention_forward(module, q, keys, values, None, scaling=scaling)
+            return out
+        return _eager(q, keys, values, groups, scaling, softcap)
+
+
+def _eager(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, groups: int, scaling: float | None,
+           softcap: float) -> torch.Tensor:
+    """Eager attention of one row with a logit softcap: q (1, Hq, 1, d), keys/values (1, H, L, d) -> (1, 1, Hq, d)."""
+    keys = keys.repeat_interleave(groups, dim=1)
+    values = values.repeat_interleave(groups, dim=1)
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (q @ keys.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ values).transpose(1, 2).contiguous()

@@ -1,0 +1,104 @@
+"""Typer commands `attentionpack serve` and `attentionpack bench serve` (mounted by attentionpack/cli.py); the
+serving dependencies (the `serve` extra) are imported only when a command runs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _budget(text: str | None) -> float | None:
+    if text is None:
+        return None
+    num, _, den = text.partition("/")
+    try:
+        value = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        _fail(f"--budget {text!r}: give a fraction such as 0.125 or 1/8")
+    return value
+
+
+def serve_command(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file "
+                                        "(default: embedded SmolLM2-135M-Instruct)."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="lossless, balanced (default), max, or "
+                                         "dynamic (transformers' DynamicCache)."),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help="Byte budget as a fraction of "
+                                         "DynamicCache, e.g. 1/8 (instead of --preset)."),
+    kv_memory: str = typer.Option("2GiB", "--kv-memory", help="Most KV cache bytes held by all requests together."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests waiting for memory beyond this get 429."),
+    max_tokens: int = typer.Option(256, "--default-max-tokens", min=1, help="max_tokens when a request gives none."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
+):
+    """OpenAI-compatible server (chat/completions, streaming) with continuous batching over compressed KV caches."""
+    try:
+        import uvicorn
+
+        from .app import create_app
+        from .engine import Engine, cache_spec_from, parse_bytes
+        from .metrics import ServerMetrics
+    except ImportError as err:
+        _fail(f"{err}; install the serving extra: pip install 'attentionpack[serve]'")
+    import torch
+
+    from ..models import load_model
+
+    try:
+        spec = cache_spec_from(preset, _budget(budget))
+        cap = parse_bytes(kv_memory)
+    except ValueError as err:
+        _fail(str(err))
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        lm, tokenizer = load_model(model)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    name = Path(model).name if model else "smollm2-135m-instruct"
+    metrics = ServerMetrics()
+    try:
+        engine = Engine(lm, spec, kv_memory=cap, max_queue=max_queue, metrics=metrics).start()
+    except ValueError as err:
+        _fail(str(err))
+    label = spec if isinstance(spec, str) else spec.name
+    typer.echo(f"serving {name} with {label} caches, --kv-memory {cap:,} bytes, on http://{host}:{port}/v1")
+    try:
+        uvicorn.run(create_app(engine, tokenizer, name, metrics, default_max_tokens=max_tokens), host=host,
+                    port=port, log_level="info")
+    finally:
+        engine.stop()
+
+
+def bench_serve_command(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    configs: list[str] = typer.Option(["dynamic", "balanced", "budget=1/8"], "--configs", "-c",
+                                      help="dynamic, a preset, or budget=F."),
+    kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="Default: room for two DynamicCache sequences."),
+    prompt_tokens: int = typer.Option(4096, "--prompt-tokens", min=16),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+    requests: Optional[list[int]] = typer.Option(None, "--requests", "-r",
+                                                 help="Requests per config, repeated (default 4, 6, 12)."),
+    duration: float = typer.Option(600.0, "--duration", min=1.0,
+                                   help="Seconds after which a config's requests are cut."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    out: Path = typer.Option(Path("serve-bench"), "--out",
+                             help="Folder for serve-bench.json and serve-bench.png."),
+):
+    """Load-test servers it starts on 127.0.0.1: sequences held, tokens/s, TTFT/ITL, failures, KV bytes vs cap."""
+    try:
+        from .bench import run
+    except ImportError as err:
+        _fail(f"{err}; install the serving extra: pip install 'attentionpack[serve]'")
+    try:
+        run(model_path=model, configs=configs, kv_memory=kv_memory, prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens, requests=requests, duration=duration, threads=threads, out=out)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))

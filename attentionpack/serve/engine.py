@@ -1,0 +1,533 @@
+"""The serving engine: one thread owns the model and runs continuous batching with admission by KV bytes.
+
+Loop (one engine thread; HTTP handlers only submit `Sequence`s and read their event queues):
+1. drop sequences whose client went away or that were stopped (their caches and reservations are freed at once);
+2. admit the oldest waiting sequence if its reservation fits under `kv_memory` next to everything reserved, and
+   prefill it alone (batch 1, its own cache), sample its first token; it joins the decoding batch;
+3. run ONE decoding step over every active sequence (`SequenceBatchCache`: one forward, per-row attention).
+A prefill and a decoding step alternate, so running sequences keep advancing while new ones are admitted.
+
+Admission by bytes really held (`KVAccounting`): before its prefill a sequence reserves an upper bound of what its
+cache can hold by its last token; after the prefill the reservation shrinks to the bytes measured plus the bound
+on what the remaining tokens can add. Held bytes are measured after every prefill and decoding step and checked
+against each reservation (a miss is counted in `reservation_violations`), so reserved >= held and
+sum(reserved) <= kv_memory at every step boundary. Bytes are those of the caches' storages (`nbytes()` for
+PackedCache, a tensor walk for DynamicCache); temporary work tensors inside one forward call are not KV held.
+
+Events put on a sequence's asyncio queue (thread-safe via its loop), each with the sequence's choice index:
+("token", index, id), ("end", index, finish_reason) with finish_reason "stop" (an end-of-sequence token) or
+"length", and ("error", index, http_status, message).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+from ..attention.packed import NAME as PACKED_ATTENTION
+from ..attention.packed import enable as enable_packed_attention
+from ..config import PackConfig
+from .batch_cache import SequenceBatchCache, layer_windows
+
+from ..cache import cache_nbytes
+
+log = logging.getLogger("attentionpack.serve")
+
+GRANULE = 16  # spare token slots a compressing layer's exact tail may hold (cache/tail.py, cache/layer.py)
+META_BYTES = 13  # per token per layer besides K/V in a compressing layer's tail: int32 positions (up to 3) + bool
+
+
+class QueueFull(Exception):
+    """The waiting queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server's queue is full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class NeverFits(ValueError):
+    """The request could never be admitted (its KV reservation exceeds --kv-memory, or it exceeds the context)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generated sequence (one `n` choice of a request). `prompt` is a list of token ids."""
+
+    prompt: list[int]
+    params: SamplingParams
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    index: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+    id: int = field(default_factory=itertools.count().__next__)
+    cancelled: bool = False  # set by the handler (client gone, stop string seen); the engine frees it
+    # engine state
+    cache: object = None
+    reserved: int = 0
+    held: int = 0
+    generated: int = 0
+    last_token: int = 0
+    length: int = 0  # tokens in the cache
+    exact_fallback: bool = False  # a budget was infeasible for this prompt: DynamicCache instead
+    generator: torch.Generator | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def emit(self, *event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (event[0], self.index, *event[1:]))
+        except RuntimeError:  # the event loop is closed: nobody listens any more
+            self.cancelled = True
+
+
+class KVAccounting:
+    """Byte bounds of one model's caches under one configuration (`cache_spec`: "dynamic" or a PackConfig).
+
+    `per_token`: bytes a DynamicCache holds per token over all layers (2 * H_kv * d * element size each).
+    """
+
+    def __init__(self, model, cache_spec: str | PackConfig):
+        cfg = model.config.get_text_config(decoder=True)
+        heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        elem = torch.empty((), dtype=model.dtype).element_size()
+        self.layers = cfg.num_hidden_layers
+        self.per_token = 2 * heads * head_dim * elem * self.layers
+        self.spec = cache_spec
+        self.compressing = isinstance(cache_spec, PackConfig) and not cache_spec.is_lossless
+        self.slot = self.per_token + (META_BYTES * self.layers if self.compressing else 0)
+
+    def growth(self, tokens: int) -> int:
+        """Most bytes `tokens` more decoded tokens can add to a cache: each adds its exact K/V (and tail metadata)
+        to the exact tail, whose capacity exceeds its live tokens by less than GRANULE; compacting tail tokens into
+        a segment never grows the bytes (spans whose encoding would not be smaller stay exact)."""
+        if not self.compressing:
+            return self.per_token * tokens
+        return self.slot * (tokens + GRANULE)
+
+    def before_prefill(self, prompt: int, max_tokens: int, exact_fallback: bool = False) -> int:
+        """Reservation before the prefill: an upper bound of the bytes held at any step boundary until the end.
+
+        DynamicCache (and the exact fallback): prompt + max_tokens tokens at full size. A byte budget f: a prefill
+        that compacts (prompt >= sink + window + min_span) leaves at most f x DynamicCache bytes of the prompt
+        (PackConfig.budget, enforced by the cache or raised as BudgetError), plus `growth(max_tokens)`; a shorter
+        prompt stays exact. Other PackConfigs: every token exact plus tail metadata."""
+        if self.spec == "dynamic" or exact_fallback:
+            return self.per_token * (prompt + max_tokens)
+        budget = self.spec.budget
+        if budget is not None and prompt >= self.spec.sink + self.spec.window + self.spec.min_span:
+            return math.ceil(budget * self.per_token * prompt) + self.growth(max_tokens)
+        if not self.compressing:
+            return self.per_token * (prompt + max_tokens)
+        return self.slot * (prompt + max_tokens + GRANULE)
+
+    def dynamic_equivalent(self, cache) -> int:
+        return int(cache.dynamic_nbytes()) if hasattr(cache, "dynamic_nbytes") else cache_nbytes(cache)
+
+
+class Engine:
+    """Continuous-batching engine over one model.
+
+    Args:
+        model: a causal LM using SDPA (switched to the "attentionpack" attention implementation here).
+        cache_spec: "dynamic" for transformers' DynamicCache, or a PackConfig for PackedCache.
+        kv_memory: the most KV bytes held by all sequences together (reservations never exceed it).
+        max_queue: waiting sequences beyond this are refused (`QueueFull`).
+        max_context: the model's context length (prompt + max_tokens must fit); default from the model config.
+        cache_factory: builds a sequence's cache (default from `cache_spec`); tests inject faulty caches.
+    """
+
+    def __init__(self, model, cache_spec: str | PackConfig = "dynamic", kv_memory: int = 2 << 30,
+                 max_queue: int = 64, max_context: int | None = None,
+                 cache_factory: Callable[[Sequence], object] | None = None, metrics=None):
+        enable_packed_attention(model)
+        if getattr(model.config, "_attn_implementation", None) != PACKED_ATTENTION:
+            raise ValueError("continuous batching needs a model that uses SDPA attention (it runs the "
+                             f"'attentionpack' implementation); this one uses {model.config._attn_implementation!r}")
+        if kv_memory <= 0:
+            raise ValueError(f"kv_memory={kv_memory} must be a positive number of bytes")
+        self.model = model
+        self.cache_spec = cache_spec
+        self.kv_memory = int(kv_memory)
+        self.max_queue = max_queue
+        cfg = model.config.get_text_config(decoder=True)
+        self.max_context = max_context or getattr(cfg, "max_position_embeddings", None) or 1 << 30
+        self.accounting = KVAccounting(model, cache_spec)
+        self.windows = layer_windows(model)
+        self.cache_factory = cache_factory
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.metrics = metrics
+        self.waiting: deque[Sequence] = deque()
+        self.active: list[Sequence] = []
+        self.prefilling: Sequence | None = None
+        self.reserved = 0
+        self.held = 0
+        self.held_max = 0
+        self.dynamic_equivalent = 0
+        self.reservation_violations = 0
+        self.max_active = 0
+        self.exact_fallbacks = 0  # sequences served with DynamicCache because their prompt was too short for a budget
+        self.decode_steps = 0
+        self.decode_seconds = 0.0
+        self.decode_tokens = 0
+        self.service_ema = 5.0  # seconds per finished sequence, for Retry-After
+        self._lock = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ---- public, called from any thread --------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="attentionpack-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise NeverFits when a request of this size could never be served."""
+        if prompt_tokens + max_tokens > self.max_context:
+            raise NeverFits(f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the model's context "
+                            f"of {self.max_context} tokens")
+        need = self.accounting.before_prefill(prompt_tokens, max_tokens)
+        if need > self.kv_memory:
+            raise NeverFits(f"prompt of {prompt_tokens} tokens with max_tokens {max_tokens} needs up to {need} bytes "
+                            f"of KV cache, over the server's --kv-memory limit of {self.kv_memory} bytes")
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences (all or none); raises QueueFull when the waiting queue has no room for them."""
+        with self._lock:
+            if self._stop:
+                raise QueueFull(1)
+            if len(self.waiting) + len(seqs) > self.max_queue:
+                raise QueueFull(self.retry_after())
+            for s in seqs:
+                if s.params.seed is not None:
+                    s.generator = torch.Generator().manual_seed(s.params.seed)
+                self.waiting.append(s)
+            self._lock.notify_all()
+
+    def wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def retry_after(self) -> int:
+        """Seconds after which a refused client may find room: the time one sequence takes, over the running ones."""
+        return max(1, math.ceil(self.service_ema / max(1, len(self.active))))
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"running": len(self.active) + (self.prefilling is not None), "queued": len(self.waiting),
+                    "kv_bytes_held": self.held, "kv_bytes_held_max": self.held_max, "kv_bytes_reserved": self.reserved,
+                    "kv_bytes_limit": self.kv_memory, "kv_bytes_dynamic_equivalent": self.dynamic_equivalent,
+                    "max_running": self.max_active, "reservation_violations": self.reservation_violations,
+                    "exact_fallbacks": self.exact_fallbacks,
+                    "decode_steps": self.decode_steps, "decode_seconds": self.decode_seconds,
+                    "decode_tokens": self.decode_tokens}
+
+    # ---- the engine thread ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._lock:
+                if self._stop:
+                    break
+                self._drop_cancelled()
+                seq = self._admit()
+                if seq is None and not self.active:
+                    self._lock.wait(timeout=0.5)
+                    continue
+            try:
+                if seq is not None:
+                    self._prefill(seq)
+                if self.active:
+                    self._decode_step()
+            except Exception as err:  # noqa: BLE001 - an engine bug must not leave clients waiting forever
+                log.exception("engine step failed")
+                with self._lock:
+                    for s in list(self.active) + ([self.prefilling] if self.prefilling is not None else []):
+                        self._release(s, outcome="failed", error=f"engine failure: {type(err).__name__}: {err}")
+                    self.prefilling = None
+        with self._lock:
+            for s in list(self.waiting) + self.active:
+                s.emit("error", 503, "the server is shutting down")
+            self.waiting.clear()
+            self.active.clear()
+            self.reserved = self.held = 0
+
+    def _drop_cancelled(self) -> None:
+        """Called under the lock: cancelled sequences leave the queue and the batch, freeing their caches."""
+        if any(s.cancelled for s in self.waiting):
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        for s in [s for s in self.active if s.cancelled]:
+            self._release(s, outcome="cancelled")
+
+    def _admit(self) -> Sequence | None:
+        """Under the lock: pop the oldest waiting sequence if its reservation fits (FIFO, no overtaking)."""
+        if not self.waiting:
+            return None
+        seq = self.waiting[0]
+        need = self.accounting.before_prefill(len(seq.prompt), seq.params.max_tokens, seq.exact_fallback)
+        if self.reserved + need > self.kv_memory:
+            return None
+        self.waiting.popleft()
+        seq.reserved = need
+        self.reserved += need
+        self.prefilling = seq
+        return seq
+
+    def _new_cache(self, seq: Sequence):
+        if self.cache_factory is not None and not seq.exact_fallback:
+            return self.cache_factory(seq)
+        if self.cache_spec == "dynamic" or seq.exact_fallback:
+            return DynamicCache(config=self.model.config)
+        from ..cache import PackedCache
+
+        return PackedCache(self.model, self.cache_spec)
+
+    def _prefill(self, seq: Sequence) -> None:
+        from ..budget import BudgetError
+
+        try:
+            seq.cache = self._new_cache(seq)
+            ids = torch.tensor([seq.prompt], dtype=torch.long)
+            logits = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1).logits
+            seq.length = len(seq.prompt)
+            token = self._sample(logits[0, -1], seq)
+        except BudgetError as err:  # too short a prompt for the budget: serve it exact (reserved as such)
+            log.info("sequence %d: %s; served with DynamicCache", seq.id, err)
+            with self._lock:
+                self.prefilling = None
+                self.reserved -= seq.reserved
+                seq.reserved, seq.cache, seq.exact_fallback = 0, None, True
+                self.exact_fallbacks += 1
+                self.waiting.appendleft(seq)
+            return
+        except Exception as err:  # noqa: BLE001 - fails this request only
+            log.exception("prefill of sequence %d failed", seq.id)
+            with self._lock:
+                self.prefilling = None
+                self._release(seq, outcome="failed", error=f"prefill failed: {type(err).__name__}: {err}")
+            return
+        with self._lock:
+            self.prefilling = None
+            held = cache_nbytes(seq.cache)
+            remaining = seq.params.max_tokens - 1
+            self._check_reservation(seq, held)
+            shrunk = held + self.accounting.growth(remaining)
+            if shrunk < seq.reserved:
+                self.reserved -= seq.reserved - shrunk
+                seq.reserved = shrunk
+            seq.held = held
+            self.active.append(seq)
+            self._account()
+        self._deliver(seq, token)
+
+    def _decode_step(self) -> None:
+        batch = [s for s in self.active if not s.cancelled and s.cache is not None]
+        if not batch:
+            return
+        ids = torch.tensor([[s.last_token] for s in batch], dtype=torch.long)
+        pos = torch.tensor([[s.length] for s in batch], dtype=torch.long)
+        wrapper = SequenceBatchCache([s.cache for s in batch], self.windows)
+        start = time.perf_counter()
+        try:
+            logits = self.model(input_ids=ids, position_ids=pos, past_key_values=wrapper, use_cache=True).logits
+        except Exception as err:  # noqa: BLE001 - a fault outside any one cache: the step's sequences fail
+            log.exception("decoding step failed")
+            with self._lock:
+                for s in batch:
+                    self._release(s, outcome="failed", error=f"decoding failed: {type(err).__name__}: {err}")
+            return
+        elapsed = time.perf_counter() - start
+        tokens = []
+        for i, s in enumerate(batch):
+            s.length += 1
+            token = None
+            if i not in wrapper.failed:
+                try:
+                    token = self._sample(logits[i, -1], s)
+                except Exception as err:  # noqa: BLE001 - e.g. non-finite logits: this sequence fails alone
+                    wrapper.failed[i] = err
+            tokens.append(token)
+        with self._lock:
+            self.decode_steps += 1
+            self.decode_seconds += elapsed
+            self.decode_tokens += len(batch) - len(wrapper.failed)
+            for i, s in enumerate(batch):
+                if i in wrapper.failed:
+                    err = wrapper.failed[i]
+                    log.error("sequence %d failed in a decoding step: %r", s.id, err)
+                    self._release(s, outcome="failed", error=f"decoding failed: {type(err).__name__}: {err}")
+                    continue
+                held = cache_nbytes(s.cache)
+                self._check_reservation(s, held)
+                s.held = held
+            self._account()
+        if self.metrics is not None:
+            self.metrics.decode_step(elapsed, len(batch))
+        for s, token in zip(batch, tokens):
+            if token is not None and s.cache is not None:
+                self._deliver(s, token)
+
+    def _deliver(self, seq: Sequence, token: int) -> None:
+        """Hand a sampled token to the client and finish the sequence on end-of-sequence or max_tokens."""
+        now = time.monotonic()
+        seq.generated += 1
+        seq.last_token = token
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            if self.metrics is not None:
+                self.metrics.first_token(now - seq.arrival)
+        elif self.metrics is not None:
+            self.metrics.inter_token(now - seq.last_token_at)
+        seq.last_token_at = now
+        if self.metrics is not None:
+            self.metrics.tokens(1)
+        seq.emit("token", token)
+        reason = "stop" if token in self.eos else "length" if seq.generated >= seq.params.max_tokens else None
+        if reason is None and seq.length + 1 > self.max_context:
+            reason = "length"
+        if reason is not None:
+            with self._lock:
+                self._release(seq, outcome="finished")  # freed before the client hears the end
+            seq.emit("end", reason)
+
+    def _release(self, seq: Sequence, outcome: str, error: str | None = None) -> None:
+        """Under the lock: remove a sequence from the batch and free its cache and reservation."""
+        if seq in self.active:
+            self.active.remove(seq)
+        self.reserved -= seq.reserved
+        seq.reserved = 0
+        seq.held = 0
+        seq.cache = None
+        if error is not None:
+            seq.emit("error", 500, error)
+        if outcome == "finished":
+            self.service_ema = 0.8 * self.service_ema + 0.2 * (time.monotonic() - seq.arrival)
+        if self.metrics is not None:
+            self.metrics.outcome(outcome)
+        self._account()
+
+    def _check_reservation(self, seq: Sequence, held: int) -> None:
+        if held > seq.reserved:
+            self.reservation_violations += 1
+            log.error("sequence %d holds %d bytes over its reservation of %d", seq.id, held, seq.reserved)
+            self.reserved += held - seq.reserved
+            seq.reserved = held
+
+    def _account(self) -> None:
+        """Under the lock: totals after a change (held bytes are those measured at the last step boundary)."""
+        self.held = sum(s.held for s in self.active)
+        self.held_max = max(self.held_max, self.held)
+        self.max_active = max(self.max_active, len(self.active))
+        self.dynamic_equivalent = sum(self.accounting.dynamic_equivalent(s.cache) for s in self.active
+                                      if s.cache is not None)
+        if self.metrics is not None:
+            self.metrics.update(self.snapshot_unlocked())
+
+    def snapshot_unlocked(self) -> dict:
+        return {"running": len(self.active) + (self.prefilling is not None), "queued": len(self.waiting),
+                "kv_bytes_held": self.held, "kv_bytes_held_max": self.held_max, "kv_bytes_reserved": self.reserved,
+                "kv_bytes_limit": self.kv_memory, "kv_bytes_dynamic_equivalent": self.dynamic_equivalent,
+                "reservation_violations": self.reservation_violations}
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, seq: Sequence) -> int:
+        """logits (V,) -> a token id: argmax at temperature 0, else top-p sampling with the sequence's generator."""
+        p = seq.params
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < p.top_p  # always keeps the top token
+            sorted_probs = sorted_probs * keep
+            choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=seq.generator)
+            return int(order[choice])
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    s = str(text).strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    if unit not in units or not num:
+        raise ValueError(f"cannot read {text!r} as a size: use e.g. 2GiB, 512MiB, 1.5GB or a number of bytes")
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size: use e.g. 2GiB, 512MiB, 1.5GB or a number of bytes") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return int(value * units[unit])
+
+
+def cache_spec_from(preset: str | None, budget: float | None) -> str | PackConfig:
+    """CLI choice -> cache spec: "dynamic", a preset's PackConfig, or balanced with a byte budget."""
+    if preset is not None and budget is not None:
+        raise ValueError("give --preset or --budget, not both")
+    if budget is not None:
+        return dataclasses.replace(PackConfig.preset("balanced"), budget=budget, name=f"budget={budget:g}")
+    if preset is None or preset == "balanced":
+        return PackConfig.preset("balanced")
+    if preset == "dynamic":
+        return "dynamic"
+    return PackConfig.preset(preset)
+
+
+def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             timeout: float = 600.0) -> list[list[int]]:
+    """Submit all prompts at once to a started engine and return each one's generated token ids (blocking).
+
+    Served concurrently (continuous batching); pass one prompt at a time to serve it alone."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+
+    async def run() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        seqs = [Sequence(list(p), dataclasses.replace(pp), queue, loop, index=i)
+                for i, (p, pp) in enumerate(zip(prompts, plist))]
+        engine.submit(seqs)
+        out: list[list[int]] = [[] for _ in seqs]
+        open_ = set(range(len(seqs)))
+        while open_:
+            kind, idx, *payload = await asyncio.wait_for(queue.get(), timeout)
+            if kind == "token":
+                out[idx].append(payload[0])
+            elif kind == "end":
+                open_.discard(idx)
+            else:
+                raise RuntimeError(f"sequence {idx} failed: {payload}")
+        return out
+
+    return asyncio.run(run())

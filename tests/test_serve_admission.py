@@ -1,0 +1,113 @@
+"""Admission by KV bytes: a full queue answers 429 with Retry-After, a request that could never fit answers 400
+naming the limit, and under load the bytes held never exceed --kv-memory (tiny random Llama, real server)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+import tiny_models
+from serve_helpers import ByteTokenizer, running_server
+
+from attentionpack import PackConfig
+from attentionpack.serve.engine import KVAccounting
+
+PROMPT = "Admission is decided by the bytes each sequence can hold. " * 5  # 290 characters = tokens
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_models.build_model("llama")
+
+
+def _wait(srv, key: str, n: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(srv.url + "/health").json()[key] < n:
+        assert time.monotonic() < deadline, f"{key} never reached {n}"
+        time.sleep(0.02)
+
+
+def _post_all(srv, bodies: list[dict]) -> list[httpx.Response]:
+    out: list = [None] * len(bodies)
+
+    def call(i):
+        out[i] = httpx.post(srv.url + "/v1/completions", json=bodies[i], timeout=120)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    return threads, out
+
+
+def test_full_queue_answers_429_with_retry_after(model):
+    with running_server(model, ByteTokenizer(), "dynamic", max_queue=2, start_engine=False) as (srv, engine):
+        body = {"prompt": "hello there", "max_tokens": 4, "temperature": 0}
+        threads, results = _post_all(srv, [body, body])
+        _wait(srv, "queued", 2)
+        r = httpx.post(srv.url + "/v1/completions", json=body)
+        assert r.status_code == 429, r.text
+        assert int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        r = httpx.post(srv.url + "/v1/completions", json={**body, "n": 2})  # all n choices need room at once
+        assert r.status_code == 429
+        engine.start()
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in results] == [200, 200]
+
+
+def test_a_request_that_can_never_fit_answers_400_naming_the_limit(model):
+    with running_server(model, ByteTokenizer(), "dynamic", kv_memory=20_000) as (srv, engine):
+        per_token = KVAccounting(model, "dynamic").per_token  # 2 layers x K,V x 2 heads x 16 x 4 bytes = 512
+        assert per_token == 512
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x" * 30, "max_tokens": 8})
+        assert r.status_code == 200  # (30 + 8) x 512 = 19,456 bytes fit
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x" * 100, "max_tokens": 8})
+        assert r.status_code == 400
+        message = r.json()["error"]["message"]
+        assert "--kv-memory" in message and "20000" in message and str(108 * 512) in message
+
+
+def _load(model, spec, kv_memory: int, requests: int = 10, prompt: str = PROMPT):
+    """All requests queued before the engine starts, so only the KV memory limits how many run at once."""
+    bodies = [{"prompt": f"{i:02d} " + prompt, "max_tokens": 16, "temperature": 0} for i in range(requests)]
+    with running_server(model, ByteTokenizer(), spec, kv_memory=kv_memory, max_queue=requests,
+                        start_engine=False) as (srv, engine):
+        threads, results = _post_all(srv, bodies)
+        _wait(srv, "queued", requests)
+        engine.start()
+        for t in threads:
+            t.join()
+        snap = engine.snapshot()
+    assert [r.status_code for r in results] == [200] * requests, [r.text for r in results if r.status_code != 200]
+    return snap, [r.json()["choices"][0]["text"] for r in results]
+
+
+def test_bytes_held_never_exceed_the_cap_and_compression_admits_more(model):
+    kv = 2 * (300 + 16) * 512  # two DynamicCache sequences of a 300-token prompt + 16 new tokens
+    small = dict(window=16, chunk=16, min_span=8)
+    dyn, dyn_texts = _load(model, "dynamic", kv)
+    budget, _ = _load(model, PackConfig.preset("balanced").replace(**small, budget=0.25), kv)
+    lossless, lossless_texts = _load(model, PackConfig.preset("lossless"), kv)
+    for snap in (dyn, budget, lossless):
+        assert 0 < snap["kv_bytes_held_max"] <= kv, snap
+        assert snap["reservation_violations"] == 0 and snap["kv_bytes_reserved"] == 0, snap
+        assert snap["exact_fallbacks"] == 0
+    assert dyn["max_running"] == 2 and lossless["max_running"] == 2
+    assert budget["max_running"] >= 2 * dyn["max_running"], (budget, dyn)
+    assert lossless_texts == dyn_texts  # lossless: the same greedy text as DynamicCache
+
+
+def test_short_prompts_under_a_budget_are_reserved_as_exact(model):
+    """A prompt shorter than sink + window + min_span is not compacted, so the budget's f x DynamicCache bound does
+    not apply to it: its reservation must cover it exact (no reservation is ever exceeded)."""
+    small = dict(window=16, chunk=16, min_span=8)
+    snap, _ = _load(model, PackConfig.preset("balanced").replace(**small, budget=0.125), 1 << 20, requests=6,
+                    prompt="short one")
+    assert snap["reservation_violations"] == 0 and 0 < snap["kv_bytes_held_max"] <= 1 << 20, snap
