@@ -15,7 +15,9 @@ model records the multimodal (temporal, height, width) positions so RoPE is undo
 """
 from __future__ import annotations
 
+import os
 import weakref
+from pathlib import Path
 from collections import Counter
 from typing import Any, Sequence
 
@@ -234,7 +236,9 @@ class PackedCache(Cache):
         return [s for s in self.layers[layer_idx].segments if s.index is not None and s.modality in ("image", "video")]
 
     # ---- saving (attentionpack/store/serialize.py: file format and checks) ------------------------------------
-    def save(self, path, tokens=None, tokenizer=None):
+    def save(
+        self, path: str | os.PathLike[str], tokens: torch.Tensor | None = None, tokenizer: Any = None
+    ) -> Path:
         """Save this cache into the folder `path` (tensors in safetensors + a JSON manifest); `tokens`: the (B, N)
         token ids it covers, `tokenizer`: fingerprinted so a load with another tokenizer is refused."""
         from .files import save_cache
@@ -242,7 +246,9 @@ class PackedCache(Cache):
         return save_cache(self, path, tokens=tokens, tokenizer=tokenizer)
 
     @classmethod
-    def load(cls, path, model, config: PackConfig | str | None = None, tokenizer=None) -> "PackedCache":
+    def load(
+        cls, path: str | os.PathLike[str], model: Any, config: PackConfig | str | None = None, tokenizer: Any = None
+    ) -> PackedCache:
         """A cache saved by `save`, for `model`; it continues exactly as the saved one. Raises
         `CacheFileError` (a ValueError, `attentionpack.store.CacheFileError`) for damaged files and for another model, tokenizer or
         PackConfig (`config` None: the saved one)."""
