@@ -43,6 +43,8 @@ def eval_command(
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads in every process (default: torch's, or 1 when the machine is already busy)."),
     seed: int = typer.Option(0, help="Seed of the needle pass keys and haystack offsets."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    kvpress: bool = typer.Option(True, help="Run the kvpress configurations (their own environment: a one-time "
+                                 "install of about 1.4 GB, announced first); --no-kvpress leaves them out."),
 ):
     """Evaluate compressed caches against DynamicCache and the peers: perplexity, agreement, memory, speed, needle
     retrieval. Writes results.json, report.md, plots and index.html to --out; finished cells are kept and reused."""
@@ -69,7 +71,7 @@ def eval_command(
     try:
         res = evaluate(out, model=model, texts=_words(text), configs=_words(configs), progress=progress,
                        continuation=continuation, needle_trials=needle_trials, speed_steps=speed_steps,
-                       speed_repeats=speed_repeats, threads=threads, seed=seed, **settings)
+                       speed_repeats=speed_repeats, threads=threads, seed=seed, kvpress=kvpress, **settings)
     except (ValueError, FileNotFoundError, TypeError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)

@@ -23,7 +23,8 @@ from . import needle as needle_mod
 from .agreement import compare_files
 from .configs import DEFAULT_CONFIGS, Spec, check_available, make_cache, parse_config, parse_configs
 from .memory import ChildError, measure_isolated
-from .peers import KvpressUnavailable, ensure_kvpress_env, kvpress_needle, kvpress_quality
+from .peers import (KvpressUnavailable, ensure_kvpress_env, kvpress_env_info, kvpress_needle, kvpress_notice,
+                    kvpress_quality)
 
 # Defaults sized so that the whole default run fits in 20 minutes on 2 idle cores; any configuration can be added
 # with --needle-configs / --speed-configs.
@@ -51,6 +52,7 @@ class Settings:
     threads: int | None = None
     seed: int = 0
     isolate: bool = True  # quality+memory of each in-process configuration in its own child process
+    kvpress: bool = True  # False: leave out the configurations that need the kvpress environment (a ~1.4 GB install)
 
 
 def _safe(key: str) -> str:
@@ -112,6 +114,12 @@ class Run:
             self.needle_specs = [parse_config(n) for n in DEFAULT_NEEDLE if parse_config(n).name in names]
         else:
             self.needle_specs = [parse_config(n) for n in s.needle_configs]
+        if not s.kvpress:  # --no-kvpress: the peers that need their own environment are left out, said so
+            skipped = sorted({sp.name for sp in self.specs + self.needle_specs if not sp.in_process})
+            self.specs = [sp for sp in self.specs if sp.in_process]
+            self.needle_specs = [sp for sp in self.needle_specs if sp.in_process]
+            if skipped:
+                self.notes.append(f"left out (--no-kvpress): {', '.join(skipped)}")
         if s.speed_configs is None:
             self.speed_specs = [sp for sp in self.specs if sp.name in DEFAULT_SPEED] or self.specs[:1]
         else:
@@ -191,6 +199,8 @@ class Run:
         self.kvpress_env = {"status": "not needed"}
         kv_specs = [sp for sp in self.specs if not sp.in_process]
         if kv_specs:
+            if not kvpress_env_info():  # say what is about to be installed before installing it
+                print(kvpress_notice(kv_specs), file=sys.stderr)
             try:
                 self.kvpress_env = {"status": "ok", "versions": ensure_kvpress_env(
                     status=lambda what: print(f"kvpress environment: {what} (once) ...", file=sys.stderr))}
