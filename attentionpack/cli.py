@@ -23,8 +23,11 @@ def generate(
                                          "not with --budget)."),
     budget: Optional[float] = typer.Option(None, "--budget", "-b", help="Byte budget F in (0, 1]: hold at most F x "
                                            "DynamicCache's bytes after the prompt, e.g. 0.25 (not with --preset)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
-    image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="Image file(s) for a vision-language model folder (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3/SmolVLM); repeat for several."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: "
+                                                                    "embedded SmolLM2-135M-Instruct)."),
+    image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="Image file(s) for a vision-language model "
+                                                                           "folder (LLaVA, Qwen2-VL, Qwen2.5-VL, "
+                                                                           "Idefics3/SmolVLM); repeat for several."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Tokens to generate at most."),
     chat: bool = typer.Option(True, help="Wrap the prompt in the model's chat template when it has one."),
     sample: bool = typer.Option(False, help="Sample instead of greedy decoding."),
@@ -43,7 +46,8 @@ def generate(
     from .generation import run_generate
 
     try:
-        text = typer.get_text_stream("stdin").read() if str(prompt_file) == "-" else prompt_file.read_text(encoding="utf-8")
+        stdin = str(prompt_file) == "-"
+        text = typer.get_text_stream("stdin").read() if stdin else prompt_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         _fail(f"cannot read prompt file {prompt_file}: {err}")
     try:
@@ -56,9 +60,11 @@ def generate(
 
 @bench_app.command("quality")
 def bench_quality(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: "
+                                                                    "embedded SmolLM2-135M-Instruct)."),
     context: int = typer.Option(2048, min=16, help="Prompt tokens prefilled into each cache."),
-    continuation: int = typer.Option(256, min=2, help="Tokens teacher-forced and scored after the prompt (perplexity)."),
+    continuation: int = typer.Option(256, min=2, help="Tokens teacher-forced and scored after the prompt "
+                                                      "(perplexity)."),
     sweep: bool = typer.Option(True, help="Also sweep K and V ranks."),
     rss: bool = typer.Option(True, help="Also measure peak RSS at batch x context in separate processes."),
     rss_batch: int = typer.Option(8, min=1, help="Batch of the peak-RSS measurement."),
@@ -77,7 +83,8 @@ def bench_quality(
 
 @bench_app.command("speed")
 def bench_speed(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: "
+                                                                    "embedded SmolLM2-135M-Instruct)."),
     configs: list[str] = typer.Option(list(("dynamic", "balanced", "max", "quanto-4")), "--configs", "-c",
                                       help="Caches to time (repeat the option for several)."),
     contexts: list[int] = typer.Option([2048, 8192], "--context", "-n", help="Context lengths (repeat for several)."),
@@ -86,7 +93,8 @@ def bench_speed(
     repeats: int = typer.Option(2, min=1, help="Interleaved rounds (the median is reported)."),
     budget_gib: float = typer.Option(1.0, min=0.0, help="KV budget of the throughput test (0 skips it)."),
     budget_context: int = typer.Option(4096, min=16, help="Tokens per sequence in the throughput test."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Threads for torch and the kernels (default: torch's, or 1 when the machine is already busy)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Threads for torch and the kernels (default: torch's, or 1 "
+                                                            "when the machine is already busy)."),
     out: Optional[Path] = typer.Option(None, help="Write every number as JSON here."),
 ):
     """Prefill and decode speed vs DynamicCache (interleaved, one run), and throughput at a fixed KV budget."""

@@ -261,3 +261,27 @@ def test_quality_bars_finish_at_n(tiny_folder, tmp_path, monkeypatch):
     quality = [b for b in bars if b.desc.startswith("quality")]
     assert len(quality) == 2 and all(b.n == b.total == SMALL["continuation"] - 1 for b in quality), \
         [(b.desc, b.n, b.total) for b in quality]
+
+
+def test_kvpress_install_is_announced_first_and_can_be_skipped(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Before the kvpress environment is created, a notice says what is installed and how to skip it; with
+    kvpress=False (--no-kvpress) the kvpress configurations are left out, with a note, and nothing is installed."""
+    from attentionpack.eval.peers import KvpressUnavailable
+
+    order = []
+    monkeypatch.setattr(runner, "kvpress_env_info", lambda: None)
+
+    def no_venv(**kw):
+        order.append("install" if "--no-kvpress" in capsys.readouterr().err else "install before notice")
+        raise KvpressUnavailable("cannot create the kvpress environment (test)")
+
+    monkeypatch.setattr(runner, "ensure_kvpress_env", no_venv)
+    kw = dict(model=str(tiny_folder), texts=[str(tiny_folder / "prose.txt")], progress=False,
+              configs=["dynamic", "kvpress-snapkv-0.5"], needle_configs=("dynamic",),
+              **{**SMALL, "needle_trials": 0, "speed_repeats": 0})
+    runner.evaluate(tmp_path / "announce", **kw)
+    assert order == ["install"]
+    skipped = runner.evaluate(tmp_path / "skip", kvpress=False, **kw)
+    assert order == ["install"]  # not called again
+    assert any("left out (--no-kvpress): kvpress-snapkv-0.5" in n for n in skipped["notes"])
+    assert "kvpress-snapkv-0.5" not in {r["config"] for r in skipped["summary"]}

@@ -138,3 +138,20 @@ def test_real_model_retrieval_heads(real_model, tmp_path, monkeypatch):
     # SmolLM2 copies: its best heads put most of their attention on the induction target
     assert heads.top(1)[0][2] > 0.3
     assert heads.scores.mean() < 0.5 * heads.top(1)[0][2]
+
+
+@pytest.mark.parametrize("cut", ["layer", "head"])
+def test_right_fingerprint_wrong_shape_is_recomputed(tiny_model, cache_root, cut):
+    """A file with this model's fingerprint and probe but scores of another shape (edited, or written by a buggy
+    version) is rejected and probed again, not used."""
+    model = tiny_model("llama")
+    good = rh.load_or_find(model, fraction=0.5, length=LENGTH, seeds=(0,))
+    path = rh.heads_path(model, length=LENGTH, seeds=(0,))
+    data = json.loads(path.read_text())
+    for key in ("induction", "echo"):
+        data[key] = data[key][:-1] if cut == "layer" else [row[:-1] for row in data[key]]
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="unusable.*scores are"):
+        fixed = rh.load_or_find(model, fraction=0.5, length=LENGTH, seeds=(0,))
+    assert fixed.scores.shape == good.scores.shape == rh.expected_shape(model)
+    assert fixed.chosen == good.chosen

@@ -44,3 +44,24 @@ def test_help_and_usage_errors_do_not_import_torch():
 def test_unknown_name_is_an_attribute_error():
     done = _run("import attentionpack\ntry:\n    attentionpack.nope\nexcept AttributeError as e:\n    print(e)")
     assert "has no attribute 'nope'" in done.stdout, done.stderr
+
+
+def test_every_module_imports_first():
+    """Lazy package attributes must not expose an import cycle: each module imports in a fresh package state."""
+    code = (
+        "import importlib, pkgutil, sys, attentionpack\n"
+        "names = [m.name for m in pkgutil.walk_packages(attentionpack.__path__, 'attentionpack.')\n"
+        "         if not m.name.endswith(('__main__', 'kvpress_worker', '.child'))]\n"
+        "bad = []\n"
+        "for name in names:\n"
+        "    for k in [k for k in sys.modules if k == 'attentionpack' or k.startswith('attentionpack.')]:\n"
+        "        del sys.modules[k]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ImportError as err:\n"
+        "        bad.append(f'{name}: {err}')\n"
+        "print(len(names), bad)\n")
+    done = _run(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    count, bad = done.stdout.strip().split(" ", 1)
+    assert int(count) > 30 and bad == "[]", done.stdout

@@ -27,27 +27,43 @@ def _numbers(values: Optional[List[str]], cast, name: str):
 
 def eval_command(
     out: Path = typer.Option(Path("attentionpack-eval"), "--out", "-o", help="Output folder (rerun = resume)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf (default: embedded SmolLM2-135M-Instruct)."),
-    text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="Text file(s), .txt or .jsonl with a 'text' field (default: the Britannica article)."),
-    configs: Optional[List[str]] = typer.Option(None, "--configs", "-c", help="Configurations: dynamic lossless balanced max quanto-4 quanto-2 hqq-4 kvpress-<press>-<ratio> 'pack:key=value,...' (default: presets + peers)."),
-    context: Optional[List[str]] = typer.Option(None, "--context", "-n", help="Context length(s) N of the perplexity protocol (default: 2048)."),
-    continuation: int = typer.Option(256, "--continuation", "-M", help="Tokens M teacher-forced and scored after the context."),
-    needle_configs: Optional[List[str]] = typer.Option(None, help="Configurations for the needle grid (default: dynamic balanced max); 'none' to skip."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf (default: embedded "
+                                                                    "SmolLM2-135M-Instruct)."),
+    text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="Text file(s), .txt or .jsonl with a 'text' "
+                                                                        "field (default: the Britannica article)."),
+    configs: Optional[List[str]] = typer.Option(None, "--configs", "-c", help="Configurations: dynamic lossless "
+                                                                              "balanced max quanto-4 quanto-2 hqq-4 "
+                                                                              "kvpress-<press>-<ratio> "
+                                                                              "'pack:key=value,...' (default: presets "
+                                                                              "+ peers)."),
+    context: Optional[List[str]] = typer.Option(None, "--context", "-n", help="Context length(s) N of the perplexity "
+                                                                              "protocol (default: 2048)."),
+    continuation: int = typer.Option(256, "--continuation", "-M", help="Tokens M teacher-forced and scored after the "
+                                                                       "context."),
+    needle_configs: Optional[List[str]] = typer.Option(None, help="Configurations for the needle grid (default: "
+                                                                  "dynamic balanced max); 'none' to skip."),
     needle_lengths: Optional[List[str]] = typer.Option(None, help="Needle prompt lengths (default: 1024 2048 4096)."),
-    needle_depths: Optional[List[str]] = typer.Option(None, help="Needle depths from 0 to 1 (default: 0 0.25 0.5 0.75 1)."),
+    needle_depths: Optional[List[str]] = typer.Option(None, help="Needle depths from 0 to 1 (default: 0 0.25 0.5 0.75 "
+                                                                 "1)."),
     needle_trials: int = typer.Option(1, min=0, help="Trials per needle cell (0: skip the needle grid)."),
-    speed_configs: Optional[List[str]] = typer.Option(None, help="Configurations timed in interleaved rounds (default: dynamic balanced max quanto-4)."),
-    speed_contexts: Optional[List[str]] = typer.Option(None, help="Context lengths of the speed rounds (default: 1024 2048)."),
+    speed_configs: Optional[List[str]] = typer.Option(None, help="Configurations timed in interleaved rounds (default: "
+                                                                 "dynamic balanced max quanto-4)."),
+    speed_contexts: Optional[List[str]] = typer.Option(None, help="Context lengths of the speed rounds (default: 1024 "
+                                                                  "2048)."),
     speed_steps: int = typer.Option(8, min=1, help="Decode steps timed per speed measurement."),
     speed_repeats: int = typer.Option(2, min=0, help="Interleaved speed rounds (0: skip)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch threads in every process (default: torch's, or 1 when the machine is already busy)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads in every process (default: torch's, or 1 "
+                                                            "when the machine is already busy)."),
     seed: int = typer.Option(0, help="Seed of the needle pass keys and haystack offsets."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    kvpress: bool = typer.Option(True, help="Run the kvpress configurations (their own environment: a one-time "
+                                 "install of about 1.4 GB, announced first); --no-kvpress leaves them out."),
 ):
     """Evaluate compressed caches against DynamicCache and the peers: perplexity, agreement, memory, speed, needle
     retrieval. Writes results.json, report.md, plots and index.html to --out; finished cells are kept and reused."""
     settings = {
-        "contexts": _numbers(context, int, "--context"), "needle_lengths": _numbers(needle_lengths, int, "--needle-lengths"),
+        "contexts": _numbers(context, int, "--context"),
+        "needle_lengths": _numbers(needle_lengths, int, "--needle-lengths"),
         "needle_depths": _numbers(needle_depths, float, "--needle-depths"),
         "speed_contexts": _numbers(speed_contexts, int, "--speed-contexts"),
         "speed_configs": tuple(_words(speed_configs)) if speed_configs else None,
@@ -69,7 +85,7 @@ def eval_command(
     try:
         res = evaluate(out, model=model, texts=_words(text), configs=_words(configs), progress=progress,
                        continuation=continuation, needle_trials=needle_trials, speed_steps=speed_steps,
-                       speed_repeats=speed_repeats, threads=threads, seed=seed, **settings)
+                       speed_repeats=speed_repeats, threads=threads, seed=seed, kvpress=kvpress, **settings)
     except (ValueError, FileNotFoundError, TypeError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)

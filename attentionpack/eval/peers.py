@@ -72,6 +72,17 @@ def _lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+KVPRESS_ENV_SIZE = "about 1.4 GB"  # torch (CPU build), transformers, kvpress and dependencies (issue 19 measured it)
+
+
+def kvpress_notice(specs) -> str:
+    """What creating the kvpress environment installs, where, and how to skip it (printed before installing)."""
+    names = ", ".join(sorted({sp.name for sp in specs}))
+    return (f"note: {names} need(s) the kvpress environment, which is not installed yet: creating it now installs "
+            f"torch, transformers and kvpress=={KVPRESS_VERSION} ({KVPRESS_ENV_SIZE} on disk) into {venv_dir()}, "
+            "once (minutes). Pass --no-kvpress to leave these configurations out.")
+
+
 def ensure_kvpress_env(log: Path | None = None, status: Callable[[str], None] | None = None,
                        root: Path | None = None) -> dict:
     """Create the kvpress environment if it is not ready (minutes, once); returns its versions.

@@ -22,7 +22,8 @@ from . import needle as needle_mod
 from .agreement import compare_files
 from .configs import DEFAULT_CONFIGS, Spec, check_available, make_cache, parse_config, parse_configs
 from .child import ChildError, measure_isolated
-from .peers import KvpressUnavailable, ensure_kvpress_env, kvpress_needle, kvpress_quality
+from .peers import (KvpressUnavailable, ensure_kvpress_env, kvpress_env_info, kvpress_needle, kvpress_notice,
+                    kvpress_quality)
 from .settings import Settings, _norm, machine_info, settings_dict
 
 # Defaults sized so that the whole default run fits in 20 minutes on 2 idle cores; any configuration can be added
@@ -87,6 +88,12 @@ class Run:
             self.needle_specs = [parse_config(n) for n in DEFAULT_NEEDLE if parse_config(n).name in names]
         else:
             self.needle_specs = [parse_config(n) for n in s.needle_configs]
+        if not s.kvpress:  # --no-kvpress: the peers that need their own environment are left out, said so
+            skipped = sorted({sp.name for sp in self.specs + self.needle_specs if not sp.in_process})
+            self.specs = [sp for sp in self.specs if sp.in_process]
+            self.needle_specs = [sp for sp in self.needle_specs if sp.in_process]
+            if skipped:
+                self.notes.append(f"left out (--no-kvpress): {', '.join(skipped)}")
         if s.speed_configs is None:
             self.speed_specs = [sp for sp in self.specs if sp.name in DEFAULT_SPEED] or self.specs[:1]
         else:
@@ -166,6 +173,8 @@ class Run:
         self.kvpress_env = {"status": "not needed"}
         kv_specs = [sp for sp in self.specs if not sp.in_process]
         if kv_specs:
+            if not kvpress_env_info():  # say what is about to be installed before installing it
+                print(kvpress_notice(kv_specs), file=sys.stderr)
             try:
                 self.kvpress_env = {"status": "ok", "versions": ensure_kvpress_env(
                     status=lambda what: print(f"kvpress environment: {what} (once) ...", file=sys.stderr))}

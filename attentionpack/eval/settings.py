@@ -31,6 +31,7 @@ class Settings:
     threads: int | None = None
     seed: int = 0
     isolate: bool = True  # quality+memory of each in-process configuration in its own child process
+    kvpress: bool = True  # False: leave out the configurations that need the kvpress environment (a ~1.4 GB install)
 
 
 def _norm(obj: Any) -> Any:

@@ -22,10 +22,35 @@ def embedded_model_file() -> Path:
 
 
 def converted_cache_dir(gguf: Path, dtype: torch.dtype) -> Path:
-    """Folder where a GGUF model is kept once converted to safetensors, so later loads take seconds."""
+    """Folder where a GGUF model is kept once converted to safetensors, so later loads take seconds. Keyed by the
+    file's content (size and a hash of its first and last MiB), not its modification time: a copied or touched
+    file finds its conversion again."""
     root = Path(os.environ.get("ATTENTIONPACK_CACHE", Path.home() / ".cache" / "attentionpack"))
-    stat = gguf.stat()
-    return root / "converted" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}-{str(dtype).split('.')[-1]}"
+    return root / "converted" / f"{gguf.stem}-{content_key(gguf)}-{str(dtype).split('.')[-1]}"
+
+
+def content_key(path: Path, edge: int = 1 << 20) -> str:
+    """`<size>-<16 hex digits>`: the size and a SHA-256 of the first and last `edge` bytes (a GGUF's header and
+    tensor index sit at its start; a truncated or replaced file changes its size or its ends)."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        digest.update(f.read(edge))
+        if size > edge:
+            f.seek(max(edge, size - edge))
+            digest.update(f.read(edge))
+    return f"{size}-{digest.hexdigest()[:16]}"
+
+
+def _remove_stale_conversions(folder: Path) -> None:
+    """Delete other conversions of the same file name and dtype (an earlier version of the file): one copy per
+    model, not one per download."""
+    stem, dtype = folder.name.rsplit("-", 3)[0], folder.name.rsplit("-", 1)[1]
+    for other in folder.parent.glob(f"{stem}-*-*-{dtype}"):
+        if other != folder and other.is_dir() and other.name.rsplit("-", 3)[0] == stem and ".tmp" not in other.name:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, gguf_file: str | None = None):
@@ -123,6 +148,7 @@ def _save_converted(model, tokenizer, folder: Path) -> None:
         if folder.exists():  # a damaged earlier conversion
             shutil.rmtree(folder)
         tmp.rename(folder)
+        _remove_stale_conversions(folder)
     except (OSError, ValueError):
         pass  # a read-only or full disk, or another process converting at the same time, only costs speed
     finally:

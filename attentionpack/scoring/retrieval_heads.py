@@ -181,6 +181,12 @@ def heads_dir() -> Path:
     return root / "heads"
 
 
+def expected_shape(model) -> tuple[int, int]:
+    """(layers, KV heads) of `model`: the shape of its probe scores (every layer has the same KV head count)."""
+    layers = ModelAdapter(model).layers
+    return len(layers), max(spec.num_kv_heads for spec in layers)
+
+
 def heads_path(model, folder: str | os.PathLike | None = None, fingerprint: str | None = None, length: int = 256,
                seeds: tuple[int, ...] = (0, 1, 2)) -> Path:
     """Where the heads of `model` for one probe setting are kept: <folder>/attentionpack-heads-<fp16>-<probe>.json
@@ -213,6 +219,10 @@ def load_or_find(model, fraction: float = 0.15, length: int = 256, seeds: tuple[
             stored = RetrievalHeads.from_json(path.read_text(encoding="utf-8"))
             if stored.fingerprint != fp or stored.probe != probe:
                 raise ValueError("it was made for another model or probe")
+            shape = expected_shape(model)
+            if tuple(stored.scores.shape) != shape:
+                raise ValueError(f"its scores are {tuple(stored.scores.shape)}, the model has (layers, KV heads) "
+                                 f"{shape}")
             return stored.with_fraction(fraction)
         except (OSError, UnicodeDecodeError, ValueError) as err:
             warnings.warn(f"retrieval-heads file {path} is unusable ({err}); probing the model again", stacklevel=2)
