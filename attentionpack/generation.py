@@ -25,7 +25,7 @@ class _ProgressStreamer(BaseStreamer):
     prefill)."""
 
     def __init__(self, model, prompt_tokens: int, max_new_tokens: int, file=None):
-        layers = language_model_of(model).layers
+        layers: torch.nn.ModuleList = language_model_of(model).layers  # type: ignore[assignment]
         self.layers = len(layers)
         self.file = file
         self.prefill = tqdm(total=self.layers, desc=f"prefill {prompt_tokens} tokens", unit="layer", leave=False,
@@ -142,7 +142,7 @@ def run_generate(text: str, preset: str = "balanced", model_path: str | None = N
         )
     pictures = read_images(images)  # before loading: a bad file fails fast
     with console.status("loading model"):
-        model, tokenizer = load_vlm(model_path) if vlm else load_model(model_path)
+        model, tokenizer = load_vlm(model_path) if vlm and model_path is not None else load_model(model_path)
     if vlm:
         processor, tokenizer = tokenizer, getattr(tokenizer, "tokenizer", tokenizer)
         inputs = encode_vlm_prompt(processor, text, pictures, chat)

@@ -37,13 +37,14 @@ def throughput_at_budget(model, tokenizer, specs, budget_bytes: int, context: in
     All caches are built first, then their steps are interleaved (A B C A B C ...), so that a slow spell of a shared
     machine hits every configuration alike; tokens/s = batch * steps / (summed time of that cache's steps)."""
     ids = _ids(tokenizer, context + steps + 1, 1)
-    out, live = {}, {}
+    out: dict[str, dict] = {}
+    live: dict[str, tuple] = {}
     for sp in specs:
         cache = make_cache(model, sp)
         res = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
         seq_bytes = cache_nbytes(cache)
         batch = int(min(max_batch, budget_bytes // max(1, seq_bytes)))
-        row = {"seq_bytes": seq_bytes, "batch": batch, "tokens_per_s": 0.0}
+        row: dict = {"seq_bytes": seq_bytes, "batch": batch, "tokens_per_s": 0.0}
         if sp.kind == "quantized":  # transformers' QuantizedCache repeats its residual but not its quantized part
             row.update(batch=0, note="not measured: QuantizedCache cannot repeat its batch (batch_repeat_interleave)")
         elif batch >= 1:
@@ -121,7 +122,7 @@ def _print_speed(batch: int, summary: dict) -> None:
                       f" {r['decode_ms']:6.1f}ms {r.get('decode_ratio', float('nan')):4.2f}x")
         print(f"{name:12s}{cells}")
     for name, by in summary.items():
-        paths = {}
+        paths: dict[str, int] = {}
         for r in by.values():
             for path, n in r.get("decode_paths", {}).items():
                 paths[path] = paths.get(path, 0) + n

@@ -66,7 +66,7 @@ def eval_command(
         "needle_lengths": _numbers(needle_lengths, int, "--needle-lengths"),
         "needle_depths": _numbers(needle_depths, float, "--needle-depths"),
         "speed_contexts": _numbers(speed_contexts, int, "--speed-contexts"),
-        "speed_configs": tuple(_words(speed_configs)) if speed_configs else None,
+        "speed_configs": tuple(_words(speed_configs) or ()) if speed_configs else None,
     }
     settings = {k: v for k, v in settings.items() if v is not None}
     needles = _words(needle_configs)

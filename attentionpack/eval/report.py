@@ -21,8 +21,8 @@ def _load(load) -> str:
     return " / ".join(f"{x:.2f}" for x in load) + " (1 / 5 / 15 min)"
 
 
-def _versions() -> dict:
-    out = {}
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
     for name in ("attentionpack", "torch", "transformers", "optimum-quanto", "hqq", "matplotlib"):
         try:
             out[name] = version(name)

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from .. import BudgetError, cache_nbytes
 from . import needle as needle_mod
@@ -170,7 +171,7 @@ class Run:
 
     def quality(self) -> None:
         s = self.s
-        self.kvpress_env = {"status": "not needed"}
+        self.kvpress_env: dict[str, Any] = {"status": "not needed"}
         kv_specs = [sp for sp in self.specs if not sp.in_process]
         if kv_specs:
             if not kvpress_env_info():  # say what is about to be installed before installing it
@@ -193,7 +194,8 @@ class Run:
                         + [sp for sp in self.specs if sp.ours])
                 for sp in jobs:
                     name = sp.name if sp else KVPRESS_BASELINE
-                    desc = sp.describe() if sp else {"name": name, "kind": "kvpress-env", **self.kvpress_env["versions"]}
+                    desc: dict = sp.describe() if sp else {"name": name, "kind": "kvpress-env",
+                                                           **self.kvpress_env["versions"]}
                     key = f"quality__{text['id']}__n{n}__m{s.continuation}__{name}"
                     settings = self._quality_settings(text, n, desc)
                     got = self.cells.get(key, settings)
@@ -362,8 +364,8 @@ class Run:
         names = ", ".join(pending)
         bar = _bar(self.progress, total=len(work), desc=f"needle {names} (shared prefill)", unit="prompt")
         for p, users in work.values():
-            makers = {sp.name: None if sp.kind == "dynamic" else (lambda sp=sp: make_cache(self.model, sp))
-                      for sp, *_ in users}
+            makers: dict = {sp.name: None if sp.kind == "dynamic" else (lambda sp=sp: make_cache(self.model, sp))
+                            for sp, *_ in users}
             answers = needle_mod.greedy_answers_shared(self.model, p.context_ids, p.question_ids, makers,
                                                        self.s.needle_new_tokens, eos)
             for sp, key, settings, cell, i in users:
@@ -456,7 +458,7 @@ def evaluate(out: str | os.PathLike = "attentionpack-eval", model: str | None = 
         texts = [texts]
     if isinstance(configs, str):
         configs = [configs]
-    tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    tuples: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     s = Settings(model=None if model is None else str(model), texts=tuple(texts) if texts else (None,),
                  configs=tuple(configs) if configs else DEFAULT_CONFIGS, **tuples)
     return Run(s, Path(out), progress).go()
