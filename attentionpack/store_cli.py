@@ -4,8 +4,12 @@ from __future__ import annotations
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from .config import PackConfig
 
 DEFAULT_STORE = Path.home() / ".cache" / "attentionpack" / "prefix-store"
 DEFAULT_MAX_BYTES = 4 << 30
@@ -16,12 +20,12 @@ cache_app = typer.Typer(no_args_is_help=True, help="Saved compressed prompt cach
 STORE_OPTION = typer.Option(DEFAULT_STORE, "--store", "-s", help="Prefix store folder.")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
-def config_from(preset: str, budget: float | None):
+def config_from(preset: str, budget: float | None) -> PackConfig:
     """The PackConfig of `--preset` or, when given, `--budget` (a fraction of DynamicCache's bytes)."""
     from .config import PackConfig
 
@@ -39,7 +43,7 @@ def put(
     chat: bool = typer.Option(True, help="Wrap the prompt in the model's chat template, as `generate` does."),
     store: Path = STORE_OPTION,
     max_bytes: int = typer.Option(DEFAULT_MAX_BYTES, "--max-bytes", min=1, help="Store size limit (LRU eviction)."),
-):
+) -> None:
     """Prefill a prompt file and store its compressed cache: the prompt's ids up to the end of its text (before the
     chat template's closing tokens), so `generate --prefix-store` with this file, or with this text followed by a
     question, prefills only the rest. `generate` must use the same --preset (a --budget cache is reused from Python:
@@ -75,7 +79,7 @@ def put(
 
 
 @cache_app.command("ls")
-def ls(store: Path = STORE_OPTION):
+def ls(store: Path = STORE_OPTION) -> None:
     """List stored caches, most recently used first."""
     from .store.prefix import PrefixStore
 
@@ -96,7 +100,7 @@ def rm(
     keys: list[str] | None = typer.Argument(None, help="Keys to remove (see `cache ls`)."),
     all_entries: bool = typer.Option(False, "--all", help="Remove every entry."),
     store: Path = STORE_OPTION,
-):
+) -> None:
     """Remove stored caches by key, or all of them."""
     from .store.prefix import PrefixStore
 
@@ -108,6 +112,7 @@ def rm(
     if all_entries:
         typer.echo(f"removed {ps.clear()} entries")
         return
+    assert keys, "without --all, keys were given (checked above)"
     missing = [k for k in keys if not ps.remove(k)]
     typer.echo(f"removed {len(keys) - len(missing)} entries")
     if missing:

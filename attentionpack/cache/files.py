@@ -36,13 +36,20 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .fingerprint import config_fields, config_sha256, model_fingerprint, tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    from ..config import PackConfig
+    from .layer import PackedLayer
+    from .packed_cache import PackedCache
+    from .tail import ExactTail
 
 FORMAT = "attentionpack.cache"
 FORMAT_VERSION = 1
@@ -55,7 +62,7 @@ class CacheFileError(ValueError):
     """A saved cache that cannot be used: `reason` is one of "missing", "format", "damaged", "truncated", "model",
     "tokenizer", "config", "tokens", "malformed"; the message says what differs or is broken."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{message} [{reason}]")
         self.reason = reason
 
@@ -71,17 +78,17 @@ class LoadedCache:
 
 
 # ---- canonical JSON ------------------------------------------------------------------------------------------------
-def canonical_json(obj) -> bytes:
+def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
-def _sha(data) -> str:
+def _sha(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
 # ---- generic encoding of stored forms ------------------------------------------------------------------------------
@@ -101,7 +108,7 @@ def _is_dense(t: torch.Tensor) -> bool:
     return _stride_is_dense(list(t.shape), list(t.stride()))
 
 
-def _stride_is_dense(shape, stride) -> bool:
+def _stride_is_dense(shape: list[Any], stride: list[Any]) -> bool:
     if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*shape, *stride]):
         return False
     expected = 1
@@ -115,7 +122,7 @@ def _stride_is_dense(shape, stride) -> bool:
 class _Writer:
     """Encodes objects into the compact layout tree (see `encode`) and collects the tensors to store."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
         self.strides: dict[str, list] = {}  # tensors stored contiguous that were dense with other strides
         self.classes: dict[str, dict] = {}
@@ -124,7 +131,8 @@ class _Writer:
     def tensor(self, t: torch.Tensor, name: str) -> str:
         """Store `t` under `name`: "#<first 8 hex digits of its bytes' sha256>"; or refer to an identical view
         stored earlier: "@<its name>"."""
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        key: tuple[Any, ...] = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                                tuple(t.stride()), t.dtype)
         if t.numel() == 0:  # empty tensors may share a null pointer: never merged
             key = (name,)
         if key in self._seen:
@@ -138,7 +146,7 @@ class _Writer:
             self.strides[name] = list(t.stride())
         return "#" + _sha(_tensor_bytes(data))[:8]
 
-    def encode(self, obj, name: str):
+    def encode(self, obj: Any, name: str) -> Any:
         """JSON form of `obj`: scalars as themselves (strings starting with one of "#@%!~" get a "~" prefix), a
         tensor "#checksum" / "@name" (see `tensor`), a dtype "%float32", a non-finite float "!inf", a dict an
         object, a tuple ["(", ...], a list ["[", ...], a dataclass [class name, field values in the order listed in
@@ -196,7 +204,7 @@ class _Reader:
         self._built[name] = out
         return out
 
-    def decode(self, obj, name: str):
+    def decode(self, obj: Any, name: str) -> Any:
         if obj is None or isinstance(obj, (bool, int, float)):
             return obj
         if isinstance(obj, str):
@@ -221,7 +229,7 @@ class _Reader:
             return tuple(out) if tag == "(" else out
         return self._dataclass(tag, items, name)
 
-    def _dataclass(self, cls_name: str, items: list, name: str):
+    def _dataclass(self, cls_name: str, items: list, name: str) -> Any:
         info = self.classes.get(cls_name)
         if not isinstance(info, dict) or not isinstance(info.get("fields"), list) \
                 or len(info["fields"]) != len(items):
@@ -248,7 +256,7 @@ class _Reader:
 
 
 # ---- the cache <-> tree ----------------------------------------------------------------------------------------------
-def _encode_cache(cache, w: _Writer) -> dict:
+def _encode_cache(cache: PackedCache, w: _Writer) -> dict:
     layers = []
     for i, layer in enumerate(cache.layers):
         entry = {
@@ -283,7 +291,7 @@ def _encode_cache(cache, w: _Writer) -> dict:
     }
 
 
-def _restore_tail(layer, t: dict, r: _Reader):
+def _restore_tail(layer: PackedLayer, t: dict, r: _Reader) -> ExactTail:
     from .tail import ExactTail
 
     i = layer.layer_idx
@@ -306,9 +314,8 @@ def _restore_tail(layer, t: dict, r: _Reader):
         raise CacheFileError("malformed", f"layer {i}: the exact tail holds positions or padding flags, not both")
     tail.pad, tail.dropped = pad, dropped
 
-    def buffer(live):  # the original capacity, live tokens at their original slots (same strides as before)
-        if live is None:
-            return None
+    # the original capacity, live tokens at their original slots (same strides as before)
+    def buffer(live: torch.Tensor) -> torch.Tensor:
         shape = list(live.shape)
         axis = 2 if live.dim() == 4 else 1
         shape[axis] = cap
@@ -316,11 +323,13 @@ def _restore_tail(layer, t: dict, r: _Reader):
         buf.narrow(axis, begin, n).copy_(live)
         return buf
 
-    tail.keys, tail.values, tail.positions, tail.valid = buffer(keys), buffer(values), buffer(positions), buffer(valid)
+    tail.keys, tail.values = buffer(keys), buffer(values)
+    tail.positions = None if positions is None else buffer(positions)
+    tail.valid = None if valid is None else buffer(valid)
     return tail
 
 
-def _decode_cache(cache, tree: dict, r: _Reader) -> None:
+def _decode_cache(cache: PackedCache, tree: dict, r: _Reader) -> None:
     from ..budget.planner import candidate_config
 
     layers = tree["layers"]
@@ -361,7 +370,7 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _tokens_tensor(tokens, cache) -> torch.Tensor | None:
+def _tokens_tensor(tokens: Any, cache: PackedCache) -> torch.Tensor | None:
     if tokens is None:
         return None
     t = torch.as_tensor(tokens)
@@ -379,7 +388,7 @@ def _tokens_tensor(tokens, cache) -> torch.Tensor | None:
     return t.to(torch.int32).contiguous()
 
 
-def _batch_of(cache) -> int | None:
+def _batch_of(cache: PackedCache) -> int | None:
     for layer in cache.layers:
         if layer.tail is not None:
             return layer.tail.keys.shape[0]
@@ -388,7 +397,8 @@ def _batch_of(cache) -> int | None:
     return None
 
 
-def build_files(cache, tokens=None, tokenizer=None, extra: dict | None = None) -> tuple[bytes, bytes]:
+def build_files(cache: PackedCache, tokens: Any = None, tokenizer: Any = None,
+                extra: dict | None = None) -> tuple[bytes, bytes]:
     """The two files of a saved cache: (manifest bytes, tensors bytes). See the module docstring."""
     from safetensors.torch import save as st_save
 
@@ -421,7 +431,7 @@ def build_files(cache, tokens=None, tokenizer=None, extra: dict | None = None) -
     return canonical_json(manifest) + b"\n", data
 
 
-def _model_of(cache):
+def _model_of(cache: PackedCache) -> torch.nn.Module:
     model = cache.model_ref() if getattr(cache, "model_ref", None) is not None else None
     if model is None:
         raise ValueError("the model this cache was built for is gone; a cache is saved while its model is alive")
@@ -439,7 +449,8 @@ def write_files(folder: Path, manifest: bytes, data: bytes) -> None:
     _fsync_write(folder / MANIFEST, manifest)
 
 
-def save_cache(cache, path: str | os.PathLike, tokens=None, tokenizer=None, extra: dict | None = None) -> Path:
+def save_cache(cache: PackedCache, path: str | os.PathLike, tokens: Any = None, tokenizer: Any = None,
+               extra: dict | None = None) -> Path:
     """Save `cache` into the folder `path` (created; an existing saved cache there is replaced, anything else is an
     error). `tokens`: the (B, N) or (N,) token ids the cache covers (N = cache.get_seq_length()), recorded so a
     loader can check them; `tokenizer`: recorded as a fingerprint. Written to a temporary folder then renamed."""
@@ -504,7 +515,8 @@ def parse_manifest(raw: bytes, where: str = "manifest") -> dict:
     return manifest
 
 
-def check_compatible(manifest: dict, model, config=None, tokenizer=None, where: str = "cache") -> None:
+def check_compatible(manifest: dict, model: torch.nn.Module, config: PackConfig | None = None, tokenizer: Any = None,
+                     where: str = "cache") -> None:
     """Refuse (CacheFileError) a manifest written by another model, tokenizer or PackConfig."""
     fp = model_fingerprint(model)
     stored = manifest["model"]
@@ -525,7 +537,7 @@ def check_compatible(manifest: dict, model, config=None, tokenizer=None, where: 
                                        + ", ".join(f"{k}={theirs.get(k)!r} (yours {mine.get(k)!r})" for k in differ))
 
 
-def _stored_config(manifest: dict, where: str):
+def _stored_config(manifest: dict, where: str) -> PackConfig:
     from ..config import PackConfig
 
     try:
@@ -575,7 +587,7 @@ def tensor_checksums(manifest: dict) -> dict[str, str]:
     classes = manifest.get("classes") or {}
     out: dict[str, str] = {}
 
-    def walk(node, name):
+    def walk(node: Any, name: str) -> None:
         if isinstance(node, str):
             if node.startswith("#"):
                 out[name] = node[1:]
@@ -639,7 +651,8 @@ def _stored_tokens(manifest: dict, tensors: dict, where: str) -> torch.Tensor | 
     return tok.to(torch.long)
 
 
-def load_cache(path: str | os.PathLike, model, cache_class, config=None, tokenizer=None) -> LoadedCache:
+def load_cache(path: str | os.PathLike, model: torch.nn.Module, cache_class: Callable[..., Any],
+               config: PackConfig | str | None = None, tokenizer: Any = None) -> LoadedCache:
     """Load the cache saved in folder `path` for `model` (and `config`: None uses the saved PackConfig, a given one
     must equal it); `cache_class` builds the empty cache (`PackedCache`). Raises CacheFileError (see module docstring) before building anything when the files are
     damaged or were written for another model, tokenizer (checked when both are known) or PackConfig."""

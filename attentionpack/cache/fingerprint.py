@@ -17,6 +17,7 @@ import hashlib
 import json
 import weakref
 import zlib
+from typing import Any
 
 import torch
 
@@ -26,14 +27,14 @@ _MODEL_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TOKENIZER_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _canonical(obj) -> bytes:
+def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
-def _config_dict(config) -> dict:
+def _config_dict(config: Any) -> dict:
     data = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
 
-    def clean(d):
+    def clean(d: Any) -> Any:
         if isinstance(d, dict):
             return {k: clean(v) for k, v in d.items() if k not in _IGNORED_CONFIG_KEYS}
         if isinstance(d, (list, tuple)):
@@ -60,7 +61,7 @@ def _weights_sha256(state: dict) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(model) -> dict:
+def model_fingerprint(model: torch.nn.Module) -> dict:
     """{"architecture", "config_sha256", "weights_sha256"} of `model` (see module docstring); memoized."""
     state = model.state_dict()
     key = _state_key(state)
@@ -77,7 +78,7 @@ def model_fingerprint(model) -> dict:
     return dict(fp)
 
 
-def tokenizer_fingerprint(tokenizer) -> dict | None:
+def tokenizer_fingerprint(tokenizer: Any) -> dict | None:
     """{"class", "sha256"} of a tokenizer (vocabulary, added/special tokens, chat template), or None for None."""
     if tokenizer is None:
         return None
@@ -104,14 +105,14 @@ def tokenizer_fingerprint(tokenizer) -> dict | None:
     return dict(fp)
 
 
-def config_fields(config) -> dict:
+def config_fields(config: Any) -> dict:
     """A PackConfig's fields as JSON-able values (the dataclass fields, `name` included)."""
     import dataclasses
 
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
-def config_sha256(config) -> str:
+def config_sha256(config: Any) -> str:
     """sha256 of a PackConfig's compared fields (`name` is not compared: presets equal custom configs)."""
     fields = config_fields(config)
     fields.pop("name", None)

@@ -17,7 +17,8 @@ import json
 import threading
 import time
 import uuid
-from typing import Literal
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .engine import Engine, NeverFits, QueueFull, SamplingParams, Sequence
 from .metrics import ServerMetrics
@@ -72,7 +74,7 @@ class _Sampling(_Strict):
 
     @field_validator("stop")
     @classmethod
-    def _stops(cls, v):
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         stops = [v] if isinstance(v, str) else v
         if stops is not None:
             if len(stops) > MAX_STOP:
@@ -97,7 +99,7 @@ class CompletionRequest(_Sampling):
 # ---- errors --------------------------------------------------------------------------------------------------------
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+                 code: str | None = None, headers: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code, self.headers = \
             status, message, type_, param, code, headers
@@ -108,8 +110,8 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
-                    headers=None) -> JSONResponse:
+def _error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                    code: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
@@ -117,7 +119,7 @@ def _error_response(status: int, message: str, type_: str = "invalid_request_err
 class TextStream:
     """Token ids -> text deltas; ends at a stop string (excluded) and never emits a stop string's prefix early."""
 
-    def __init__(self, tokenizer, stops: list[str]):
+    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
         self.tokenizer = tokenizer
         self.stops = stops
         self.hold = max((len(s) for s in stops), default=1) - 1
@@ -154,10 +156,10 @@ class TextStream:
 class _BodyLimit:
     """ASGI middleware: refuse bodies whose Content-Length exceeds the limit (413) before reading them."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             for name, value in scope.get("headers", []):
                 if name == b"content-length":
@@ -172,7 +174,7 @@ class _BodyLimit:
         await self.app(scope, receive, send)
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, metrics: ServerMetrics | None = None,
+def create_app(engine: Engine, tokenizer: Any, model_name: str, metrics: ServerMetrics | None = None,
                default_max_tokens: int = 256) -> FastAPI:
     """The FastAPI app serving `engine` (started and stopped by the caller) under the model id `model_name`."""
     metrics = metrics or engine.metrics or ServerMetrics()
@@ -182,7 +184,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, metrics: ServerMetric
     chat_template = getattr(tokenizer, "chat_template", None) is not None
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
@@ -199,18 +201,18 @@ def create_app(engine: Engine, tokenizer, model_name: str, metrics: ServerMetric
         return _error_response(400, message, param=".".join(loc) or None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error_response(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500
                                else "server_error", headers=getattr(exc, "headers", None))
 
     @app.exception_handler(APIError)
-    async def _api(request: Request, exc: APIError):
+    async def _api(request: Request, exc: APIError) -> JSONResponse:
         if exc.status in (400, 429):
             metrics.rejected.labels(str(exc.status)).inc()
         return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception):
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
         return _error_response(500, f"internal error: {type(exc).__name__}", "server_error")
 
     @app.get("/health")
@@ -237,7 +239,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, metrics: ServerMetric
             value = max(1, min(default_max_tokens, engine.max_context - prompt_tokens))
         return value
 
-    async def _run(request: Request, req: _Sampling, prompt: list[int], max_tokens: int, kind: str):
+    async def _run(request: Request, req: _Sampling, prompt: list[int], max_tokens: int,
+                   kind: str) -> Response | dict[str, Any]:
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt" if kind == "text_completion" else "messages")
         try:
@@ -262,7 +265,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, metrics: ServerMetric
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _collect(request, req, seqs, queue, rid, kind, len(prompt))
 
-    async def _events(request: Request, seqs: list[Sequence], queue: asyncio.Queue, stops: list[str]):
+    async def _events(request: Request, seqs: list[Sequence], queue: asyncio.Queue,
+                      stops: list[str]) -> AsyncIterator[tuple[int, str, str | None, int]]:
         """Yield (index, text delta, finish_reason or None) until every sequence ended; cancels on exit."""
         texts = [TextStream(tokenizer, stops) for _ in seqs]
         open_ = set(range(len(seqs)))
@@ -296,7 +300,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, metrics: ServerMetric
                 s.cancel()
             engine.wake()
 
-    async def _collect(request, req, seqs, queue, rid, kind, prompt_tokens):
+    async def _collect(request: Request, req: _Sampling, seqs: list[Sequence], queue: asyncio.Queue, rid: str,
+                       kind: str, prompt_tokens: int) -> Response | dict[str, Any]:
         texts = ["" for _ in seqs]
         reasons: list[str | None] = [None for _ in seqs]
         counts = [0 for _ in seqs]
@@ -318,7 +323,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, metrics: ServerMetric
         return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name, "choices": choices,
                 "usage": usage}
 
-    async def _stream(request, req, seqs, queue, rid, kind, prompt_tokens):
+    async def _stream(request: Request, req: _Sampling, seqs: list[Sequence], queue: asyncio.Queue, rid: str,
+                      kind: str, prompt_tokens: int) -> AsyncIterator[str]:
         created_at = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
         counts = [0 for _ in seqs]
@@ -421,7 +427,7 @@ class ServerThread:
             time.sleep(0.02)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()

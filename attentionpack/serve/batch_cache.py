@@ -23,7 +23,7 @@ query position p sees keys p - window < j <= p).
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
@@ -32,7 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..attention.packed import packed_attention_forward
 
 
-def layer_windows(model) -> list[int | None]:
+def layer_windows(model: Any) -> list[int | None]:
     """Per decoder layer: its sliding window in tokens, or None for full attention (transformers' own rule)."""
     config = model.config.get_text_config(decoder=True)
     types, kwargs = get_layer_types_and_kwargs(config)
@@ -51,10 +51,12 @@ class _RowsLayer(CacheLayerMixin):
         self.is_sliding = sliding
         self.is_initialized = True
 
-    def lazy_initialization(self, key_states, value_states) -> None:  # pragma: no cover - never stores
+    def lazy_initialization(self, key_states: torch.Tensor,
+                            value_states: torch.Tensor) -> None:  # pragma: no cover - never stores
         pass
 
-    def update(self, *args, **kwargs):  # pragma: no cover - SequenceBatchCache.update dispatches per row
+    # never called: SequenceBatchCache.update dispatches per row
+    def update(self, *args: Any, **kwargs: Any) -> NoReturn:  # pragma: no cover
         raise RuntimeError("a SequenceBatchCache layer stores nothing; call SequenceBatchCache.update")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -83,7 +85,9 @@ class SequenceBatchCache(Cache):
         self.windows = list(windows)
         self.failed: dict[int, BaseException] = {}  # row -> the exception its cache raised during this step
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+    # returns RowsView, not tensors: the "attentionpack" attention forward recognises it and attends row by row
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,  # type: ignore[override]
+               *args: Any, **kwargs: Any) -> tuple[RowsView, RowsView]:
         """key_states/value_states (N, H, 1, d): row i goes to cache i. Returns (view, view), one `RowsView`."""
         n = key_states.shape[0]
         if n != len(self.caches):
@@ -137,7 +141,8 @@ class RowsView:
             outs.append(q.new_zeros(1, q.shape[2], q.shape[1], q.shape[3]) if out is None else out)
         return torch.cat(outs, dim=0)
 
-    def _attend_row(self, q: torch.Tensor, keys, values, scaling: float | None, softcap: float | None):
+    def _attend_row(self, q: torch.Tensor, keys: Any, values: Any, scaling: float | None,
+                    softcap: float | None) -> torch.Tensor:
         if not isinstance(keys, torch.Tensor):  # a view of stored pieces over cache indices [first, total)
             row_mask = None
             if self.window is not None and keys.total - keys.first > self.window:
@@ -145,14 +150,17 @@ class RowsView:
                 row_mask = (cols >= keys.total - self.window)[None, None, None, :]  # (1, 1, 1, held)
             module = SimpleNamespace(num_key_value_groups=q.shape[1] // keys.num_kv_heads, is_causal=True,
                                      training=False)
-            out, _ = packed_attention_forward(module, q, keys, values, row_mask, scaling=scaling, softcap=softcap)
+            # a stand-in module: the attention forward reads only these three attributes from it
+            out, _ = packed_attention_forward(module, q, keys, values, row_mask,  # type: ignore[arg-type]
+                                              scaling=scaling, softcap=softcap)
             return out
         if self.window is not None and keys.shape[-2] > self.window:
             keys, values = keys[..., -self.window:, :], values[..., -self.window:, :]
         groups = q.shape[1] // keys.shape[1]
         if softcap is None:
             module = SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=False)
-            out, _ = sdpa_attention_forward(module, q, keys, values, None, scaling=scaling)
+            # a stand-in module: the SDPA forward reads only these three attributes from it
+            out, _ = sdpa_attention_forward(module, q, keys, values, None, scaling=scaling)  # type: ignore[arg-type]
             return out
         return _eager(q, keys, values, groups, scaling, softcap)
 

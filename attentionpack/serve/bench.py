@@ -15,14 +15,21 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .engine import Engine, cache_spec_from, parse_bytes
 
+if TYPE_CHECKING:
+    import httpx
 
-def _spec(name: str):
+    from ..config import PackConfig
+
+
+def _spec(name: str) -> str | PackConfig:
     if name.startswith("budget="):
         value = name.split("=", 1)[1]
         num, _, den = value.partition("/")
@@ -37,7 +44,7 @@ def _pct(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
-async def _one(client, url: str, body: dict, deadline: float) -> dict:
+async def _one(client: httpx.AsyncClient, url: str, body: dict, deadline: float) -> dict:
     sent = time.monotonic()
     chunks: list[float] = []
     usage = None
@@ -75,7 +82,7 @@ async def _load(url: str, prompts: list[list[int]], max_tokens: int, duration: f
     samples: list[dict] = []
     stop = asyncio.Event()
 
-    async def sampler():
+    async def sampler() -> None:
         t0 = time.monotonic()
         while not stop.is_set():
             snap = engine.snapshot()
@@ -98,7 +105,7 @@ async def _load(url: str, prompts: list[list[int]], max_tokens: int, duration: f
     return list(results), samples
 
 
-def bench_config(model, tokenizer, name: str, prompts: list[list[int]], kv_memory: int, max_tokens: int,
+def bench_config(model: Any, tokenizer: Any, name: str, prompts: list[list[int]], kv_memory: int, max_tokens: int,
                  duration: float, sample_every: float = 0.5) -> dict:
     """Serve `prompts` at once through a fresh engine + server for config `name`; return the measured row."""
     from .app import ServerThread, create_app
@@ -146,7 +153,7 @@ def bench_config(model, tokenizer, name: str, prompts: list[list[int]], kv_memor
     }
 
 
-def run(model_path: str | None = None, configs: list[str] = ("dynamic", "balanced", "budget=1/8"),
+def run(model_path: str | None = None, configs: Sequence[str] = ("dynamic", "balanced", "budget=1/8"),
         kv_memory: str | None = None, prompt_tokens: int = 4096, max_tokens: int = 32,
         requests: list[int] | None = None, duration: float = 600.0, threads: int | None = None,
         out: Path = Path("serve-bench")) -> list[dict]:
@@ -186,7 +193,7 @@ def run(model_path: str | None = None, configs: list[str] = ("dynamic", "balance
     return rows
 
 
-def _fmt(x, unit="s") -> str:
+def _fmt(x: float | None, unit: str = "s") -> str:
     return "-" if x is None else f"{x:.2f}{unit}"
 
 

@@ -32,12 +32,12 @@ def serve_command(
     budget: Optional[str] = typer.Option(None, "--budget", "-b", help="Byte budget as a fraction of "
                                          "DynamicCache, e.g. 1/8 (instead of --preset)."),
     kv_memory: str = typer.Option("2GiB", "--kv-memory", help="Most KV cache bytes held by all requests together."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: 127.0.0.1, this machine only)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (default: 8000; 0 picks a free one)."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests waiting for memory beyond this get 429."),
     max_tokens: int = typer.Option(256, "--default-max-tokens", min=1, help="max_tokens when a request gives none."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
-):
+) -> None:
     """OpenAI-compatible server (chat/completions, streaming) with continuous batching over compressed KV caches."""
     try:
         import uvicorn
@@ -78,20 +78,20 @@ def serve_command(
 
 
 def bench_serve_command(
-    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."),
     configs: list[str] = typer.Option(["dynamic", "balanced", "budget=1/8"], "--configs", "-c",
                                       help="dynamic, a preset, or budget=F."),
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="Default: room for two DynamicCache sequences."),
-    prompt_tokens: int = typer.Option(4096, "--prompt-tokens", min=16),
-    max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+    prompt_tokens: int = typer.Option(4096, "--prompt-tokens", min=16, help="Tokens per request prompt (default: 4096)."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Tokens each request generates (default: 32)."),
     requests: Optional[list[int]] = typer.Option(None, "--requests", "-r",
                                                  help="Requests per config, repeated (default 4, 6, 12)."),
     duration: float = typer.Option(600.0, "--duration", min=1.0,
                                    help="Seconds after which a config's requests are cut."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads of the server (default: torch's)."),
     out: Path = typer.Option(Path("serve-bench"), "--out",
                              help="Folder for serve-bench.json and serve-bench.png."),
-):
+) -> None:
     """Load-test servers it starts on 127.0.0.1: sequences held, tokens/s, TTFT/ITL, failures, KV bytes vs cap."""
     try:
         from .bench import run

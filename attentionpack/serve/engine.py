@@ -29,10 +29,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
 from ..attention.packed import NAME as PACKED_ATTENTION
 from ..attention.packed import enable as enable_packed_attention
@@ -40,6 +40,9 @@ from ..config import PackConfig
 from .batch_cache import SequenceBatchCache, layer_windows
 
 from ..cache import cache_nbytes
+
+if TYPE_CHECKING:
+    from .metrics import ServerMetrics
 
 log = logging.getLogger("attentionpack.serve")
 
@@ -80,7 +83,7 @@ class Sequence:
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False  # set by the handler (client gone, stop string seen); the engine frees it
     # engine state
-    cache: object = None
+    cache: Cache | None = None
     reserved: int = 0
     held: int = 0
     generated: int = 0
@@ -94,7 +97,7 @@ class Sequence:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def emit(self, *event) -> None:
+    def emit(self, *event: Any) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (event[0], self.index, *event[1:]))
         except RuntimeError:  # the event loop is closed: nobody listens any more
@@ -107,7 +110,7 @@ class KVAccounting:
     `per_token`: bytes a DynamicCache holds per token over all layers (2 * H_kv * d * element size each).
     """
 
-    def __init__(self, model, cache_spec: str | PackConfig):
+    def __init__(self, model: Any, cache_spec: str | PackConfig) -> None:
         cfg = model.config.get_text_config(decoder=True)
         heads = cfg.num_key_value_heads or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -135,6 +138,8 @@ class KVAccounting:
         prompt stays exact. Other PackConfigs: every token exact plus tail metadata."""
         if self.spec == "dynamic" or exact_fallback:
             return self.per_token * (prompt + max_tokens)
+        # the only string spec is "dynamic" (handled above); anything else is a PackConfig
+        assert isinstance(self.spec, PackConfig), f"cache spec {self.spec!r} is neither 'dynamic' nor a PackConfig"
         budget = self.spec.budget
         if budget is not None and prompt >= self.spec.sink + self.spec.window + self.spec.min_span:
             return math.ceil(budget * self.per_token * prompt) + self.growth(max_tokens)
@@ -142,7 +147,7 @@ class KVAccounting:
             return self.per_token * (prompt + max_tokens)
         return self.slot * (prompt + max_tokens + GRANULE)
 
-    def dynamic_equivalent(self, cache) -> int:
+    def dynamic_equivalent(self, cache: Cache) -> int:
         return int(cache.dynamic_nbytes()) if hasattr(cache, "dynamic_nbytes") else cache_nbytes(cache)
 
 
@@ -158,9 +163,10 @@ class Engine:
         cache_factory: builds a sequence's cache (default from `cache_spec`); tests inject faulty caches.
     """
 
-    def __init__(self, model, cache_spec: str | PackConfig = "dynamic", kv_memory: int = 2 << 30,
+    def __init__(self, model: Any, cache_spec: str | PackConfig = "dynamic", kv_memory: int = 2 << 30,
                  max_queue: int = 64, max_context: int | None = None,
-                 cache_factory: Callable[[Sequence], object] | None = None, metrics=None):
+                 cache_factory: Callable[[Sequence], Cache] | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
         enable_packed_attention(model)
         if getattr(model.config, "_attn_implementation", None) != PACKED_ATTENTION:
             raise ValueError("continuous batching needs a model that uses SDPA attention (it runs the "
@@ -302,7 +308,7 @@ class Engine:
         self.prefilling = seq
         return seq
 
-    def _new_cache(self, seq: Sequence):
+    def _new_cache(self, seq: Sequence) -> Cache:
         if self.cache_factory is not None and not seq.exact_fallback:
             return self.cache_factory(seq)
         if self.cache_spec == "dynamic" or seq.exact_fallback:
@@ -355,7 +361,11 @@ class Engine:
             return
         ids = torch.tensor([[s.last_token] for s in batch], dtype=torch.long)
         pos = torch.tensor([[s.length] for s in batch], dtype=torch.long)
-        wrapper = SequenceBatchCache([s.cache for s in batch], self.windows)
+        caches: list[Cache] = []
+        for s in batch:
+            assert s.cache is not None, "filtered above; caches are released only on this (the engine) thread"
+            caches.append(s.cache)
+        wrapper = SequenceBatchCache(caches, self.windows)
         start = time.perf_counter()
         try:
             logits = self.model(input_ids=ids, position_ids=pos, past_key_values=wrapper, use_cache=True).logits
@@ -382,9 +392,9 @@ class Engine:
             self.decode_tokens += len(batch) - len(wrapper.failed)
             for i, s in enumerate(batch):
                 if i in wrapper.failed:
-                    err = wrapper.failed[i]
-                    log.error("sequence %d failed in a decoding step: %r", s.id, err)
-                    self._release(s, outcome="failed", error=f"decoding failed: {type(err).__name__}: {err}")
+                    failure = wrapper.failed[i]
+                    log.error("sequence %d failed in a decoding step: %r", s.id, failure)
+                    self._release(s, outcome="failed", error=f"decoding failed: {type(failure).__name__}: {failure}")
                     continue
                 held = cache_nbytes(s.cache)
                 self._check_reservation(s, held)
@@ -406,6 +416,7 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.first_token(now - seq.arrival)
         elif self.metrics is not None:
+            assert seq.last_token_at is not None, "set with first_token_at, on the sequence's first token"
             self.metrics.inter_token(now - seq.last_token_at)
         seq.last_token_at = now
         if self.metrics is not None:

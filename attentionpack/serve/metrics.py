@@ -12,7 +12,7 @@ TOKENS_PER_SECOND_WINDOW = 10.0  # seconds of recent tokens the tokens/s gauge a
 
 
 class ServerMetrics:
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends (Linux)
         r = self.registry

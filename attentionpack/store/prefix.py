@@ -28,8 +28,10 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +48,9 @@ from ..cache.files import (
     read_manifest,
     write_files,
 )
+
+if TYPE_CHECKING:
+    from ..config import PackConfig
 
 INDEX = "index.json"
 INDEX_VERSION = 1
@@ -66,7 +71,7 @@ class Entry:
     info: dict
 
 
-def _token_bytes(tokens) -> bytes:
+def _token_bytes(tokens: torch.Tensor | Sequence[int]) -> bytes:
     t = torch.as_tensor(tokens)
     if t.dim() == 2 and t.shape[0] == 1:
         t = t[0]
@@ -76,7 +81,7 @@ def _token_bytes(tokens) -> bytes:
     return np.asarray(t.tolist(), dtype="<i4").tobytes()
 
 
-def context_digest(model, config, tokenizer=None) -> str:
+def context_digest(model: torch.nn.Module, config: PackConfig, tokenizer: Any = None) -> str:
     """What an entry must share with a prompt besides its tokens: the model, the tokenizer and the PackConfig."""
     data = {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer),
             "config": config_sha256(config)}
@@ -165,7 +170,8 @@ class PrefixStore:
         return rows
 
     # ---- changes ----------------------------------------------------------------------------------------------
-    def put(self, tokens, cache, tokenizer=None, info: dict | None = None) -> str | None:
+    def put(self, tokens: torch.Tensor | Sequence[int], cache: PackedCache, tokenizer: Any = None,
+            info: dict | None = None) -> str | None:
         """Store `cache`, which covers exactly `tokens` ((N,) or (1, N) ids of one prompt), and return its key
         (None when the entry alone exceeds max_bytes). Storing tokens already stored refreshes that entry's use."""
         model = cache.model_ref()
@@ -289,13 +295,14 @@ class PrefixStore:
     def total_bytes(self) -> int:
         return sum(e.bytes for e in self.entries())
 
-    def matches(self, tokens, model, config, tokenizer=None) -> list[tuple[int, str]]:
+    def matches(self, tokens: torch.Tensor | Sequence[int], model: torch.nn.Module, config: PackConfig,
+                tokenizer: Any = None) -> list[tuple[int, str]]:
         """(tokens covered, key) of every entry for this model/config/tokenizer whose token ids are a prefix of
         `tokens` (by hash), longest first."""
         raw = _token_bytes(tokens)
         n = len(raw) // 4
         context = context_digest(model, config, tokenizer)
-        wanted = {}
+        wanted: dict[int, list[tuple[str, str]]] = {}
         for key, row in self._rows().items():
             if row.get("context") == context and 0 < row.get("tokens", 0) <= n:
                 wanted.setdefault(row["tokens"], []).append((key, row["digest"]))
@@ -314,7 +321,8 @@ class PrefixStore:
             out += [(length, key) for key, d in rows if d == digest]
         return sorted(out, reverse=True)
 
-    def load(self, tokens, model, config, tokenizer=None):
+    def load(self, tokens: torch.Tensor | Sequence[int], model: torch.nn.Module, config: PackConfig,
+             tokenizer: Any = None) -> tuple[LoadedCache | None, int]:
         """The longest stored prefix of `tokens`: (LoadedCache, tokens covered), or (None, 0). Damaged entries met on
         the way are removed (with a warning) and the next longest is tried."""
         prompt = torch.as_tensor(tokens).reshape(-1)
@@ -326,7 +334,8 @@ class PrefixStore:
         self.misses += 1
         return None, 0
 
-    def cache_for(self, tokens, model, config, tokenizer=None):
+    def cache_for(self, tokens: torch.Tensor | Sequence[int], model: torch.nn.Module, config: PackConfig,
+                  tokenizer: Any = None) -> tuple[PackedCache, int]:
         """(cache, covered): a PackedCache holding the longest stored prefix of `tokens` (its first `covered` ids),
         or a fresh one and 0. At least one token is always left to feed (the model needs a new token to give the
         next logits): an entry covering the whole prompt has its newest (exact) token dropped, and is skipped when
@@ -347,7 +356,8 @@ class PrefixStore:
         self.misses += 1
         return PackedCache(model, config), 0
 
-    def _load_key(self, key, length, prompt, model, config, tokenizer):
+    def _load_key(self, key: str, length: int, prompt: torch.Tensor, model: torch.nn.Module, config: PackConfig,
+                  tokenizer: Any) -> tuple[LoadedCache | None, int]:
         try:
             loaded = load_cache(self.entries_dir / key, model, config, tokenizer)
         except CacheFileError as err:
@@ -361,12 +371,13 @@ class PrefixStore:
         return loaded, length
 
 
-def load_cache(path, model, config=None, tokenizer=None) -> LoadedCache:
+def load_cache(path: str | os.PathLike, model: torch.nn.Module, config: PackConfig | str | None = None,
+               tokenizer: Any = None) -> LoadedCache:
     """`cache.files.load_cache` building a `PackedCache` (see there: every check, `CacheFileError`)."""
     return files.load_cache(path, model, PackedCache, config, tokenizer)
 
 
-def reusable_prefix(tokenizer, text: str, chat: bool, encode) -> int:
+def reusable_prefix(tokenizer: Any, text: str, chat: bool, encode: Callable[[Any, str, bool], torch.Tensor]) -> int:
     """How many leading ids of the encoded prompt `text` stay the same when more text follows it (a question after a
     document): the ids up to the end of the text, before a chat template's closing tokens. Computed as the common
     prefix of the encodings of `text` and of `text` followed by a paragraph, less one token of margin."""
@@ -376,15 +387,16 @@ def reusable_prefix(tokenizer, text: str, chat: bool, encode) -> int:
     return max(0, min(common - 1, len(a) - 1))
 
 
-def prefill_prefix(model, cache, ids: torch.Tensor) -> None:
+def prefill_prefix(model: torch.nn.Module, cache: PackedCache, ids: torch.Tensor) -> None:
     """Feed ids (1, n) through `model` into `cache` (a prefill; logits of the last position only)."""
     with torch.no_grad():
         model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
               logits_to_keep=1)
 
 
-def cache_from_store(folder, model, tokenizer, ids: torch.Tensor, config, text: str, chat: bool, encode,
-                     max_bytes: int = 4 << 30) -> tuple[object, int, str]:
+def cache_from_store(folder: str | os.PathLike, model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor,
+                     config: PackConfig, text: str, chat: bool, encode: Callable[[Any, str, bool], torch.Tensor],
+                     max_bytes: int = 4 << 30) -> tuple[PackedCache, int, str]:
     """The cache `attentionpack generate --prefix-store DIR` starts from: the longest stored prefix of the prompt ids
     (1, N), or on a miss the prompt's reusable prefix (`reusable_prefix`) prefilled now and stored for next time.
     Returns (cache, tokens covered, a one-line note)."""
