@@ -5,6 +5,7 @@ The public API: `PackedCache` (a transformers `Cache`), `PackConfig` and its pre
 
 The public names are imported on first use (module `__getattr__`), so `import attentionpack` and the command line's
 `--help` do not pay for torch and transformers until a model or a cache is needed."""
+
 from __future__ import annotations
 
 import importlib

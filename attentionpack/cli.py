@@ -1,8 +1,8 @@
 """The `attentionpack` command line: generate with a compressed cache, benchmarks, evaluation."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -19,24 +19,44 @@ def _fail(message: str) -> None:
 @app.command()
 def generate(
     prompt_file: Path = typer.Option(..., "--prompt-file", "-f", help="Text file with the prompt ('-' for stdin)."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="lossless, balanced or max (default: balanced; "
-                                         "not with --budget)."),
-    budget: Optional[float] = typer.Option(None, "--budget", "-b", help="Byte budget F in (0, 1]: hold at most F x "
-                                           "DynamicCache's bytes after the prompt, e.g. 0.25 (not with --preset)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: "
-                                                                    "embedded SmolLM2-135M-Instruct)."),
-    image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="Image file(s) for a vision-language model "
-                                                                           "folder (LLaVA, Qwen2-VL, Qwen2.5-VL, "
-                                                                           "Idefics3/SmolVLM); repeat for several."),
+    preset: str | None = typer.Option(
+        None, "--preset", "-p", help="lossless, balanced or max (default: balanced; not with --budget)."
+    ),
+    budget: float | None = typer.Option(
+        None,
+        "--budget",
+        "-b",
+        help="Byte budget F in (0, 1]: hold at most F x "
+        "DynamicCache's bytes after the prompt, e.g. 0.25 (not with --preset).",
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."
+    ),
+    image: list[Path] | None = typer.Option(
+        None,
+        "--image",
+        "-i",
+        help="Image file(s) for a vision-language model "
+        "folder (LLaVA, Qwen2-VL, Qwen2.5-VL, "
+        "Idefics3/SmolVLM); repeat for several.",
+    ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Tokens to generate at most."),
     chat: bool = typer.Option(True, help="Wrap the prompt in the model's chat template when it has one."),
     sample: bool = typer.Option(False, help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(0.7, min=0.01, help="Sampling temperature (with --sample)."),
     seed: int = typer.Option(0, help="Random seed (with --sample)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="Threads for torch and the kernels "
-                                          "(default: torch's, or 1 when the machine is already busy)."),
-    prefix_store: Optional[Path] = typer.Option(None, "--prefix-store", help="Reuse the longest stored prefix of "
-                                                "the prompt from this folder, or store the prompt's for next time."),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        "-t",
+        min=1,
+        help="Threads for torch and the kernels (default: torch's, or 1 when the machine is already busy).",
+    ),
+    prefix_store: Path | None = typer.Option(
+        None,
+        "--prefix-store",
+        help="Reuse the longest stored prefix of the prompt from this folder, or store the prompt's for next time.",
+    ),
 ):
     """Answer a (long) prompt with a compressed KV cache, then show the bytes held vs DynamicCache."""
     if preset is not None and budget is not None:
@@ -51,58 +71,95 @@ def generate(
     except (OSError, UnicodeDecodeError) as err:
         _fail(f"cannot read prompt file {prompt_file}: {err}")
     try:
-        run_generate(text, preset=preset or "balanced", model_path=model, max_new_tokens=max_new_tokens, chat=chat,
-                     sample=sample, temperature=temperature, seed=seed, images=image or (), budget=budget,
-                     threads=threads, prefix_store=prefix_store)
+        run_generate(
+            text,
+            preset=preset or "balanced",
+            model_path=model,
+            max_new_tokens=max_new_tokens,
+            chat=chat,
+            sample=sample,
+            temperature=temperature,
+            seed=seed,
+            images=image or (),
+            budget=budget,
+            threads=threads,
+            prefix_store=prefix_store,
+        )
     except (ValueError, FileNotFoundError, TypeError) as err:
         _fail(str(err))
 
 
 @bench_app.command("quality")
 def bench_quality(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: "
-                                                                    "embedded SmolLM2-135M-Instruct)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."
+    ),
     context: int = typer.Option(2048, min=16, help="Prompt tokens prefilled into each cache."),
-    continuation: int = typer.Option(256, min=2, help="Tokens teacher-forced and scored after the prompt "
-                                                      "(perplexity)."),
+    continuation: int = typer.Option(
+        256, min=2, help="Tokens teacher-forced and scored after the prompt (perplexity)."
+    ),
     sweep: bool = typer.Option(True, help="Also sweep K and V ranks."),
     rss: bool = typer.Option(True, help="Also measure peak RSS at batch x context in separate processes."),
     rss_batch: int = typer.Option(8, min=1, help="Batch of the peak-RSS measurement."),
     rss_context: int = typer.Option(4096, min=16, help="Tokens per sequence of the peak-RSS measurement."),
-    out: Optional[Path] = typer.Option(None, help="Write the rows as JSON here."),
+    out: Path | None = typer.Option(None, help="Write the rows as JSON here."),
 ):
     """Memory, perplexity and decode speed of DynamicCache, each preset and a K/V rank sweep, in one run."""
     from .bench.quality import run_quality_bench
 
     try:
-        run_quality_bench(model_path=model, context=context, continuation=continuation, sweep=sweep, rss=rss,
-                          rss_batch=rss_batch, rss_context=rss_context, out=out)
+        run_quality_bench(
+            model_path=model,
+            context=context,
+            continuation=continuation,
+            sweep=sweep,
+            rss=rss,
+            rss_batch=rss_batch,
+            rss_context=rss_context,
+            out=out,
+        )
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
 
 
 @bench_app.command("speed")
 def bench_speed(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: "
-                                                                    "embedded SmolLM2-135M-Instruct)."),
-    configs: list[str] = typer.Option(list(("dynamic", "balanced", "max", "quanto-4")), "--configs", "-c",
-                                      help="Caches to time (repeat the option for several)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."
+    ),
+    configs: list[str] = typer.Option(
+        list(("dynamic", "balanced", "max", "quanto-4")),
+        "--configs",
+        "-c",
+        help="Caches to time (repeat the option for several).",
+    ),
     contexts: list[int] = typer.Option([2048, 8192], "--context", "-n", help="Context lengths (repeat for several)."),
     batches: list[int] = typer.Option([1, 8], "--batch", "-b", help="Batch sizes (repeat for several)."),
     steps: int = typer.Option(8, min=1, help="Timed one-token decode steps per measurement."),
     repeats: int = typer.Option(2, min=1, help="Interleaved rounds (the median is reported)."),
     budget_gib: float = typer.Option(1.0, min=0.0, help="KV budget of the throughput test (0 skips it)."),
     budget_context: int = typer.Option(4096, min=16, help="Tokens per sequence in the throughput test."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Threads for torch and the kernels (default: torch's, or 1 "
-                                                            "when the machine is already busy)."),
-    out: Optional[Path] = typer.Option(None, help="Write every number as JSON here."),
+    threads: int | None = typer.Option(
+        None, min=1, help="Threads for torch and the kernels (default: torch's, or 1 when the machine is already busy)."
+    ),
+    out: Path | None = typer.Option(None, help="Write every number as JSON here."),
 ):
     """Prefill and decode speed vs DynamicCache (interleaved, one run), and throughput at a fixed KV budget."""
     from .bench.speed import run
 
     try:
-        run(model_path=model, configs=configs, contexts=contexts, batches=batches, steps=steps, repeats=repeats,
-            budget_gib=budget_gib, budget_context=budget_context, threads=threads, out=out)
+        run(
+            model_path=model,
+            configs=configs,
+            contexts=contexts,
+            batches=batches,
+            steps=steps,
+            repeats=repeats,
+            budget_gib=budget_gib,
+            budget_context=budget_context,
+            threads=threads,
+            out=out,
+        )
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
 
@@ -119,8 +176,10 @@ def bench_vlm(
 
 
 from .eval.cli import eval_command  # noqa: E402  (the evaluation harness: attentionpack/eval/)
+
 app.command("eval")(eval_command)
 from .serve.cli import bench_serve_command, serve_command  # noqa: E402  (attentionpack/serve/)
+
 app.command("serve")(serve_command)
 bench_app.command("serve")(bench_serve_command)
 

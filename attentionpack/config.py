@@ -1,4 +1,5 @@
 """`PackConfig`: what the cache compresses and how, validated on construction, with named presets."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,11 @@ FACTOR_BITS = (4, 8)  # codec "lowrank": optional bits of the coefficients (basi
 IMAGE_BASES = ("per_image", "shared")
 KEY_OBJECTIVES = ("keys", "scores")
 # fields a modality (text, image, video tokens of a vision-language prompt) may set for itself
-MODALITY_FIELDS = tuple(f"{p}_{n}" for p in ("key", "value")
-                        for n in ("codec", "rank", "rank_fraction", "energy", "max_rank_fraction", "bits"))
+MODALITY_FIELDS = tuple(
+    f"{p}_{n}"
+    for p in ("key", "value")
+    for n in ("codec", "rank", "rank_fraction", "energy", "max_rank_fraction", "bits")
+)
 
 
 @dataclass(frozen=True)
@@ -131,8 +135,12 @@ class PackConfig:
             if not (_is_num(self.budget) and 0 < self.budget <= 1):
                 _bad("budget", self.budget, "None or a fraction of DynamicCache's bytes in (0, 1], e.g. 0.125")
             if any(getattr(self, m) for m in ("text", "image", "video")):
-                _bad("budget", self.budget, "None when modality overrides (text, image, video) are set: a budget "
-                     "chooses the encodings of text prompts itself")
+                _bad(
+                    "budget",
+                    self.budget,
+                    "None when modality overrides (text, image, video) are set: a budget "
+                    "chooses the encodings of text prompts itself",
+                )
         for modality in ("text", "image", "video"):
             overrides = getattr(self, modality)
             if overrides is None:
@@ -145,7 +153,7 @@ class PackConfig:
             except ValueError as err:
                 _bad(modality, overrides, f"valid codec settings for {modality} tokens ({err})")
 
-    def for_modality(self, modality: str) -> "PackConfig":
+    def for_modality(self, modality: str) -> PackConfig:
         """The codec settings for `modality` ("text", "image", "video") tokens: this config with its overrides."""
         overrides = getattr(self, modality) if modality in ("text", "image", "video") else None
         if not overrides:
@@ -155,18 +163,22 @@ class PackConfig:
     @property
     def is_lossless(self) -> bool:
         """No modality's keys or values are ever encoded."""
-        return self.budget is None and all(c.key_codec == "exact" and c.value_codec == "exact"
-                   for c in (self.for_modality(m) for m in ("text", "image", "video")))
+        return self.budget is None and all(
+            c.key_codec == "exact" and c.value_codec == "exact"
+            for c in (self.for_modality(m) for m in ("text", "image", "video"))
+        )
 
     def replace(self, **changes: Any) -> PackConfig:
         """A copy with some fields changed (validated again)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"unknown PackConfig field(s) {sorted(unknown)}; fields: {[f.name for f in dataclasses.fields(self)]}")
+            raise ValueError(
+                f"unknown PackConfig field(s) {sorted(unknown)}; fields: {[f.name for f in dataclasses.fields(self)]}"
+            )
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def preset(cls, name: str) -> "PackConfig":
+    def preset(cls, name: str) -> PackConfig:
         """A named, measured configuration: see `PRESETS` (README lists their measured trade-offs)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -190,8 +202,8 @@ PRESETS: dict[str, dict] = {
     "lossless": dict(key_codec="exact", value_codec="exact", key_energy=None, value_energy=None),
     # keys: low-rank factors of the rotated keys (attention scores them without rebuilding them, kernels/) with
     # 4-bit coefficients and a float16 basis; values: 4-bit per token (README "Presets, measured" says why).
-    "balanced": dict(key_energy=0.98, key_bits=4, key_pre_rope=False, value_codec="quant", value_bits=4,
-                     value_energy=None),
-    "max": dict(key_energy=0.95, key_bits=4, key_pre_rope=False, value_codec="quant", value_bits=4,
-                value_energy=None),
+    "balanced": dict(
+        key_energy=0.98, key_bits=4, key_pre_rope=False, value_codec="quant", value_bits=4, value_energy=None
+    ),
+    "max": dict(key_energy=0.95, key_bits=4, key_pre_rope=False, value_codec="quant", value_bits=4, value_energy=None),
 }

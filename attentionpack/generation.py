@@ -1,4 +1,5 @@
 """`attentionpack generate`: answer a prompt with a compressed cache and show what it holds."""
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,9 @@ class _ProgressStreamer(BaseStreamer):
         layers: torch.nn.ModuleList = language_model_of(model).layers  # type: ignore[assignment]
         self.layers = len(layers)
         self.file = file
-        self.prefill = tqdm(total=self.layers, desc=f"prefill {prompt_tokens} tokens", unit="layer", leave=False,
-                            file=file)
+        self.prefill = tqdm(
+            total=self.layers, desc=f"prefill {prompt_tokens} tokens", unit="layer", leave=False, file=file
+        )
         self.decode = None
         self.max_new_tokens = max_new_tokens
         self.hooks = [layer.register_forward_hook(self._layer_done) for layer in layers]
@@ -68,8 +70,9 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
     if not text.strip():
         raise ValueError("the prompt is empty; give a prompt file with some text")
     if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
     else:
         ids = tokenizer(text, return_tensors="pt").input_ids
     return ids
@@ -95,8 +98,9 @@ def read_images(paths) -> list:
             with Image.open(path) as img:
                 images.append(img.convert("RGB"))
         except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise ValueError(f"cannot read image {str(path)!r}: {err}; give a readable PNG, JPEG, WebP, GIF or BMP "
-                             "file") from err
+            raise ValueError(
+                f"cannot read image {str(path)!r}: {err}; give a readable PNG, JPEG, WebP, GIF or BMP file"
+            ) from err
     return images
 
 
@@ -112,10 +116,21 @@ def encode_vlm_prompt(processor, text: str, images: list, chat: bool) -> dict:
     return dict(processor(images=images or None, text=prompt, return_tensors="pt"))
 
 
-def run_generate(text: str, preset: str = "balanced", model_path: str | None = None, max_new_tokens: int = 128,
-                 chat: bool = True, sample: bool = False, temperature: float = 0.7, seed: int = 0,
-                 console: Console | None = None, images=(), budget: float | None = None,
-                 threads: int | None = None, prefix_store=None) -> dict:
+def run_generate(
+    text: str,
+    preset: str = "balanced",
+    model_path: str | None = None,
+    max_new_tokens: int = 128,
+    chat: bool = True,
+    sample: bool = False,
+    temperature: float = 0.7,
+    seed: int = 0,
+    console: Console | None = None,
+    images=(),
+    budget: float | None = None,
+    threads: int | None = None,
+    prefix_store=None,
+) -> dict:
     """Generate an answer with a PackedCache; print it and a memory table. Returns the numbers printed.
 
     `budget` (a fraction of DynamicCache's bytes, in (0, 1]) replaces the preset: `PackConfig(budget=budget)`.
@@ -137,8 +152,11 @@ def run_generate(text: str, preset: str = "balanced", model_path: str | None = N
     if images and not vlm:
         raise ValueError(
             f"--image needs --model with a local vision-language model folder ({', '.join(SUPPORTED_VLM_TYPES)}); "
-            + ("the embedded SmolLM2 is text-only" if model_path is None else
-               f"{model_path} is not one (model_type {folder_model_type(model_path)!r})")
+            + (
+                "the embedded SmolLM2 is text-only"
+                if model_path is None
+                else f"{model_path} is not one (model_type {folder_model_type(model_path)!r})"
+            )
         )
     pictures = read_images(images)  # before loading: a bad file fails fast
     with console.status("loading model"):
@@ -165,16 +183,24 @@ def run_generate(text: str, preset: str = "balanced", model_path: str | None = N
     streamer = _ProgressStreamer(model, ids.shape[1], max_new_tokens)
     kwargs = dict(do_sample=True, temperature=temperature, top_p=0.95) if sample else dict(do_sample=False)
     try:
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, streamer=streamer,
-                             pad_token_id=tokenizer.pad_token_id, **kwargs)
+        out = model.generate(
+            **inputs,
+            past_key_values=cache,
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id,
+            **kwargs,
+        )
     finally:
         streamer.end()
     elapsed = time.perf_counter() - start
-    answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     console.print(answer.strip())
     held, dynamic = cache.nbytes(), cache.dynamic_nbytes()
-    table = Table(title=f"KV cache after {cache.get_seq_length()} tokens ({ids.shape[1]} prompt + "
-                        f"{out.shape[1] - ids.shape[1]} generated), {elapsed:.1f} s")
+    table = Table(
+        title=f"KV cache after {cache.get_seq_length()} tokens ({ids.shape[1]} prompt + "
+        f"{out.shape[1] - ids.shape[1]} generated), {elapsed:.1f} s"
+    )
     for col in ("cache", "bytes held", "MiB", "vs DynamicCache"):
         table.add_column(col, justify="right" if col != "cache" else "left")
     table.add_row("DynamicCache (same tokens)", f"{dynamic:,}", f"{dynamic / 2**20:.2f}", "1.00x")
@@ -182,8 +208,19 @@ def run_generate(text: str, preset: str = "balanced", model_path: str | None = N
     modalities = cache.stats()["modalities"]
     if vlm:  # per modality: what the cache holds for those tokens vs DynamicCache for the same tokens
         for name, m in sorted(modalities.items()):
-            table.add_row(f"  {name} tokens ({m['entries']:,} layer x sample entries)", f"{m['bytes']:,}",
-                          f"{m['bytes'] / 2**20:.2f}", size_ratio(m["bytes"], m["dynamic_bytes"]))
+            table.add_row(
+                f"  {name} tokens ({m['entries']:,} layer x sample entries)",
+                f"{m['bytes']:,}",
+                f"{m['bytes'] / 2**20:.2f}",
+                size_ratio(m["bytes"], m["dynamic_bytes"]),
+            )
     console.print(table)
-    return {"answer": answer, "bytes": held, "dynamic_bytes": dynamic, "prompt_tokens": ids.shape[1],
-            "modalities": modalities, "images": len(pictures), "prefix_tokens": reused}
+    return {
+        "answer": answer,
+        "bytes": held,
+        "dynamic_bytes": dynamic,
+        "prompt_tokens": ids.shape[1],
+        "modalities": modalities,
+        "images": len(pictures),
+        "prefix_tokens": reused,
+    }

@@ -1,5 +1,6 @@
 """Files shipped inside PyPI data packages (the embedded model, the evaluation text), found without importing
 those packages (their `__init__` may need dependencies we do not install)."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -5,6 +5,7 @@ sin = s*sin(θ) for a scaling s (1 for plain RoPE). Rotation is orthogonal up to
 k = (k_rot * cos - rotate_half(k_rot) * sin) / (cos² + sin²) recovers the pre-RoPE key for any RoPE variant that
 transformers expresses through (cos, sin).
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """`attentionpack cache put|ls|rm`: fill, list and empty a prefix store (attentionpack/store/prefix.py)."""
+
 from __future__ import annotations
 
 import time
@@ -14,8 +15,10 @@ if TYPE_CHECKING:
 DEFAULT_STORE = Path.home() / ".cache" / "attentionpack" / "prefix-store"
 DEFAULT_MAX_BYTES = 4 << 30
 
-cache_app = typer.Typer(no_args_is_help=True, help="Saved compressed prompt caches (a prefix store) that "
-                                                   "`generate --prefix-store DIR` reuses.")
+cache_app = typer.Typer(
+    no_args_is_help=True,
+    help="Saved compressed prompt caches (a prefix store) that `generate --prefix-store DIR` reuses.",
+)
 
 STORE_OPTION = typer.Option(DEFAULT_STORE, "--store", "-s", help="Prefix store folder.")
 
@@ -36,10 +39,12 @@ def config_from(preset: str, budget: float | None) -> PackConfig:
 def put(
     prompt_file: Path = typer.Option(..., "--prompt-file", "-f", help="Text file whose prompt cache to store."),
     preset: str = typer.Option("balanced", "--preset", "-p", help="lossless, balanced or max."),
-    budget: float | None = typer.Option(None, "--budget", help="Byte budget, a fraction of DynamicCache's bytes "
-                                                                  "(e.g. 0.125); replaces --preset."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: "
-                                                                    "embedded SmolLM2-135M-Instruct)."),
+    budget: float | None = typer.Option(
+        None, "--budget", help="Byte budget, a fraction of DynamicCache's bytes (e.g. 0.125); replaces --preset."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."
+    ),
     chat: bool = typer.Option(True, help="Wrap the prompt in the model's chat template, as `generate` does."),
     store: Path = STORE_OPTION,
     max_bytes: int = typer.Option(DEFAULT_MAX_BYTES, "--max-bytes", min=1, help="Store size limit (LRU eviction)."),
@@ -66,16 +71,19 @@ def put(
         start = time.perf_counter()
         prefill_prefix(lm, cache, ids[:, :keep])
         prefill_s = time.perf_counter() - start
-        key = PrefixStore(store, max_bytes).put(ids[0, :keep], cache, tokenizer, info={"config": config.name,
-                                                                                        "source": prompt_file.name})
+        key = PrefixStore(store, max_bytes).put(
+            ids[0, :keep], cache, tokenizer, info={"config": config.name, "source": prompt_file.name}
+        )
     except (OSError, UnicodeDecodeError) as err:
         _fail(f"cannot read {prompt_file}: {err}")
     except (ValueError, FileNotFoundError, TypeError) as err:
         _fail(str(err))
     if key is None:
         _fail(f"the cache is larger than --max-bytes {max_bytes:,}; not stored")
-    typer.echo(f"stored {keep:,} of the prompt's {ids.shape[1]:,} tokens as {key} ({cache.nbytes():,} bytes held, "
-               f"prefill {prefill_s:.1f} s) in {store}")
+    typer.echo(
+        f"stored {keep:,} of the prompt's {ids.shape[1]:,} tokens as {key} ({cache.nbytes():,} bytes held, "
+        f"prefill {prefill_s:.1f} s) in {store}"
+    )
 
 
 @cache_app.command("ls")

@@ -5,6 +5,7 @@ torch's libgomp and follow `torch.set_num_threads`). On a machine whose cores ar
 process stall each other at every parallel region (OpenMP threads spin at barriers), which slows compressed
 prefill (many short parallel regions) far more than DynamicCache's. So the default is torch's unless the machine
 is busy, then one thread; `--threads N` overrides it."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,9 @@ def choose_threads(requested: int | None) -> tuple[int | None, str | None]:
     if busy is None:
         return None, None
     load, cpus = busy
-    return 1, (f"the machine is busy (load average {load:.1f} on {cpus} CPUs): using 1 thread "
-               "(pass --threads N to choose)")
+    return 1, (
+        f"the machine is busy (load average {load:.1f} on {cpus} CPUs): using 1 thread (pass --threads N to choose)"
+    )
 
 
 def apply_threads(threads: int | None) -> int:

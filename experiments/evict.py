@@ -8,6 +8,7 @@ log(count), it stands for all the dropped tokens at once and is exact when they 
 
 Shapes: B batch, H KV heads, T tokens, n kept tokens, d head dim. "[H,]" marks an optional per-head axis.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,13 @@ def _keep_counts(keep: int | float, n_valid: torch.Tensor, protected: torch.Tens
     return torch.minimum(torch.maximum(share, protected), n_valid)
 
 
-def select_tokens(scores: torch.Tensor, keep: int | float, protect_first: int = 4, protect_last: int = 64,
-                  valid: torch.Tensor | None = None) -> torch.Tensor:
+def select_tokens(
+    scores: torch.Tensor,
+    keep: int | float,
+    protect_first: int = 4,
+    protect_last: int = 64,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Indices (B, [H,] n) of the tokens to keep, ascending, for scores (B, [H,] T).
 
     keep: a count (int) or a fraction (float) of each row's valid tokens. protect_first: the first real tokens of
@@ -49,8 +55,9 @@ def select_tokens(scores: torch.Tensor, keep: int | float, protect_first: int = 
         valid = torch.ones(scores.shape[0], t, dtype=torch.bool, device=scores.device)
     bad_shape = valid.shape[0] != scores.shape[0] or valid.shape[-1] != t or valid.dim() > scores.dim()
     if valid.dtype != torch.bool or bad_shape:
-        raise ValueError(f"valid must be a bool mask (B, T) or {tuple(scores.shape)}, got {valid.dtype} "
-                         f"{tuple(valid.shape)}")
+        raise ValueError(
+            f"valid must be a bool mask (B, T) or {tuple(scores.shape)}, got {valid.dtype} {tuple(valid.shape)}"
+        )
     if valid.dim() < scores.dim():
         valid = valid.unsqueeze(1)  # (B, 1, T)
     valid = valid.expand_as(scores)  # (B, [H,] T)
@@ -86,8 +93,9 @@ def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def compensation_token(keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                       valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compensation_token(
+    keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean key and value (B, H, 1, d) of the real tokens NOT in `indices` (B, [H,] n), and their count (B, H).
 
     keys/values (B, H, T, d). Attend to the token with logit q·k_c·scale + log(count): then its weight equals the

@@ -8,16 +8,16 @@ own coefficients, so the bytes saved are real. Samples of a batch rank their tok
 Shapes: B batch, T tokens of the span, H heads, d head dim, D = H*d, r0 >= r1 >= ... ranks, n_t tokens of tier t.
 For keys, the factors are of the rotated keys (attention scores them without rebuilding them) or values.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
-from attentionpack.parts import Factors
-from attentionpack.parts import Quantized, dequantize_native, quantize
+from attentionpack.parts import Factors, Quantized, dequantize_native, quantize
 
 
 @dataclass
@@ -32,31 +32,40 @@ class TieredLowRankPart:
     num_heads: int
 
     @classmethod
-    def from_factors(cls, factors: Factors, num_heads: int, importance: torch.Tensor, shares: Sequence[float],
-                     ranks: Sequence[int], coeff_bits: int = 4, coeff_group: int = 32) -> "TieredLowRankPart":
+    def from_factors(
+        cls,
+        factors: Factors,
+        num_heads: int,
+        importance: torch.Tensor,
+        shares: Sequence[float],
+        ranks: Sequence[int],
+        coeff_bits: int = 4,
+        coeff_group: int = 32,
+    ) -> TieredLowRankPart:
         """factors: coeffs (B, T, r) with r >= ranks[0], basis (B, r, D); importance (B, T) (higher = keep more
         rank; padding should score lowest); shares: fraction of each sample's tokens per tier, in tier order,
         summing to 1; ranks: each tier's rank, non-increasing."""
         b, t, r = factors.coeffs.shape
         if len(shares) != len(ranks) or not shares or abs(sum(shares) - 1) > 1e-6 or min(shares) <= 0:
-            raise ValueError(f"shares={list(shares)} is invalid: one positive share per rank in ranks={list(ranks)}, "
-                             "summing to 1")
+            raise ValueError(
+                f"shares={list(shares)} is invalid: one positive share per rank in ranks={list(ranks)}, summing to 1"
+            )
         if any(not 1 <= k <= r for k in ranks) or list(ranks) != sorted(ranks, reverse=True):
             raise ValueError(f"ranks={list(ranks)} is invalid: non-increasing, each in [1, {r}] (the factors' rank)")
         if importance.shape != (b, t):
             raise ValueError(f"importance has shape {tuple(importance.shape)}; expected (B, T) = {(b, t)}")
         order = importance.float().argsort(dim=1, descending=True, stable=True)  # (B, T) most attended first
-        bounds = [0, *[min(t, math.ceil(t * sum(shares[:i + 1]))) for i in range(len(shares) - 1)], t]
+        bounds = [0, *[min(t, math.ceil(t * sum(shares[: i + 1]))) for i in range(len(shares) - 1)], t]
         tier = torch.empty(b, t, dtype=torch.uint8)
         coeffs = []
         for i, k in enumerate(ranks):
             if bounds[i + 1] <= bounds[i]:
                 continue
-            idx = order[:, bounds[i]:bounds[i + 1]].sort(dim=1).values  # (B, n_t) in position order
+            idx = order[:, bounds[i] : bounds[i + 1]].sort(dim=1).values  # (B, n_t) in position order
             tier.scatter_(1, idx, len(coeffs))
             c = factors.coeffs.gather(1, idx[..., None].expand(-1, -1, r))[..., :k]  # (B, n_t, r_t)
             coeffs.append(quantize(c, coeff_bits, coeff_group, axis=1))
-        basis = factors.basis[:, :ranks[0]].to(torch.float16).contiguous()
+        basis = factors.basis[:, : ranks[0]].to(torch.float16).contiguous()
         return cls(basis, tier, coeffs, num_heads)
 
     @property
@@ -87,7 +96,7 @@ class TieredLowRankPart:
         out = torch.empty(b, self.length, dim, dtype=dtype)  # every token belongs to one tier
         basis = self.basis.to(dtype)
         for idx, c in self._tiers(dtype):
-            out.scatter_(1, idx[..., None].expand(-1, -1, dim), c @ basis[:, :c.shape[2]])
+            out.scatter_(1, idx[..., None].expand(-1, -1, dim), c @ basis[:, : c.shape[2]])
         return out.view(b, self.length, self.num_heads, -1).transpose(1, 2)  # (B, H, T, d)
 
     def scores(self, q: torch.Tensor, start: int, end: int, rope) -> torch.Tensor:
@@ -107,7 +116,7 @@ class TieredLowRankPart:
         acc = p.new_zeros(b, h, m, self.basis.shape[1])  # (B, H, M, r0)
         for idx, c in self._tiers(p.dtype):
             pt = p.gather(-1, idx[:, None, None, :].expand(b, h, m, -1))  # (B, H, M, n_t)
-            acc[..., :c.shape[2]] += pt @ c.unsqueeze(1)
+            acc[..., : c.shape[2]] += pt @ c.unsqueeze(1)
         return acc @ self._per_head(p.dtype)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -118,5 +127,9 @@ class TieredLowRankPart:
         self.coeffs = [q.map_batch(fn) for q in self.coeffs]
 
     def describe(self) -> dict:
-        return {"codec": "lowrank_tiered", "ranks": self.ranks, "tokens": [q.shape[1] for q in self.coeffs],
-                "coeff_bits": self.coeffs[0].bits}
+        return {
+            "codec": "lowrank_tiered",
+            "ranks": self.ranks,
+            "tokens": [q.shape[1] for q in self.coeffs],
+            "coeff_bits": self.coeffs[0].bits,
+        }

@@ -4,9 +4,8 @@ import functools
 import random
 
 import pytest
-import torch
-
 import tiny_models
+import torch
 
 # The tiny models' matmuls are far too small to gain from intra-op threads; one thread avoids oversubscription
 # (and large slowdowns) when the 2 cores are shared with other work.
@@ -25,7 +24,7 @@ def _seed_everything():
     yield
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(name: str):
     return tiny_models.build_model(name)
 

@@ -1,12 +1,12 @@
 """Shared test helpers: inputs, generation with either cache, manual decoding loops, independent byte accounting."""
+
 from __future__ import annotations
 
 import dataclasses
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
-
 from tiny_models import VOCAB
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 PAD = 0
 
@@ -41,9 +41,17 @@ class CacheRecorder(LogitsProcessor):
 def greedy(model, cache, ids, mask, new_tokens: int = 64, recorder: CacheRecorder | None = None, **kwargs):
     with torch.no_grad():
         return model.generate(
-            input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, output_logits=True, return_dict_in_generate=True,
-            pad_token_id=PAD, logits_processor=LogitsProcessorList([recorder] if recorder else []), **kwargs,
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=PAD,
+            logits_processor=LogitsProcessorList([recorder] if recorder else []),
+            **kwargs,
         )
 
 
@@ -81,6 +89,7 @@ def runs_of(cache, layer: int = 0):
 
 
 # ---- independent byte accounting ------------------------------------------------------------------------------
+
 
 def walk_tensors(root) -> list[torch.Tensor]:
     """Every tensor reachable from `root` through object attributes, dataclass fields, lists, tuples, sets and
@@ -140,5 +149,9 @@ def dynamic_cache_bytes(cache: DynamicCache) -> int:
 
 def compressed_runs(cache) -> list[dict]:
     """Stored runs (any layer) whose keys or values are encoded (any codec but "exact")."""
-    return [r for layer in cache.stats()["layers"] for r in layer["runs"]
-            if r["keys"]["codec"] != "exact" or r["values"]["codec"] != "exact"]
+    return [
+        r
+        for layer in cache.stats()["layers"]
+        for r in layer["runs"]
+        if r["keys"]["codec"] != "exact" or r["values"]["codec"] != "exact"
+    ]

@@ -1,5 +1,6 @@
 """Helpers of the serve tests: a byte-level tokenizer for the tiny random models (vocab 128) and a server
 factory (engine + FastAPI app + uvicorn on 127.0.0.1)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,15 @@ class ByteTokenizer:
 
 
 @contextlib.contextmanager
-def running_server(model, tokenizer, cache_spec="dynamic", kv_memory: int = 64 << 20, max_queue: int = 64,
-                   start_engine: bool = True, **engine_kwargs):
+def running_server(
+    model,
+    tokenizer,
+    cache_spec="dynamic",
+    kv_memory: int = 64 << 20,
+    max_queue: int = 64,
+    start_engine: bool = True,
+    **engine_kwargs,
+):
     """Yield (ServerThread, Engine) for `model` on a free loopback port; stops both on exit."""
     from attentionpack.serve.app import ServerThread, create_app
     from attentionpack.serve.engine import Engine

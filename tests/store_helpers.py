@@ -1,4 +1,5 @@
 """Helpers of the store tests: prefill a cache, decode two caches side by side, file sizes, the Gemma 3 model."""
+
 from __future__ import annotations
 
 import functools
@@ -107,8 +108,12 @@ def store_worker(folder: str, worker: int, seconds: float, max_iters: int, out: 
             except CacheFileError as err:
                 report["errors"].append(f"{entry.key}: {err}")
                 continue
-            if loaded is None or covered != want.numel() or not torch.equal(loaded.tokens[0], want) \
-                    or not torch.equal(direct.tokens[0], want):
+            if (
+                loaded is None
+                or covered != want.numel()
+                or not torch.equal(loaded.tokens[0], want)
+                or not torch.equal(direct.tokens[0], want)
+            ):
                 report["errors"].append(f"{entry.key}: wrong or no cache for {want.numel()} tokens ({covered})")
             report["reads"] += 1
             report["cross_reads"] += entry.info["worker"] != worker

@@ -1,4 +1,5 @@
 """Invalid configuration, unsupported models and unreadable model files fail early with clear errors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,9 +8,9 @@ import struct
 
 import pytest
 import torch
+from tiny_models import build_gpt2
 
 from attentionpack import PRESETS, SUPPORTED_MODEL_TYPES, PackConfig, PackedCache, UnsupportedModelError, load_model
-from tiny_models import build_gpt2
 
 # field -> invalid values. Every field of PackConfig must appear here (checked below).
 _RANK_BAD = [0, -1, 2.5, "4", True]
@@ -54,7 +55,8 @@ def test_every_field_is_covered():
 
 
 @pytest.mark.parametrize(
-    "field,value", [(f, v) for f, values in _BAD_VALUES.items() for v in values],
+    "field,value",
+    [(f, v) for f, values in _BAD_VALUES.items() for v in values],
     ids=[f"{f}={v!r}" for f, values in _BAD_VALUES.items() for v in values],
 )
 def test_invalid_field_raises_value_error_naming_field_and_value(field, value):
@@ -102,8 +104,16 @@ def test_valid_bits_are_accepted():
 
 
 def test_valid_boundary_values_are_accepted():
-    PackConfig(sink=0, window=0, chunk=1, min_span=1, key_energy=1.0, value_rank_fraction=1.0,
-               key_max_rank_fraction=1.0, key_rank=1)
+    PackConfig(
+        sink=0,
+        window=0,
+        chunk=1,
+        min_span=1,
+        key_energy=1.0,
+        value_rank_fraction=1.0,
+        key_max_rank_fraction=1.0,
+        key_rank=1,
+    )
     PackConfig(key_rank_fraction=1, value_energy=1)  # ints are numbers too
 
 
@@ -175,6 +185,7 @@ def test_default_config_is_balanced(tiny_model):
 
 # ---- load_model ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def isolated_cache_dir(tmp_path, monkeypatch):
     """Conversions of test files must not land in (or be read from) the user's cache."""
@@ -217,8 +228,9 @@ def _assert_clear_gguf_error(path):
 
 def test_load_model_random_bytes_gguf(isolated_cache_dir):
     path = isolated_cache_dir / "x.gguf"
-    path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
-                                   dtype=torch.uint8).numpy().tobytes())
+    path.write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+    )
     _assert_clear_gguf_error(path)
 
 

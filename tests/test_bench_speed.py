@@ -1,12 +1,13 @@
 """`attentionpack bench speed`'s throughput at a KV budget, on a tiny random model (code paths, not speed)."""
+
 from __future__ import annotations
 
 import torch
-
-from attentionpack.bench.speed import throughput_at_budget
-from attentionpack import cache_nbytes
-from attentionpack.eval.configs import make_cache, parse_config
 from tiny_models import VOCAB
+
+from attentionpack import cache_nbytes
+from attentionpack.bench.speed import throughput_at_budget
+from attentionpack.eval.configs import make_cache, parse_config
 
 
 class ByteTokenizer:

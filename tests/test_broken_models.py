@@ -1,16 +1,17 @@
 """Broken model folders and files: `attentionpack generate --model X` answers with at most 3 lines that name the
 problem and the fix, and exit code 2 (no traceback); `load_model` raises the same message as a ValueError."""
+
 from __future__ import annotations
 
 import shutil
 
 import pytest
+from tiny_models import VOCAB
 from typer.testing import CliRunner
 
 from attentionpack import load_model
 from attentionpack.cli import app
 from attentionpack.models.checks import ModelFolderError
-from tiny_models import VOCAB
 
 
 def _tokenizer():
@@ -95,8 +96,9 @@ def test_broken_folder_cli_error(case, good, isolated):
     breaker, words = CASES[case]
     folder = _copy(good, isolated, case.replace(" ", "_"))
     breaker(folder)
-    result = CliRunner().invoke(app, ["generate", "-f", str(isolated / "prompt.txt"), "-n", "2", "--model",
-                                      str(folder)])
+    result = CliRunner().invoke(
+        app, ["generate", "-f", str(isolated / "prompt.txt"), "-n", "2", "--model", str(folder)]
+    )
     _assert_short_error(result, words)
     with pytest.raises(ModelFolderError):
         load_model(folder)
@@ -115,8 +117,9 @@ def truncated_gguf(tmp_path_factory):
 
 
 def test_truncated_gguf_cli_error(truncated_gguf, isolated):
-    result = CliRunner().invoke(app, ["generate", "-f", str(isolated / "prompt.txt"), "-n", "2", "--model",
-                                      str(truncated_gguf)])
+    result = CliRunner().invoke(
+        app, ["generate", "-f", str(isolated / "prompt.txt"), "-n", "2", "--model", str(truncated_gguf)]
+    )
     _assert_short_error(result, [str(truncated_gguf), "truncated", "download the complete file again"])
     assert "reshape" not in result.output
 

@@ -1,4 +1,5 @@
 """Byte-budget allocation (multiple-choice knapsack) and the attention-output error measure."""
+
 from __future__ import annotations
 
 import itertools
@@ -103,7 +104,7 @@ def test_attention_output_error():
     v_hat = v + 0.1 * torch.randn_like(v)
     err = attention_output_error(q, k, v, k, v_hat, valid)
     kk = k.repeat_interleave(2, 1)
-    logits = q @ kk.transpose(-1, -2) / d ** 0.5
+    logits = q @ kk.transpose(-1, -2) / d**0.5
     causal = torch.arange(t).view(1, t) <= torch.arange(t - w, t).view(w, 1)
     logits = logits.masked_fill(~(causal & valid.view(b, 1, 1, t)), float("-inf"))
     p = torch.softmax(logits, -1)

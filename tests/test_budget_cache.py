@@ -1,14 +1,15 @@
 """`PackConfig(budget=f)`: the cache holds at most f x DynamicCache's bytes after a prefill, with clear errors."""
+
 from __future__ import annotations
 
 import re
 
 import pytest
 import torch
+from helpers import dynamic_cache, greedy, padded_batch
 
 from attentionpack import PackConfig, PackedCache
 from attentionpack.budget import BudgetError
-from helpers import dynamic_cache, greedy, padded_batch
 
 SMALL = dict(window=16, min_span=16)  # tiny prompts: a short exact window leaves most tokens to the budget
 
@@ -34,8 +35,9 @@ def test_budget_is_respected(tiny_model, name, fraction):
         cfg = layer.codecs["text"]
         key, value = layer.budget_choice
         assert cfg.key_codec == ("quant" if key.startswith("q") else "lowrank" if key.startswith("lr") else "exact")
-        assert cfg.value_codec == ("quant" if value.startswith("q") else "lowrank" if value.startswith("lr")
-                                   else "exact")
+        assert cfg.value_codec == (
+            "quant" if value.startswith("q") else "lowrank" if value.startswith("lr") else "exact"
+        )
 
 
 def test_tighter_budgets_hold_fewer_bytes(tiny_model):
@@ -95,20 +97,26 @@ def test_ingest_needs_the_queries(tiny_model):
 def test_first_components_equal_a_lower_rank_encoding():
     from attentionpack.budget.planner import _first_components
     from attentionpack.codecs import spectrum_and_basis
-    from attentionpack.parts import Factors
-    from attentionpack.parts import QuantizedLowRankPart
+    from attentionpack.parts import Factors, QuantizedLowRankPart
 
     x = torch.randn(2, 300, 48)
     _, vecs = spectrum_and_basis(x)
     f = Factors((x.double() @ vecs[:, :, :40]).float(), vecs[:, :, :40].transpose(1, 2).float().contiguous())
     full = QuantizedLowRankPart.from_factors(f, 3, None, (), coeff_bits=4, basis_bits=16)
     cut = _first_components(full, 17, (17, 17))
-    low = QuantizedLowRankPart.from_factors(Factors(f.coeffs[:, :, :17].contiguous(), f.basis[:, :17].contiguous()),
-                                            3, None, (17, 17), coeff_bits=4, basis_bits=16)
+    low = QuantizedLowRankPart.from_factors(
+        Factors(f.coeffs[:, :, :17].contiguous(), f.basis[:, :17].contiguous()),
+        3,
+        None,
+        (17, 17),
+        coeff_bits=4,
+        basis_bits=16,
+    )
     assert torch.equal(cut.materialize(0, 300, None), low.materialize(0, 300, None))
     assert [t.shape for t in cut.tensors()] == [t.shape for t in low.tensors()]
-    assert sum(t.untyped_storage().nbytes() for t in cut.tensors()) == \
-        sum(t.untyped_storage().nbytes() for t in low.tensors())
+    assert sum(t.untyped_storage().nbytes() for t in cut.tensors()) == sum(
+        t.untyped_storage().nbytes() for t in low.tensors()
+    )
 
 
 def test_budget_config_names():
@@ -140,11 +148,10 @@ def test_shared_needle_prefill_prefills_a_budget_cache_itself(tiny_model):
 
 def test_errors_match_the_attention_output_error(tiny_model):
     """The planner's value error of a span is attention_output_error² of the window queries, computed apart."""
-    from attentionpack.scoring.observation import attention_output_error
     from attentionpack.budget.planner import QUERIES
-    from attentionpack.parts import QuantizedPart
     from attentionpack.models.registry import ModelAdapter
-    from attentionpack.scoring.observation import attention_scaling, window_queries
+    from attentionpack.parts import QuantizedPart
+    from attentionpack.scoring.observation import attention_output_error, attention_scaling, window_queries
 
     model = tiny_model("llama")
     ids, mask = padded_batch(300, pad=0, batch=1)
@@ -155,7 +162,8 @@ def test_errors_match_the_attention_output_error(tiny_model):
     seen = {}
     handle = attn.register_forward_pre_hook(
         lambda m, a, k: seen.update(q=window_queries(m, k["hidden_states"], k["position_embeddings"], QUERIES)),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     dyn = dynamic_cache(model)
     try:
         _prefill(model, dyn, ids, mask)

@@ -1,5 +1,6 @@
 """The command line: every option says what it does, help texts survive Rich's markup, `generate --budget` and
 `--threads` work and are validated."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,12 +40,15 @@ def prompt(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--preset", "max", "--budget", "0.25"], ["--preset and --budget exclude each other"]),
-    (["--budget", "0"], ["--budget 0 is invalid", "(0, 1]"]),
-    (["--budget", "1.5"], ["--budget 1.5 is invalid"]),
-    (["--threads", "0"], ["Usage"]),  # typer rejects it (min=1)
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--preset", "max", "--budget", "0.25"], ["--preset and --budget exclude each other"]),
+        (["--budget", "0"], ["--budget 0 is invalid", "(0, 1]"]),
+        (["--budget", "1.5"], ["--budget 1.5 is invalid"]),
+        (["--threads", "0"], ["Usage"]),  # typer rejects it (min=1)
+    ],
+)
 def test_generate_rejects_bad_budget_and_threads(prompt, args, words):
     result = CliRunner().invoke(app, ["generate", "-f", str(prompt), *args])
     assert result.exit_code == 2, result.output
@@ -66,7 +70,22 @@ def test_generate_with_budget_and_threads_on_a_tiny_model(tmp_path, tiny_model):
     got = run_generate(text, model_path=str(folder), max_new_tokens=2, chat=False, budget=0.5, threads=1)
     slot = 2 * 2 * 2 * 16 * 4  # bytes per token: 2 layers x (K, V) x 2 KV heads x head dim 16 x float32
     assert got["bytes"] <= 0.5 * got["dynamic_bytes"] + 18 * slot  # + the generated tokens and the tail's spare slots
-    result = CliRunner().invoke(app, ["generate", "-f", str(tmp_path / "p.txt"), "--model", str(folder), "-n", "2",
-                                      "--no-chat", "--budget", "0.5", "--threads", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "-f",
+            str(tmp_path / "p.txt"),
+            "--model",
+            str(folder),
+            "-n",
+            "2",
+            "--no-chat",
+            "--budget",
+            "0.5",
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "budget=0.5" in result.output

@@ -1,12 +1,13 @@
 """Where tokens end up: sinks, prompt spans, decode chunks and the exact recent window."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from attentionpack.cache.layer import TAIL_GRANULE
-from attentionpack import PackConfig, PackedCache
 from helpers import PAD, padded_batch, runs_of, walk_tensors
+
+from attentionpack import PackConfig, PackedCache
+from attentionpack.cache.layer import TAIL_GRANULE
 
 CONFIG = PackConfig(sink=4, window=8, chunk=16, min_span=4, key_energy=0.9, value_energy=0.9)
 
@@ -66,8 +67,7 @@ def test_decode_produces_chunks(tiny_model):
     out, mask = _decode(model, cache, out, mask, 1)
     assert _layout(cache) == [("sink", 0, 4), ("span", 4, 48), ("chunk", 52, 16), ("recent", 68, 8)]
     out, mask = _decode(model, cache, out, mask, 16)
-    assert _layout(cache) == [("sink", 0, 4), ("span", 4, 48), ("chunk", 52, 16), ("chunk", 68, 16),
-                              ("recent", 84, 8)]
+    assert _layout(cache) == [("sink", 0, 4), ("span", 4, 48), ("chunk", 52, 16), ("chunk", 68, 16), ("recent", 84, 8)]
     _check_contiguous(cache)
 
 
@@ -84,8 +84,14 @@ def test_sinks_skip_left_padding_in_generate(tiny_model):
     cache = PackedCache(model, CONFIG)
     ids, mask = padded_batch(60, pad=5, seed=14)
     with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=1, do_sample=False,
-                       pad_token_id=PAD)
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=PAD,
+        )
     assert _layout(cache) == [("sink", 0, 9), ("span", 9, 43), ("recent", 52, 8)]
 
 
@@ -103,8 +109,8 @@ def test_masked_tokens_are_left_out_of_the_factors(tiny_model):
     assert a <= 20 and span.end == 52
     for part in (span.keys, span.values):
         recon = part.factors.reconstruct()  # (B, T, D)
-        assert torch.all(recon[1, 20 - a: 26 - a] == 0)
-        assert torch.all(recon[1, 26 - a:].abs().sum(-1) > 0)
+        assert torch.all(recon[1, 20 - a : 26 - a] == 0)
+        assert torch.all(recon[1, 26 - a :].abs().sum(-1) > 0)
         assert torch.all(recon[0].abs().sum(-1) > 0)
 
 
@@ -203,8 +209,9 @@ def test_stored_spans_are_optimal_truncations(tiny_model, name):
     """End to end: what a compressed span gives back differs from the exact states by exactly the discarded
     singular-value energy of the (pre-RoPE, for keys) span block - so RoPE is undone and redone at the right
     positions (padding-aware) and nothing else is lost."""
-    from attentionpack.rope import undo_rope
     from helpers import dynamic_cache
+
+    from attentionpack.rope import undo_rope
 
     model = tiny_model(name)
     rank = 5
@@ -219,12 +226,15 @@ def test_stored_spans_are_optimal_truncations(tiny_model, name):
     for idx, layer in enumerate(cache.layers):
         if layer.is_sliding:
             continue
-        rope = lambda s, e, pos: cache.adapter.rope(pos.long(), idx, torch.float32)  # noqa: E731
+        rope = lambda s, e, pos, idx=idx: cache.adapter.rope(pos.long(), idx, torch.float32)  # noqa: E731
         span = next(s for s in layer.segments if s.kind == "span")
         a, b = span.start, span.end
         assert span.keys.positions.tolist() == positions[:, a:b].tolist()
         cos, sin = rope(a, b, positions[:, a:b])
-        for part, exact, is_key in ((span.keys, ref.layers[idx].keys, True), (span.values, ref.layers[idx].values, False)):
+        for part, exact, is_key in (
+            (span.keys, ref.layers[idx].keys, True),
+            (span.values, ref.layers[idx].values, False),
+        ):
             exact = exact[..., a:b, :].double()
             got = part.materialize(a, b, rope).double()
             pre = undo_rope(exact, cos.double(), sin.double()) if is_key else exact
@@ -234,7 +244,7 @@ def test_stored_spans_are_optimal_truncations(tiny_model, name):
             discarded = sv2[:, rank:].sum(-1)
             scale = 1.0 if not is_key else float((cos[0, 0] ** 2 + sin[0, 0] ** 2).mean())  # |rope| squared
             err = ((got - exact) ** 2).sum(dim=(1, 2, 3))
-            total = (block ** 2).sum(dim=(1, 2))
+            total = (block**2).sum(dim=(1, 2))
             torch.testing.assert_close(err, discarded * scale, rtol=1e-3, atol=1e-5 * float(total.max()))
             checked += 1
     assert checked >= 2

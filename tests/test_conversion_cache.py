@@ -1,5 +1,6 @@
 """GGUF conversions are cached by content: a touched or copied file finds its conversion again, and a changed file
 replaces the old conversion instead of adding a second copy (2 x 517 MB before)."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """The evaluation harness (attentionpack/eval): end to end on a tiny random Llama with a tokenizer trained offline,
 resume, bad inputs, and (real_model) the perplexity protocol against a full forward pass on SmolLM2."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,10 @@ import torch
 
 from attentionpack.eval import agreement, configs, needle, report, runner
 
-WORDS = ("the king wrote plays for the globe theatre in london and his company acted them before the queen "
-         "while poets praised sonnets about love time and death in the old city by the river").split()
+WORDS = (
+    "the king wrote plays for the globe theatre in london and his company acted them before the queen "
+    "while poets praised sonnets about love time and death in the old city by the river"
+).split()
 
 
 def _prose(n_words: int, seed: int = 0) -> str:
@@ -37,14 +40,30 @@ def tiny_folder(tmp_path_factory):
     tok.decoder = decoders.ByteLevel()
     specials = ["<eos>", "<|im_start|>", "<|im_end|>"]
     corpus = [_prose(200, s) for s in range(5)] + [needle.INSTRUCTION, needle.QUESTION, needle.NEEDLE, "0123456789"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
-                      eos_token_id=fast.eos_token_id, pad_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=1024,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.eos_token_id,
+        bos_token_id=fast.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).eval().save_pretrained(folder)
     fast.save_pretrained(folder)
@@ -53,8 +72,17 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-SMALL = dict(contexts=(192,), continuation=12, needle_lengths=(320, 400), needle_depths=(0.0, 0.5, 1.0),
-             needle_trials=1, needle_new_tokens=4, speed_contexts=(64, 192), speed_steps=3, speed_repeats=1)
+SMALL = dict(
+    contexts=(192,),
+    continuation=12,
+    needle_lengths=(320, 400),
+    needle_depths=(0.0, 0.5, 1.0),
+    needle_trials=1,
+    needle_new_tokens=4,
+    speed_contexts=(64, 192),
+    speed_steps=3,
+    speed_repeats=1,
+)
 
 
 def _summary_from_md(md: str) -> list[list[str]]:
@@ -70,9 +98,14 @@ def test_end_to_end_artifacts_resume_and_unavailable_kvpress(tiny_folder, tmp_pa
 
     monkeypatch.setattr(runner, "ensure_kvpress_env", no_venv)
     out = tmp_path / "run"
-    kw = dict(model=str(tiny_folder), texts=[str(tiny_folder / "prose.txt")], progress=False,
-              configs=["dynamic", "max", "pack:key_energy=0.9,value_energy=0.9", "kvpress-snapkv-0.5"],
-              needle_configs=("dynamic", "max"), **SMALL)
+    kw = dict(
+        model=str(tiny_folder),
+        texts=[str(tiny_folder / "prose.txt")],
+        progress=False,
+        configs=["dynamic", "max", "pack:key_energy=0.9,value_energy=0.9", "kvpress-snapkv-0.5"],
+        needle_configs=("dynamic", "max"),
+        **SMALL,
+    )
     res = runner.evaluate(out, **kw)
     for name in ("results.json", "report.md", "index.html", "pareto.png", "needle.png", "speed.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -150,7 +183,7 @@ def test_config_names_agreement_and_needle_prompt(tiny_folder):
     for depth in (0.0, 0.5, 1.0):
         p = needle.build_prompt(tok, hay, 300, depth, "48213")
         assert len(p.ids) == 300
-        assert "48213" in tok.decode(p.ids[p.needle_at: p.needle_at + 20])
+        assert "48213" in tok.decode(p.ids[p.needle_at : p.needle_at + 20])
         assert tok.decode(p.question_ids).endswith(needle.ANSWER_START)
     assert needle.score(tok, p, tok(" 48213.", add_special_tokens=False).input_ids)[1]
     with pytest.raises(ValueError, match="haystack"):
@@ -184,15 +217,19 @@ def test_continuation_protocol_equals_full_forward_on_smollm2(real_model):
     model, tok = real_model
     ids = token_ids(tok, read_text(), 320)
     full = full_forward_perplexity(model, ids, 256, 48)
-    for make in (lambda: DynamicCache(config=model.config), lambda: configs.make_cache(model, configs.parse_config("lossless"))):
+    for make in (
+        lambda: DynamicCache(config=model.config),
+        lambda: configs.make_cache(model, configs.parse_config("lossless")),
+    ):
         res = continuation_perplexity(model, ids, 256, 48, make)
         assert res.ppl == pytest.approx(full, rel=1e-4)
 
 
 def test_kvpress_worker_on_tiny_model(tiny_folder, tmp_path):
     """The worker in kvpress's own environment (skipped until `ensure_kvpress_env()` has created it)."""
-    from attentionpack.eval.peers import kvpress_env_info, kvpress_needle, kvpress_quality
     from transformers import AutoTokenizer
+
+    from attentionpack.eval.peers import kvpress_env_info, kvpress_needle, kvpress_quality
 
     if kvpress_env_info() is None:
         pytest.skip("the kvpress environment is not created yet (attentionpack eval creates it once)")
@@ -213,16 +250,18 @@ def test_kvpress_worker_on_tiny_model(tiny_folder, tmp_path):
 
 def test_exact_cache_shortcut_equals_one_token_steps(tiny_model):
     """`timed_steps`: for an exact cache, one call over the rest of the continuation = one-token steps."""
-    from attentionpack.eval.perplexity import continuation_perplexity
     from transformers import DynamicCache
+
+    from attentionpack.eval.perplexity import continuation_perplexity
 
     model = tiny_model("qwen2_sliding")
     ids = torch.randint(3, 128, (1, 90), generator=torch.Generator().manual_seed(1))
     rows = {}
     for steps in (None, 3):
         seen = []
-        res = continuation_perplexity(model, ids, 50, 40, lambda: DynamicCache(config=model.config),
-                                      on_logits=seen.append, timed_steps=steps)
+        res = continuation_perplexity(
+            model, ids, 50, 40, lambda: DynamicCache(config=model.config), on_logits=seen.append, timed_steps=steps
+        )
         rows[steps] = (res, torch.cat(seen))
     assert rows[3][1].shape == rows[None][1].shape == (40, 128)
     torch.testing.assert_close(rows[3][1], rows[None][1], atol=1e-5, rtol=0)
@@ -233,9 +272,15 @@ def test_a_budget_too_small_for_the_prompts_is_reported_not_fatal(tiny_folder, t
     """budget-0.02 cannot hold these short prompts (the exact window alone is ~20% of them): the quality cell
     fails with a note, the needle prompts are marked not run, and every artifact is still written."""
     out = tmp_path / "budget"
-    res = runner.evaluate(out, model=str(tiny_folder), texts=[str(tiny_folder / "prose.txt")], progress=False,
-                          configs=["dynamic", "budget-0.02"], needle_configs=("dynamic", "budget-0.02"),
-                          **{**SMALL, "speed_repeats": 0})
+    res = runner.evaluate(
+        out,
+        model=str(tiny_folder),
+        texts=[str(tiny_folder / "prose.txt")],
+        progress=False,
+        configs=["dynamic", "budget-0.02"],
+        needle_configs=("dynamic", "budget-0.02"),
+        **{**SMALL, "speed_repeats": 0},
+    )
     saved = json.loads((out / "results.json").read_text())
     assert saved["needle"]["budget-0.02"]["rate"] is None and saved["needle"]["dynamic"]["rate"] is not None
     assert all(r["hit"] is None and "infeasible" in r["error"] for r in saved["needle"]["budget-0.02"]["trials"])
@@ -256,11 +301,18 @@ def test_quality_bars_finish_at_n(tiny_folder, tmp_path, monkeypatch):
         return bars[-1]
 
     monkeypatch.setattr(runner, "_bar", recording)
-    runner.evaluate(tmp_path / "bars", model=str(tiny_folder), texts=[str(tiny_folder / "prose.txt")],
-                    progress=True, configs=["dynamic", "max"], **{**SMALL, "needle_trials": 0, "speed_repeats": 0})
+    runner.evaluate(
+        tmp_path / "bars",
+        model=str(tiny_folder),
+        texts=[str(tiny_folder / "prose.txt")],
+        progress=True,
+        configs=["dynamic", "max"],
+        **{**SMALL, "needle_trials": 0, "speed_repeats": 0},
+    )
     quality = [b for b in bars if b.desc.startswith("quality")]
-    assert len(quality) == 2 and all(b.n == b.total == SMALL["continuation"] - 1 for b in quality), \
-        [(b.desc, b.n, b.total) for b in quality]
+    assert len(quality) == 2 and all(b.n == b.total == SMALL["continuation"] - 1 for b in quality), [
+        (b.desc, b.n, b.total) for b in quality
+    ]
 
 
 def test_kvpress_install_is_announced_first_and_can_be_skipped(tiny_folder, tmp_path, monkeypatch, capsys):
@@ -276,9 +328,14 @@ def test_kvpress_install_is_announced_first_and_can_be_skipped(tiny_folder, tmp_
         raise KvpressUnavailable("cannot create the kvpress environment (test)")
 
     monkeypatch.setattr(runner, "ensure_kvpress_env", no_venv)
-    kw = dict(model=str(tiny_folder), texts=[str(tiny_folder / "prose.txt")], progress=False,
-              configs=["dynamic", "kvpress-snapkv-0.5"], needle_configs=("dynamic",),
-              **{**SMALL, "needle_trials": 0, "speed_repeats": 0})
+    kw = dict(
+        model=str(tiny_folder),
+        texts=[str(tiny_folder / "prose.txt")],
+        progress=False,
+        configs=["dynamic", "kvpress-snapkv-0.5"],
+        needle_configs=("dynamic",),
+        **{**SMALL, "needle_trials": 0, "speed_repeats": 0},
+    )
     runner.evaluate(tmp_path / "announce", **kw)
     assert order == ["install"]
     skipped = runner.evaluate(tmp_path / "skip", kvpress=False, **kw)

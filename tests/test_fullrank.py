@@ -9,24 +9,25 @@ These perturb attention scores by ~1e-6 relative, which reaches the logits (magn
 at ~1e-6..1e-5 absolute: measured max |diff| over all architectures was 6.4e-6 (64 greedy steps, batch 2).
 ATOL = 1e-4 leaves >10x margin while still being ~1000x smaller than any real compression error would cause.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from attentionpack import PackConfig, PackedCache
 from helpers import CacheRecorder, dynamic_cache, greedy, manual_decode, padded_batch
 from tiny_models import MODEL_NAMES
 
+from attentionpack import PackConfig, PackedCache
+
 ATOL = 1e-4
-FULL_RANK = PackConfig(key_rank_fraction=1.0, value_rank_fraction=1.0, fallback_exact=False, window=8, chunk=16,
-                       min_span=4)
+FULL_RANK = PackConfig(
+    key_rank_fraction=1.0, value_rank_fraction=1.0, fallback_exact=False, window=8, chunk=16, min_span=4
+)
 PROMPT_LEN, PAD, NEW = 70, 9, 64
 
 
 def _lowrank_kinds(runs):
-    return {run["kind"] for run in runs
-            if run["keys"]["codec"] == "lowrank" and run["values"]["codec"] == "lowrank"}
+    return {run["kind"] for run in runs if run["keys"]["codec"] == "lowrank" and run["values"]["codec"] == "lowrank"}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -42,8 +43,7 @@ def test_full_rank_generate_matches_dynamic_cache(tiny_model, name):
     runs = recorder.runs()
     assert {"span", "chunk"} <= _lowrank_kinds(runs), sorted({(r["kind"], r["keys"]["codec"]) for r in runs})
     dim = model.config.num_key_value_heads * model.config.head_dim
-    assert all(r["keys"]["rank"] == dim and r["values"]["rank"] == dim
-               for r in runs if r["keys"]["codec"] == "lowrank")
+    assert all(r["keys"]["rank"] == dim and r["values"]["rank"] == dim for r in runs if r["keys"]["codec"] == "lowrank")
     # full-attention layers still hold them at the end
     final = cache.stats()["layers"]
     for layer in final:

@@ -1,5 +1,6 @@
 """One-call decoding steps (kernels/plan.py, kernels/decode.c) against dense attention over the materialized
 pieces: every stored form the kernel takes, padding masks, softcap, batches, pieces longer than a work item."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,6 +25,7 @@ def _decode(pieces, first, query, allowed, scale, softcap):
         return None
     return plan.run(plan.count, t, first, query, allowed, scale, softcap)
 
+
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the torch path is used")
 B, H, G, D = 3, 2, 3, 64  # samples, KV heads, query heads per KV head, head dim
 
@@ -34,14 +36,15 @@ def _states(gen, t, d=D):
 
 def _keys(kind, gen, t, d=D):
     if kind == "exact":  # a slice of a wider buffer, as the exact tail hands it over
-        return ExactPart(_states(gen, t + 10, d)[:, :, 3:3 + t])
+        return ExactPart(_states(gen, t + 10, d)[:, :, 3 : 3 + t])
     if kind.startswith("channel"):
         return QuantizedPart.keys(_states(gen, t, d), int(kind[7:]), 32)
     coeffs = torch.randn(B, t, 20, generator=gen)  # factors of keys after RoPE
     basis = torch.linalg.qr(torch.randn(B, H * d, 20, generator=gen)).Q.transpose(1, 2).contiguous()
-    basis_form, coeff_bits = kind[len("factors"):].split("-")
-    return QuantizedLowRankPart.from_factors(Factors(coeffs, basis), H, coeff_bits=int(coeff_bits),
-                                             basis_bits={"16": 16, "32": None, "8": 8}[basis_form])
+    basis_form, coeff_bits = kind[len("factors") :].split("-")
+    return QuantizedLowRankPart.from_factors(
+        Factors(coeffs, basis), H, coeff_bits=int(coeff_bits), basis_bits={"16": 16, "32": None, "8": 8}[basis_form]
+    )
 
 
 def _values(kind, gen, t, d=D):
@@ -56,8 +59,14 @@ def _pieces(gen, key_kind, value_kind, lengths, d=D):
     pieces, at = [], 0
     for i, t in enumerate(lengths):  # sink and tail exact, the middle in the forms under test
         middle = 0 < i < len(lengths) - 1
-        pieces.append(Piece(_keys(key_kind if middle else "exact", gen, t, d),
-                            _values(value_kind if middle else "exact", gen, t, d), at, at + t))
+        pieces.append(
+            Piece(
+                _keys(key_kind if middle else "exact", gen, t, d),
+                _values(value_kind if middle else "exact", gen, t, d),
+                at,
+                at + t,
+            )
+        )
         at += t
     return pieces
 
@@ -82,8 +91,8 @@ def test_every_stored_form_matches_dense_attention(key_kind, value_kind):
     gen = torch.Generator().manual_seed(hash((key_kind, value_kind)) % 1000)
     pieces = _pieces(gen, key_kind, value_kind, [4, 700, 33, 37])  # 700: several work items, a partial one
     query = torch.randn(B, H * G, 1, D, generator=gen)
-    got = _decode(pieces, 0, query, None, D ** -0.5, None)
-    torch.testing.assert_close(got, _reference(pieces, query, None, D ** -0.5, None), atol=2e-5, rtol=1e-4)
+    got = _decode(pieces, 0, query, None, D**-0.5, None)
+    torch.testing.assert_close(got, _reference(pieces, query, None, D**-0.5, None), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
@@ -104,8 +113,10 @@ def test_padding_mask_and_softcap(softcap):
 
 def test_odd_head_dim_and_single_sample_mask_row():
     gen = torch.Generator().manual_seed(3)
-    pieces = [Piece(_keys("channel4", gen, 90, 40), _values("quant4", gen, 90, 40), 0, 90),
-              Piece(_keys("exact", gen, 5, 40), _values("exact", gen, 5, 40), 90, 95)]
+    pieces = [
+        Piece(_keys("channel4", gen, 90, 40), _values("quant4", gen, 90, 40), 0, 90),
+        Piece(_keys("exact", gen, 5, 40), _values("exact", gen, 5, 40), 90, 95),
+    ]
     query = torch.randn(B, H * G, 1, 40, generator=gen)
     allowed = torch.ones(1, 1, 1, 95, dtype=torch.bool)  # broadcast over the batch
     allowed[..., 7] = False
@@ -119,8 +130,11 @@ def test_forms_it_does_not_take_fall_back():
     query = torch.randn(B, H * G, 1, D, generator=gen)
     assert _decode(pieces, 0, query.double(), None, 0.1, None) is None  # float64 queries
     assert _decode(pieces, 0, torch.randn(B, H * G, 2, D), None, 0.1, None) is None  # two query tokens
-    pre_rope = LowRankPart(Factors(torch.randn(B, 50, 8), torch.randn(B, 8, H * D)), H,
-                           positions=torch.arange(50, dtype=torch.int32).expand(B, -1))
+    pre_rope = LowRankPart(
+        Factors(torch.randn(B, 50, 8), torch.randn(B, 8, H * D)),
+        H,
+        positions=torch.arange(50, dtype=torch.int32).expand(B, -1),
+    )
     pieces[1] = Piece(pre_rope, pieces[1].values, 4, 54)  # keys that must be rotated per token
     assert _decode(pieces, 0, query, None, 0.1, None) is None
     plan = DecodePlan(H, D, pieces[:-1])

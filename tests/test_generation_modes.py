@@ -1,12 +1,13 @@
 """Other ways caches get used: extreme compaction settings, multi-turn reuse, assisted decoding (crop), beams, bf16."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from attentionpack import PackConfig, PackedCache
 from helpers import PAD, dynamic_cache, greedy, padded_batch
 from tiny_models import MODEL_NAMES
+
+from attentionpack import PackConfig, PackedCache
 
 ATOL = 1e-4  # full-rank round-off, see test_fullrank.py
 
@@ -80,8 +81,15 @@ def test_prompt_lookup_decoding_lossless_equals_greedy(tiny_model, name):
 
     def run(cache, **kwargs):
         with torch.no_grad():
-            return model.generate(input_ids=ids, past_key_values=cache, do_sample=False, max_new_tokens=40,
-                                  min_new_tokens=40, pad_token_id=PAD, **kwargs)
+            return model.generate(
+                input_ids=ids,
+                past_key_values=cache,
+                do_sample=False,
+                max_new_tokens=40,
+                min_new_tokens=40,
+                pad_token_id=PAD,
+                **kwargs,
+            )
 
     plain = run(dynamic_cache(model))
     assert torch.equal(run(dynamic_cache(model), prompt_lookup_num_tokens=4), plain)  # the reference behaviour
@@ -93,12 +101,23 @@ def test_prompt_lookup_decoding_full_rank_equals_greedy(tiny_model):
     model = tiny_model("llama")
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12] * 6])
     with torch.no_grad():
-        plain = model.generate(input_ids=ids, past_key_values=dynamic_cache(model), do_sample=False,
-                               max_new_tokens=40, min_new_tokens=40, pad_token_id=PAD)
-        out = model.generate(input_ids=ids, past_key_values=PackedCache(model, _full_rank(window=8, chunk=16,
-                                                                                          min_span=4)),
-                             do_sample=False, max_new_tokens=40, min_new_tokens=40, pad_token_id=PAD,
-                             prompt_lookup_num_tokens=4)
+        plain = model.generate(
+            input_ids=ids,
+            past_key_values=dynamic_cache(model),
+            do_sample=False,
+            max_new_tokens=40,
+            min_new_tokens=40,
+            pad_token_id=PAD,
+        )
+        out = model.generate(
+            input_ids=ids,
+            past_key_values=PackedCache(model, _full_rank(window=8, chunk=16, min_span=4)),
+            do_sample=False,
+            max_new_tokens=40,
+            min_new_tokens=40,
+            pad_token_id=PAD,
+            prompt_lookup_num_tokens=4,
+        )
     assert torch.equal(out, plain)
 
 
@@ -142,8 +161,16 @@ def test_beam_search_matches_dynamic_cache(tiny_model, name, config):
     model = tiny_model(name)
     cfg = "lossless" if config == "lossless" else _full_rank(window=8, chunk=16, min_span=4)
     ids, mask = padded_batch(50, pad=5, seed=10)
-    kwargs = dict(num_beams=3, do_sample=False, max_new_tokens=30, min_new_tokens=30, pad_token_id=PAD,
-                  early_stopping=False, output_scores=True, return_dict_in_generate=True)
+    kwargs = dict(
+        num_beams=3,
+        do_sample=False,
+        max_new_tokens=30,
+        min_new_tokens=30,
+        pad_token_id=PAD,
+        early_stopping=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=mask, past_key_values=dynamic_cache(model), **kwargs)
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=PackedCache(model, cfg), **kwargs)

@@ -1,16 +1,16 @@
 """Half-precision models (float16, bfloat16): every stored form scores and mixes within half-precision rounding of
 a float64 reference, on the fused kernels and on the torch path, also when the queries' dtype differs from the
 cache's (a byte budget measures errors with float32 queries on a half-precision cache)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from attentionpack import kernels
-from attentionpack.kernels import ops
 from attentionpack.codecs import RankRule, factorize
-from attentionpack.parts import dequantize_native
-from attentionpack.parts import Quantized, QuantizedLowRankPart, QuantizedPart
+from attentionpack.kernels import ops
+from attentionpack.parts import Quantized, QuantizedLowRankPart, QuantizedPart, dequantize_native
 
 HALF = [torch.float16, torch.bfloat16]
 # relative rounding of one half-precision number (the result is rounded once to its dtype; inputs carry the rest)
@@ -84,8 +84,11 @@ def test_quantized_lowrank_part_half_precision(cache_dtype, query_dtype, basis_b
         b, h, t, d = x.shape
         factors, ranks, _ = factorize(x.transpose(1, 2).reshape(b, t, h * d), RankRule(rank=24))
         assert factors.coeffs.dtype == cache_dtype
-        parts.append(QuantizedLowRankPart.from_factors(factors, h, None, tuple(ranks), coeff_bits=coeff_bits,
-                                                       basis_bits=basis_bits))
+        parts.append(
+            QuantizedLowRankPart.from_factors(
+                factors, h, None, tuple(ranks), coeff_bits=coeff_bits, basis_bits=basis_bits
+            )
+        )
     keys, values = parts
     ref_scores = q.double() @ _lowrank64(keys).transpose(-1, -2)
     ref_mix = p.double() @ _lowrank64(values)

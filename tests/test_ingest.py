@@ -1,15 +1,25 @@
 """`PackedCache.ingest`: a cache derived from a DynamicCache prefill equals one prefilled through itself."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import padded_batch
 from transformers import DynamicCache
 
 from attentionpack import PackConfig, PackedCache
-from helpers import padded_batch
 
-CONFIG = PackConfig(sink=4, window=8, chunk=16, min_span=4, key_energy=0.9, value_codec="quant", value_bits=4,
-                    key_bits=8, key_pre_rope=False)
+CONFIG = PackConfig(
+    sink=4,
+    window=8,
+    chunk=16,
+    min_span=4,
+    key_energy=0.9,
+    value_codec="quant",
+    value_bits=4,
+    key_bits=8,
+    key_pre_rope=False,
+)
 
 
 @pytest.mark.parametrize("config", [CONFIG, CONFIG.replace(key_pre_rope=True), "lossless"])

@@ -1,5 +1,6 @@
 """Fused C kernels (attentionpack/kernels): same results as the torch paths, for every bit width, group size,
 padding and strided input; a clean fallback when they are disabled."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,7 +21,7 @@ def test_mix_rows_equals_dequantized_matmul(bits, d, group, tokens):
     v = torch.randn(2, 3, tokens, d, generator=g)
     q = Q.quantize_values(v, bits, group)
     probs = torch.softmax(torch.randn(2, 3, 4, tokens + 9, generator=g), -1)
-    p = probs[..., 5:5 + tokens]  # a strided column slice, as attention hands it over
+    p = probs[..., 5 : 5 + tokens]  # a strided column slice, as attention hands it over
     got = kernels.mix_rows(q.codes, q.scales, q.mins, p, bits, q.group_size, d)
     torch.testing.assert_close(got, p @ Q.dequantize(q), atol=1e-5, rtol=1e-5)
 

@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import dynamic_cache, greedy, padded_batch
+from tiny_models import MODEL_NAMES
 
 from attentionpack import PackConfig, PackedCache
 from attentionpack.codecs import RankRule, factorize
 from attentionpack.codecs.lowrank import score_weighting
 from attentionpack.scoring.observation import query_moments
-from helpers import dynamic_cache, greedy, padded_batch
-from tiny_models import MODEL_NAMES
 
-SCORES_FULL_RANK = PackConfig(key_rank_fraction=1.0, key_pre_rope=False, key_objective="scores",
-                              value_codec="exact", value_energy=None, fallback_exact=False, window=8, chunk=16,
-                              min_span=4)
+SCORES_FULL_RANK = PackConfig(
+    key_rank_fraction=1.0,
+    key_pre_rope=False,
+    key_objective="scores",
+    value_codec="exact",
+    value_energy=None,
+    fallback_exact=False,
+    window=8,
+    chunk=16,
+    min_span=4,
+)
 
 
 def _score_error(x: torch.Tensor, xhat: torch.Tensor, queries: torch.Tensor, d: int) -> float:
@@ -35,8 +43,12 @@ def test_weighted_factors_trade_key_error_for_score_error():
     moments = queries.double().transpose(-1, -2) @ queries.double() / 400  # (B, H, d, d)
     weighting = score_weighting(moments)
     for b in range(2):  # L Lᵀ = the block-diagonal moments (up to the small ridge)
-        torch.testing.assert_close(weighting[b] @ weighting[b].T, torch.block_diag(*moments[b]), rtol=0,
-                                   atol=1e-3 * float(moments[b].diagonal(dim1=-2, dim2=-1).mean()))
+        torch.testing.assert_close(
+            weighting[b] @ weighting[b].T,
+            torch.block_diag(*moments[b]),
+            rtol=0,
+            atol=1e-3 * float(moments[b].diagonal(dim1=-2, dim2=-1).mean()),
+        )
     plain, _, _ = factorize(x, RankRule(rank=6))
     weighted, _, _ = factorize(x, RankRule(rank=6), weighting)
     assert weighted.coeffs.shape == plain.coeffs.shape and weighted.basis.shape == plain.basis.shape

@@ -1,11 +1,12 @@
 """load_model() on local model folders (tiny models saved to tmp_path; nothing is downloaded)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import VOCAB, build_gpt2
 
 from attentionpack import UnsupportedModelError, load_model
-from tiny_models import VOCAB, build_gpt2
 
 
 @pytest.fixture

@@ -1,12 +1,13 @@
 """The "lossless" preset must reproduce transformers' DynamicCache: same logits (1e-5), same tokens."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from attentionpack import PackedCache
 from helpers import dynamic_cache, greedy, manual_decode, padded_batch
 from tiny_models import MODEL_NAMES, sliding_window_of
+
+from attentionpack import PackedCache
 
 PROMPT_LEN = 70  # longer than every tiny model's sliding window (16, 24, 32), so window semantics are exercised
 PAD = 9
@@ -37,10 +38,12 @@ def test_lossless_generate_matches_dynamic_cache(tiny_model, name):
 def test_lossless_manual_loop_matches_dynamic_cache(tiny_model, name, explicit_positions):
     model = tiny_model(name)
     ids, mask = padded_batch(PROMPT_LEN, pad=PAD, seed=2)
-    ref_logits, ref_tokens = manual_decode(model, dynamic_cache(model), ids, mask, steps=40,
-                                           explicit_positions=explicit_positions)
-    logits, tokens = manual_decode(model, PackedCache(model, "lossless"), ids, mask, steps=40,
-                                   explicit_positions=explicit_positions)
+    ref_logits, ref_tokens = manual_decode(
+        model, dynamic_cache(model), ids, mask, steps=40, explicit_positions=explicit_positions
+    )
+    logits, tokens = manual_decode(
+        model, PackedCache(model, "lossless"), ids, mask, steps=40, explicit_positions=explicit_positions
+    )
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
     assert torch.equal(tokens, ref_tokens)
 
@@ -55,8 +58,9 @@ def test_lossless_multi_chunk_prefill_matches_dynamic_cache(tiny_model):
             first = model(input_ids=ids[:, :35], attention_mask=mask[:, :35], past_key_values=cache)
             second = model(input_ids=ids[:, 35:], attention_mask=mask, past_key_values=cache)
             nxt = second.logits[:, -1:].argmax(-1)
-            third = model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], -1),
-                          past_key_values=cache)
+            third = model(
+                input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], -1), past_key_values=cache
+            )
         results.append(torch.cat([first.logits, second.logits, third.logits], dim=1))
     # padded query rows attend to nothing and are undefined; compare the real rows only
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-5)

@@ -1,22 +1,34 @@
 """Byte accounting: `nbytes()` is every storage the cache keeps alive, `dynamic_nbytes()` what DynamicCache keeps."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from attentionpack import PackConfig, PackedCache
 from helpers import dynamic_cache, dynamic_cache_bytes, padded_batch, storage_bytes, walk_tensors
 from tiny_models import MODEL_NAMES
+
+from attentionpack import PackConfig, PackedCache
 
 CONFIGS = {
     "max": "max",
     # random tiny models have nearly full-rank K/V: fix the rank so that spans and chunks really are factored
     "lowrank_small_window": PackConfig(window=8, chunk=16, min_span=4, key_rank=6, value_rank=6),
     "lossless": "lossless",
-    "quant": PackConfig(key_codec="quant", key_bits=4, value_codec="quant", value_bits=2, key_energy=None,
-                        value_energy=None, quant_group=8, window=8, chunk=16, min_span=4),
-    "lowrank_quant": PackConfig(key_rank=6, value_rank=6, key_bits=4, value_bits=8, quant_group=8, window=8,
-                                chunk=16, min_span=4),
+    "quant": PackConfig(
+        key_codec="quant",
+        key_bits=4,
+        value_codec="quant",
+        value_bits=2,
+        key_energy=None,
+        value_energy=None,
+        quant_group=8,
+        window=8,
+        chunk=16,
+        min_span=4,
+    ),
+    "lowrank_quant": PackConfig(
+        key_rank=6, value_rank=6, key_bits=4, value_bits=8, quant_group=8, window=8, chunk=16, min_span=4
+    ),
 }
 
 

@@ -1,14 +1,15 @@
 """Observation-window importance against the attention probabilities transformers' eager attention returns."""
+
 from __future__ import annotations
 
 import pytest
+import tiny_models
 import torch
+from helpers import padded_batch
 from transformers import DynamicCache
 
-import tiny_models
 from attentionpack.models.registry import ModelAdapter
 from attentionpack.scoring.observation import attention_scaling, token_importance, window_attention, window_queries
-from helpers import padded_batch
 
 WINDOW = 8
 
@@ -33,8 +34,14 @@ def _run(model, ids, mask):
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     try:
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                        output_attentions=True, use_cache=True)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                output_attentions=True,
+                use_cache=True,
+            )
     finally:
         for h in handles:
             h.remove()
@@ -46,8 +53,9 @@ def _importance(model, captured, keys, attn, layer, mask, **kw):
     hidden, pe = captured[layer]
     q = window_queries(attn[layer], hidden, pe, WINDOW)
     sw = ModelAdapter(model).layers[layer].sliding_window
-    return token_importance(q, keys[layer], mask.bool(), scaling=attention_scaling(attn[layer]), sliding_window=sw,
-                            **kw)
+    return token_importance(
+        q, keys[layer], mask.bool(), scaling=attention_scaling(attn[layer]), sliding_window=sw, **kw
+    )
 
 
 @pytest.mark.parametrize("name", tiny_models.MODEL_NAMES)
@@ -101,8 +109,9 @@ def test_pooling_and_window_validity():
     # each valid query row distributes one unit of probability (times G=2 query heads / 2 averaged)
     torch.testing.assert_close(raw.sum(-1), torch.full((2, 2), 5.0))
     wv = torch.tensor([[True] * 5, [False, False, True, True, True]])
-    torch.testing.assert_close(token_importance(q, k, valid, window_valid=wv).per_head.sum(-1),
-                               torch.tensor([[5.0, 5.0], [3.0, 3.0]]))
+    torch.testing.assert_close(
+        token_importance(q, k, valid, window_valid=wv).per_head.sum(-1), torch.tensor([[5.0, 5.0], [3.0, 3.0]])
+    )
     # per-head validity (evicted tokens of one head only)
     ph = valid.unsqueeze(1).repeat(1, 2, 1)
     ph[0, 1, 3] = False

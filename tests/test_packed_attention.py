@@ -6,24 +6,26 @@ test_fullrank.py). Covered: every codec (exact sinks and tail, pre- and post-RoP
 through their factors, quantized states, quantized factors), padding, sliding-window layers, multi-token calls on
 a cache that already holds compressed segments, and sampling through `generate`.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import dynamic_cache, greedy, manual_decode, padded_batch
+from tiny_models import MODEL_NAMES
 
 from attentionpack import PackConfig, PackedCache
 from attentionpack.attention import NAME, LayerView
 from attentionpack.attention import packed as packed_attention
-from helpers import dynamic_cache, greedy, manual_decode, padded_batch
-from tiny_models import MODEL_NAMES
 
 ATOL = 1e-4
 SMALL = dict(window=8, chunk=16, min_span=4)
 CONFIGS = {
     "lowrank_pre_rope": PackConfig(key_energy=0.9, value_energy=0.9, **SMALL),
     "lowrank_post_rope": PackConfig(key_energy=0.9, key_pre_rope=False, value_energy=0.9, **SMALL),
-    "quant": PackConfig(key_codec="quant", key_bits=4, key_energy=None, value_codec="quant", value_bits=2,
-                        value_energy=None, **SMALL),
+    "quant": PackConfig(
+        key_codec="quant", key_bits=4, key_energy=None, value_codec="quant", value_bits=2, value_energy=None, **SMALL
+    ),
     "balanced_small": PackConfig.preset("balanced").replace(**SMALL),
     "factors_4bit": PackConfig(key_energy=0.95, key_bits=4, value_energy=0.95, value_bits=8, **SMALL),
 }
@@ -65,7 +67,14 @@ def test_every_call_matches_sdpa_on_materialized_pieces(tiny_model, name, config
         k = torch.cat([p.keys.materialize(p.start, p.end, view.rope) for p in view.segments], dim=2)
         v = torch.cat([p.values.materialize(p.start, p.end, view.rope) for p in view.segments], dim=2)
         ref = torch.nn.functional.scaled_dot_product_attention(
-            query, k, v, attn_mask=attn_mask, scale=scaling, enable_gqa=True, is_causal=attn_mask is None and query.shape[2] > 1)
+            query,
+            k,
+            v,
+            attn_mask=attn_mask,
+            scale=scaling,
+            enable_gqa=True,
+            is_causal=attn_mask is None and query.shape[2] > 1,
+        )
         torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
         checked.append(len(view.segments))
         return out
@@ -121,8 +130,18 @@ def test_sampling_through_generate(tiny_model):
     for cache in _pair(model, CONFIGS["balanced_small"]):
         torch.manual_seed(5)
         with torch.no_grad():
-            outs.append(model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=True,
-                                       top_k=20, max_new_tokens=30, min_new_tokens=30, pad_token_id=0))
+            outs.append(
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    past_key_values=cache,
+                    do_sample=True,
+                    top_k=20,
+                    max_new_tokens=30,
+                    min_new_tokens=30,
+                    pad_token_id=0,
+                )
+            )
     assert torch.equal(outs[0], outs[1])
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import VOCAB, build_model
 
 from attentionpack import PackConfig, PackedCache, kernels
 from attentionpack.attention import NAME
 from attentionpack.eval.speed import time_one
-from tiny_models import VOCAB, build_model
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: no fused path")
 IDS = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(0))
@@ -38,8 +38,9 @@ def test_budget_cache_decodes_on_the_fused_path(monkeypatch):
 
 def test_strict_names_why_a_decoding_step_cannot_be_fused(monkeypatch):
     model = build_model("llama")
-    cfg = PackConfig(key_codec="lowrank", key_energy=0.9, key_pre_rope=True, value_codec="quant", value_bits=4,
-                     value_energy=None)
+    cfg = PackConfig(
+        key_codec="lowrank", key_energy=0.9, key_pre_rope=True, value_codec="quant", value_bits=4, value_energy=None
+    )
     loose = time_one(model, IDS, 180, 2, lambda: PackedCache(model, cfg))
     assert loose["decode_paths"] == {"per_part": 2 * model.config.num_hidden_layers}  # recorded, not silent
     monkeypatch.setenv("ATTENTIONPACK_STRICT", "1")

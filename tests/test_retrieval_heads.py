@@ -1,4 +1,5 @@
 """Retrieval heads: probe scores against eager attention, choice, persistence, fingerprints."""
+
 from __future__ import annotations
 
 import copy
@@ -7,9 +8,9 @@ import warnings
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 
-import tiny_models
 from attentionpack.scoring import retrieval_heads as rh
 
 LENGTH = 24
@@ -30,7 +31,7 @@ def test_scores_match_eager_attention(name):
     n_layers, h = model.config.num_hidden_layers, model.config.num_key_value_heads
     assert induction.shape == echo.shape == (n_layers, h)
     ids = torch.stack([rh.probe_tokens(model.config, LENGTH, s) for s in seeds])
-    assert ids.shape == (2, 1 + 2 * LENGTH) and (ids[:, 1:1 + LENGTH] == ids[:, 1 + LENGTH:]).all()
+    assert ids.shape == (2, 1 + 2 * LENGTH) and (ids[:, 1 : 1 + LENGTH] == ids[:, 1 + LENGTH :]).all()
     with torch.no_grad():
         att = model(input_ids=ids, output_attentions=True).attentions  # L x (B, Hq, T, T)
     g = model.config.num_attention_heads // h
@@ -50,8 +51,8 @@ def test_choice_determinism_and_fraction(tiny_model):
     np.testing.assert_array_equal(a.induction, b.induction)
     assert a.chosen == b.chosen and len(a.chosen) == 2 and a.fingerprint == b.fingerprint
     scores = a.scores
-    worst_chosen = min(scores[l, h] for l, h in a.chosen)
-    assert all(scores[l, h] <= worst_chosen for l in range(4) for h in range(2) if (l, h) not in a.chosen)
+    worst_chosen = min(scores[layer, h] for layer, h in a.chosen)
+    assert all(scores[layer, h] <= worst_chosen for layer in range(4) for h in range(2) if (layer, h) not in a.chosen)
     assert a.mask().sum() == 2 and a.top(1)[0][:2] in a.chosen
     assert len(a.with_fraction(0.0).chosen) == 0 and len(a.with_fraction(1.0).chosen) == 8
     assert len(a.with_fraction(0.3).chosen) == 3  # ceil(0.3 * 8)

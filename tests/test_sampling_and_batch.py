@@ -1,26 +1,39 @@
 """Sampling with compressed caches, and the batch-reshaping operations generation strategies rely on."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from attentionpack import PackConfig, PackedCache
 from helpers import PAD, compressed_runs, dynamic_cache, greedy, padded_batch
 from tiny_models import MODEL_NAMES
 
+from attentionpack import PackConfig, PackedCache
+
 # "max" with a small window, and its energy rule capped at rank 8 of 32: the random tiny models' K/V are nearly
 # full-rank, so without the cap every span would fall back to exact storage and nothing would be compressed
-SMALL = PackConfig.preset("max").replace(window=8, chunk=16, min_span=4, key_max_rank_fraction=0.25,
-                                         value_max_rank_fraction=0.25)
-FULL_RANK = PackConfig(key_rank_fraction=1.0, value_rank_fraction=1.0, fallback_exact=False, window=8, chunk=16,
-                       min_span=4)
+SMALL = PackConfig.preset("max").replace(
+    window=8, chunk=16, min_span=4, key_max_rank_fraction=0.25, value_max_rank_fraction=0.25
+)
+FULL_RANK = PackConfig(
+    key_rank_fraction=1.0, value_rank_fraction=1.0, fallback_exact=False, window=8, chunk=16, min_span=4
+)
 
 
 def _sample(model, cache, ids, mask, new=40, seed=123, **kwargs):
     torch.manual_seed(seed)
     with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=True, top_k=20,
-                              temperature=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=PAD, **kwargs)
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            do_sample=True,
+            top_k=20,
+            temperature=1.0,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=PAD,
+            **kwargs,
+        )
 
 
 @pytest.mark.parametrize("config", ["max", SMALL], ids=["max", "max_small_window"])
@@ -104,12 +117,14 @@ def test_beam_search_lossless_equals_dynamic_cache(tiny_model, name):
     """Beam search reorders the cache every step (reorder_cache / batch_select_indices)."""
     model = tiny_model(name)
     ids, mask = padded_batch(50, pad=5, seed=10)
-    kwargs = dict(num_beams=3, do_sample=False, max_new_tokens=20, min_new_tokens=20, pad_token_id=PAD,
-                  early_stopping=False)
+    kwargs = dict(
+        num_beams=3, do_sample=False, max_new_tokens=20, min_new_tokens=20, pad_token_id=PAD, early_stopping=False
+    )
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=mask, past_key_values=dynamic_cache(model), **kwargs)
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=PackedCache(model, "lossless"),
-                             **kwargs)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, past_key_values=PackedCache(model, "lossless"), **kwargs
+        )
     assert torch.equal(out, ref)
 
 

@@ -1,5 +1,6 @@
 """Admission by KV bytes: a full queue answers 429 with Retry-After, a request that could never fit answers 400
 naming the limit, and under load the bytes held never exceed --kv-memory (tiny random Llama, real server)."""
+
 from __future__ import annotations
 
 import threading
@@ -8,7 +9,6 @@ import time
 import httpx
 import openai
 import pytest
-
 import tiny_models
 from serve_helpers import ByteTokenizer, running_server
 
@@ -77,8 +77,10 @@ def test_a_request_that_can_never_fit_answers_400_naming_the_limit(model):
 def _load(model, spec, kv_memory: int, requests: int = 10, prompt: str = PROMPT):
     """All requests queued before the engine starts, so only the KV memory limits how many run at once."""
     bodies = [{"prompt": f"{i:02d} " + prompt, "max_tokens": 16, "temperature": 0} for i in range(requests)]
-    with running_server(model, ByteTokenizer(), spec, kv_memory=kv_memory, max_queue=requests,
-                        start_engine=False) as (srv, engine):
+    with running_server(model, ByteTokenizer(), spec, kv_memory=kv_memory, max_queue=requests, start_engine=False) as (
+        srv,
+        engine,
+    ):
         threads, results = _post_all(srv, bodies)
         _wait(srv, "queued", requests)
         engine.start()
@@ -108,6 +110,7 @@ def test_short_prompts_under_a_budget_are_reserved_as_exact(model):
     """A prompt shorter than sink + window + min_span is not compacted, so the budget's f x DynamicCache bound does
     not apply to it: its reservation must cover it exact (no reservation is ever exceeded)."""
     small = dict(window=16, chunk=16, min_span=8)
-    snap, _ = _load(model, PackConfig.preset("balanced").replace(**small, budget=0.125), 1 << 20, requests=6,
-                    prompt="short one")
+    snap, _ = _load(
+        model, PackConfig.preset("balanced").replace(**small, budget=0.125), 1 << 20, requests=6, prompt="short one"
+    )
     assert snap["reservation_violations"] == 0 and 0 < snap["kv_bytes_held_max"] <= 1 << 20, snap

@@ -1,5 +1,6 @@
 """`attentionpack serve` over HTTP: a real uvicorn server on 127.0.0.1, called with the official `openai` client
 (chat, completion, streaming) and with raw HTTP (httpx) for the error cases, on a tiny random Llama."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,8 @@ import time
 import httpx
 import openai
 import pytest
-import torch
-
 import tiny_models
+import torch
 from serve_helpers import ByteTokenizer, running_server
 from transformers import DynamicCache
 
@@ -57,15 +57,21 @@ PROMPT = "The quick brown fox jumps over the lazy dog; " * 3
 def test_openai_client_chat_completion_and_streaming(server):
     srv, engine = server
     client = _client(srv)
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
-                                          max_tokens=24, temperature=0)
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=24, temperature=0
+    )
     choice = chat.choices[0]
     assert choice.finish_reason in ("length", "stop") and choice.message.role == "assistant"
     assert chat.usage.prompt_tokens > len(PROMPT) and 1 <= chat.usage.completion_tokens <= 24
 
-    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
-                                            max_tokens=24, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     pieces, reasons, usage = [], [], None
     for chunk in stream:
         if chunk.usage is not None:
@@ -77,8 +83,10 @@ def test_openai_client_chat_completion_and_streaming(server):
     assert reasons[-1] == choice.finish_reason and usage.completion_tokens == chat.usage.completion_tokens
 
     comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stream=True)
+    )
     assert comp.choices[0].text == streamed and comp.object == "text_completion"
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
@@ -98,9 +106,13 @@ def test_sampling_seed_n_and_stop(server):
     assert len(greedy) >= 4, greedy
     stop = greedy[2:4]
     cut = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
-    assert cut.choices[0].text == greedy[:greedy.find(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=stop, stream=True))
+    assert cut.choices[0].text == greedy[: greedy.find(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=stop, stream=True
+        )
+    )
     assert streamed == cut.choices[0].text
     _wait_idle(srv)
 
@@ -111,10 +123,15 @@ def test_health_and_metrics(server):
     health = httpx.get(srv.url + "/health").json()
     assert health["status"] == "ok" and health["kv_bytes_limit"] == 64 << 20
     text = httpx.get(srv.url + "/metrics").text
-    for name in ("attentionpack_kv_bytes_held ", "attentionpack_kv_bytes_dynamic_equivalent ",
-                 "attentionpack_requests_running ", "attentionpack_requests_queued ",
-                 "attentionpack_tokens_per_second ", "attentionpack_time_to_first_token_seconds_count ",
-                 "process_resident_memory_bytes "):
+    for name in (
+        "attentionpack_kv_bytes_held ",
+        "attentionpack_kv_bytes_dynamic_equivalent ",
+        "attentionpack_requests_running ",
+        "attentionpack_requests_queued ",
+        "attentionpack_tokens_per_second ",
+        "attentionpack_time_to_first_token_seconds_count ",
+        "process_resident_memory_bytes ",
+    ):
         assert name in text, name
     count = [line for line in text.splitlines() if line.startswith("attentionpack_generated_tokens_total ")]
     assert count and float(count[0].split()[1]) >= 4
@@ -122,7 +139,7 @@ def test_health_and_metrics(server):
 
 BAD_REQUESTS = [
     ("/v1/completions", b'{"prompt": "hi", ', "not valid JSON"),
-    ("/v1/completions", b'[1, 2, 3]', "body"),
+    ("/v1/completions", b"[1, 2, 3]", "body"),
     ("/v1/completions", json.dumps({"prompt": "hi", "frobnicate": 1}).encode(), "unknown field: frobnicate"),
     ("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": "8"}).encode(), "max_tokens"),
     ("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 0}).encode(), "max_tokens"),
@@ -141,8 +158,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), "role"),
     ("/v1/chat/completions", json.dumps({"messages": "hi"}).encode(), "messages"),
     ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), "content"),
-    ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}).encode(),
-     "stream"),
+    (
+        "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}).encode(),
+        "stream",
+    ),
 ]
 
 
@@ -172,8 +192,12 @@ def test_other_errors(server):
 def test_client_disconnect_mid_stream_frees_its_sequence(server):
     srv, engine = server
     _wait_idle(srv)
-    cancelled = lambda: engine.metrics.registry.get_sample_value(  # noqa: E731
-        "attentionpack_sequences_total", {"outcome": "cancelled"}) or 0.0
+    cancelled = lambda: (
+        engine.metrics.registry.get_sample_value(  # noqa: E731
+            "attentionpack_sequences_total", {"outcome": "cancelled"}
+        )
+        or 0.0
+    )
     before = cancelled()
     body = {"prompt": PROMPT, "max_tokens": 300, "temperature": 1.0, "seed": 1, "stream": True}
     with httpx.Client(timeout=30) as client:
@@ -217,11 +241,14 @@ def test_an_exception_in_one_request_fails_only_that_request(model):
         results = {}
 
         def call(name, prompt):
-            results[name] = httpx.post(srv.url + "/v1/completions", timeout=60,
-                                       json={"prompt": prompt, "max_tokens": 12, "temperature": 0})
+            results[name] = httpx.post(
+                srv.url + "/v1/completions", timeout=60, json={"prompt": prompt, "max_tokens": 12, "temperature": 0}
+            )
 
-        threads = [threading.Thread(target=call, args=("bad", "#" + PROMPT)),
-                   threading.Thread(target=call, args=("good", PROMPT))]
+        threads = [
+            threading.Thread(target=call, args=("bad", "#" + PROMPT)),
+            threading.Thread(target=call, args=("good", PROMPT)),
+        ]
         for t in threads:
             t.start()
         _wait_queued(srv, 2)
@@ -230,8 +257,9 @@ def test_an_exception_in_one_request_fails_only_that_request(model):
             t.join()
         assert results["bad"].status_code == 500 and "injected fault" in results["bad"].json()["error"]["message"]
         assert engine.snapshot()["max_running"] == 2
-        alone = httpx.post(srv.url + "/v1/completions",
-                           json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0}).json()["choices"][0]["text"]
+        alone = httpx.post(
+            srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+        ).json()["choices"][0]["text"]
         assert results["good"].status_code == 200 and results["good"].json()["choices"][0]["text"] == alone
         health = _wait_idle(srv)
         assert health["kv_bytes_held"] == 0

@@ -2,13 +2,14 @@
 the same sequences decoded alone, for DynamicCache and PackedCache configurations, on every supported tiny
 architecture (Llama, Qwen2/3, sliding-window Qwen2 and Mistral, Gemma 3 with sliding layers) and on the embedded
 SmolLM2-135M (lossless, balanced, budget=1/8)."""
+
 from __future__ import annotations
 
 import pytest
+import tiny_models
 import torch
 from transformers import DynamicCache
 
-import tiny_models
 from attentionpack import PackConfig, PackedCache
 from attentionpack.attention.packed import enable
 from attentionpack.serve.batch_cache import RowsView, SequenceBatchCache, layer_windows
@@ -51,8 +52,11 @@ def test_batched_rows_equal_solo_decoding(name, config, monkeypatch):
 
     views = []
     original = RowsView._attend_row
-    monkeypatch.setattr(RowsView, "_attend_row", lambda self, q, k, v, s, c: (
-        views.append(not isinstance(k, torch.Tensor)), original(self, q, k, v, s, c))[1])
+    monkeypatch.setattr(
+        RowsView,
+        "_attend_row",
+        lambda self, q, k, v, s, c: (views.append(not isinstance(k, torch.Tensor)), original(self, q, k, v, s, c))[1],
+    )
     caches, tokens = [], []
     with torch.no_grad():
         for p in prompts:
@@ -100,8 +104,11 @@ def test_engine_concurrent_equals_alone_smollm2(real_model, config):
     from attentionpack.eval.data import britannica_text, token_ids
 
     model, tokenizer = real_model
-    spec = PackConfig.preset("balanced").replace(budget=0.125) if config.startswith("budget") \
+    spec = (
+        PackConfig.preset("balanced").replace(budget=0.125)
+        if config.startswith("budget")
         else PackConfig.preset(config)
+    )
     ids = token_ids(tokenizer, britannica_text(), 2000).tolist()
     prompts = [ids[0:700], ids[700:1000], ids[1000:1500]]
     engine = Engine(model, spec, kv_memory=1 << 30).start()

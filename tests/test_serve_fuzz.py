@@ -1,6 +1,7 @@
 """1,200 malformed or hostile requests (a bounded, seeded loop) against a real server on 127.0.0.1: every one gets
 a well-formed answer (an OpenAI-style error body for every error, never a 5xx), and afterwards the server still
 answers a normal request exactly as before, holding no KV bytes."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import random
 import time
 
 import httpx
-
 import tiny_models
 from serve_helpers import ByteTokenizer, running_server
 
@@ -17,11 +17,58 @@ from attentionpack import PackConfig
 REQUESTS = 1200
 TIME_LIMIT_S = 240.0
 VALID = {"prompt": "a fuzzed but valid prompt", "max_tokens": 2, "temperature": 0}
-NASTY_VALUES = [None, True, False, 0, -1, 1, 2**63, -2**63, 10**30, 1.5, -0.0, 1e308, float("inf"), float("nan"),
-                "", " ", "\x00", "\ud800", "A" * 5000, "é中𝄞", [], [None], [1, 2], {}, {"a": {"b": []}},
-                [[[[[]]]]], "9", "true", [-5], [2**40]]
-FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
-          "stream", "stream_options", "model", "user", "logprobs", "echo", "__proto__", "", "prompt "]
+NASTY_VALUES = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2**63,
+    -(2**63),
+    10**30,
+    1.5,
+    -0.0,
+    1e308,
+    float("inf"),
+    float("nan"),
+    "",
+    " ",
+    "\x00",
+    "\ud800",
+    "A" * 5000,
+    "é中𝄞",
+    [],
+    [None],
+    [1, 2],
+    {},
+    {"a": {"b": []}},
+    [[[[[]]]]],
+    "9",
+    "true",
+    [-5],
+    [2**40],
+]
+FIELDS = [
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "model",
+    "user",
+    "logprobs",
+    "echo",
+    "__proto__",
+    "",
+    "prompt ",
+]
 
 
 def _hostile(rng: random.Random) -> tuple[str, str, bytes | None, dict]:
@@ -33,7 +80,7 @@ def _hostile(rng: random.Random) -> tuple[str, str, bytes | None, dict]:
         return "POST", path, bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))), headers
     if kind == 1:  # truncated JSON
         text = json.dumps({**VALID, "messages": [{"role": "user", "content": "hi"}]})
-        return "POST", path, text[:rng.randrange(len(text))].encode(), headers
+        return "POST", path, text[: rng.randrange(len(text))].encode(), headers
     if kind == 2:  # valid JSON that is not an object, or deep nesting
         body = rng.choice(["null", "1", '"text"', "[]", "[" * 5000 + "]" * 5000, '{"a":' * 3000 + "1" + "}" * 3000])
         return "POST", path, body.encode(), headers
@@ -41,11 +88,18 @@ def _hostile(rng: random.Random) -> tuple[str, str, bytes | None, dict]:
         method = rng.choice(["GET", "PUT", "DELETE", "PATCH"])
         return method, rng.choice([path, "/v1/nope", "/../etc/passwd", "/v1/models/x", "/%00"]), b"{}", headers
     if kind == 4:  # wrong or missing content type
-        return "POST", path, json.dumps(VALID).encode(), rng.choice([{}, {"content-type": "text/plain"},
-                                                                      {"content-type": "application/x-www-form"}])
+        return (
+            "POST",
+            path,
+            json.dumps(VALID).encode(),
+            rng.choice([{}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form"}]),
+        )
     # a request object with one to three mutated fields (wrong types, out of range, unknown names)
-    body: dict = dict(VALID) if path == "/v1/completions" else {
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    body: dict = (
+        dict(VALID)
+        if path == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    )
     for _ in range(rng.randrange(1, 4)):
         body[rng.choice(FIELDS)] = rng.choice(NASTY_VALUES)
     if path == "/v1/chat/completions" and rng.random() < 0.3:

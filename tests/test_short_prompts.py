@@ -1,13 +1,14 @@
 """A compressed cache is never larger than DynamicCache for the same tokens: short prompts stay exact and the exact
 tail holds neither spare slots nor position/padding arrays that compression has not paid for."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import PAD, dynamic_cache, dynamic_cache_bytes, padded_batch, storage_bytes, walk_tensors
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from attentionpack import PackConfig, PackedCache
-from helpers import PAD, dynamic_cache, dynamic_cache_bytes, padded_batch, storage_bytes, walk_tensors
 
 
 class BytesRecorder(LogitsProcessor):
@@ -23,13 +24,19 @@ class BytesRecorder(LogitsProcessor):
 
 def _generate(model, cache, ids, mask, new: int, recorder=None):
     with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
-                              max_new_tokens=new, min_new_tokens=new, pad_token_id=PAD,
-                              logits_processor=LogitsProcessorList([recorder] if recorder else []))
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=PAD,
+            logits_processor=LogitsProcessorList([recorder] if recorder else []),
+        )
 
 
-CONFIGS = {"balanced": "balanced", "max": "max",
-           "budget_half": PackConfig(budget=0.5, window=8, min_span=8, sink=2)}
+CONFIGS = {"balanced": "balanced", "max": "max", "budget_half": PackConfig(budget=0.5, window=8, min_span=8, sink=2)}
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

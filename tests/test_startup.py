@@ -1,5 +1,6 @@
 """Start-up cost: the command line and `import attentionpack` load neither torch nor transformers until a command
 needs them (their imports take seconds; `--help` and usage errors must not)."""
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,11 @@ def test_cli_import_is_light():
 
 
 def test_package_import_is_light_and_names_resolve_on_use():
-    done = _run(f"import sys, attentionpack; print({HEAVY}); from attentionpack import PackConfig, PRESETS; "
-                f"print({HEAVY}); print(PackConfig.preset('max').key_codec, sorted(PRESETS)[0]); "
-                "print(attentionpack.PackedCache.__name__, 'transformers' in sys.modules)")
+    done = _run(
+        f"import sys, attentionpack; print({HEAVY}); from attentionpack import PackConfig, PRESETS; "
+        f"print({HEAVY}); print(PackConfig.preset('max').key_codec, sorted(PRESETS)[0]); "
+        "print(attentionpack.PackedCache.__name__, 'transformers' in sys.modules)"
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.split("\n")
     assert lines[0] == "[]" and lines[1] == "[]", done.stdout  # the config is pure Python
@@ -36,8 +39,10 @@ def test_package_import_is_light_and_names_resolve_on_use():
 
 def test_help_and_usage_errors_do_not_import_torch():
     for args in ("['--help']", "['generate']", "['bench', '--help']"):
-        done = _run(f"import sys\nfrom attentionpack.cli import app\ntry:\n    app({args})\nexcept SystemExit as e:\n"
-                    f"    print('exit', e.code, {HEAVY})")
+        done = _run(
+            f"import sys\nfrom attentionpack.cli import app\ntry:\n    app({args})\nexcept SystemExit as e:\n"
+            f"    print('exit', e.code, {HEAVY})"
+        )
         assert done.stdout.strip().splitlines()[-1].endswith("[]"), (args, done.stdout, done.stderr)
 
 
@@ -60,7 +65,8 @@ def test_every_module_imports_first():
         "        importlib.import_module(name)\n"
         "    except ImportError as err:\n"
         "        bad.append(f'{name}: {err}')\n"
-        "print(len(names), bad)\n")
+        "print(len(names), bad)\n"
+    )
     done = _run(code)
     assert done.returncode == 0, done.stderr[-2000:]
     count, bad = done.stdout.strip().split(" ", 1)

@@ -1,4 +1,5 @@
 """`attentionpack cache put|ls|rm` and `generate --prefix-store` on the embedded model."""
+
 from __future__ import annotations
 
 import re
@@ -8,8 +9,10 @@ from typer.testing import CliRunner
 
 from attentionpack.cli import app
 
-DOC = ("William Shakespeare was born at Stratford-on-Avon in 1564. He married Anne Hathaway in 1582 and moved to "
-       "London, where he became an actor and a writer of plays for the Lord Chamberlain's company. ") * 8
+DOC = (
+    "William Shakespeare was born at Stratford-on-Avon in 1564. He married Anne Hathaway in 1582 and moved to "
+    "London, where he became an actor and a writer of plays for the Lord Chamberlain's company. "
+) * 8
 
 
 @pytest.mark.real_model

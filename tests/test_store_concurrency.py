@@ -1,5 +1,6 @@
 """Two processes writing and reading one prefix store at the same time (a minute by default; a bounded loop):
 no entry is lost, no load ever sees a partial or damaged file, and the index ends up matching the files."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ def test_two_processes_share_a_store(tmp_path):
     PrefixStore(folder)  # created before the workers race for it
     ctx = multiprocessing.get_context("spawn")
     outs = [tmp_path / f"w{w}.json" for w in range(2)]
-    procs = [ctx.Process(target=store_worker, args=(str(folder), w, SECONDS, MAX_ITERS, str(outs[w])))
-             for w in range(2)]
+    procs = [
+        ctx.Process(target=store_worker, args=(str(folder), w, SECONDS, MAX_ITERS, str(outs[w]))) for w in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:

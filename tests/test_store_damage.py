@@ -6,6 +6,7 @@ left stale and with it recomputed), files swapped between saves, missing files â
 PackConfig and tokenizer, and checks that every one raises CacheFileError (no other exception) and that no cache
 is returned; for damaged bytes no PackedCache is even constructed.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ from store_helpers import prefill
 from tiny_models import build_model
 
 from attentionpack import PackConfig, PackedCache
-from attentionpack.store import CacheFileError, load_cache
 from attentionpack.cache.files import MANIFEST, TENSORS, _sha, canonical_json, tensor_checksums
+from attentionpack.store import CacheFileError, load_cache
 
 ALL_REASONS = {"missing", "format", "damaged", "truncated", "model", "tokenizer", "config", "tokens", "malformed"}
 CONFIG = PackConfig(key_rank=6, value_codec="quant", value_bits=4, key_bits=4, chunk=16, window=16)
@@ -76,6 +77,7 @@ def _resealed(manifest: dict) -> bytes:
 
 def _edits(manifest: dict, rng: random.Random):
     """(label, edited manifest dict, expected reasons) for field edits."""
+
     def edit(fn):
         m = json.loads(json.dumps(manifest))
         fn(m)
@@ -98,12 +100,20 @@ def _edits(manifest: dict, rng: random.Random):
         ("seq_length", edit(lambda m: m.update(seq_length=m["seq_length"] + 1)), {"tokens", "malformed"}),
         ("tokens_sha", edit(lambda m: m["tokens"].update(sha256="5" * 64)), {"tokens"}),
         ("layers_dropped", edit(lambda m: m["cache"]["layers"].pop()), {"malformed"}),
-        ("layer_total", edit(lambda m: m["cache"]["layers"][layer].update(total=10 ** 6)), {"malformed"}),
+        ("layer_total", edit(lambda m: m["cache"]["layers"][layer].update(total=10**6)), {"malformed"}),
         ("tail_begin", edit(lambda m: m["cache"]["layers"][layer]["tail"].update(begin=-3)), {"malformed"}),
         ("tail_capacity", edit(lambda m: m["cache"]["layers"][layer]["tail"].update(capacity=1)), {"malformed"}),
         ("class_fields", edit(lambda m: m["classes"]["Segment"]["fields"].reverse()), {"malformed"}),
-        ("class_unknown", edit(lambda m: m["classes"].update(Bogus={"module": "x", "fields": []})
-                               or m["cache"]["layers"][layer]["segments"].append(["Bogus"])), {"malformed"}),
+        (
+            "class_unknown",
+            edit(
+                lambda m: (
+                    m["classes"].update(Bogus={"module": "x", "fields": []})
+                    or m["cache"]["layers"][layer]["segments"].append(["Bogus"])
+                )
+            ),
+            {"malformed"},
+        ),
         ("segment_dropped", edit(lambda m: m["cache"]["layers"][layer]["segments"].pop(0)), {"malformed"}),
         ("stride", edit(lambda m: m["strides"].update({some_tensor: [1, 1, 1, 1, 1, 1]})), {"malformed"}),
         ("tensor_renamed", edit(lambda m: _rename_leaf(m, layer)), {"malformed"}),
@@ -150,9 +160,24 @@ def test_generated_corruptions_are_all_refused(saved, monkeypatch):
     for label, edited, reasons in _edits(manifest, rng):  # stale checksum: refused as damaged
         add(f"edit {label} (stale checksum)", canonical_json(edited) + b"\n", tensor_bytes, {"damaged"} | reasons)
     for label, edited, reasons in _edits(manifest, rng):  # checksum recomputed: the semantic checks must refuse
-        add(f"edit {label} (resealed)", _resealed(edited), tensor_bytes, reasons, damaged=label not in (
-            "layers_dropped", "layer_total", "tail_begin", "tail_capacity", "class_fields", "segment_dropped",
-            "class_unknown", "tensor_renamed", "seq_length"))
+        add(
+            f"edit {label} (resealed)",
+            _resealed(edited),
+            tensor_bytes,
+            reasons,
+            damaged=label
+            not in (
+                "layers_dropped",
+                "layer_total",
+                "tail_begin",
+                "tail_capacity",
+                "class_fields",
+                "segment_dropped",
+                "class_unknown",
+                "tensor_renamed",
+                "seq_length",
+            ),
+        )
     for field in ("model", "tokenizer", "tokens", "file", "classes", "strides", "cache", "config", "seq_length"):
         for value in (None, 7, "x", [1], {}):  # fields of the wrong type, resealed: refused, never a crash
             if field == "tokenizer" and value is None or manifest.get(field) == value:

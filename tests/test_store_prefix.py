@@ -1,5 +1,6 @@
 """PrefixStore: longest stored prefix wins, reuse continues exactly like a live cache, LRU eviction, index rebuilt,
 damaged entries removed with a warning, entries of other models/configs never used."""
+
 from __future__ import annotations
 
 import shutil
@@ -8,9 +9,9 @@ import pytest
 import torch
 
 from attentionpack import PackConfig, PackedCache
+from attentionpack.cache.files import TENSORS
 from attentionpack.store import PrefixStore
 from attentionpack.store.prefix import prefill_prefix
-from attentionpack.cache.files import TENSORS
 
 CONFIG = PackConfig(key_rank=6, value_codec="quant", value_bits=4, chunk=16, window=16)
 
@@ -58,9 +59,17 @@ def test_reused_prefix_continues_exactly_like_a_live_cache(tiny_model, tmp_path)
     outs = []
     for cache in (live, stored):  # the remaining 60 tokens are a multi-token call on the compressed cache
         with torch.no_grad():
-            out = model.generate(input_ids=p[None], attention_mask=torch.ones(1, 260, dtype=torch.long),
-                                 past_key_values=cache, max_new_tokens=24, min_new_tokens=24, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+            out = model.generate(
+                input_ids=p[None],
+                attention_mask=torch.ones(1, 260, dtype=torch.long),
+                past_key_values=cache,
+                max_new_tokens=24,
+                min_new_tokens=24,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
         outs.append(torch.stack(out.logits))
     assert torch.equal(*outs)
 
@@ -75,6 +84,7 @@ def test_lru_eviction_past_max_bytes(tiny_model, tmp_path):
     ka, kb = _put(store, model, a), _put(store, model, b)
     import os
     import time
+
     past = time.time() - 100
     os.utime(store.entries_dir / ka, (past, past))
     os.utime(store.entries_dir / kb, (past - 50, past - 50))  # b is the least recently used

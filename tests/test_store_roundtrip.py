@@ -2,6 +2,7 @@
 those of the original cache bit for bit, for every architecture, preset, byte budget, pre-RoPE keys, decode chunks,
 batch > 1 with left padding, VLM modality groups and both real models; the files stay within nbytes() + 1% + 64 KiB.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,8 @@ from store_helpers import decode_both, folder_bytes, gemma3_path, prefill
 from tiny_models import MODEL_NAMES
 
 from attentionpack import PackConfig, PackedCache
-from attentionpack.store import load_cache, read_manifest
 from attentionpack.cache.files import tensor_checksums
+from attentionpack.store import load_cache, read_manifest
 
 CONFIGS = {
     "lossless": PackConfig.preset("lossless"),
@@ -22,8 +23,16 @@ CONFIGS = {
     "pre_rope": PackConfig(key_pre_rope=True, key_rank=6, value_rank=6, chunk=16),
     "quant": PackConfig(key_codec="quant", key_bits=2, value_codec="quant", value_bits=4, chunk=16),
     "lowrank8": PackConfig(key_rank=6, value_rank=6, key_bits=8, value_bits=8, chunk=16, key_pre_rope=False),
-    "scores": PackConfig(key_rank=6, key_bits=4, key_pre_rope=False, key_objective="scores", value_codec="quant",
-                         value_bits=4, value_energy=None, chunk=16),
+    "scores": PackConfig(
+        key_rank=6,
+        key_bits=4,
+        key_pre_rope=False,
+        key_objective="scores",
+        value_codec="quant",
+        value_bits=4,
+        value_energy=None,
+        chunk=16,
+    ),
 }
 SLACK = 64 * 1024
 
@@ -77,8 +86,9 @@ def test_roundtrip_budget_keeps_decode_codec(tiny_model, tmp_path):
     assert [layer.budget_choice for layer in loaded.cache.layers] == [layer.budget_choice for layer in cache.layers]
     a, b = decode_both(model, cache, loaded.cache, mask, nxt, 48)  # 48 steps: 3 decode chunks
     assert torch.equal(a, b)
-    assert [[(s.kind, s.keys.describe(), s.values.describe()) for s in layer.segments] for layer in cache.layers] == \
-        [[(s.kind, s.keys.describe(), s.values.describe()) for s in layer.segments] for layer in loaded.cache.layers]
+    assert [[(s.kind, s.keys.describe(), s.values.describe()) for s in layer.segments] for layer in cache.layers] == [
+        [(s.kind, s.keys.describe(), s.values.describe()) for s in layer.segments] for layer in loaded.cache.layers
+    ]
 
 
 def test_batch_and_left_padding_rows_kept(tiny_model, tmp_path):
@@ -125,12 +135,17 @@ def test_shared_storages_saved_once(tmp_path):
 def test_roundtrip_vlm_modality_groups(tmp_path, family):
     from tiny_vlms import model_kwargs, tiny_vlm, vlm_inputs
 
-    images = {"llava": [[0], [0, 0]], "qwen2_vl": [[(4, 4)], [(4, 6), (4, 4)]],
-              "qwen2_5_vl": [[(4, 6)], [(4, 4), (4, 8)]], "idefics3": [[(0, 0)], [(1, 2), (0, 0)]]}[family]
+    images = {
+        "llava": [[0], [0, 0]],
+        "qwen2_vl": [[(4, 4)], [(4, 6), (4, 4)]],
+        "qwen2_5_vl": [[(4, 6)], [(4, 4), (4, 8)]],
+        "idefics3": [[(0, 0)], [(1, 2), (0, 0)]],
+    }[family]
     model = tiny_vlm(family)
     inputs = vlm_inputs(family, images, text_len=40, seed=1)
-    config = PackConfig(key_energy=0.9, value_codec="quant", value_bits=4, image={"key_rank": 3}, sink=2, window=6,
-                        chunk=8, min_span=1)
+    config = PackConfig(
+        key_energy=0.9, value_codec="quant", value_bits=4, image={"key_rank": 3}, sink=2, window=6, chunk=8, min_span=1
+    )
     cache = PackedCache(model, config)
     with torch.no_grad():
         out = model(**model_kwargs(inputs), past_key_values=cache)
@@ -146,8 +161,16 @@ def test_roundtrip_vlm_modality_groups(tmp_path, family):
     logits = []
     for c in (cache, loaded):  # generate feeds the one uncached token, then decodes (Qwen2-VL: its own positions)
         with torch.no_grad():
-            r = model.generate(input_ids=ids, attention_mask=mask, past_key_values=c, max_new_tokens=32,
-                               min_new_tokens=32, do_sample=False, output_logits=True, return_dict_in_generate=True)
+            r = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=c,
+                max_new_tokens=32,
+                min_new_tokens=32,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
         logits.append(torch.stack(r.logits))
     assert torch.equal(*logits)
 
@@ -172,8 +195,13 @@ def _real_roundtrip(model, tokenizer, tmp_path, config, tokens: int):
 @pytest.mark.parametrize("config", ["balanced", "budget"])
 def test_roundtrip_real_model(real_model, tmp_path, config):
     model, tokenizer = real_model
-    _real_roundtrip(model, tokenizer, tmp_path, PackConfig.preset("balanced") if config == "balanced" else
-                    PackConfig(budget=0.125), 640)
+    _real_roundtrip(
+        model,
+        tokenizer,
+        tmp_path,
+        PackConfig.preset("balanced") if config == "balanced" else PackConfig(budget=0.125),
+        640,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -188,5 +216,10 @@ def gemma3():
 @pytest.mark.parametrize("config", ["balanced", "budget"])
 def test_roundtrip_gemma3_270m(gemma3, tmp_path, config):
     model, tokenizer = gemma3
-    _real_roundtrip(model, tokenizer, tmp_path, PackConfig.preset("balanced") if config == "balanced" else
-                    PackConfig(budget=0.125), 640)
+    _real_roundtrip(
+        model,
+        tokenizer,
+        tmp_path,
+        PackConfig.preset("balanced") if config == "balanced" else PackConfig(budget=0.125),
+        640,
+    )

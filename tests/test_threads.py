@@ -1,5 +1,6 @@
 """One thread policy for generate, eval and bench (attentionpack/threads.py): torch's default, one thread on a
 busy machine, --threads always wins; the eval report's wording."""
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,9 @@ import pytest
 from attentionpack import threads
 
 
-@pytest.mark.parametrize("load,cpus,busy", [(1.6, 2, True), (1.49, 2, False), (7.0, 16, False), (16.0, 16, True),
-                                            (5.0, 1, False)])
+@pytest.mark.parametrize(
+    "load,cpus,busy", [(1.6, 2, True), (1.49, 2, False), (7.0, 16, False), (16.0, 16, True), (5.0, 1, False)]
+)
 def test_busy_rule(monkeypatch, load, cpus, busy):
     monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)

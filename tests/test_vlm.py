@@ -3,16 +3,17 @@
 Every test uses batch 2 with left padding and samples holding different numbers (and, for Qwen2-VL / Idefics3,
 sizes) of images, so per-sample layouts really differ.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import storage_bytes, walk_tensors
+from tiny_vlms import FAMILIES, IMAGE, VIDEO, model_kwargs, tiny_vlm, vlm_inputs
 from transformers import DynamicCache
 
 from attentionpack import PackConfig, PackedCache
-from attentionpack.models.vlm import VisionSpan, find_spans
-from helpers import storage_bytes, walk_tensors
-from tiny_vlms import FAMILIES, IMAGE, VIDEO, model_kwargs, tiny_vlm, vlm_inputs
+from attentionpack.models.vlm import find_spans
 
 IMAGES = {  # sample 0: one image; sample 1: two (of another size for Qwen2-VL, split in tiles for Idefics3)
     "llava": [[0], [0, 0]],
@@ -22,14 +23,22 @@ IMAGES = {  # sample 0: one image; sample 1: two (of another size for Qwen2-VL, 
 }
 NEW = 12
 ATOL = 1e-4  # full-rank factors: fp32 round-off only (see test_fullrank.py)
-FULL_RANK = PackConfig(key_rank_fraction=1.0, value_rank_fraction=1.0, fallback_exact=False, sink=2, window=6,
-                       chunk=8, min_span=1)
+FULL_RANK = PackConfig(
+    key_rank_fraction=1.0, value_rank_fraction=1.0, fallback_exact=False, sink=2, window=6, chunk=8, min_span=1
+)
 
 
 def _generate(model, cache, inputs, new=NEW):
     with torch.no_grad():
-        return model.generate(**model_kwargs(inputs), past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
-                              do_sample=False, output_logits=True, return_dict_in_generate=True)
+        return model.generate(
+            **model_kwargs(inputs),
+            past_key_values=cache,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
 
 
 def _reference(model, inputs):
@@ -130,8 +139,9 @@ def test_qwen2_vl_video_frames_are_grouped_with_video_grid_thw():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_only_configured_modalities_compressed_and_indices_match_tokens(family):
     model, inputs = tiny_vlm(family), vlm_inputs(family, IMAGES[family], seed=5)
-    config = FULL_RANK.replace(text={"key_codec": "exact", "value_codec": "exact"}, image={"key_rank": 3,
-                                                                                          "value_rank": 3})
+    config = FULL_RANK.replace(
+        text={"key_codec": "exact", "value_codec": "exact"}, image={"key_rank": 3, "value_rank": 3}
+    )
     cache = PackedCache(model, config)
     _generate(model, cache, inputs, new=2)
     ids = inputs["input_ids"]
@@ -161,16 +171,19 @@ def test_every_cache_index_covered_exactly_once(family):
         count = torch.zeros(batch, layer.total, dtype=torch.long)
         for seg in layer.segments:
             if seg.index is None:
-                count[:, seg.start:seg.end] += 1
+                count[:, seg.start : seg.end] += 1
             else:
                 for b in range(batch):
-                    count[b].index_add_(0, seg.index[b][seg.valid[b]], torch.ones(int(seg.valid[b].sum()),
-                                                                                  dtype=torch.long))
-        count[:, layer.total - layer.tail_length:] += 1
+                    count[b].index_add_(
+                        0, seg.index[b][seg.valid[b]], torch.ones(int(seg.valid[b].sum()), dtype=torch.long)
+                    )
+        count[:, layer.total - layer.tail_length :] += 1
         assert bool((count == 1).all()), count
 
 
-@pytest.mark.parametrize("basis,groups", [("per_image", {"text", "image 0", "image 1"}), ("shared", {"text", "images"})])
+@pytest.mark.parametrize(
+    "basis,groups", [("per_image", {"text", "image 0", "image 1"}), ("shared", {"text", "images"})]
+)
 def test_image_basis_per_image_or_shared(basis, groups):
     model, inputs = tiny_vlm("qwen2_vl"), vlm_inputs("qwen2_vl", IMAGES["qwen2_vl"], seed=7)
     ref = _reference(model, inputs)
@@ -184,8 +197,9 @@ def test_image_basis_per_image_or_shared(basis, groups):
 def test_bytes_per_modality_equal_factor_arithmetic(family):
     model, inputs = tiny_vlm(family), vlm_inputs(family, IMAGES[family], seed=8)
     r = 3
-    config = FULL_RANK.replace(image={"key_rank": r, "value_rank": r, "key_rank_fraction": None,
-                                      "value_rank_fraction": None})
+    config = FULL_RANK.replace(
+        image={"key_rank": r, "value_rank": r, "key_rank_fraction": None, "value_rank_fraction": None}
+    )
     cache = PackedCache(model, config)
     _generate(model, cache, inputs, new=2)
     text = model.config.text_config
@@ -215,8 +229,7 @@ def test_manual_loop_on_the_language_model_with_set_inputs():
     model, inputs = tiny_vlm("llava"), vlm_inputs("llava", IMAGES["llava"], seed=9)
     lm = model.model.language_model
     captured = {}
-    hook = lm.register_forward_pre_hook(lambda m, a, kw: captured.update(embeds=kw["inputs_embeds"]),
-                                        with_kwargs=True)
+    hook = lm.register_forward_pre_hook(lambda m, a, kw: captured.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
     with torch.no_grad():
         model(**model_kwargs(inputs), use_cache=False)
         hook.remove()
@@ -240,11 +253,18 @@ def test_manual_loop_on_the_language_model_with_set_inputs():
 def test_batch_reorder_keeps_layouts_with_their_samples():
     """Beam search reorders the batch: gathered segments' index/valid move with their rows."""
     model, inputs = tiny_vlm("idefics3"), vlm_inputs("idefics3", IMAGES["idefics3"], seed=10)
-    kw = dict(max_new_tokens=6, min_new_tokens=6, num_beams=2, do_sample=False, output_scores=True,
-              return_dict_in_generate=True)
+    kw = dict(
+        max_new_tokens=6,
+        min_new_tokens=6,
+        num_beams=2,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     with torch.no_grad():
-        ref = model.generate(**model_kwargs(inputs), past_key_values=DynamicCache(config=model.config.text_config),
-                             **kw)
+        ref = model.generate(
+            **model_kwargs(inputs), past_key_values=DynamicCache(config=model.config.text_config), **kw
+        )
         out = model.generate(**model_kwargs(inputs), past_key_values=PackedCache(model, FULL_RANK), **kw)
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, rtol=0, atol=ATOL)
@@ -258,18 +278,25 @@ def test_qwen2_vl_video_frame_groups_full_rank_match_dynamic_cache():
     model, gen = tiny_vlm("qwen2_vl"), torch.Generator().manual_seed(11)
     text = lambda n: torch.randint(3, 130, (n,), generator=gen).tolist()  # noqa: E731
     video = [VISION_START] + [VIDEO] * 16 + [VISION_END]
-    rows = [[1] + text(10) + video + text(14),
-            [1] + text(4) + [VISION_START] + [IMAGE] * 4 + [VISION_END] + text(3) + video + text(12)]
+    rows = [
+        [1] + text(10) + video + text(14),
+        [1] + text(4) + [VISION_START] + [IMAGE] * 4 + [VISION_END] + text(3) + video + text(12),
+    ]
     width = max(map(len, rows))
     ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
     mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
     kinds = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
-    row_dim = 3 * QWEN_TEMPORAL * QWEN_PATCH ** 2
-    inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": kinds,
-              "pixel_values": torch.randn(16, row_dim, generator=gen), "image_grid_thw": torch.tensor([[1, 4, 4]]),
-              "pixel_values_videos": torch.randn(2 * 4 * 16, row_dim, generator=gen),
-              "video_grid_thw": torch.tensor([[4, 4, 4], [4, 4, 4]])}
-    assert 4 * 16 // QWEN_MERGE ** 2 == 16  # tokens per video
+    row_dim = 3 * QWEN_TEMPORAL * QWEN_PATCH**2
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": kinds,
+        "pixel_values": torch.randn(16, row_dim, generator=gen),
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),
+        "pixel_values_videos": torch.randn(2 * 4 * 16, row_dim, generator=gen),
+        "video_grid_thw": torch.tensor([[4, 4, 4], [4, 4, 4]]),
+    }
+    assert 4 * 16 // QWEN_MERGE**2 == 16  # tokens per video
     ref = _reference(model, inputs)
     cache = PackedCache(model, FULL_RANK.replace(video_group_frames=2))
     out = _generate(model, cache, inputs)

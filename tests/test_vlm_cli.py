@@ -1,4 +1,5 @@
 """`attentionpack generate --image`, `load_vlm` and `attentionpack bench vlm` on a tiny random LLaVA folder."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ def _generate(*args):
 
 
 def test_generate_with_images_prints_per_modality_bytes(vlm_folder, files):
-    result = _generate("-f", files / "prompt.txt", "--model", vlm_folder, "--image", files / "img0.png",
-                       "--image", files / "img1.png")
+    result = _generate(
+        "-f", files / "prompt.txt", "--model", vlm_folder, "--image", files / "img0.png", "--image", files / "img1.png"
+    )
     assert result.exit_code == 0, result.output
     assert "image tokens" in result.output and "text tokens" in result.output
 

@@ -3,6 +3,7 @@
 All share the same shape: hidden 64, 4 query heads, 2 KV heads, head_dim 16, vocab 128, fp32, eval mode.
 Sliding windows are kept small so that test prompts of 40-100 tokens run well past them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,21 +41,35 @@ def _config(name: str):
     if name == "qwen2_sliding":
         # Qwen2Config.__post_init__: sliding_window is kept only if use_sliding_window, and layer i is
         # "sliding_attention" iff i >= max_window_layers. 4 layers, max_window_layers=2 -> [full, full, slide, slide].
-        cfg = Qwen2Config(**COMMON, num_hidden_layers=4, use_sliding_window=True, sliding_window=24,
-                          max_window_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        cfg = Qwen2Config(
+            **COMMON,
+            num_hidden_layers=4,
+            use_sliding_window=True,
+            sliding_window=24,
+            max_window_layers=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         assert cfg.layer_types == ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
         return cfg
     if name == "qwen3":
         return Qwen3Config(**COMMON, num_hidden_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if name == "mistral":
         # Mistral has no layer_types: every layer slides (inferred from sliding_window by transformers).
-        return MistralConfig(**COMMON, num_hidden_layers=2, sliding_window=32, pad_token_id=0, bos_token_id=1,
-                             eos_token_id=2)
+        return MistralConfig(
+            **COMMON, num_hidden_layers=2, sliding_window=32, pad_token_id=0, bos_token_id=1, eos_token_id=2
+        )
     if name == "gemma3_text":
         cfg = Gemma3TextConfig(
-            **COMMON, num_hidden_layers=3, sliding_window=16, query_pre_attn_scalar=16,
+            **COMMON,
+            num_hidden_layers=3,
+            sliding_window=16,
+            query_pre_attn_scalar=16,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            pad_token_id=0, eos_token_id=1, bos_token_id=2,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
         )
         return cfg
     raise KeyError(name)

@@ -1,10 +1,10 @@
 """Fail if any two modules of the package, or any two of its subpackages, import each other through any chain.
 
 grimp reads every import statement of every module, at module level and inside functions alike, so a cycle
-hidden by a function-level import counts. Imports under `if TYPE_CHECKING:` are left out: they never run (a module
-may name a type of a module that imports it, for annotations only). Subpackages are checked squashed (every module of `cache` as one
-node), which catches `cache` -> `codecs` -> `cache` through different modules. Run: `python tools/check_cycles.py`
-(CI: `make style`).
+hidden by a function-level import counts. Imports under `if TYPE_CHECKING:` are left out: they never run (a
+module may name a type of a module that imports it, for annotations only). Subpackages are checked squashed (every
+module of `cache` as one node), which catches `cache` -> `codecs` -> `cache` through different modules.
+Run: `python tools/check_cycles.py` (CI: `make style`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ def cycles(package: str = "attentionpack", squash: bool = False) -> list[list[st
     found = []
     for importer in sorted(graph.modules):
         for imported in sorted(graph.find_modules_directly_imported_by(importer)):
-            if imported == importer or squash and package in (importer, imported):  # self-loops of squashed packages; the root contains them all
+            if (
+                imported == importer or squash and package in (importer, imported)
+            ):  # self-loops of squashed packages; the root contains them all
                 continue
             chain = graph.find_shortest_chain(importer=imported, imported=importer, as_packages=False)
             if chain:
@@ -37,7 +39,10 @@ def main() -> int:
     edges = sum(len(graph.find_modules_directly_imported_by(m)) for m in graph.modules)
     for chain in found:
         print("import cycle: " + " -> ".join(chain))
-    print(f"{len(graph.modules)} modules, {edges} imports (module and function level, TYPE_CHECKING left out), {len(found)} cycles between modules or subpackages")
+    print(
+        f"{len(graph.modules)} modules, {edges} imports (module and function level, TYPE_CHECKING left out), "
+        f"{len(found)} cycles between modules or subpackages"
+    )
     return 1 if found else 0
 
 

@@ -98,7 +98,10 @@ def _allowed(
         allowed = torch.ones(1, 1, q, n, dtype=torch.bool, device=device)
     cols = torch.cat([s.columns(view.first, b).to(device) for s in view.segments], dim=1)  # (B, N)
     ok = torch.cat(
-        [torch.ones(b, s.length, dtype=torch.bool, device=device) if s.valid is None else s.valid for s in view.segments],
+        [
+            torch.ones(b, s.length, dtype=torch.bool, device=device) if s.valid is None else s.valid
+            for s in view.segments
+        ],
         dim=1,
     )
     picked = allowed.expand(b, 1, q, n).gather(-1, cols[:, None, None, :].expand(b, 1, q, -1))

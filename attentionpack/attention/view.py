@@ -1,7 +1,8 @@
 """What one attention call over a compressed layer reads: a snapshot of the layer's segments.
 
-`PackedLayer.update` (attentionpack/cache) returns a `LayerView` (for both keys and values) when the layer holds compressed segments
-and the model runs the "attentionpack" attention implementation; `packed.py` computes the attention on it.
+`PackedLayer.update` (attentionpack/cache) returns a `LayerView` (for both keys and values) when the layer holds
+compressed segments and the model runs the "attentionpack" attention implementation; `packed.py` computes the
+attention on it.
 The snapshot is taken before the layer compacts its tail, so the call sees the tokens exactly as they were.
 """
 

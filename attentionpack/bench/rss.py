@@ -3,6 +3,7 @@
 Run as `python -m attentionpack.bench.rss --cache dynamic|<preset> --batch 8 --context 4096`; prints one JSON line.
 The parent runs one child per cache so no configuration can hide another's memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,13 +40,29 @@ def measure(cache_name: str, batch: int, context: int, model_path: str | None = 
     out = model(input_ids=rows, past_key_values=cache, use_cache=True, logits_to_keep=1)
     for _ in range(decode_steps):
         out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
-    return {"cache": cache_name, "batch": batch, "context": context, "cache_bytes": cache_nbytes(cache),
-            "rss_after_load": baseline_rss, "peak_rss": _rss_peak_bytes(), "rss_now": _current_rss_bytes()}
+    return {
+        "cache": cache_name,
+        "batch": batch,
+        "context": context,
+        "cache_bytes": cache_nbytes(cache),
+        "rss_after_load": baseline_rss,
+        "peak_rss": _rss_peak_bytes(),
+        "rss_now": _current_rss_bytes(),
+    }
 
 
 def measure_in_subprocess(cache_name: str, batch: int, context: int, model_path: str | None = None) -> dict:
-    cmd = [sys.executable, "-m", "attentionpack.bench.rss", "--cache", cache_name, "--batch", str(batch),
-           "--context", str(context)] + (["--model", model_path] if model_path else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "attentionpack.bench.rss",
+        "--cache",
+        cache_name,
+        "--batch",
+        str(batch),
+        "--context",
+        str(context),
+    ] + (["--model", model_path] if model_path else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"RSS child for {cache_name!r} failed:\n{proc.stderr[-2000:]}")

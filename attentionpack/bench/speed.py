@@ -7,12 +7,13 @@ Throughput at a budget: one sequence of `context` tokens is prefilled per config
 (`batch_repeat_interleave`: decoding cost does not depend on what the tokens say), and `steps` one-token steps
 of that batch are timed, the steps of all caches interleaved. Tokens/s = batch * steps / time.
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -30,8 +31,9 @@ def _ids(tokenizer, needed: int, batch: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def throughput_at_budget(model, tokenizer, specs, budget_bytes: int, context: int, steps: int = 8,
-                         max_batch: int = 256) -> dict:
+def throughput_at_budget(
+    model, tokenizer, specs, budget_bytes: int, context: int, steps: int = 8, max_batch: int = 256
+) -> dict:
     """{config: {seq_bytes, batch, tokens_per_s}} with every cache limited to `budget_bytes` of KV.
 
     All caches are built first, then their steps are interleaved (A B C A B C ...), so that a slow spell of a shared
@@ -56,8 +58,8 @@ def throughput_at_budget(model, tokenizer, specs, budget_bytes: int, context: in
         out[sp.name] = row
         del cache, res
     for i in range(steps):
-        for name, (cache, batch, times) in live.items():
-            step = ids[:, context + 1 + i: context + 2 + i].expand(batch, 1).contiguous()
+        for cache, batch, times in live.values():
+            step = ids[:, context + 1 + i : context + 2 + i].expand(batch, 1).contiguous()
             t0 = time.perf_counter()
             model(input_ids=step, past_key_values=cache, use_cache=True)
             times.append(time.perf_counter() - t0)
@@ -69,10 +71,18 @@ def throughput_at_budget(model, tokenizer, specs, budget_bytes: int, context: in
     return out
 
 
-def run(model_path: str | None = None, configs: Sequence[str] = DEFAULT_CONFIGS,
-        contexts: Sequence[int] = (2048, 8192), batches: Sequence[int] = (1, 8), steps: int = 8, repeats: int = 2,
-        budget_gib: float = 1.0, budget_context: int = 4096, threads: int | None = None,
-        out: Path | None = None) -> dict:
+def run(
+    model_path: str | None = None,
+    configs: Sequence[str] = DEFAULT_CONFIGS,
+    contexts: Sequence[int] = (2048, 8192),
+    batches: Sequence[int] = (1, 8),
+    steps: int = 8,
+    repeats: int = 2,
+    budget_gib: float = 1.0,
+    budget_context: int = 4096,
+    threads: int | None = None,
+    out: Path | None = None,
+) -> dict:
     specs = [parse_config(c) for c in configs]
     if "dynamic" not in [sp.name for sp in specs]:
         raise ValueError("bench speed needs 'dynamic' among the configurations (every ratio is relative to it)")
@@ -99,8 +109,10 @@ def run(model_path: str | None = None, configs: Sequence[str] = DEFAULT_CONFIGS,
         print(f"{'config':12s} {'MiB/seq':>9s} {'batch':>6s} {'tok/s':>8s} {'vs dynamic':>10s}")
         for name, row in tp.items():
             ratio = f"{row['vs_dynamic']:.2f}x" if row["vs_dynamic"] is not None else "-"
-            print(f"{name:12s} {row['seq_bytes'] / 2**20:9.1f} {row['batch']:6d} {row['tokens_per_s']:8.1f} "
-                  f"{ratio:>10s} {row.get('note', '')}")
+            print(
+                f"{name:12s} {row['seq_bytes'] / 2**20:9.1f} {row['batch']:6d} {row['tokens_per_s']:8.1f} "
+                f"{ratio:>10s} {row.get('note', '')}"
+            )
     if out:
         Path(out).write_text(json.dumps(result, indent=1, default=str))
     return result
@@ -118,8 +130,10 @@ def _print_speed(batch: int, summary: dict) -> None:
             if r is None:
                 cells += " | " + " " * 22
                 continue
-            cells += (f" | {r['prefill_s']:6.2f}s {r.get('prefill_ratio', float('nan')):4.2f}x"
-                      f" {r['decode_ms']:6.1f}ms {r.get('decode_ratio', float('nan')):4.2f}x")
+            cells += (
+                f" | {r['prefill_s']:6.2f}s {r.get('prefill_ratio', float('nan')):4.2f}x"
+                f" {r['decode_ms']:6.1f}ms {r.get('decode_ratio', float('nan')):4.2f}x"
+            )
         print(f"{name:12s}{cells}")
     for name, by in summary.items():
         paths: dict[str, int] = {}
@@ -127,5 +141,7 @@ def _print_speed(batch: int, summary: dict) -> None:
             for path, n in r.get("decode_paths", {}).items():
                 paths[path] = paths.get(path, 0) + n
         if paths:
-            print(f"{name:12s} decoding steps' attention paths (layer calls): "
-                  + ", ".join(f"{p} {n}" for p, n in sorted(paths.items())))
+            print(
+                f"{name:12s} decoding steps' attention paths (layer calls): "
+                + ", ".join(f"{p} {n}" for p, n in sorted(paths.items()))
+            )

@@ -13,6 +13,7 @@ document part alone is prefilled and compressed, saved and reloaded; the questio
 and to the reloaded cache (a multi-token call on a compressed cache) and each answers greedily; the answers must be
 equal.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,21 +67,34 @@ def ttft_rows(model, tokenizer, lengths, budget: float, repeats: int, folder: Pa
                 loads.append((time.perf_counter() - t0, t1 - t0))
             load_ttft = statistics.median(t for t, _ in loads)
             files = sum(f.stat().st_size for f in path.iterdir())
-            rows.append({"tokens": n, "config": name, "prefill_ttft_s": prefill_ttft,
-                         "load_ttft_s": load_ttft, "load_only_s": statistics.median(t for _, t in loads),
-                         "speedup": prefill_ttft / load_ttft, "save_s": saved_s, "file_bytes": files,
-                         "tensors_file_bytes": (path / TENSORS).stat().st_size, "nbytes": nbytes,
-                         "dynamic_bytes": dynamic, "same_logits": bool(torch.equal(live, again)),
-                         "same_token": int(live.argmax()) == int(again.argmax())})
+            rows.append(
+                {
+                    "tokens": n,
+                    "config": name,
+                    "prefill_ttft_s": prefill_ttft,
+                    "load_ttft_s": load_ttft,
+                    "load_only_s": statistics.median(t for _, t in loads),
+                    "speedup": prefill_ttft / load_ttft,
+                    "save_s": saved_s,
+                    "file_bytes": files,
+                    "tensors_file_bytes": (path / TENSORS).stat().st_size,
+                    "nbytes": nbytes,
+                    "dynamic_bytes": dynamic,
+                    "same_logits": bool(torch.equal(live, again)),
+                    "same_token": int(live.argmax()) == int(again.argmax()),
+                }
+            )
             print(_ttft_line(rows[-1]), flush=True)
     return rows
 
 
 def _ttft_line(r: dict) -> str:
-    return (f"{r['tokens']:>6,} {r['config']:<14} prefill+1st {r['prefill_ttft_s']:8.2f} s   load+1st "
-            f"{r['load_ttft_s']:6.3f} s (load {r['load_only_s']:.3f} s)   {r['speedup']:7.1f}x   file "
-            f"{r['file_bytes'] / 2**20:6.2f} MiB (cache {r['nbytes'] / 2**20:.2f} MiB, DynamicCache "
-            f"{r['dynamic_bytes'] / 2**20:.1f} MiB)   logits equal: {r['same_logits']}")
+    return (
+        f"{r['tokens']:>6,} {r['config']:<14} prefill+1st {r['prefill_ttft_s']:8.2f} s   load+1st "
+        f"{r['load_ttft_s']:6.3f} s (load {r['load_only_s']:.3f} s)   {r['speedup']:7.1f}x   file "
+        f"{r['file_bytes'] / 2**20:6.2f} MiB (cache {r['nbytes'] / 2**20:.2f} MiB, DynamicCache "
+        f"{r['dynamic_bytes'] / 2**20:.1f} MiB)   logits equal: {r['same_logits']}"
+    )
 
 
 @torch.inference_mode()
@@ -111,35 +125,64 @@ def needle_rows(model, tokenizer, lengths, depths, budget: float, folder: Path) 
                 logits = model(input_ids=question, past_key_values=c, use_cache=True, logits_to_keep=1).logits[:, -1]
                 ids, _ = _greedy_from(model, c, logits, 10, eos)
                 answers[label] = (ids, *score(tokenizer, prompt, ids))
-            rows.append({"length": prompt.length, "depth": prompt.depth, "config": name,
-                         "passkey": prompt.passkey, "live_answer": answers["live"][1],
-                         "reloaded_answer": answers["reloaded"][1], "live_hit": answers["live"][2],
-                         "reloaded_hit": answers["reloaded"][2],
-                         "equal": answers["live"][0] == answers["reloaded"][0]})
+            rows.append(
+                {
+                    "length": prompt.length,
+                    "depth": prompt.depth,
+                    "config": name,
+                    "passkey": prompt.passkey,
+                    "live_answer": answers["live"][1],
+                    "reloaded_answer": answers["reloaded"][1],
+                    "live_hit": answers["live"][2],
+                    "reloaded_hit": answers["reloaded"][2],
+                    "equal": answers["live"][0] == answers["reloaded"][0],
+                }
+            )
             r = rows[-1]
-            print(f"{r['length']:>6} depth {r['depth']:.2f} {name:<14} live {r['live_answer']!r:<16} "
-                  f"reloaded {r['reloaded_answer']!r:<16} hit {r['live_hit']}/{r['reloaded_hit']} "
-                  f"equal {r['equal']}", flush=True)
+            print(
+                f"{r['length']:>6} depth {r['depth']:.2f} {name:<14} live {r['live_answer']!r:<16} "
+                f"reloaded {r['reloaded_answer']!r:<16} hit {r['live_hit']}/{r['reloaded_hit']} "
+                f"equal {r['equal']}",
+                flush=True,
+            )
     return rows
 
 
-def run(lengths=(2048, 8192), budget: float = 0.125, repeats: int = 3, needle_lengths=(1024, 2048, 4096),
-        depths=(0.1, 0.5, 0.9), out: Path | None = None, model_path: str | None = None) -> dict:
+def run(
+    lengths=(2048, 8192),
+    budget: float = 0.125,
+    repeats: int = 3,
+    needle_lengths=(1024, 2048, 4096),
+    depths=(0.1, 0.5, 0.9),
+    out: Path | None = None,
+    model_path: str | None = None,
+) -> dict:
     from ..models import load_model
 
     model, tokenizer = load_model(model_path)
     t0 = time.perf_counter()
     model_fingerprint(model)
     fingerprint_s = time.perf_counter() - t0
-    print(f"model fingerprint (once per model object, memoized): {fingerprint_s:.2f} s; torch threads "
-          f"{torch.get_num_threads()}", flush=True)
+    print(
+        f"model fingerprint (once per model object, memoized): {fingerprint_s:.2f} s; torch threads "
+        f"{torch.get_num_threads()}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="attentionpack-bench-store-") as tmp:
         ttft = ttft_rows(model, tokenizer, lengths, budget, repeats, Path(tmp)) if lengths else []
         needle = needle_rows(model, tokenizer, needle_lengths, depths, budget, Path(tmp)) if needle_lengths else []
-    result = {"fingerprint_s": fingerprint_s, "threads": torch.get_num_threads(), "ttft": ttft, "needle": needle,
-              "needle_all_equal": all(r.get("equal", True) for r in needle)}
-    print(f"needle: reloaded answers equal live answers in {sum(r.get('equal', False) for r in needle)} of "
-          f"{sum('equal' in r for r in needle)} prompts", flush=True)
+    result = {
+        "fingerprint_s": fingerprint_s,
+        "threads": torch.get_num_threads(),
+        "ttft": ttft,
+        "needle": needle,
+        "needle_all_equal": all(r.get("equal", True) for r in needle),
+    }
+    print(
+        f"needle: reloaded answers equal live answers in {sum(r.get('equal', False) for r in needle)} of "
+        f"{sum('equal' in r for r in needle)} prompts",
+        flush=True,
+    )
     if out is not None:
         Path(out).write_text(json.dumps(result, indent=1))
     return result

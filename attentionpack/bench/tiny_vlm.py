@@ -5,6 +5,7 @@ prompts can be shown and checked without downloading anything. `save_tiny_llava`
 level tokenizer with a chat template, a PIL CLIP image processor), so the folder works with
 `attentionpack generate --image ... --model FOLDER` exactly like a real local LLaVA folder.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,13 @@ def _tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   additional_special_tokens=[IMAGE_TOKEN])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=[IMAGE_TOKEN],
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -45,13 +51,37 @@ def tiny_llava(image_size: int = 32, seed: int = 0):
     vocab = 256 + len(SPECIALS)
     image_id = 256 + SPECIALS.index(IMAGE_TOKEN)
     tokens = (image_size // PATCH) ** 2
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=image_size, patch_size=PATCH, projection_dim=32)
-    text = dict(model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
-                pad_token_id=256, bos_token_id=257, eos_token_id=258)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
-                         image_seq_length=tokens, vision_feature_layer=-1)
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=PATCH,
+        projection_dim=32,
+    )
+    text = dict(
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=8192,
+        pad_token_id=256,
+        bos_token_id=257,
+        eos_token_id=258,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_id,
+        image_seq_length=tokens,
+        vision_feature_layer=-1,
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = 256
@@ -67,10 +97,16 @@ def save_tiny_llava(folder: str | Path, image_size: int = 32, seed: int = 0) -> 
     model, _, _ = tiny_llava(image_size, seed)
     model.save_pretrained(folder)
     tokenizer = _tokenizer()
-    images = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                   crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE)
+    images = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
     processor.save_pretrained(folder)
     return folder

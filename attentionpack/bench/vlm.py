@@ -8,11 +8,12 @@ their bytes follow from arithmetic alone; per layer and per image group of m tok
     values m·r·4 + r·D·4
     layout m·8 (int64 cache indices) + m (valid flags), stored once for all layers
 
-against 2·m·D·4 per layer for DynamicCache (a group shorter than `min_span` is kept exact: 2·m·D·4 too). With one basis per image the image ratio is the same for any number
-of images; with a shared basis the r·D basis cost is paid once, so the ratio rises toward 2D / (2r + 1) as images
-are added. The whole cache's ratio grows with the number of images either way, since text, sinks and the recent
-window are a fixed cost.
+against 2·m·D·4 per layer for DynamicCache (a group shorter than `min_span` is kept exact: 2·m·D·4 too). With
+one basis per image the image ratio is the same for any number of images; with a shared basis the r·D basis cost
+is paid once, so the ratio rises toward 2D / (2r + 1) as images are added. The whole cache's ratio grows with
+the number of images either way, since text, sinks and the recent window are a fixed cost.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,9 @@ def bench_config(rank: int, basis: str) -> PackConfig:
     """The preset "balanced" for text; images at a fixed rank with fp32 factors, never replaced by exact states
     (`fallback_exact=False`), so the image bytes are exactly the arithmetic."""
     image = {"key_rank": rank, "key_bits": None, "value_codec": "lowrank", "value_rank": rank, "value_bits": None}
-    return PackConfig.preset("balanced").replace(image=image, image_basis=basis, fallback_exact=False,
-                                                 name=f"balanced, images r={rank}")
+    return PackConfig.preset("balanced").replace(
+        image=image, image_basis=basis, fallback_exact=False, name=f"balanced, images r={rank}"
+    )
 
 
 def prompt_ids(images: int, image_id: int, tokens: int, text: int = 48, seed: int = 0) -> torch.Tensor:
@@ -73,8 +75,10 @@ def run(image_counts=IMAGE_COUNTS, rank: int = 8, image_size: int = 64, console:
     model, image_id, tokens = tiny_llava(image_size)
     rows = []
     for basis in ("per_image", "shared"):
-        table = Table(title=f"Tiny random LLaVA ({tokens} tokens per image), image_basis={basis!r}, images at "
-                            f"rank {rank} (D=32), text 'balanced': bytes held after prefill")
+        table = Table(
+            title=f"Tiny random LLaVA ({tokens} tokens per image), image_basis={basis!r}, images at "
+            f"rank {rank} (D=32), text 'balanced': bytes held after prefill"
+        )
         for col in ("images", "modality", "entries", "bytes held", "DynamicCache bytes", "ratio", "arithmetic"):
             table.add_column(col, justify="left" if col == "modality" else "right")
         for n in image_counts:
@@ -88,19 +92,50 @@ def run(image_counts=IMAGE_COUNTS, rank: int = 8, image_size: int = 64, console:
             expected = image_arithmetic(cache, rank)
             for name, m in sorted(stats["modalities"].items()):
                 arithmetic = f"{expected:,}" if name == "image" else ""
-                table.add_row(str(n), name, f"{m['entries']:,}", f"{m['bytes']:,}", f"{m['dynamic_bytes']:,}",
-                              f"{m['ratio']:.2f}x", arithmetic)
-                rows.append({"images": n, "basis": basis, "modality": name, **m,
-                             "arithmetic": expected if name == "image" else None})
-            table.add_row(str(n), "[b]all[/b]", f"{sum(m['entries'] for m in stats['modalities'].values()):,}",
-                          f"{stats['bytes']:,}", f"{stats['dynamic_bytes']:,}", f"{stats['ratio']:.2f}x", "",
-                          end_section=True)
-            rows.append({"images": n, "basis": basis, "modality": "all", "bytes": stats["bytes"],
-                         "dynamic_bytes": stats["dynamic_bytes"], "ratio": stats["ratio"],
-                         "real_dynamic_bytes": _dynamic_bytes(dynamic)})
+                table.add_row(
+                    str(n),
+                    name,
+                    f"{m['entries']:,}",
+                    f"{m['bytes']:,}",
+                    f"{m['dynamic_bytes']:,}",
+                    f"{m['ratio']:.2f}x",
+                    arithmetic,
+                )
+                rows.append(
+                    {
+                        "images": n,
+                        "basis": basis,
+                        "modality": name,
+                        **m,
+                        "arithmetic": expected if name == "image" else None,
+                    }
+                )
+            table.add_row(
+                str(n),
+                "[b]all[/b]",
+                f"{sum(m['entries'] for m in stats['modalities'].values()):,}",
+                f"{stats['bytes']:,}",
+                f"{stats['dynamic_bytes']:,}",
+                f"{stats['ratio']:.2f}x",
+                "",
+                end_section=True,
+            )
+            rows.append(
+                {
+                    "images": n,
+                    "basis": basis,
+                    "modality": "all",
+                    "bytes": stats["bytes"],
+                    "dynamic_bytes": stats["dynamic_bytes"],
+                    "ratio": stats["ratio"],
+                    "real_dynamic_bytes": _dynamic_bytes(dynamic),
+                }
+            )
         console.print(table)
-    console.print("Outputs of this random model are meaningless; only the cache shapes matter. 'exact' = sinks and "
-                  "the recent window; 'arithmetic' = the image bytes the factor shapes require.")
+    console.print(
+        "Outputs of this random model are meaningless; only the cache shapes matter. 'exact' = sinks and "
+        "the recent window; 'arithmetic' = the image bytes the factor shapes require."
+    )
     return rows
 
 

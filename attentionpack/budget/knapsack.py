@@ -8,11 +8,11 @@ feasible), on a grid of at most `resolution` steps: exact when that slack is at 
 costs are rounded up to the grid (the budget is still never exceeded), the result is optimal for the rounded
 costs, and a greedy pass then spends the bytes rounding left unused.
 """
+
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -77,18 +77,20 @@ def allocate(groups: Sequence[Sequence[Option | tuple]], budget: int, resolution
     floor = [int(nb.min()) for nb, _ in arrays]
     minimum = sum(floor)
     if budget < minimum:
-        raise BudgetError(f"budget={budget} bytes is infeasible: the cheapest option of every group together hold "
-                          f"{minimum} bytes; raise the budget to at least {minimum} or offer cheaper options")
+        raise BudgetError(
+            f"budget={budget} bytes is infeasible: the cheapest option of every group together hold "
+            f"{minimum} bytes; raise the budget to at least {minimum} or offer cheaper options"
+        )
     slack = int(budget) - minimum
     unit = max(1, -(-slack // resolution))
     cap = slack // unit
     dp = np.zeros(cap + 1)  # dp[c]: least error of the groups so far with at most c units of extra bytes
     steps = []
-    for (nbytes, errors), low in zip(arrays, floor):
+    for (nbytes, errors), low in zip(arrays, floor, strict=False):
         keep = _pareto(nbytes, errors)
         cost = -(-(nbytes[keep] - low) // unit)  # grid units above the group's cheapest option, rounded up
         cand = np.full((len(keep), cap + 1), np.inf)  # (options, cap + 1)
-        for row, (w, e) in enumerate(zip(cost.tolist(), errors[keep].tolist())):
+        for row, (w, e) in enumerate(zip(cost.tolist(), errors[keep].tolist(), strict=False)):
             if w <= cap:
                 np.add(dp[: cap + 1 - w], e, out=cand[row, w:])
         dp = cand.min(axis=0)
@@ -102,8 +104,8 @@ def allocate(groups: Sequence[Sequence[Option | tuple]], budget: int, resolution
     choice.reverse()
     if unit > 1:
         _spend_leftover(arrays, choice, int(budget))
-    total = sum(int(nb[i]) for (nb, _), i in zip(arrays, choice))
-    error = sum(float(er[i]) for (_, er), i in zip(arrays, choice))
+    total = sum(int(nb[i]) for (nb, _), i in zip(arrays, choice, strict=False))
+    error = sum(float(er[i]) for (_, er), i in zip(arrays, choice, strict=False))
     assert total <= budget, (total, budget)
     return Allocation(tuple(choice), total, error, exact=unit == 1)
 

@@ -17,6 +17,7 @@ segments). Each frozen span then gets its chosen parts; the layer's decode chunk
 longest prompt span.
 Not supported (clear errors): vision-language prompts (modality groups) and `PackedCache.ingest` (no queries).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,9 +35,9 @@ from ..parts import (
     ExactPart,
     Factors,
     Part,
+    Quantized,
     QuantizedLowRankPart,
     QuantizedPart,
-    Quantized,
     RopeFn,
     Segment,
     quantize_widths,
@@ -48,8 +49,10 @@ from .knapsack import BudgetError, Option, allocate
 QUERIES = 16  # observation-window queries per layer that measure errors
 # candidate encodings: label -> codec fields for one tensor ("{p}" is "key" or "value"); low-rank keys post-RoPE
 _QUANT = {f"q{b}": dict(codec="quant", bits=b) for b in (8, 4, 2)}
-_LOWRANK = {f"lr{e:g}c{b}": dict(codec="lowrank", energy=e, bits=b)
-            for e, b in ((0.98, 4), (0.95, 4), (0.9, 4), (0.8, 4), (0.6, 4))}
+_LOWRANK = {
+    f"lr{e:g}c{b}": dict(codec="lowrank", energy=e, bits=b)
+    for e, b in ((0.98, 4), (0.95, 4), (0.9, 4), (0.8, 4), (0.6, 4))
+}
 KEY_CANDIDATES: dict[str, dict[str, Any]] = {"exact": dict(codec="exact"), **_QUANT, **_LOWRANK}
 VALUE_CANDIDATES: dict[str, dict[str, Any]] = {
     "exact": dict(codec="exact"),
@@ -96,9 +99,16 @@ def candidate_config(base: PackConfig, key: str, value: str) -> PackConfig:
     """`base` with the codec fields of key candidate `key` and value candidate `value` (for decode chunks)."""
     fields = {}
     for prefix, spec in (("key", KEY_CANDIDATES[key]), ("value", VALUE_CANDIDATES[value])):
-        fields.update({f"{prefix}_codec": spec["codec"], f"{prefix}_bits": spec.get("bits"),
-                       f"{prefix}_energy": spec.get("energy"), f"{prefix}_rank": None,
-                       f"{prefix}_rank_fraction": None, f"{prefix}_max_rank_fraction": 1.0})
+        fields.update(
+            {
+                f"{prefix}_codec": spec["codec"],
+                f"{prefix}_bits": spec.get("bits"),
+                f"{prefix}_energy": spec.get("energy"),
+                f"{prefix}_rank": None,
+                f"{prefix}_rank_fraction": None,
+                f"{prefix}_max_rank_fraction": 1.0,
+            }
+        )
     return base.replace(key_pre_rope=False, **fields)
 
 
@@ -157,13 +167,17 @@ class BudgetPlanner:
     def begin(self, layer: BudgetLayer, ctx: Any) -> None:
         """Start of a prefill compaction of `layer`: snapshot the exact K/V the window queries attend to."""
         if ctx.layout is not None:
-            raise ValueError("PackConfig.budget covers text prompts only: this prompt has image/video tokens; "
-                             "use a config without budget for vision-language prompts")
+            raise ValueError(
+                "PackConfig.budget covers text prompts only: this prompt has image/video tokens; "
+                "use a config without budget for vision-language prompts"
+            )
         idx = layer.layer_idx
         queries = self.queries.pop(idx, None)
         if queries is None:
-            raise ValueError("PackConfig.budget needs the prompt's last queries, seen by a hook on the model's "
-                             "attention: prefill through the model with this cache (PackedCache.ingest cannot)")
+            raise ValueError(
+                "PackConfig.budget needs the prompt's last queries, seen by a hook on the model's "
+                "attention: prefill through the model with this cache (PackedCache.ingest cannot)"
+            )
         keys, values = layer.materialize(ctx.rope)  # (B, H, T, d) each
         t, n_tail = keys.shape[-2], layer.tail_length
         valid = torch.ones(keys.shape[0], t, dtype=torch.bool, device=keys.device)
@@ -180,8 +194,21 @@ class BudgetPlanner:
         out = (weights @ values.float()) / total.clamp_min(1e-30)  # (B, H, G*w, d)
         grouped = queries.float().reshape(b, h, -1, queries.shape[-1])  # (B, H, G*w, d)
         self.contexts = {}  # one layer at a time: earlier layers are done
-        self.contexts[idx] = _Context(layer.total - t, keys, values.float(), grouped, logits, top, weights, total,
-                                      out, float(out.square().sum()), scaling, sliding, valid)
+        self.contexts[idx] = _Context(
+            layer.total - t,
+            keys,
+            values.float(),
+            grouped,
+            logits,
+            top,
+            weights,
+            total,
+            out,
+            float(out.square().sum()),
+            scaling,
+            sliding,
+            valid,
+        )
 
     def propose(
         self, layer: BudgetLayer, start: int, end: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor
@@ -201,7 +228,7 @@ class BudgetPlanner:
         # once, and each candidate adds its span's share (so a short span costs little, whatever the prompt)
         w_out, v_out = (c.weights[..., :a], c.weights[..., b:]), (c.values[..., :a, :], c.values[..., b:, :])
         total_out = sum(w.sum(-1, keepdim=True) for w in w_out)  # (B, H, G*w, 1)
-        mixed_out = sum(w @ v for w, v in zip(w_out, v_out))  # (B, H, G*w, d)
+        mixed_out = sum(w @ v for w, v in zip(w_out, v_out, strict=False))  # (B, H, G*w, d)
         v_span = c.values[..., a:b, :]
         for label, part in keys:
             err = 0.0
@@ -239,22 +266,27 @@ class BudgetPlanner:
         fixed = storage_nbytes([t for t in self.cache.tensors() if t.untyped_storage().data_ptr() not in ours])
         dynamic = self.cache.dynamic_nbytes()
         limit = int(self.fraction * dynamic)
-        groups = [[Option(nb, err, label) for label, _, nb, err in opts]
-                  for p in pending for opts in (p.keys, p.values)]
+        groups = [
+            [Option(nb, err, label) for label, _, nb, err in opts] for p in pending for opts in (p.keys, p.values)
+        ]
         cheapest = fixed + sum(min(o.nbytes for o in g) for g in groups)
         if limit < cheapest:
             smallest = math.ceil(cheapest / dynamic * 1e4) / 1e4  # rounded up: this fraction fits
-            raise BudgetError(f"PackConfig.budget={self.fraction:g} is infeasible for this prompt: the cheapest "
-                              f"encodings hold {cheapest} bytes (the sinks stay exact) of DynamicCache's {dynamic}; "
-                              f"use budget >= {smallest:.4f} or a longer prompt")
+            raise BudgetError(
+                f"PackConfig.budget={self.fraction:g} is infeasible for this prompt: the cheapest "
+                f"encodings hold {cheapest} bytes (the sinks stay exact) of DynamicCache's {dynamic}; "
+                f"use budget >= {smallest:.4f} or a longer prompt"
+            )
         alloc = allocate(groups, limit - fixed)
         self.report = {}
         guide: dict[int, tuple[BudgetLayer, int, tuple[str, str]]] = {}  # layer -> (layer, span length, choice)
         for i, (p, seg) in enumerate(zip(pending, segments, strict=True)):
             ki, vi = alloc.choice[2 * i], alloc.choice[2 * i + 1]
             self.report[p.layer.layer_idx, seg.start] = {
-                "keys": [o[:1] + o[2:] for o in p.keys], "values": [o[:1] + o[2:] for o in p.values],
-                "choice": (p.keys[ki][0], p.values[vi][0])}
+                "keys": [o[:1] + o[2:] for o in p.keys],
+                "values": [o[:1] + o[2:] for o in p.values],
+                "choice": (p.keys[ki][0], p.values[vi][0]),
+            }
             p.layer.replace_parts(seg, p.keys[ki][1], p.values[vi][1])
             longest = guide.get(p.layer.layer_idx)
             if longest is None or seg.kind != "window" and seg.length > longest[1]:
@@ -301,9 +333,12 @@ class BudgetPlanner:
             f = Factors(seen @ basis, right.contiguous())  # (B, T, top), (B, top, D)
             # coefficients are quantized per column (groups along T): the first r columns of the top-rank
             # encoding are exactly the rank-r encoding, so each bit width is quantized once
-            full = {bits: QuantizedLowRankPart.from_factors(f, h, None, (), coeff_bits=bits, basis_bits=16,
-                                                            coeff_group=cfg.quant_group)
-                    for bits in {s["bits"] for _, s in lowrank}}
+            full = {
+                bits: QuantizedLowRankPart.from_factors(
+                    f, h, None, (), coeff_bits=bits, basis_bits=16, coeff_group=cfg.quant_group
+                )
+                for bits in {s["bits"] for _, s in lowrank}
+            }
         widths = tuple(s["bits"] for s in table.values() if s["codec"] == "quant")
         quantized = quantize_widths(x, widths, cfg.quant_group, axis=2 if is_key else 3)  # keys per channel
         for label, spec in table.items():
@@ -322,8 +357,13 @@ class BudgetPlanner:
 def _first_components(part: QuantizedLowRankPart, r: int, sample_ranks: tuple[int, ...]) -> QuantizedLowRankPart:
     """The rank-r part made of the first r components of `part` (own storages, so bytes count exactly)."""
     q = part.coeffs  # stored (B, top, ...): one row per component
-    coeffs = dataclasses.replace(q, codes=q.codes[:, :r].clone(), scales=q.scales[:, :r].clone(),
-                                 mins=q.mins[:, :r].clone(), shape=(q.shape[0], q.shape[1], r))
+    coeffs = dataclasses.replace(
+        q,
+        codes=q.codes[:, :r].clone(),
+        scales=q.scales[:, :r].clone(),
+        mins=q.mins[:, :r].clone(),
+        shape=(q.shape[0], q.shape[1], r),
+    )
     basis = part.basis
     assert not isinstance(basis, Quantized), "budget candidates keep a float16 basis"
     return QuantizedLowRankPart(coeffs, basis[:, :r].clone(), part.num_heads, None, sample_ranks)

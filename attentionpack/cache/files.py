@@ -26,6 +26,7 @@ dtype and shape. Any failure raises `CacheFileError` naming the reason. The cach
 tensors (dtype, shape and strides), the exact tail with its original capacity and slot offsets, and every
 counter, so it continues exactly as the saved cache did.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,8 +98,11 @@ def _registry() -> dict[str, type]:
     from .. import parts
     from ..models.vlm import VisionSpan
 
-    out = {name: getattr(parts, name) for name in getattr(parts, "__all__", dir(parts))
-           if isinstance(getattr(parts, name, None), type) and dataclasses.is_dataclass(getattr(parts, name))}
+    out = {
+        name: getattr(parts, name)
+        for name in getattr(parts, "__all__", dir(parts))
+        if isinstance(getattr(parts, name, None), type) and dataclasses.is_dataclass(getattr(parts, name))
+    }
     out["VisionSpan"] = VisionSpan
     return out
 
@@ -112,7 +116,7 @@ def _stride_is_dense(shape: list[Any], stride: list[Any]) -> bool:
     if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*shape, *stride]):
         return False
     expected = 1
-    for st, size in sorted((st, size) for size, st in zip(shape, stride) if size != 1):
+    for st, size in sorted((st, size) for size, st in zip(shape, stride, strict=False) if size != 1):
         if st != expected:
             return False
         expected *= size
@@ -131,8 +135,13 @@ class _Writer:
     def tensor(self, t: torch.Tensor, name: str) -> str:
         """Store `t` under `name`: "#<first 8 hex digits of its bytes' sha256>"; or refer to an identical view
         stored earlier: "@<its name>"."""
-        key: tuple[Any, ...] = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                                tuple(t.stride()), t.dtype)
+        key: tuple[Any, ...] = (
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            tuple(t.stride()),
+            t.dtype,
+        )
         if t.numel() == 0:  # empty tensors may share a null pointer: never merged
             key = (name,)
         if key in self._seen:
@@ -198,8 +207,11 @@ class _Reader:
             raise CacheFileError("malformed", f"the layout refers to tensor {name!r}, which the file does not hold")
         src = self.tensors[name]
         stride = self.strides.get(name)
-        out = torch.empty_strided(src.shape, stride, dtype=src.dtype, device=self.device) if stride else \
-            torch.empty(src.shape, dtype=src.dtype, device=self.device)
+        out = (
+            torch.empty_strided(src.shape, stride, dtype=src.dtype, device=self.device)
+            if stride
+            else torch.empty(src.shape, dtype=src.dtype, device=self.device)
+        )
         out.copy_(src)
         self._built[name] = out
         return out
@@ -231,8 +243,7 @@ class _Reader:
 
     def _dataclass(self, cls_name: str, items: list, name: str) -> Any:
         info = self.classes.get(cls_name)
-        if not isinstance(info, dict) or not isinstance(info.get("fields"), list) \
-                or len(info["fields"]) != len(items):
+        if not isinstance(info, dict) or not isinstance(info.get("fields"), list) or len(info["fields"]) != len(items):
             raise CacheFileError("malformed", f"stored form {cls_name!r} at {name} is not described in the manifest")
         module = info.get("module", "")
         cls = self.registry.get(cls_name)
@@ -245,9 +256,12 @@ class _Reader:
             raise CacheFileError("malformed", f"stored form {cls_name!r} ({module}) is unknown to this attentionpack")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if set(info["fields"]) != set(fields):
-            raise CacheFileError("malformed", f"stored form {cls_name} has fields {info['fields']}, this "
-                                              f"attentionpack's {cls_name} has {list(fields)}")
-        decoded = {k: self.decode(v, f"{name}.{k}") for k, v in zip(info["fields"], items)}
+            raise CacheFileError(
+                "malformed",
+                f"stored form {cls_name} has fields {info['fields']}, this "
+                f"attentionpack's {cls_name} has {list(fields)}",
+            )
+        decoded = {k: self.decode(v, f"{name}.{k}") for k, v in zip(info["fields"], items, strict=False)}
         inst = cls(**{k: v for k, v in decoded.items() if fields[k].init})
         for k, v in decoded.items():
             if not fields[k].init:
@@ -260,13 +274,17 @@ def _encode_cache(cache: PackedCache, w: _Writer) -> dict:
     layers = []
     for i, layer in enumerate(cache.layers):
         entry = {
-            "total": layer.total, "sink_end": layer.sink_end, "last_call_tokens": layer._last_call_tokens,
-            "record_past": layer.record_past, "is_initialized": layer.is_initialized,
+            "total": layer.total,
+            "sink_end": layer.sink_end,
+            "last_call_tokens": layer._last_call_tokens,
+            "record_past": layer.record_past,
+            "is_initialized": layer.is_initialized,
             "dtype": w.encode(getattr(layer, "dtype", None), f"{i}.dtype") if layer.is_initialized else None,
             "budget_choice": list(layer.budget_choice) if layer.budget_choice is not None else None,
             "segments": [w.encode(seg, f"{i}.{j}") for j, seg in enumerate(layer.segments)],
-            "query_moments": None if layer.query_moments is None else w.tensor(layer.query_moments,
-                                                                                f"{i}.query_moments"),
+            "query_moments": None
+            if layer.query_moments is None
+            else w.tensor(layer.query_moments, f"{i}.query_moments"),
             "tail": None,
         }
         tail = layer.tail
@@ -275,11 +293,16 @@ def _encode_cache(cache: PackedCache, w: _Writer) -> dict:
             if tail.pad is not None:  # positions and padding flags follow the left-padding rule: derived, not held
                 positions = valid = None
             entry["tail"] = {
-                "keys": w.tensor(keys, f"{i}.tail.keys"), "values": w.tensor(values, f"{i}.tail.values"),
+                "keys": w.tensor(keys, f"{i}.tail.keys"),
+                "values": w.tensor(values, f"{i}.tail.values"),
                 "positions": None if positions is None else w.tensor(positions, f"{i}.tail.positions"),
                 "valid": None if valid is None else w.tensor(valid, f"{i}.tail.valid"),
-                "begin": tail.begin, "end": tail.end, "capacity": tail.capacity, "granule": tail.granule,
-                "pad": tail.pad, "dropped": tail.dropped,
+                "begin": tail.begin,
+                "end": tail.end,
+                "capacity": tail.capacity,
+                "granule": tail.granule,
+                "pad": tail.pad,
+                "dropped": tail.dropped,
             }
         layers.append(entry)
     return {
@@ -302,13 +325,18 @@ def _restore_tail(layer: PackedLayer, t: dict, r: _Reader) -> ExactTail:
     begin, end, cap, granule = (int(t[k]) for k in ("begin", "end", "capacity", "granule"))
     n = keys.shape[-2]
     if not (0 <= begin <= end <= cap and end - begin == n and granule >= 1):
-        raise CacheFileError("malformed", f"layer {layer.layer_idx}: tail slots [{begin}, {end}) of {cap} do not "
-                                          f"hold its {n} tokens")
+        raise CacheFileError(
+            "malformed", f"layer {layer.layer_idx}: tail slots [{begin}, {end}) of {cap} do not hold its {n} tokens"
+        )
     tail = ExactTail.__new__(ExactTail)
     tail.granule, tail.begin, tail.end = granule, begin, end
     pad, dropped = t.get("pad"), int(t.get("dropped", 0))
-    if pad is not None and (not isinstance(pad, list) or len(pad) != keys.shape[0]
-                            or not all(isinstance(p, int) and p >= 0 for p in pad) or positions is not None):
+    if pad is not None and (
+        not isinstance(pad, list)
+        or len(pad) != keys.shape[0]
+        or not all(isinstance(p, int) and p >= 0 for p in pad)
+        or positions is not None
+    ):
         raise CacheFileError("malformed", f"layer {i}: the exact tail's padding rule {pad!r} does not fit its tokens")
     if pad is None and (positions is None) != (valid is None):
         raise CacheFileError("malformed", f"layer {i}: the exact tail holds positions or padding flags, not both")
@@ -339,7 +367,7 @@ def _decode_cache(cache: PackedCache, tree: dict, r: _Reader) -> None:
     cache._labels = r.decode(tree["labels"], "labels")
     cache.groups = [tuple(g) for g in tree["groups"]]
     cache.spans = [r.decode(sp, f"span.{k}") for k, sp in enumerate(tree["spans"])]
-    for layer, entry in zip(cache.layers, layers):
+    for layer, entry in zip(cache.layers, layers, strict=False):
         layer._reset_state()
         layer.total, layer.sink_end = int(entry["total"]), entry["sink_end"]
         layer._last_call_tokens, layer.record_past = int(entry["last_call_tokens"]), bool(entry["record_past"])
@@ -357,7 +385,7 @@ def _decode_cache(cache: PackedCache, tree: dict, r: _Reader) -> None:
         if entry["budget_choice"] is not None:
             layer.budget_choice = tuple(entry["budget_choice"])
             layer.set_text_codec(candidate_config(layer.config, *layer.budget_choice))
-        held = (layer.segments[0].start if layer.segments else layer.total - layer.tail_length)
+        held = layer.segments[0].start if layer.segments else layer.total - layer.tail_length
         if not 0 <= held <= layer.total or layer.tail_length > layer.total:
             raise CacheFileError("malformed", f"layer {layer.layer_idx}: counters do not match its stored tokens")
 
@@ -378,12 +406,14 @@ def _tokens_tensor(tokens: Any, cache: PackedCache) -> torch.Tensor | None:
         t = t[None]
     n = cache.get_seq_length()
     if t.dim() != 2 or t.shape[1] != n:
-        raise ValueError(f"tokens of shape {tuple(t.shape)} do not cover the cache's {n} tokens: pass the (B, {n}) "
-                         "token ids the cache holds")
+        raise ValueError(
+            f"tokens of shape {tuple(t.shape)} do not cover the cache's {n} tokens: pass the (B, {n}) "
+            "token ids the cache holds"
+        )
     batch = _batch_of(cache)
     if batch is not None and t.shape[0] != batch:
         raise ValueError(f"tokens have {t.shape[0]} rows, the cache holds {batch} samples")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= 2 ** 31):
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= 2**31):
         raise ValueError("token ids must lie in [0, 2^31)")
     return t.to(torch.int32).contiguous()
 
@@ -397,12 +427,13 @@ def _batch_of(cache: PackedCache) -> int | None:
     return None
 
 
-def build_files(cache: PackedCache, tokens: Any = None, tokenizer: Any = None,
-                extra: dict | None = None) -> tuple[bytes, bytes]:
+def build_files(
+    cache: PackedCache, tokens: Any = None, tokenizer: Any = None, extra: dict | None = None
+) -> tuple[bytes, bytes]:
     """The two files of a saved cache: (manifest bytes, tensors bytes). See the module docstring."""
-    from safetensors.torch import save as st_save
-
     from importlib.metadata import PackageNotFoundError, version
+
+    from safetensors.torch import save as st_save
 
     try:
         __version__ = version("attentionpack")
@@ -416,14 +447,22 @@ def build_files(cache: PackedCache, tokens: Any = None, tokenizer: Any = None,
         w.tensor(tok, _TOKENS)
     data = st_save(w.tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "attentionpack": __version__,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "attentionpack": __version__,
         "model": model_fingerprint(_model_of(cache)),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "config": _jsonable(config_fields(cache.config)), "config_sha256": config_sha256(cache.config),
-        "seq_length": cache.get_seq_length(), "batch": _batch_of(cache),
-        "tokens": None if tok is None else {"count": tok.shape[1], "batch": tok.shape[0],
-                                              "sha256": _sha(_tensor_bytes(tok))},
-        "nbytes": cache.nbytes(), "cache": tree, "classes": w.classes, "strides": w.strides,
+        "config": _jsonable(config_fields(cache.config)),
+        "config_sha256": config_sha256(cache.config),
+        "seq_length": cache.get_seq_length(),
+        "batch": _batch_of(cache),
+        "tokens": None
+        if tok is None
+        else {"count": tok.shape[1], "batch": tok.shape[0], "sha256": _sha(_tensor_bytes(tok))},
+        "nbytes": cache.nbytes(),
+        "cache": tree,
+        "classes": w.classes,
+        "strides": w.strides,
         "file": {"name": TENSORS, "bytes": len(data), "sha256": _sha(data)},
         "extra": extra or {},
     }
@@ -449,8 +488,9 @@ def write_files(folder: Path, manifest: bytes, data: bytes) -> None:
     _fsync_write(folder / MANIFEST, manifest)
 
 
-def save_cache(cache: PackedCache, path: str | os.PathLike, tokens: Any = None, tokenizer: Any = None,
-               extra: dict | None = None) -> Path:
+def save_cache(
+    cache: PackedCache, path: str | os.PathLike, tokens: Any = None, tokenizer: Any = None, extra: dict | None = None
+) -> Path:
     """Save `cache` into the folder `path` (created; an existing saved cache there is replaced, anything else is an
     error). `tokens`: the (B, N) or (N,) token ids the cache covers (N = cache.get_seq_length()), recorded so a
     loader can check them; `tokenizer`: recorded as a fingerprint. Written to a temporary folder then renamed."""
@@ -494,47 +534,71 @@ def parse_manifest(raw: bytes, where: str = "manifest") -> dict:
         raise CacheFileError("format", f"{where}: not an attentionpack saved cache (format {got!r})")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise CacheFileError("format", f"{where}: written in cache format version {version!r}; this attentionpack "
-                                       f"reads version {FORMAT_VERSION}")
+        raise CacheFileError(
+            "format",
+            f"{where}: written in cache format version {version!r}; this attentionpack reads version {FORMAT_VERSION}",
+        )
     try:
         canonical = canonical_json(manifest) + b"\n"
     except (TypeError, ValueError) as err:
         raise CacheFileError("damaged", f"{where}: the manifest holds values JSON cannot express ({err})") from None
     if canonical != raw:
-        raise CacheFileError("damaged", f"{where}: the manifest is not in its written (canonical) form: edited or "
-                                        "damaged")
+        raise CacheFileError(
+            "damaged", f"{where}: the manifest is not in its written (canonical) form: edited or damaged"
+        )
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     if manifest.get("manifest_sha256") != _sha(canonical_json(body)):
-        raise CacheFileError("damaged", f"{where}: the manifest checksum does not match its contents: edited or "
-                                        "damaged")
-    for key, kind in (("model", dict), ("config", dict), ("cache", dict), ("classes", dict), ("strides", dict),
-                      ("file", dict),
-                      ("seq_length", int), ("config_sha256", str)):
+        raise CacheFileError(
+            "damaged", f"{where}: the manifest checksum does not match its contents: edited or damaged"
+        )
+    for key, kind in (
+        ("model", dict),
+        ("config", dict),
+        ("cache", dict),
+        ("classes", dict),
+        ("strides", dict),
+        ("file", dict),
+        ("seq_length", int),
+        ("config_sha256", str),
+    ):
         if not isinstance(manifest.get(key), kind):
             raise CacheFileError("malformed", f"{where}: manifest field {key!r} is missing or not a {kind.__name__}")
     return manifest
 
 
-def check_compatible(manifest: dict, model: torch.nn.Module, config: PackConfig | None = None, tokenizer: Any = None,
-                     where: str = "cache") -> None:
+def check_compatible(
+    manifest: dict,
+    model: torch.nn.Module,
+    config: PackConfig | None = None,
+    tokenizer: Any = None,
+    where: str = "cache",
+) -> None:
     """Refuse (CacheFileError) a manifest written by another model, tokenizer or PackConfig."""
     fp = model_fingerprint(model)
     stored = manifest["model"]
-    for key, what in (("architecture", "architecture"), ("config_sha256", "model config"),
-                      ("weights_sha256", "weights")):
+    for key, what in (
+        ("architecture", "architecture"),
+        ("config_sha256", "model config"),
+        ("weights_sha256", "weights"),
+    ):
         if stored.get(key) != fp[key]:
             detail = f" ({stored.get(key)} vs {fp[key]})" if key == "architecture" else ""
             raise CacheFileError("model", f"{where} was written by another model: its {what} differs{detail}")
     recorded = manifest.get("tokenizer")
     if tokenizer is not None and recorded is not None and recorded != tokenizer_fingerprint(tokenizer):
-        raise CacheFileError("tokenizer", f"{where} was written with another tokenizer ({recorded.get('class')}, "
-                                          "different vocabulary or templates)")
+        raise CacheFileError(
+            "tokenizer",
+            f"{where} was written with another tokenizer ({recorded.get('class')}, different vocabulary or templates)",
+        )
     if config is not None and config_sha256(config) != manifest["config_sha256"]:
         mine = config_fields(config)
         theirs = manifest["config"]
         differ = sorted(k for k in set(mine) | set(theirs) if k != "name" and mine.get(k) != theirs.get(k))
-        raise CacheFileError("config", f"{where} was written with another PackConfig: "
-                                       + ", ".join(f"{k}={theirs.get(k)!r} (yours {mine.get(k)!r})" for k in differ))
+        raise CacheFileError(
+            "config",
+            f"{where} was written with another PackConfig: "
+            + ", ".join(f"{k}={theirs.get(k)!r} (yours {mine.get(k)!r})" for k in differ),
+        )
 
 
 def _stored_config(manifest: dict, where: str) -> PackConfig:
@@ -562,11 +626,17 @@ def read_tensors(path: Path, manifest: dict, where: str) -> dict[str, torch.Tens
     except OSError as err:
         raise CacheFileError("missing", f"{where}: cannot read {TENSORS}: {err}") from None
     if len(data) != info.get("bytes"):
-        raise CacheFileError("truncated", f"{where}: {TENSORS} has {len(data):,} bytes, the manifest says "
-                                          f"{info.get('bytes')!r}: truncated or overwritten")
+        raise CacheFileError(
+            "truncated",
+            f"{where}: {TENSORS} has {len(data):,} bytes, the manifest says "
+            f"{info.get('bytes')!r}: truncated or overwritten",
+        )
     if _sha(data) != info.get("sha256"):
-        raise CacheFileError("damaged", f"{where}: {TENSORS} does not match the manifest's sha256"
-                                        f"{_damaged_names(data, manifest)}: damaged, or from another save")
+        raise CacheFileError(
+            "damaged",
+            f"{where}: {TENSORS} does not match the manifest's sha256"
+            f"{_damaged_names(data, manifest)}: damaged, or from another save",
+        )
     try:
         tensors = st_load(data)
     except Exception as err:  # noqa: BLE001 - the checksum matched, so this is a malformed writer's file
@@ -576,8 +646,9 @@ def read_tensors(path: Path, manifest: dict, where: str) -> dict[str, torch.Tens
         raise CacheFileError("malformed", f"{where}: {TENSORS} holds other tensors than the layout refers to")
     for name, stride in manifest["strides"].items():
         t = tensors.get(name)
-        if t is None or not (isinstance(stride, list) and len(stride) == t.dim()
-                             and _stride_is_dense(list(t.shape), stride)):
+        if t is None or not (
+            isinstance(stride, list) and len(stride) == t.dim() and _stride_is_dense(list(t.shape), stride)
+        ):
             raise CacheFileError("malformed", f"{where}: tensor {name}'s stride {stride!r} is impossible")
     return tensors
 
@@ -599,7 +670,7 @@ def tensor_checksums(manifest: dict) -> dict[str, str]:
             keys = range(len(items)) if tag in ("(", "[") else (classes.get(tag) or {}).get("fields")
             if keys is None or len(keys) != len(items):
                 raise CacheFileError("malformed", f"layout node {tag!r} at {name} is not described in the manifest")
-            for k, x in zip(keys, items):
+            for k, x in zip(keys, items, strict=False):
                 walk(x, f"{name}.{k}")
 
     try:
@@ -635,8 +706,11 @@ def _damaged_names(data: bytes, manifest: dict) -> str:
     except CacheFileError:
         return ""
     bad = [n for n, t in tensors.items() if n in sums and _sha(_tensor_bytes(t))[:8] != sums[n]]
-    return f" (tensor{'s' if len(bad) > 1 else ''} {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} differ)" \
-        if bad else ""
+    return (
+        f" (tensor{'s' if len(bad) > 1 else ''} {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} differ)"
+        if bad
+        else ""
+    )
 
 
 def _stored_tokens(manifest: dict, tensors: dict, where: str) -> torch.Tensor | None:
@@ -644,18 +718,29 @@ def _stored_tokens(manifest: dict, tensors: dict, where: str) -> torch.Tensor | 
     if info is None:
         return None
     tok = tensors.get(_TOKENS)
-    if not isinstance(info, dict) or tok is None or tok.dim() != 2 \
-            or list(tok.shape) != [info.get("batch"), info.get("count")] \
-            or info.get("count") != manifest["seq_length"] or _sha(_tensor_bytes(tok)) != info.get("sha256"):
+    if (
+        not isinstance(info, dict)
+        or tok is None
+        or tok.dim() != 2
+        or list(tok.shape) != [info.get("batch"), info.get("count")]
+        or info.get("count") != manifest["seq_length"]
+        or _sha(_tensor_bytes(tok)) != info.get("sha256")
+    ):
         raise CacheFileError("tokens", f"{where}: the stored token ids do not match the manifest")
     return tok.to(torch.long)
 
 
-def load_cache(path: str | os.PathLike, model: torch.nn.Module, cache_class: Callable[..., Any],
-               config: PackConfig | str | None = None, tokenizer: Any = None) -> LoadedCache:
+def load_cache(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    cache_class: Callable[..., Any],
+    config: PackConfig | str | None = None,
+    tokenizer: Any = None,
+) -> LoadedCache:
     """Load the cache saved in folder `path` for `model` (and `config`: None uses the saved PackConfig, a given one
-    must equal it); `cache_class` builds the empty cache (`PackedCache`). Raises CacheFileError (see module docstring) before building anything when the files are
-    damaged or were written for another model, tokenizer (checked when both are known) or PackConfig."""
+    must equal it); `cache_class` builds the empty cache (`PackedCache`). Raises CacheFileError (see module
+    docstring) before building anything when the files are damaged or were written for another model, tokenizer
+    (checked when both are known) or PackConfig."""
     from ..config import PackConfig
 
     path = Path(path)
@@ -671,19 +756,23 @@ def load_cache(path: str | os.PathLike, model: torch.nn.Module, cache_class: Cal
     except CacheFileError:
         raise
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as err:  # fields of the wrong type
-        raise CacheFileError("malformed", f"{where}: the manifest is inconsistent ({type(err).__name__}: {err})") \
-            from None
+        raise CacheFileError(
+            "malformed", f"{where}: the manifest is inconsistent ({type(err).__name__}: {err})"
+        ) from None
     device = next(iter(model.parameters())).device
     try:
         cache = cache_class(model, config if config is not None else stored_config)
         reader = _Reader(tensors, manifest["strides"], manifest["classes"], device)
         _decode_cache(cache, manifest["cache"], reader)
         if cache.get_seq_length() != manifest["seq_length"]:
-            raise CacheFileError("malformed", f"{where}: rebuilt {cache.get_seq_length()} tokens, the manifest says "
-                                              f"{manifest['seq_length']}")
+            raise CacheFileError(
+                "malformed",
+                f"{where}: rebuilt {cache.get_seq_length()} tokens, the manifest says {manifest['seq_length']}",
+            )
     except CacheFileError:
         raise
     except Exception as err:  # noqa: BLE001 - any inconsistency of a checksummed file is a writer bug or an edit
-        raise CacheFileError("malformed", f"{where}: the layout cannot be rebuilt ({type(err).__name__}: {err})") \
-            from None
+        raise CacheFileError(
+            "malformed", f"{where}: the layout cannot be rebuilt ({type(err).__name__}: {err})"
+        ) from None
     return LoadedCache(cache, tokens, manifest)

@@ -11,6 +11,7 @@ pointer and version counter, so an in-place weight change (which bumps the count
 A tokenizer fingerprint is {"class", "sha256"}: sha256 of the vocabulary, added and special tokens and the chat
 template, memoized per tokenizer object.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,16 @@ from typing import Any
 
 import torch
 
-_IGNORED_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "_attn_implementation",
-                        "_attn_implementation_autoset", "attn_implementation", "_experts_implementation"}
+_IGNORED_CONFIG_KEYS = {
+    "_name_or_path",
+    "name_or_path",
+    "transformers_version",
+    "_commit_hash",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "attn_implementation",
+    "_experts_implementation",
+}
 _MODEL_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TOKENIZER_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -95,7 +104,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict | None:
         "added": sorted((int(i), str(t)) for i, t in added.items()),
         "special": sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []) or []),
         "chat_template": getattr(tokenizer, "chat_template", None),
-        "bos": getattr(tokenizer, "bos_token_id", None), "eos": getattr(tokenizer, "eos_token_id", None),
+        "bos": getattr(tokenizer, "bos_token_id", None),
+        "eos": getattr(tokenizer, "eos_token_id", None),
     }
     fp = {"class": type(tokenizer).__name__, "sha256": hashlib.sha256(_canonical(data)).hexdigest()}
     try:

@@ -10,11 +10,13 @@ each prompt span is split into modality groups — per sample a gathered set of 
 all images, video frame groups) — and every group becomes one gathered `Segment` with its own basis per sample and
 its modality's codec settings (`PackConfig.for_modality`). Sliding-window layers keep contiguous spans.
 """
+
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -102,8 +104,9 @@ class PackedLayer(CacheLayerMixin):
         `StepContext` arrives in `cache_kwargs[STEP]` (PackedCache.update puts it there)."""
         ctx = (cache_kwargs or {}).get(STEP)
         if not isinstance(ctx, StepContext):
-            raise RuntimeError("PackedLayer.update needs the step context in cache_kwargs; call it through "
-                               "PackedCache.update")
+            raise RuntimeError(
+                "PackedLayer.update needs the step context in cache_kwargs; call it through PackedCache.update"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if ctx.query_moments is not None:  # a prompt's queries weigh its keys' factors (and later decode chunks')
@@ -193,8 +196,9 @@ class PackedLayer(CacheLayerMixin):
         if self.tail is not None and self.tail_length:
             k, v, _, _ = self.tail.view()
             tail = (k, v, self.total - self.tail_length)
-        return LayerView.of(self.segments, tail, self.first_index, self.total, self.spec.num_kv_heads, rope,
-                            self.plan, self.paths)
+        return LayerView.of(
+            self.segments, tail, self.first_index, self.total, self.spec.num_kv_heads, rope, self.plan, self.paths
+        )
 
     def materialize(self, rope: RopeFn) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every token the layer holds, (B, H, N, d) in cache order (compressed segments
@@ -205,8 +209,10 @@ class PackedLayer(CacheLayerMixin):
     def _dense_fallback(self) -> None:
         self.paths["dense"] += 1
         if strict() and self.config.compressed_attention and not self.config.is_lossless:
-            raise RuntimeError(f"ATTENTIONPACK_STRICT: layer {self.layer_idx} rebuilds its compressed keys/values "
-                               f"for the model's attention: {self.dense_reason or 'attention on the stored form is off'}")
+            raise RuntimeError(
+                f"ATTENTIONPACK_STRICT: layer {self.layer_idx} rebuilds its compressed keys/values "
+                f"for the model's attention: {self.dense_reason or 'attention on the stored form is off'}"
+            )
 
     # ---- inspection -------------------------------------------------------------------------------------------
     @property
@@ -240,21 +246,46 @@ class PackedLayer(CacheLayerMixin):
         batch), codec and rank of K and V, bytes. Storages in `seen` (shared across layers, e.g. a gathered
         segment's index) are not counted again; the ones counted here are added to it."""
         seen = set() if seen is None else seen
-        entry = 2 * self.spec.num_kv_heads * self.spec.head_dim * torch.empty((), dtype=self.dtype).element_size() \
-            if self.is_initialized else 0
+        entry = (
+            2 * self.spec.num_kv_heads * self.spec.head_dim * torch.empty((), dtype=self.dtype).element_size()
+            if self.is_initialized
+            else 0
+        )
         rows = []
         for seg in self.segments:
-            rows.append({"layer": self.layer_idx, "kind": seg.kind, "start": seg.start, "tokens": seg.length,
-                         "entries": seg.tokens(), "modality": "exact" if seg.kind == "sink" else seg.modality,
-                         "group": seg.group, "keys": seg.keys.describe(), "values": seg.values.describe(),
-                         "bytes": _new_bytes(seg.tensors(), seen), "dynamic_bytes": seg.tokens() * entry})
+            rows.append(
+                {
+                    "layer": self.layer_idx,
+                    "kind": seg.kind,
+                    "start": seg.start,
+                    "tokens": seg.length,
+                    "entries": seg.tokens(),
+                    "modality": "exact" if seg.kind == "sink" else seg.modality,
+                    "group": seg.group,
+                    "keys": seg.keys.describe(),
+                    "values": seg.values.describe(),
+                    "bytes": _new_bytes(seg.tensors(), seen),
+                    "dynamic_bytes": seg.tokens() * entry,
+                }
+            )
         if self.tail is not None and self.tail_length:
             tail = self.tail.tensors()
             entries = self.tail.keys.shape[0] * self.tail_length
-            rows.append({"layer": self.layer_idx, "kind": "recent", "start": self.total - self.tail_length,
-                         "tokens": self.tail_length, "entries": entries, "modality": "exact", "group": "",
-                         "keys": {"codec": "exact"}, "values": {"codec": "exact"},
-                         "bytes": _new_bytes(tail, seen), "dynamic_bytes": entries * entry})
+            rows.append(
+                {
+                    "layer": self.layer_idx,
+                    "kind": "recent",
+                    "start": self.total - self.tail_length,
+                    "tokens": self.tail_length,
+                    "entries": entries,
+                    "modality": "exact",
+                    "group": "",
+                    "keys": {"codec": "exact"},
+                    "values": {"codec": "exact"},
+                    "bytes": _new_bytes(tail, seen),
+                    "dynamic_bytes": entries * entry,
+                }
+            )
         return rows
 
     def dynamic_equivalent_bytes(self) -> int:
@@ -306,9 +337,9 @@ class PackedLayer(CacheLayerMixin):
         held = self.total - self.tail_length - first  # cache indices [first, first + held) are in segments
         b, h, _, d = tail.shape
         buf = tail.new_empty(b, h, held + 1, d)  # (B, H, held + scratch, d)
-        for seg, x in zip(self.segments, pieces):
+        for seg, x in zip(self.segments, pieces, strict=False):
             if seg.index is None:
-                buf[:, :, seg.start - first:seg.end - first] = x
+                buf[:, :, seg.start - first : seg.end - first] = x
             else:
                 assert seg.valid is not None
                 slot = torch.where(seg.valid, seg.index - first, held)  # (B, n)
@@ -339,7 +370,7 @@ class PackedLayer(CacheLayerMixin):
         if prefill:
             bounds = [b for b in ctx.span_boundaries if tail_start < b < stop]
             edges = [tail_start, *bounds, stop]
-            for a, b in zip(edges[:-1], edges[1:]):
+            for a, b in zip(edges[:-1], edges[1:], strict=False):
                 groups = ctx.layout(a, b) if ctx.layout is not None and not self.is_sliding else None
                 if groups:
                     self._freeze_groups(a, b, groups, ctx)
@@ -347,8 +378,9 @@ class PackedLayer(CacheLayerMixin):
                     self._freeze(a, b, kind="span", compress=b - a >= self.config.min_span, ctx=ctx)
             if self.planner is not None and self.total > stop and not self.record_past:  # a budget weighs the
                 # recent window's bytes too (kept exact, or 8-bit when bytes are better spent on older tokens)
-                self._freeze(stop, self.total, kind="window", compress=self.total - stop >= self.config.min_span,
-                             ctx=ctx)
+                self._freeze(
+                    stop, self.total, kind="window", compress=self.total - stop >= self.config.min_span, ctx=ctx
+                )
         else:
             while stop - tail_start >= self.config.chunk:
                 self._freeze(tail_start, tail_start + self.config.chunk, kind="chunk", compress=True, ctx=ctx)
@@ -399,8 +431,19 @@ class PackedLayer(CacheLayerMixin):
                 key_part, value_part = ExactPart(gk), ExactPart(gv)
             kind: Kind = "span" if g.modality == "text" else g.modality
             modality: Modality = g.modality
-            self.segments.append(Segment(g.start, g.end, key_part, value_part, kind, index=g.index, valid=g.valid,
-                                         modality=modality, group=g.name))
+            self.segments.append(
+                Segment(
+                    g.start,
+                    g.end,
+                    key_part,
+                    value_part,
+                    kind,
+                    index=g.index,
+                    valid=g.valid,
+                    modality=modality,
+                    group=g.name,
+                )
+            )
             self.plan.add(self.segments[-1])
         self._live.drop_oldest(n)
 
@@ -442,4 +485,3 @@ def _new_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
             seen.add(ptr)
             total += t.untyped_storage().nbytes()
     return total
-

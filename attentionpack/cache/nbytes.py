@@ -1,4 +1,5 @@
 """Bytes really held by any cache: every tensor reachable from it, each storage counted once and whole."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -13,13 +13,15 @@ reads each multi-token call's `input_ids` and finds, per sample, the image and v
 prompt spans are then compacted per modality group (see `PackedLayer`). For Qwen2-VL a pre-hook on the language
 model records the multimodal (temporal, height, width) positions so RoPE is undone and redone exactly.
 """
+
 from __future__ import annotations
 
 import os
 import weakref
-from pathlib import Path
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
@@ -134,8 +136,12 @@ class PackedCache(Cache):
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-    def set_inputs(self, input_ids: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None) -> None:
+    def set_inputs(
+        self,
+        input_ids: torch.Tensor,
+        video_grid_thw: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> None:
         """Tell the cache the token ids of the next call (done automatically for VLMs by a pre-hook on the model:
         needed only when calling the language model directly). Finds the image/video tokens per sample; Qwen2-VL
         videos are cut into frame groups by `position_ids` (3 or 4, B, T) or `video_grid_thw`."""
@@ -145,8 +151,7 @@ class PackedCache(Cache):
         temporal = None
         if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] in (3, 4):
             temporal = position_ids[-3]  # (B, T): the temporal axis of (temporal, height, width)
-        spans = find_spans(self.adapter.vlm_config, input_ids, video_grid_thw, self.config.video_group_frames,
-                           temporal)
+        spans = find_spans(self.adapter.vlm_config, input_ids, video_grid_thw, self.config.video_group_frames, temporal)
         labels, groups = group_labels(spans, input_ids.shape[0], input_ids.shape[1], self.config.image_basis)
         remap = []
         for name, modality in groups:
@@ -160,10 +165,11 @@ class PackedCache(Cache):
         gap = labels.new_zeros(batch, offset - old.shape[1])  # tokens seen without ids (decoding): text
         self._labels = torch.cat([old, gap, labels], dim=1)  # (B, offset + q)
         self.spans = [sp for sp in self.spans if sp.end <= offset] + [
-            type(sp)(sp.sample, sp.modality, sp.number, sp.start + offset, sp.end + offset, sp.group) for sp in spans]
+            type(sp)(sp.sample, sp.modality, sp.number, sp.start + offset, sp.end + offset, sp.group) for sp in spans
+        ]
 
     def set_spans(self, span_boundaries: Sequence[int]) -> None:
-        """Set the cache indices where prompt spans start (each span gets its own basis); applies to the next prefill."""
+        """Set the cache indices where prompt spans start (each span gets its own basis); for the next prefill."""
         bounds = sorted(int(b) for b in span_boundaries)
         if any(b <= 0 for b in bounds):
             raise ValueError(f"span_boundaries={list(span_boundaries)} must be positive token indices")
@@ -215,15 +221,18 @@ class PackedCache(Cache):
             raise ValueError("PackedCache.ingest needs an empty cache; call reset() first")
         layers = getattr(source, "layers", None)
         if not layers or len(layers) != len(self.layers):
-            raise ValueError(f"ingest: the source cache has {len(layers or [])} layers, this model has "
-                             f"{len(self.layers)}")
+            raise ValueError(
+                f"ingest: the source cache has {len(layers or [])} layers, this model has {len(self.layers)}"
+            )
         n = source.get_seq_length()
         self._begin_call(None)
         for idx, layer in enumerate(layers):
             keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
             if keys is None or values is None or keys.dim() != 4 or keys.shape[-2] != n:
-                raise ValueError(f"ingest: layer {idx} of the source does not hold all {n} tokens (a sliding-window "
-                                 "or compressed layer); prefill through this cache instead")
+                raise ValueError(
+                    f"ingest: layer {idx} of the source does not hold all {n} tokens (a sliding-window "
+                    "or compressed layer); prefill through this cache instead"
+                )
             self.update(keys, values, idx)
         return self
 
@@ -236,9 +245,7 @@ class PackedCache(Cache):
         return [s for s in self.layers[layer_idx].segments if s.index is not None and s.modality in ("image", "video")]
 
     # ---- saving (attentionpack/store/serialize.py: file format and checks) ------------------------------------
-    def save(
-        self, path: str | os.PathLike[str], tokens: torch.Tensor | None = None, tokenizer: Any = None
-    ) -> Path:
+    def save(self, path: str | os.PathLike[str], tokens: torch.Tensor | None = None, tokenizer: Any = None) -> Path:
         """Save this cache into the folder `path` (tensors in safetensors + a JSON manifest); `tokens`: the (B, N)
         token ids it covers, `tokenizer`: fingerprinted so a load with another tokenizer is refused."""
         from .files import save_cache
@@ -250,8 +257,8 @@ class PackedCache(Cache):
         cls, path: str | os.PathLike[str], model: Any, config: PackConfig | str | None = None, tokenizer: Any = None
     ) -> PackedCache:
         """A cache saved by `save`, for `model`; it continues exactly as the saved one. Raises
-        `CacheFileError` (a ValueError, `attentionpack.store.CacheFileError`) for damaged files and for another model, tokenizer or
-        PackConfig (`config` None: the saved one)."""
+        `CacheFileError` (a ValueError, `attentionpack.store.CacheFileError`) for damaged files and for another
+        model, tokenizer or PackConfig (`config` None: the saved one)."""
         from .files import load_cache
 
         return load_cache(path, model, cls, config, tokenizer).cache
@@ -292,9 +299,13 @@ class PackedCache(Cache):
             "modalities": modalities,
             "attention_paths": dict(self.paths),
             "layers": [
-                {"layer": layer.layer_idx, "bytes": sum(r["bytes"] for r in rows if r["layer"] == layer.layer_idx),
-                 "dynamic_bytes": layer.dynamic_equivalent_bytes(), "sliding": layer.is_sliding,
-                 "runs": [r for r in rows if r["layer"] == layer.layer_idx]}
+                {
+                    "layer": layer.layer_idx,
+                    "bytes": sum(r["bytes"] for r in rows if r["layer"] == layer.layer_idx),
+                    "dynamic_bytes": layer.dynamic_equivalent_bytes(),
+                    "sliding": layer.is_sliding,
+                    "runs": [r for r in rows if r["layer"] == layer.layer_idx],
+                }
                 for layer in self.layers
             ],
         }
@@ -347,8 +358,11 @@ class PackedCache(Cache):
         key = (start, end, str(device))
         if key not in self._layout_memo:
             groups = _groups_of(self._labels, self.groups, start, end)
-            self._layout_memo[key] = None if groups is None else [
-                Group(g.name, g.modality, g.index.to(device), g.valid.to(device), g.start, g.end) for g in groups]
+            self._layout_memo[key] = (
+                None
+                if groups is None
+                else [Group(g.name, g.modality, g.index.to(device), g.valid.to(device), g.start, g.end) for g in groups]
+            )
         return self._layout_memo[key]
 
     def _note_queries(self, layer_idx: int, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -415,6 +429,7 @@ def _install_hooks(model: Any, adapter: ModelAdapter) -> list[Any]:
 
     handles.append(base.register_forward_pre_hook(on_model_call, with_kwargs=True))
     if adapter.is_vlm:
+
         def on_top_call(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             cache = kwargs.get("past_key_values")
             if isinstance(cache, PackedCache):
@@ -423,6 +438,7 @@ def _install_hooks(model: Any, adapter: ModelAdapter) -> list[Any]:
 
         handles.append(model.register_forward_pre_hook(on_top_call, with_kwargs=True))
     if adapter.mrope:
+
         def on_language_model(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             cache = kwargs.get("past_key_values")
             if isinstance(cache, PackedCache):
@@ -430,6 +446,7 @@ def _install_hooks(model: Any, adapter: ModelAdapter) -> list[Any]:
 
         handles.append(adapter.language_model.register_forward_pre_hook(on_language_model, with_kwargs=True))
     for idx, attn in enumerate(adapter.attention_modules):
+
         def on_attention(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], idx: int = idx) -> None:
             cache = kwargs.get("past_key_values")
             if isinstance(cache, PackedCache) and kwargs.get("position_ids") is not None:

@@ -19,9 +19,10 @@ keys and values only, like a DynamicCache.
 Shapes: keys/values (B, H, cap, d); positions (B, cap[, 3]) int32 and valid (B, cap) bool, or None when unneeded
 or derived.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -88,7 +89,7 @@ class ExactTail:
         b, cap = self.keys.shape[0], self.capacity
         self.positions = torch.zeros(b, cap, dtype=torch.int32, device=self.keys.device)
         self.valid = torch.zeros(b, cap, dtype=torch.bool, device=self.keys.device)
-        self.positions[:, self.begin:self.end], self.valid[:, self.begin:self.end] = positions, valid
+        self.positions[:, self.begin : self.end], self.valid[:, self.begin : self.end] = positions, valid
         self.pad = None
 
     # ---- changes ------------------------------------------------------------------------------------------------
@@ -101,8 +102,11 @@ class ExactTail:
     ) -> None:
         q = k.shape[-2]
         if self.pad is not None:
-            if positions is not None and valid is not None and \
-                    _leading_padding(positions, valid, self.dropped + len(self), self.pad) == self.pad:
+            if (
+                positions is not None
+                and valid is not None
+                and _leading_padding(positions, valid, self.dropped + len(self), self.pad) == self.pad
+            ):
                 positions = valid = None  # still derived
             else:
                 self._materialize_flags()
@@ -148,12 +152,12 @@ class ExactTail:
         self, at: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor | None
     ) -> None:
         q = k.shape[-2]
-        self.keys[..., at:at + q, :] = k
-        self.values[..., at:at + q, :] = v
+        self.keys[..., at : at + q, :] = k
+        self.values[..., at : at + q, :] = v
         if self.positions is not None and positions is not None:
-            self.positions[:, at:at + q] = positions
+            self.positions[:, at : at + q] = positions
         if self.valid is not None and valid is not None:
-            self.valid[:, at:at + q] = valid
+            self.valid[:, at : at + q] = valid
 
     def _rounded(self, n: int) -> int:
         return -(-n // self.granule) * self.granule
@@ -169,8 +173,9 @@ class ExactTail:
         self._write(0, *live)
 
 
-def _leading_padding(positions: torch.Tensor, valid: torch.Tensor, first: int,
-                     pad: list[int] | None = None) -> list[int] | None:
+def _leading_padding(
+    positions: torch.Tensor, valid: torch.Tensor, first: int, pad: list[int] | None = None
+) -> list[int] | None:
     """Per-sample leading padding of a call's tokens at absolute indices [first, first + q) when they follow the
     rule (padding exactly the indices below pad[b], then positions index - pad[b]); None when they do not.
     `pad` given: the earlier calls' padding, which later calls must continue."""

@@ -58,7 +58,9 @@ def _encode(
     part: Part
     if codec == "quant":
         assert bits is not None  # PackConfig validates: the quant codec has bits
-        part = QuantizedPart.keys(x, bits, cfg.quant_group) if is_key else QuantizedPart.values(x, bits, cfg.quant_group)
+        part = (
+            QuantizedPart.keys(x, bits, cfg.quant_group) if is_key else QuantizedPart.values(x, bits, cfg.quant_group)
+        )
     else:
         pre_rope = is_key and cfg.key_pre_rope
         b, h, t, d = x.shape

@@ -5,6 +5,7 @@ which is small, so we factor through it: M ≈ C Bᵀ with B = V_r (D x r) and C
 The squared reconstruction error is exactly the discarded energy Σ_{i>r} σ_i². The Gram matrix is formed in
 float64 so small singular values keep their accuracy.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,8 +47,9 @@ def energy_rank(spectrum: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(captured, torch.tensor(energy, dtype=captured.dtype) - 1e-12).item()) + 1
 
 
-def spectrum_and_basis(blocks: torch.Tensor,
-                       gram_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def spectrum_and_basis(
+    blocks: torch.Tensor, gram_dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared singular values (B, D) descending and right singular vectors (B, D, D) of blocks (B, T, D).
     The Gram matrix is formed in `gram_dtype` (float64: small singular values stay accurate), solved in float64."""
     m = blocks.to(gram_dtype)

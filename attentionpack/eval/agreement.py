@@ -1,10 +1,11 @@
 """Agreement with the uncompressed model: on the same teacher-forced continuation, the share of decoding steps whose
 greedy next token equals DynamicCache's, and the mean KL divergence KL(P_dynamic || P_cache) of the next-token
 distributions. The prefill's own prediction (position 0) is left out: only steps that read the cache count."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -23,8 +24,12 @@ def agreement_stats(reference: torch.Tensor, test: torch.Tensor, skip_first: boo
     ref, tst = reference.double(), test.double()
     kl = (ref.exp() * (ref - tst)).sum(-1).clamp_min(0)
     same = reference.argmax(-1) == test.argmax(-1)
-    return {"top1_agreement": float(same.double().mean()), "mean_kl": float(kl.mean()),
-            "max_kl": float(kl.max()), "steps": int(reference.shape[0])}
+    return {
+        "top1_agreement": float(same.double().mean()),
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "steps": int(reference.shape[0]),
+    }
 
 
 def read_logprobs(path: str | Path, vocab: int) -> torch.Tensor:
@@ -42,13 +47,25 @@ def compare_files(reference_path: str | Path, test_path: str | Path, vocab: int)
 def collect_logprobs(model, ids: torch.Tensor, context: int, steps: int, make_cache: Callable[[], object]):
     """(ContinuationResult, (steps, V) log-probs) of one teacher-forced continuation through a fresh cache."""
     rows = []
-    res = continuation_perplexity(model, ids, context, steps, make_cache,
-                                  on_logits=lambda logits: rows.append(torch.log_softmax(logits[0].float(), -1)))
+    res = continuation_perplexity(
+        model,
+        ids,
+        context,
+        steps,
+        make_cache,
+        on_logits=lambda logits: rows.append(torch.log_softmax(logits[0].float(), -1)),
+    )
     return res, torch.stack(rows)
 
 
-def agreement(model, ids: torch.Tensor, context: int, steps: int, make_cache: Callable[[], object],
-              make_reference: Callable[[], object] | None = None) -> dict:
+def agreement(
+    model,
+    ids: torch.Tensor,
+    context: int,
+    steps: int,
+    make_cache: Callable[[], object],
+    make_reference: Callable[[], object] | None = None,
+) -> dict:
     """Agreement of `make_cache()` with `make_reference()` (default: DynamicCache) over `steps` teacher-forced
     positions after `context` tokens of `ids` (steps - 1 of them read the cache)."""
     if make_reference is None:

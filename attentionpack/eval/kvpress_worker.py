@@ -12,6 +12,7 @@ Jobs ("mode"):
   needle:  for each prompt, prefill its context with the press, then its question without (as kvpress's pipeline
            does), then greedy-decode; one `@item` per prompt with the answer's token ids.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,7 +79,7 @@ def quality(job, model, torch):
     prefill_s = time.perf_counter() - t0
     held = _held_bytes(cache)
     kept = cache.get_seq_length()
-    targets = ids[:, n:n + m]
+    targets = ids[:, n : n + m]
     sink = open(job["logits_out"], "wb") if job.get("logits_out") else None
 
     def record(logits):
@@ -94,26 +95,40 @@ def quality(job, model, torch):
     stepped = min(int(job.get("timed_steps") or m - 1), m - 1)
     for i in range(stepped):
         t1 = time.perf_counter()
-        out = model(input_ids=targets[:, i:i + 1], past_key_values=cache, use_cache=True,
-                    position_ids=torch.tensor([[n + i]]))
+        out = model(
+            input_ids=targets[:, i : i + 1], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[n + i]])
+        )
         times.append(time.perf_counter() - t1)
         nll.append(-float(record(out.logits)[targets[0, i + 1]]))
         if (i + 1) % 16 == 0:
             print(f"@progress {i + 1}", flush=True)
     if stepped < m - 1:
-        out = model(input_ids=targets[:, stepped:-1], past_key_values=cache, use_cache=True,
-                    position_ids=torch.arange(n + stepped, n + m - 1)[None])
+        out = model(
+            input_ids=targets[:, stepped:-1],
+            past_key_values=cache,
+            use_cache=True,
+            position_ids=torch.arange(n + stepped, n + m - 1)[None],
+        )
         for j in range(out.logits.shape[1]):
-            nll.append(-float(record(out.logits[:, j:j + 1])[targets[0, stepped + 1 + j]]))
+            nll.append(-float(record(out.logits[:, j : j + 1])[targets[0, stepped + 1 + j]]))
         print(f"@progress {m - 1}", flush=True)
     if sink:
         sink.close()
     times.sort()
     mean = sum(nll) / len(nll)
-    return {"ppl": math.exp(mean), "nll": mean, "tokens_scored": len(nll), "prefill_s": prefill_s,
-            "decode_ms": 1000 * (times[len(times) // 2] if len(times) % 2 else
-                                 (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2) if times else None,
-            "bytes_after_prefill": held, "bytes_at_end": _held_bytes(cache), "tokens_kept": kept}
+    return {
+        "ppl": math.exp(mean),
+        "nll": mean,
+        "tokens_scored": len(nll),
+        "prefill_s": prefill_s,
+        "decode_ms": 1000
+        * (times[len(times) // 2] if len(times) % 2 else (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2)
+        if times
+        else None,
+        "bytes_after_prefill": held,
+        "bytes_at_end": _held_bytes(cache),
+        "tokens_kept": kept,
+    }
 
 
 def needle(job, model, torch):
@@ -175,11 +190,15 @@ def main(path):
     with torch.inference_mode():
         out = {"quality": quality, "needle": needle}[job["mode"]](job, model, torch)
     peak = _peak()
-    out.update(rss_after_load=rss_after_load, peak_rss_after_load=peak_after_load, peak_rss=peak,
-               peak_rss_delta=peak - (rss_after_load or peak_after_load), load_s=load_s,
-               threads=torch.get_num_threads(),
-               versions={"kvpress": _version("kvpress"), "transformers": transformers.__version__,
-                         "torch": torch.__version__})
+    out.update(
+        rss_after_load=rss_after_load,
+        peak_rss_after_load=peak_after_load,
+        peak_rss=peak,
+        peak_rss_delta=peak - (rss_after_load or peak_after_load),
+        load_s=load_s,
+        threads=torch.get_num_threads(),
+        versions={"kvpress": _version("kvpress"), "transformers": transformers.__version__, "torch": torch.__version__},
+    )
     print("@result " + json.dumps(out), flush=True)
 
 

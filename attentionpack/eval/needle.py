@@ -7,19 +7,23 @@ question form one user turn and the assistant turn is started with "The pass key
 A prompt has two parts: `context_ids` (template start, instruction, haystack with the needle) and `question_ids`
 (question, template end, answer start): presses that compress only a context (kvpress) prefill them separately.
 """
+
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from .. import BudgetError
 
-INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-               "Find it and memorize it. I will quiz you about the important information there.")
+INSTRUCTION = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about the important information there."
+)
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? Answer with the number only."
 ANSWER_START = "The pass key is"
@@ -57,8 +61,9 @@ def _frame(tokenizer, chat: bool) -> tuple[str, str]:
     """Text before and after the haystack: the chat template around one user turn, plus our wording."""
     head, tail = f"{INSTRUCTION}\n\n", f"\n\n{QUESTION}"
     if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True
+        )
         before, _, after = text.partition(_MARK)
         return before + head, tail + after + ANSWER_START
     return head, f"{tail}\n{ANSWER_START}"
@@ -69,8 +74,9 @@ def passkey_for(seed: int, length: int, depth: float, trial: int) -> tuple[str, 
     return str(rng.randint(10000, 99999)), rng
 
 
-def build_prompt(tokenizer, haystack_ids: Sequence[int], length: int, depth: float, passkey: str,
-                 offset: int = 0, chat: bool = True) -> NeedlePrompt:
+def build_prompt(
+    tokenizer, haystack_ids: Sequence[int], length: int, depth: float, passkey: str, offset: int = 0, chat: bool = True
+) -> NeedlePrompt:
     """A prompt of exactly `length` tokens with the needle at `depth` (0 = start, 1 = end) of the haystack,
     snapped to the end of a sentence when one is near."""
     if not 0 <= depth <= 1:
@@ -82,12 +88,14 @@ def build_prompt(tokenizer, haystack_ids: Sequence[int], length: int, depth: flo
     if room < 16:
         raise ValueError(f"needle context length {length} is too short for the prompt frame ({length - room} tokens)")
     if offset + room > len(haystack_ids):
-        raise ValueError(f"the haystack text has {len(haystack_ids)} tokens; {offset + room} are needed for a "
-                         f"{length}-token needle prompt")
-    hay = list(haystack_ids[offset: offset + room])
+        raise ValueError(
+            f"the haystack text has {len(haystack_ids)} tokens; {offset + room} are needed for a "
+            f"{length}-token needle prompt"
+        )
+    hay = list(haystack_ids[offset : offset + room])
     at = round(depth * room)
     if 0 < at < room:  # move to just after the nearest sentence end within 48 tokens
-        pieces = tokenizer.convert_ids_to_tokens(hay[max(0, at - 48): at + 48])
+        pieces = tokenizer.convert_ids_to_tokens(hay[max(0, at - 48) : at + 48])
         ends = [max(0, at - 48) + i + 1 for i, p in enumerate(pieces) if p and p.rstrip().endswith(".")]
         if ends:
             at = min(ends, key=lambda e: abs(e - at))
@@ -96,8 +104,14 @@ def build_prompt(tokenizer, haystack_ids: Sequence[int], length: int, depth: flo
 
 
 @torch.inference_mode()
-def greedy_answer(model, context_ids: Sequence[int], question_ids: Sequence[int], make_cache: Callable[[], object],
-                  max_new_tokens: int = 10, eos: Sequence[int] = ()) -> tuple[list[int], float, float]:
+def greedy_answer(
+    model,
+    context_ids: Sequence[int],
+    question_ids: Sequence[int],
+    make_cache: Callable[[], object],
+    max_new_tokens: int = 10,
+    eos: Sequence[int] = (),
+) -> tuple[list[int], float, float]:
     """Prefill the whole prompt through a fresh cache, then greedy-decode. Returns (ids, prefill_s, decode ms)."""
     ids = torch.tensor([list(context_ids) + list(question_ids)], dtype=torch.long)
     cache = make_cache()
@@ -109,9 +123,14 @@ def greedy_answer(model, context_ids: Sequence[int], question_ids: Sequence[int]
 
 
 @torch.inference_mode()
-def greedy_answers_shared(model, context_ids: Sequence[int], question_ids: Sequence[int],
-                          makers: dict[str, Callable[[], object] | None], max_new_tokens: int = 10,
-                          eos: Sequence[int] = ()) -> dict[str, tuple[list[int], float, float] | BudgetError]:
+def greedy_answers_shared(
+    model,
+    context_ids: Sequence[int],
+    question_ids: Sequence[int],
+    makers: dict[str, Callable[[], object] | None],
+    max_new_tokens: int = 10,
+    eos: Sequence[int] = (),
+) -> dict[str, tuple[list[int], float, float] | BudgetError]:
     """`greedy_answer` for several caches with one prefill. The prompt goes through a DynamicCache once; a maker
     returning a PackedCache gets its cache derived from it (`PackedCache.ingest`: prefill attention is exact in our
     cache, so the prefill and its logits are the same) and a maker None decodes on the DynamicCache itself, last.
@@ -146,7 +165,9 @@ def greedy_answers_shared(model, context_ids: Sequence[int], question_ids: Seque
     return results
 
 
-def _greedy_from(model, cache, logits: torch.Tensor, max_new_tokens: int, eos: Sequence[int]) -> tuple[list[int], float]:
+def _greedy_from(
+    model, cache, logits: torch.Tensor, max_new_tokens: int, eos: Sequence[int]
+) -> tuple[list[int], float]:
     """Greedy decoding after a prefill whose last logits are `logits` (1, V). Returns (ids, median decode ms)."""
     answer, times = [], []
     nxt = logits.argmax(-1, keepdim=True)
@@ -175,8 +196,15 @@ def score(tokenizer, prompt: NeedlePrompt, answer_ids: Sequence[int]) -> tuple[s
     return answer, prompt.passkey in answer.replace(",", "").replace(" ", "")
 
 
-def grid_prompts(tokenizer, haystack_ids: Sequence[int], lengths: Sequence[int], depths: Sequence[float],
-                 trials: int, seed: int = 0, chat: bool = True) -> list[NeedlePrompt]:
+def grid_prompts(
+    tokenizer,
+    haystack_ids: Sequence[int],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    seed: int = 0,
+    chat: bool = True,
+) -> list[NeedlePrompt]:
     """Every (length, depth, trial) prompt; each trial draws its own pass key and haystack offset."""
     prompts = []
     for length in lengths:
@@ -189,24 +217,41 @@ def grid_prompts(tokenizer, haystack_ids: Sequence[int], lengths: Sequence[int],
     return prompts
 
 
-def run_trial(model, tokenizer, prompt: NeedlePrompt, make_cache: Callable[[], object],
-              max_new_tokens: int = 10) -> TrialResult:
-    ids, prefill_s, decode_ms = greedy_answer(model, prompt.context_ids, prompt.question_ids, make_cache,
-                                              max_new_tokens, eos_ids(model, tokenizer))
+def run_trial(
+    model, tokenizer, prompt: NeedlePrompt, make_cache: Callable[[], object], max_new_tokens: int = 10
+) -> TrialResult:
+    ids, prefill_s, decode_ms = greedy_answer(
+        model, prompt.context_ids, prompt.question_ids, make_cache, max_new_tokens, eos_ids(model, tokenizer)
+    )
     answer, hit = score(tokenizer, prompt, ids)
     return TrialResult(answer, hit, prefill_s, decode_ms, ids)
 
 
-def needle_grid(model, tokenizer, haystack_ids: Sequence[int], make_cache: Callable[[], object],
-                lengths: Sequence[int] = (1024, 2048, 4096), depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-                trials: int = 1, seed: int = 0, max_new_tokens: int = 10,
-                progress: Callable[[int], None] | None = None) -> dict:
+def needle_grid(
+    model,
+    tokenizer,
+    haystack_ids: Sequence[int],
+    make_cache: Callable[[], object],
+    lengths: Sequence[int] = (1024, 2048, 4096),
+    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    trials: int = 1,
+    seed: int = 0,
+    max_new_tokens: int = 10,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Hit rate per (length, depth): {"rates": {length: {depth: rate}}, "trials": [...]} for one cache."""
     rows = []
     for prompt in grid_prompts(tokenizer, haystack_ids, lengths, depths, trials, seed):
         res = run_trial(model, tokenizer, prompt, make_cache, max_new_tokens)
-        rows.append({"length": prompt.length, "depth": prompt.depth, "passkey": prompt.passkey,
-                     "answer": res.answer, "hit": res.hit})
+        rows.append(
+            {
+                "length": prompt.length,
+                "depth": prompt.depth,
+                "passkey": prompt.passkey,
+                "answer": res.answer,
+                "hit": res.hit,
+            }
+        )
         if progress:
             progress(1)
     return {"rates": rates_of(rows), "trials": rows}

@@ -7,6 +7,7 @@ this process's exact version (pip then takes the local CPU build instead of down
 and transformers < 5.3 with torch pinned. `kvpress_worker.py` is run with that environment's python on the same
 model folder, the same token ids and the same protocol.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,13 +17,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .configs import KVPRESS_PRESSES, Spec
 from .child import EXACT_TIMED_STEPS, child_env, run_child
+from .configs import KVPRESS_PRESSES, Spec
 
 KVPRESS_VERSION = "0.5.5"
 KVPRESS_TRANSFORMERS = "transformers<5.3"
@@ -78,13 +79,16 @@ KVPRESS_ENV_SIZE = "about 1.4 GB"  # torch (CPU build), transformers, kvpress an
 def kvpress_notice(specs) -> str:
     """What creating the kvpress environment installs, where, and how to skip it (printed before installing)."""
     names = ", ".join(sorted({sp.name for sp in specs}))
-    return (f"note: {names} need(s) the kvpress environment, which is not installed yet: creating it now installs "
-            f"torch, transformers and kvpress=={KVPRESS_VERSION} ({KVPRESS_ENV_SIZE} on disk) into {venv_dir()}, "
-            "once (minutes). Pass --no-kvpress to leave these configurations out.")
+    return (
+        f"note: {names} need(s) the kvpress environment, which is not installed yet: creating it now installs "
+        f"torch, transformers and kvpress=={KVPRESS_VERSION} ({KVPRESS_ENV_SIZE} on disk) into {venv_dir()}, "
+        "once (minutes). Pass --no-kvpress to leave these configurations out."
+    )
 
 
-def ensure_kvpress_env(log: Path | None = None, status: Callable[[str], None] | None = None,
-                       root: Path | None = None) -> dict:
+def ensure_kvpress_env(
+    log: Path | None = None, status: Callable[[str], None] | None = None, root: Path | None = None
+) -> dict:
     """Create the kvpress environment if it is not ready (minutes, once); returns its versions.
     Raises KvpressUnavailable with the reason and the end of the pip log when it cannot be made."""
     root = root or venv_dir()
@@ -101,9 +105,19 @@ def ensure_kvpress_env(log: Path | None = None, status: Callable[[str], None] | 
         steps = [
             ("creating the virtual environment", [sys.executable, "-m", "venv", str(root)]),
             (f"installing {pin} (local CPU build)", [str(venv_python(root)), "-m", "pip", "install", pin]),
-            (f"installing kvpress=={KVPRESS_VERSION}",
-             [str(venv_python(root)), "-m", "pip", "install", f"kvpress=={KVPRESS_VERSION}", KVPRESS_TRANSFORMERS,
-              "-c", "{constraints}"]),
+            (
+                f"installing kvpress=={KVPRESS_VERSION}",
+                [
+                    str(venv_python(root)),
+                    "-m",
+                    "pip",
+                    "install",
+                    f"kvpress=={KVPRESS_VERSION}",
+                    KVPRESS_TRANSFORMERS,
+                    "-c",
+                    "{constraints}",
+                ],
+            ),
         ]
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as c:
             c.write(pin + "\n")
@@ -118,9 +132,11 @@ def ensure_kvpress_env(log: Path | None = None, status: Callable[[str], None] | 
                     rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
                     if rc:
                         raise KvpressUnavailable(f"{what} failed (exit {rc}); see {log}:\n{_tail(log)}")
-            probe = ("import json, torch, transformers, kvpress; from importlib.metadata import version; "
-                     "print(json.dumps({'torch': torch.__version__, 'transformers': transformers.__version__, "
-                     "'kvpress': version('kvpress')}))")
+            probe = (
+                "import json, torch, transformers, kvpress; from importlib.metadata import version; "
+                "print(json.dumps({'torch': torch.__version__, 'transformers': transformers.__version__, "
+                "'kvpress': version('kvpress')}))"
+            )
             done = subprocess.run([str(venv_python(root)), "-c", probe], capture_output=True, text=True)
             if done.returncode:
                 raise KvpressUnavailable(f"kvpress does not import in {root}:\n{done.stderr[-2000:]}")
@@ -173,26 +189,56 @@ def _run_worker(job: dict, on_progress=None, on_item=None, log: Path | None = No
         os.unlink(path)
 
 
-def kvpress_quality(spec: Spec | None, ids, context: int, continuation: int, model: str | None = None,
-                    logits_out: Path | None = None, threads: int | None = None, on_progress=None,
-                    log: Path | None = None) -> dict:
+def kvpress_quality(
+    spec: Spec | None,
+    ids,
+    context: int,
+    continuation: int,
+    model: str | None = None,
+    logits_out: Path | None = None,
+    threads: int | None = None,
+    on_progress=None,
+    log: Path | None = None,
+) -> dict:
     """One kvpress configuration (None: the environment's own DynamicCache) through the continuation protocol,
     alone in a fresh process of the kvpress environment (so its peak RSS is its own)."""
     ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)][: context + continuation]
-    job = {"mode": "quality", "model": str(model_folder(model)), "ids": ids, "context": context,
-           "continuation": continuation, "logits_out": str(logits_out) if logits_out else None, "threads": threads,
-           "timed_steps": EXACT_TIMED_STEPS,
-           "press": KVPRESS_PRESSES[spec.press] if spec and spec.press else None,
-           "ratio": spec.ratio if spec else None}
+    job = {
+        "mode": "quality",
+        "model": str(model_folder(model)),
+        "ids": ids,
+        "context": context,
+        "continuation": continuation,
+        "logits_out": str(logits_out) if logits_out else None,
+        "threads": threads,
+        "timed_steps": EXACT_TIMED_STEPS,
+        "press": KVPRESS_PRESSES[spec.press] if spec and spec.press else None,
+        "ratio": spec.ratio if spec else None,
+    }
     return _run_worker(job, on_progress, log=log, threads=threads)
 
 
-def kvpress_needle(spec: Spec, prompts, eos, max_new_tokens: int, model: str | None = None,
-                   threads: int | None = None, on_item=None, log: Path | None = None) -> dict:
+def kvpress_needle(
+    spec: Spec,
+    prompts,
+    eos,
+    max_new_tokens: int,
+    model: str | None = None,
+    threads: int | None = None,
+    on_item=None,
+    log: Path | None = None,
+) -> dict:
     """Greedy answers of needle prompts with a press on the context; `on_item` gets each answer as it comes."""
     if spec.press is None:
         raise ValueError(f"{spec.name} is not a kvpress configuration")
-    job = {"mode": "needle", "model": str(model_folder(model)), "threads": threads, "eos": list(eos),
-           "max_new_tokens": max_new_tokens, "press": KVPRESS_PRESSES[spec.press], "ratio": spec.ratio,
-           "prompts": [{"context_ids": p.context_ids, "question_ids": p.question_ids} for p in prompts]}
+    job = {
+        "mode": "needle",
+        "model": str(model_folder(model)),
+        "threads": threads,
+        "eos": list(eos),
+        "max_new_tokens": max_new_tokens,
+        "press": KVPRESS_PRESSES[spec.press],
+        "ratio": spec.ratio,
+        "prompts": [{"context_ids": p.context_ids, "question_ids": p.question_ids} for p in prompts],
+    }
     return _run_worker(job, on_item=on_item, log=log, threads=threads)

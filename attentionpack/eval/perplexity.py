@@ -6,13 +6,14 @@ Caches that store decoded tokens exactly as given (DynamicCache; kvpress presses
 may pass `timed_steps`: after that many timed one-token steps the rest of the continuation goes through the cache
 in one forward call. Causal attention over an unchanged cache makes this the same computation (logits equal up
 to round-off, tested) at a fraction of the time; the median ms/token comes from the timed steps."""
+
 from __future__ import annotations
 
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,16 @@ class ContinuationResult:
 
 
 @torch.inference_mode()
-def continuation_perplexity(model, ids: torch.Tensor, context: int, continuation: int,
-                            make_cache: Callable[[], object], progress: Callable[[int], None] | None = None,
-                            on_logits: Callable[[torch.Tensor], None] | None = None,
-                            timed_steps: int | None = None) -> ContinuationResult:
+def continuation_perplexity(
+    model,
+    ids: torch.Tensor,
+    context: int,
+    continuation: int,
+    make_cache: Callable[[], object],
+    progress: Callable[[int], None] | None = None,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
+    timed_steps: int | None = None,
+) -> ContinuationResult:
     """ids: (L,) or (B, L) token ids with L >= context + continuation. `make_cache()` returns a fresh cache.
 
     `on_logits(logits)`, if given, sees the (B, V) next-token logits of each of the `continuation` scored positions in
@@ -50,7 +57,7 @@ def continuation_perplexity(model, ids: torch.Tensor, context: int, continuation
     out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - start
     held = cache_nbytes(cache)
-    targets = ids[:, context: context + continuation]
+    targets = ids[:, context : context + continuation]
     nll = [F.cross_entropy(out.logits[:, -1].float(), targets[:, 0], reduction="sum")]
     if on_logits:
         on_logits(out.logits[:, -1])
@@ -58,7 +65,7 @@ def continuation_perplexity(model, ids: torch.Tensor, context: int, continuation
     stepped = continuation - 1 if timed_steps is None else min(timed_steps, continuation - 1)
     for i in range(stepped):
         t0 = time.perf_counter()
-        out = model(input_ids=targets[:, i: i + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=targets[:, i : i + 1], past_key_values=cache, use_cache=True)
         times.append(time.perf_counter() - t0)
         nll.append(F.cross_entropy(out.logits[:, -1].float(), targets[:, i + 1], reduction="sum"))
         if on_logits:
@@ -76,8 +83,12 @@ def continuation_perplexity(model, ids: torch.Tensor, context: int, continuation
             progress(continuation - 1 - stepped)
     mean_nll = float(torch.stack(nll).sum()) / targets.numel()
     return ContinuationResult(
-        ppl=math.exp(mean_nll), nll=mean_nll, bytes_after_prefill=held, prefill_s=prefill_s,
-        decode_ms=1000 * statistics.median(times) if times else float("nan"), tokens_scored=targets.numel(),
+        ppl=math.exp(mean_nll),
+        nll=mean_nll,
+        bytes_after_prefill=held,
+        prefill_s=prefill_s,
+        decode_ms=1000 * statistics.median(times) if times else float("nan"),
+        tokens_scored=targets.numel(),
     )
 
 
@@ -87,6 +98,6 @@ def full_forward_perplexity(model, ids: torch.Tensor, context: int, continuation
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     logits = model(input_ids=ids[:, : context + continuation], use_cache=False).logits
-    pred = logits[:, context - 1: context + continuation - 1].float()
-    targets = ids[:, context: context + continuation]
+    pred = logits[:, context - 1 : context + continuation - 1].float()
+    targets = ids[:, context : context + continuation]
     return math.exp(float(F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1))))

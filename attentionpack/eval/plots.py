@@ -1,5 +1,6 @@
 """PNG plots of an evaluation run (matplotlib, headless): Pareto of memory vs perplexity change, needle heat maps,
 decode speed vs context length. Each function takes the JSON-normal results of `report.assemble`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,23 +40,37 @@ def pareto(res: dict, path: Path) -> bool:
         color = REF if r["config"] == "dynamic" else OURS if r["ours"] else PEERS
         x, y = ax.transData.transform((r["bytes_fraction"], r["ppl_change_pct"]))
         w, h, dy = 6.2 * len(r["config"]), 11, 0
-        while any(x + 6 < bx + bw and bx < x + 6 + w and y + dy < by + bh and by < y + dy + h
-                  for bx, by, bw, bh in boxes):
+        while any(
+            x + 6 < bx + bw and bx < x + 6 + w and y + dy < by + bh and by < y + dy + h for bx, by, bw, bh in boxes
+        ):
             dy += h
         boxes.append((x + 6, y + dy, w, h))
-        ax.annotate(r["config"], (r["bytes_fraction"], r["ppl_change_pct"]), textcoords="offset points",
-                    xytext=(6 * 72 / fig.dpi, dy * 72 / fig.dpi), fontsize=8, color=color, va="bottom",
-                    arrowprops=dict(arrowstyle="-", color=color, lw=0.5, alpha=0.6) if dy else None)
+        ax.annotate(
+            r["config"],
+            (r["bytes_fraction"], r["ppl_change_pct"]),
+            textcoords="offset points",
+            xytext=(6 * 72 / fig.dpi, dy * 72 / fig.dpi),
+            fontsize=8,
+            color=color,
+            va="bottom",
+            arrowprops=dict(arrowstyle="-", color=color, lw=0.5, alpha=0.6) if dy else None,
+        )
     ax.axhline(0, color="#bbb", lw=0.8)
     ax.set_xlabel("cache bytes after prefill / DynamicCache bytes (log scale; left is smaller)")
     ax.set_ylabel("perplexity change vs DynamicCache, % (lower is better)")
-    ax.set_title(f"Memory vs quality ({res['settings']['contexts'][0]} context tokens, "
-                 f"{res['settings']['continuation']} scored)")
+    ax.set_title(
+        f"Memory vs quality ({res['settings']['contexts'][0]} context tokens, {res['settings']['continuation']} scored)"
+    )
     from matplotlib.lines import Line2D
 
-    ax.legend(handles=[Line2D([], [], marker="o", ls="", color=OURS, label="AttentionPack"),
-                       Line2D([], [], marker="o", ls="", color=PEERS, label="peers"),
-                       Line2D([], [], marker="o", ls="", color=REF, label="DynamicCache")], loc="best")
+    ax.legend(
+        handles=[
+            Line2D([], [], marker="o", ls="", color=OURS, label="AttentionPack"),
+            Line2D([], [], marker="o", ls="", color=PEERS, label="peers"),
+            Line2D([], [], marker="o", ls="", color=REF, label="DynamicCache"),
+        ],
+        loc="best",
+    )
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -69,7 +84,7 @@ def needle_maps(res: dict, path: Path) -> bool:
         return False
     plt = _plt()
     fig, axes = plt.subplots(1, len(entries), figsize=(3.2 * len(entries) + 1, 3.6), squeeze=False)
-    for ax, (name, entry) in zip(axes[0], entries):
+    for ax, (name, entry) in zip(axes[0], entries, strict=False):
         rates = entry["rates"]
         lengths = sorted(rates, key=int)
         depths = sorted({d for by in rates.values() for d in by}, key=float)
@@ -99,8 +114,13 @@ def speed_plot(res: dict, path: Path) -> bool:
     for name, by in speed.items():
         ctx = sorted(by, key=int)
         x = [int(c) for c in ctx]
-        style = dict(marker="o", label=name, ls="-" if ours.get(name) else "--",
-                     color=REF if name == "dynamic" else None, lw=2 if name == "dynamic" else 1.2)
+        style = dict(
+            marker="o",
+            label=name,
+            ls="-" if ours.get(name) else "--",
+            color=REF if name == "dynamic" else None,
+            lw=2 if name == "dynamic" else 1.2,
+        )
         a1.plot(x, [by[c]["decode_ms"] for c in ctx], **style)
         a2.plot(x, [by[c]["prefill_s"] for c in ctx], **style)
     for ax, label in ((a1, "decode ms/token (median)"), (a2, "prefill s (compression included)")):

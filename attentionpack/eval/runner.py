@@ -6,6 +6,7 @@ Phases: (1) quality and memory: each configuration alone in a child process thro
 their own environment. (2) speed: interleaved rounds of the in-process configurations. (3) needle retrieval grid for a
 subset. Then results.json, report.md, plots and index.html (see report.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,11 +22,17 @@ from typing import Any
 from .. import BudgetError, cache_nbytes
 from . import needle as needle_mod
 from .agreement import compare_files
-from .configs import DEFAULT_CONFIGS, Spec, check_available, make_cache, parse_config, parse_configs
 from .child import ChildError, measure_isolated
-from .peers import (KvpressUnavailable, ensure_kvpress_env, kvpress_env_info, kvpress_needle, kvpress_notice,
-                    kvpress_quality)
-from .settings import Settings, _norm, machine_info, settings_dict
+from .configs import DEFAULT_CONFIGS, Spec, check_available, make_cache, parse_config, parse_configs
+from .peers import (
+    KvpressUnavailable,
+    ensure_kvpress_env,
+    kvpress_env_info,
+    kvpress_needle,
+    kvpress_notice,
+    kvpress_quality,
+)
+from .settings import Settings, _norm
 
 # Defaults sized so that the whole default run fits in 20 minutes on 2 idle cores; any configuration can be added
 # with --needle-configs / --speed-configs.
@@ -64,8 +71,17 @@ class Cells:
     def put(self, key: str, settings: dict, result: dict) -> dict:
         path = self.path(key)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "settings": _norm(settings), "result": result,
-                                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "key": key,
+                    "settings": _norm(settings),
+                    "result": result,
+                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+                indent=1,
+            )
+        )
         os.replace(tmp, path)
         self.measured += 1
         return _norm(result)
@@ -100,14 +116,19 @@ class Run:
         else:
             self.speed_specs = parse_configs(s.speed_configs)
         if any(not sp.in_process for sp in self.speed_specs):
-            raise ValueError("speed is measured in this process only; kvpress configurations cannot be in "
-                             "speed_configs (their decode speed comes from the quality run)")
+            raise ValueError(
+                "speed is measured in this process only; kvpress configurations cannot be in "
+                "speed_configs (their decode speed comes from the quality run)"
+            )
         for sp in {sp.name: sp for sp in self.specs + self.needle_specs + self.speed_specs}.values():
             why = check_available(sp)
             if why:
                 raise ValueError(why)
-        for name, values in (("contexts", s.contexts), ("needle_lengths", s.needle_lengths),
-                             ("speed_contexts", s.speed_contexts)):
+        for name, values in (
+            ("contexts", s.contexts),
+            ("needle_lengths", s.needle_lengths),
+            ("speed_contexts", s.speed_contexts),
+        ):
             if any(not isinstance(v, int) or v < 16 for v in values):
                 raise ValueError(f"{name}={list(values)} must be integers >= 16")
         if s.continuation < 2 or s.needle_trials < 0 or s.speed_repeats < 0 or s.speed_steps < 1:
@@ -131,8 +152,10 @@ class Run:
         if busy is not None:
             load, cpus = busy
             self.s = s = Settings(**{**asdict(s), "threads": 1})
-            self.notes.append(f"the machine was busy at the start (load average {load:.1f} on {cpus} CPUs): every "
-                              "process of this run used 1 torch thread (pass threads / --threads to choose)")
+            self.notes.append(
+                f"the machine was busy at the start (load average {load:.1f} on {cpus} CPUs): every "
+                "process of this run used 1 torch thread (pass threads / --threads to choose)"
+            )
 
     # ---- inputs: everything that can fail is checked here, before any long work -------------------------------
     def _load_inputs(self) -> None:
@@ -154,20 +177,34 @@ class Run:
         for i, (tid, source, text) in enumerate(texts):
             need = max(s.contexts) + s.continuation
             if i == 0:
-                need = max(need, max(s.speed_contexts) + s.speed_steps if self.speed_specs and s.speed_repeats else 0,
-                           max(s.needle_lengths) if self.needle_specs and s.needle_trials else 0)
+                need = max(
+                    need,
+                    max(s.speed_contexts) + s.speed_steps if self.speed_specs and s.speed_repeats else 0,
+                    max(s.needle_lengths) if self.needle_specs and s.needle_trials else 0,
+                )
             ids = token_ids(self.tokenizer, text, need, source=source)
             self.texts.append({"id": tid, "source": source, "tokens": int(ids.numel()), "ids": ids})
         if self.needle_specs and s.needle_trials:  # builds every prompt once: a too-short length fails here
-            self.prompts = needle_mod.grid_prompts(self.tokenizer, self.texts[0]["ids"].tolist(), s.needle_lengths,
-                                                   s.needle_depths, s.needle_trials, s.seed)
+            self.prompts = needle_mod.grid_prompts(
+                self.tokenizer,
+                self.texts[0]["ids"].tolist(),
+                s.needle_lengths,
+                s.needle_depths,
+                s.needle_trials,
+                s.seed,
+            )
         else:
             self.prompts = []
 
     # ---- phase 1: quality + memory -----------------------------------------------------------------------------
     def _quality_settings(self, text: dict, n: int, desc: dict) -> dict:
-        return {"model": self.model_id, "text": text["id"], "context": n, "continuation": self.s.continuation,
-                "config": desc}
+        return {
+            "model": self.model_id,
+            "text": text["id"],
+            "context": n,
+            "continuation": self.s.continuation,
+            "config": desc,
+        }
 
     def quality(self) -> None:
         s = self.s
@@ -177,8 +214,12 @@ class Run:
             if not kvpress_env_info():  # say what is about to be installed before installing it
                 print(kvpress_notice(kv_specs), file=sys.stderr)
             try:
-                self.kvpress_env = {"status": "ok", "versions": ensure_kvpress_env(
-                    status=lambda what: print(f"kvpress environment: {what} (once) ...", file=sys.stderr))}
+                self.kvpress_env = {
+                    "status": "ok",
+                    "versions": ensure_kvpress_env(
+                        status=lambda what: print(f"kvpress environment: {what} (once) ...", file=sys.stderr)
+                    ),
+                }
             except KvpressUnavailable as err:
                 self.kvpress_env = {"status": "unavailable", "reason": str(err)}
                 self.notes.append(f"kvpress presses were not measured: {err}")
@@ -190,12 +231,16 @@ class Run:
                 # order: DynamicCache (the reference), other in-process peers, kvpress (its environment's own
                 # DynamicCache first), then ours; the report keeps the order of `configs`
                 kv_jobs = [None] + kv_specs if kv_specs and self.kvpress_env["status"] == "ok" else []
-                jobs = ([sp for sp in self.specs if sp.in_process and not sp.ours] + kv_jobs
-                        + [sp for sp in self.specs if sp.ours])
+                jobs = (
+                    [sp for sp in self.specs if sp.in_process and not sp.ours]
+                    + kv_jobs
+                    + [sp for sp in self.specs if sp.ours]
+                )
                 for sp in jobs:
                     name = sp.name if sp else KVPRESS_BASELINE
-                    desc: dict = sp.describe() if sp else {"name": name, "kind": "kvpress-env",
-                                                           **self.kvpress_env["versions"]}
+                    desc: dict = (
+                        sp.describe() if sp else {"name": name, "kind": "kvpress-env", **self.kvpress_env["versions"]}
+                    )
                     key = f"quality__{text['id']}__n{n}__m{s.continuation}__{name}"
                     settings = self._quality_settings(text, n, desc)
                     got = self.cells.get(key, settings)
@@ -215,11 +260,29 @@ class Run:
             if sp is not None and sp.in_process and not s.isolate:
                 res = self._quality_here(sp, text["ids"], n, logits, tick)
             elif sp is not None and sp.in_process:
-                res = measure_isolated(sp.name, text["ids"], n, s.continuation, model=s.model, logits_out=logits,
-                                       threads=s.threads, on_progress=tick, log=log)
+                res = measure_isolated(
+                    sp.name,
+                    text["ids"],
+                    n,
+                    s.continuation,
+                    model=s.model,
+                    logits_out=logits,
+                    threads=s.threads,
+                    on_progress=tick,
+                    log=log,
+                )
             else:
-                res = kvpress_quality(sp, text["ids"], n, s.continuation, model=s.model, logits_out=logits,
-                                      threads=s.threads, on_progress=tick, log=log)
+                res = kvpress_quality(
+                    sp,
+                    text["ids"],
+                    n,
+                    s.continuation,
+                    model=s.model,
+                    logits_out=logits,
+                    threads=s.threads,
+                    on_progress=tick,
+                    log=log,
+                )
             tick(s.continuation - 1)  # done: the bar ends at N/N (ticking after closing it left it at 0/N)
         except ChildError as err:
             self.notes.append(f"{name} at context {n} failed: {str(err).splitlines()[0]} (log: {log})")
@@ -251,13 +314,20 @@ class Run:
             tick(done[0])
 
         try:
-            r = continuation_perplexity(self.model, ids, n, self.s.continuation, fresh, progress=step,
-                                        on_logits=writer)
+            r = continuation_perplexity(self.model, ids, n, self.s.continuation, fresh, progress=step, on_logits=writer)
         finally:
             writer.close()
-        return {"config": sp.name, "ppl": r.ppl, "nll": r.nll, "tokens_scored": r.tokens_scored,
-                "prefill_s": r.prefill_s, "decode_ms": r.decode_ms, "bytes_after_prefill": r.bytes_after_prefill,
-                "bytes_at_end": cache_nbytes(caches[-1]), "isolated": False}
+        return {
+            "config": sp.name,
+            "ppl": r.ppl,
+            "nll": r.nll,
+            "tokens_scored": r.tokens_scored,
+            "prefill_s": r.prefill_s,
+            "decode_ms": r.decode_ms,
+            "bytes_after_prefill": r.bytes_after_prefill,
+            "bytes_at_end": cache_nbytes(caches[-1]),
+            "isolated": False,
+        }
 
     # ---- phase 2: speed ----------------------------------------------------------------------------------------
     def speed(self) -> None:
@@ -269,8 +339,13 @@ class Run:
             self.results_speed = {}
             return
         makers = {sp.name: (lambda sp=sp: make_cache(self.model, sp)) for sp in self.speed_specs}
-        settings = {"model": self.model_id, "text": self.texts[0]["id"], "contexts": list(s.speed_contexts),
-                    "steps": s.speed_steps, "configs": [sp.describe() for sp in self.speed_specs]}
+        settings = {
+            "model": self.model_id,
+            "text": self.texts[0]["id"],
+            "contexts": list(s.speed_contexts),
+            "steps": s.speed_steps,
+            "configs": [sp.describe() for sp in self.speed_specs],
+        }
         ids = self.texts[0]["ids"]
         bar = _bar(self.progress, total=s.speed_repeats * len(s.speed_contexts) * len(makers), desc="speed")
         warmed = False
@@ -281,13 +356,17 @@ class Run:
                     warm_up(self.model, ids, makers["dynamic"])
                     warmed = True
 
-                def tick(name, ctx, finished):
+                def tick(name, ctx, finished, r=r):
                     if finished:
                         bar.update(1)
                     else:
                         bar.set_postfix_str(f"round {r + 1}: {name} @{ctx}")
-                got = self.cells.put(f"speed__round{r}", settings,
-                                     speed_round(self.model, ids, makers, s.speed_contexts, s.speed_steps, tick))
+
+                got = self.cells.put(
+                    f"speed__round{r}",
+                    settings,
+                    speed_round(self.model, ids, makers, s.speed_contexts, s.speed_steps, tick),
+                )
             else:
                 bar.update(len(s.speed_contexts) * len(makers))
             self.speed_rounds.append(got)
@@ -304,8 +383,9 @@ class Run:
         groups: dict = {}
         for p in self.prompts:
             groups.setdefault((p.length, p.depth), []).append(p)
-        wording = hashlib.sha1((needle_mod.INSTRUCTION + needle_mod.NEEDLE + needle_mod.QUESTION +
-                                needle_mod.ANSWER_START).encode()).hexdigest()[:10]
+        wording = hashlib.sha1(
+            (needle_mod.INSTRUCTION + needle_mod.NEEDLE + needle_mod.QUESTION + needle_mod.ANSWER_START).encode()
+        ).hexdigest()[:10]
         pending = {}  # spec name -> (rows, todo)
         for sp in self.needle_specs:
             if not sp.in_process and self.kvpress_env.get("status") != "ok":
@@ -313,9 +393,17 @@ class Run:
             rows, todo = [], []
             for (length, depth), prompts in groups.items():
                 key = f"needle__{sp.name}__L{length}__d{depth:g}"
-                settings = {"model": self.model_id, "text": self.texts[0]["id"], "config": sp.describe(),
-                            "length": length, "depth": depth, "trials": s.needle_trials, "seed": s.seed,
-                            "max_new_tokens": s.needle_new_tokens, "wording": wording}
+                settings = {
+                    "model": self.model_id,
+                    "text": self.texts[0]["id"],
+                    "config": sp.describe(),
+                    "length": length,
+                    "depth": depth,
+                    "trials": s.needle_trials,
+                    "seed": s.seed,
+                    "max_new_tokens": s.needle_new_tokens,
+                    "wording": wording,
+                }
                 got = self.cells.get(key, settings)
                 if got is not None:
                     rows.extend(got["trials"])
@@ -328,14 +416,16 @@ class Run:
             self._needle_shared({name: pending[name] for name in shared}, eos)
         for name, (sp, rows, todo) in pending.items():
             if name not in shared and todo:
-                bar = _bar(self.progress, total=sum(len(t[2]) for t in todo), desc=f"needle {sp.name}",
-                           unit="prompt")
+                bar = _bar(self.progress, total=sum(len(t[2]) for t in todo), desc=f"needle {sp.name}", unit="prompt")
                 if sp.in_process:
                     for key, settings, prompts in todo:
                         group = []
+
+                        def fresh(sp: Spec = sp) -> object:
+                            return make_cache(self.model, sp)
+
                         for p in prompts:
-                            res = needle_mod.run_trial(self.model, self.tokenizer, p,
-                                                       lambda: make_cache(self.model, sp), s.needle_new_tokens)
+                            res = needle_mod.run_trial(self.model, self.tokenizer, p, fresh, s.needle_new_tokens)
                             group.append(self._trial_row(p, res.answer, res.hit, res.prefill_s))
                             bar.update(1)
                         rows.extend(self.cells.put(key, settings, {"trials": group})["trials"])
@@ -347,10 +437,14 @@ class Run:
             skipped = [r for r in rows if r["hit"] is None]
             if skipped:
                 lengths = sorted({r["length"] for r in skipped})
-                self.notes.append(f"needle {name}: {len(skipped)} prompt(s) of length {lengths} not run: "
-                                  f"{skipped[0]['error']}")
-            self.results_needle[name] = {"rates": rates, "rate": sum(total) / len(total) if total else None,
-                                         "trials": rows}
+                self.notes.append(
+                    f"needle {name}: {len(skipped)} prompt(s) of length {lengths} not run: {skipped[0]['error']}"
+                )
+            self.results_needle[name] = {
+                "rates": rates,
+                "rate": sum(total) / len(total) if total else None,
+                "trials": rows,
+            }
 
     def _needle_shared(self, pending: dict, eos) -> None:
         """Needle trials of DynamicCache-like configurations prompt by prompt, one prefill per prompt
@@ -364,15 +458,21 @@ class Run:
         names = ", ".join(pending)
         bar = _bar(self.progress, total=len(work), desc=f"needle {names} (shared prefill)", unit="prompt")
         for p, users in work.values():
-            makers: dict = {sp.name: None if sp.kind == "dynamic" else (lambda sp=sp: make_cache(self.model, sp))
-                            for sp, *_ in users}
-            answers = needle_mod.greedy_answers_shared(self.model, p.context_ids, p.question_ids, makers,
-                                                       self.s.needle_new_tokens, eos)
+            makers: dict = {
+                sp.name: None if sp.kind == "dynamic" else (lambda sp=sp: make_cache(self.model, sp))
+                for sp, *_ in users
+            }
+            answers = needle_mod.greedy_answers_shared(
+                self.model, p.context_ids, p.question_ids, makers, self.s.needle_new_tokens, eos
+            )
             for sp, key, settings, cell, i in users:
                 got = answers[sp.name]
                 if isinstance(got, BudgetError):  # the prompt is too short for this budget: no trial
-                    cell["group"][i] = {**self._trial_row(p, "", False, 0.0), "hit": None,
-                                        "error": str(got).splitlines()[0]}
+                    cell["group"][i] = {
+                        **self._trial_row(p, "", False, 0.0),
+                        "hit": None,
+                        "error": str(got).splitlines()[0],
+                    }
                 else:
                     answer, hit = needle_mod.score(self.tokenizer, p, got[0])
                     cell["group"][i] = self._trial_row(p, answer, hit, got[1])
@@ -383,8 +483,15 @@ class Run:
         bar.close()
 
     def _trial_row(self, p, answer: str, hit: bool, prefill_s: float) -> dict:
-        return {"length": p.length, "depth": p.depth, "passkey": p.passkey, "needle_at": p.needle_at,
-                "answer": answer, "hit": bool(hit), "prefill_s": prefill_s}
+        return {
+            "length": p.length,
+            "depth": p.depth,
+            "passkey": p.passkey,
+            "needle_at": p.needle_at,
+            "answer": answer,
+            "hit": bool(hit),
+            "prefill_s": prefill_s,
+        }
 
     def _kvpress_needle(self, sp: Spec, todo, eos, bar) -> list:
         flat = [(key, settings, p) for key, settings, prompts in todo for p in prompts]
@@ -402,8 +509,16 @@ class Run:
 
         log = self.cells.path(f"needle__{sp.name}", ".log")
         try:
-            kvpress_needle(sp, [f[2] for f in flat], eos, self.s.needle_new_tokens, model=self.s.model,
-                           threads=self.s.threads, on_item=on_item, log=log)
+            kvpress_needle(
+                sp,
+                [f[2] for f in flat],
+                eos,
+                self.s.needle_new_tokens,
+                model=self.s.model,
+                threads=self.s.threads,
+                on_item=on_item,
+                log=log,
+            )
             log.unlink(missing_ok=True)
         except ChildError as err:
             self.notes.append(f"needle {sp.name} failed: {str(err).splitlines()[0]} (log: {log})")
@@ -446,19 +561,31 @@ class Run:
         return results
 
 
-def evaluate(out: str | os.PathLike = "attentionpack-eval", model: str | None = None, texts=None, configs=None,
-             progress: bool = True, **settings) -> dict:
+def evaluate(
+    out: str | os.PathLike = "attentionpack-eval",
+    model: str | None = None,
+    texts=None,
+    configs=None,
+    progress: bool = True,
+    **settings,
+) -> dict:
     """Measure quality, memory, speed and needle retrieval of each configuration against DynamicCache and the peers;
     write results.json, report.md, PNG plots and index.html to `out`. Settings: see `Settings` (contexts,
     continuation, needle_*, speed_*, threads, seed). Rerunning with the same `out` skips finished cells."""
     unknown = set(settings) - set(Settings.__dataclass_fields__)
     if unknown:
-        raise TypeError(f"unknown evaluate() setting(s) {sorted(unknown)}; known: {sorted(Settings.__dataclass_fields__)}")
+        raise TypeError(
+            f"unknown evaluate() setting(s) {sorted(unknown)}; known: {sorted(Settings.__dataclass_fields__)}"
+        )
     if isinstance(texts, (str, os.PathLike)):
         texts = [texts]
     if isinstance(configs, str):
         configs = [configs]
     tuples: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-    s = Settings(model=None if model is None else str(model), texts=tuple(texts) if texts else (None,),
-                 configs=tuple(configs) if configs else DEFAULT_CONFIGS, **tuples)
+    s = Settings(
+        model=None if model is None else str(model),
+        texts=tuple(texts) if texts else (None,),
+        configs=tuple(configs) if configs else DEFAULT_CONFIGS,
+        **tuples,
+    )
     return Run(s, Path(out), progress).go()

@@ -1,12 +1,13 @@
 """Speed: prefill time (compression included) and median decode ms/token of each configuration at several context
 lengths, with repeats interleaved between configurations (A B C A B C ...) so that a slow spell of a shared machine
 hits every configuration alike. Reported as ratios to DynamicCache measured in the same rounds."""
+
 from __future__ import annotations
 
 import gc
 import statistics
 import time
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -28,7 +29,7 @@ def time_one(model, ids: torch.Tensor, context: int, decode_steps: int, make_cac
     times = []
     for i in range(decode_steps):
         t1 = time.perf_counter()
-        model(input_ids=ids[:, context + i: context + i + 1], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, context + i : context + i + 1], past_key_values=cache, use_cache=True)
         times.append(time.perf_counter() - t1)
     after = _paths(cache)
     del cache
@@ -44,8 +45,14 @@ def _paths(cache: object) -> dict | None:
     return dict(stats()["attention_paths"]) if callable(stats) else None
 
 
-def speed_round(model, ids: torch.Tensor, makers: Mapping[str, Callable[[], object]], contexts: Sequence[int],
-                decode_steps: int, progress: Callable[[str, int, bool], None] | None = None) -> dict:
+def speed_round(
+    model,
+    ids: torch.Tensor,
+    makers: Mapping[str, Callable[[], object]],
+    contexts: Sequence[int],
+    decode_steps: int,
+    progress: Callable[[str, int, bool], None] | None = None,
+) -> dict:
     """One interleaved round: for each context length, every configuration once, in order. `progress(name,
     context, finished)` is called before and after each measurement.
     Returns {config: {context: {"prefill_s", "decode_ms"}}}."""
@@ -81,8 +88,11 @@ def summarize(rounds: Sequence[dict], reference: str = "dynamic") -> dict:
     for name, by_ctx in merged.items():
         for ctx, cell in by_ctx.items():
             ref = merged.get(reference, {}).get(ctx)
-            row = {"prefill_s": statistics.median(cell["prefill_s"]), "decode_ms": statistics.median(cell["decode_ms"]),
-                   "repeats": len(cell["decode_ms"])}
+            row = {
+                "prefill_s": statistics.median(cell["prefill_s"]),
+                "decode_ms": statistics.median(cell["decode_ms"]),
+                "repeats": len(cell["decode_ms"]),
+            }
             if cell["paths"]:
                 row["decode_paths"] = cell["paths"]
             if ref:
@@ -92,9 +102,15 @@ def summarize(rounds: Sequence[dict], reference: str = "dynamic") -> dict:
     return out
 
 
-def measure_speed(model, ids: torch.Tensor, makers: Mapping[str, Callable[[], object]],
-                  contexts: Sequence[int] = (1024, 2048, 4096), decode_steps: int = 16, repeats: int = 2,
-                  progress: Callable[[str, int, bool], None] | None = None) -> dict:
+def measure_speed(
+    model,
+    ids: torch.Tensor,
+    makers: Mapping[str, Callable[[], object]],
+    contexts: Sequence[int] = (1024, 2048, 4096),
+    decode_steps: int = 16,
+    repeats: int = 2,
+    progress: Callable[[str, int, bool], None] | None = None,
+) -> dict:
     """Interleaved speed of every configuration in `makers` (which should include "dynamic" for the ratios)."""
     if repeats < 1 or decode_steps < 1:
         raise ValueError("repeats and decode_steps must be >= 1")

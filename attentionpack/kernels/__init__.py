@@ -13,6 +13,7 @@ float32 too). If no compiler is found, the build fails, or ATTENTIONPACK_KERNELS
 `reason()` says why; callers then take their torch path and record it (tests/test_kernels.py and
 tests/test_fused_decode.py check both paths against float64 references).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -30,8 +31,15 @@ import torch
 HERE = Path(__file__).parent
 SOURCES = [HERE / "part_ops.c", HERE / "decode.c"]  # both include common.h
 # -mtune=haswell: gcc tunes some AMD cores (znver1) for 128-bit vectors, which halves the speed of these loops
-FLAGS = ["-O3", "-march=native", *(["-mtune=haswell"] if platform.machine() in ("x86_64", "AMD64") else []),
-         "-funroll-loops", "-fno-math-errno", "-shared", "-fPIC"]
+FLAGS = [
+    "-O3",
+    "-march=native",
+    *(["-mtune=haswell"] if platform.machine() in ("x86_64", "AMD64") else []),
+    "-funroll-loops",
+    "-fno-math-errno",
+    "-shared",
+    "-fPIC",
+]
 _lib: ctypes.CDLL | None = None
 _tried = False
 _why = ""  # why the kernels are not available (empty while they are)
@@ -47,8 +55,12 @@ def _build() -> ctypes.CDLL | None:
     global _why
     if compiler is None:
         _why = "no C compiler found (install gcc, or set CC)"
-        warnings.warn("attentionpack: no C compiler found; attention on quantized pieces uses the slower torch path "
-                      "(install gcc to enable the kernels)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "attentionpack: no C compiler found; attention on quantized pieces uses the slower torch path "
+            "(install gcc to enable the kernels)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     source = b"".join(p.read_bytes() for p in [*SOURCES, HERE / "common.h"])
     error = None
@@ -63,8 +75,11 @@ def _build() -> ctypes.CDLL | None:
             break
     if error is not None:
         _why = f"building the kernels with {compiler} failed: {error}"
-        warnings.warn(f"attentionpack: building the kernels failed ({compiler}): {error}; using the "
-                      "slower torch path", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"attentionpack: building the kernels failed ({compiler}): {error}; using the slower torch path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -79,10 +94,9 @@ def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
     """Build `target`; None on success, else the compiler's complaint."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # build aside, then rename: concurrent
-    os.close(fd)                                                 # processes never load a half-written file
+    os.close(fd)  # processes never load a half-written file
     try:
-        done = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True,
-                              text=True)
+        done = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
         error = done.stderr.strip()[:500] if done.returncode != 0 else None
     except OSError as err:  # the compiler named by CC does not exist or cannot run
         error = str(err)
@@ -119,8 +133,7 @@ def usable(codes: torch.Tensor, *activations: torch.Tensor) -> bool:
     are float32, float16 or bfloat16, all on CPU. The wrappers return float32 whatever the activations' dtype."""
     if codes.device.type != "cpu" or codes.dtype != torch.uint8:
         return False
-    return all(t.device.type == "cpu" and t.dtype in ACTIVATION_DTYPES for t in activations) and \
-        library() is not None
+    return all(t.device.type == "cpu" and t.dtype in ACTIVATION_DTYPES for t in activations) and library() is not None
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -136,8 +149,9 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x, x.stride(-2)
 
 
-def mix_rows(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, p: torch.Tensor, bits: int,
-             group: int, length: int) -> torch.Tensor:
+def mix_rows(
+    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, p: torch.Tensor, bits: int, group: int, length: int
+) -> torch.Tensor:
     """Weighted sum over tokens of per-token quantized rows. codes (*N, T, nb) uint8 (`pack` layout), scales/mins
     (*N, T, G) float16, p (*N, M, T) float32/float16/bfloat16 (read as float32) -> (*N, M, length) float32 with
     length <= G * group."""
@@ -150,13 +164,13 @@ def mix_rows(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, p: t
     n = codes.numel() // max(1, t * nb)
     lib = library()
     assert lib is not None, reason()
-    lib.ap_mix_rows(_ptr(codes), _ptr(scales), _ptr(mins), _ptr(p), _ptr(out), n, m, t, nb, g, group, length,
-                          bits, ps)
+    lib.ap_mix_rows(_ptr(codes), _ptr(scales), _ptr(mins), _ptr(p), _ptr(out), n, m, t, nb, g, group, length, bits, ps)
     return out
 
 
-def scores_cols(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, x: torch.Tensor, bits: int,
-                group: int, tokens: int) -> torch.Tensor:
+def scores_cols(
+    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, x: torch.Tensor, bits: int, group: int, tokens: int
+) -> torch.Tensor:
     """Query rows against rows quantized along tokens. codes (*N, R, nb) uint8 (`pack` layout, `tokens` codes per
     row), scales/mins (*N, R, G) float16, x (*N, M, R) float32/float16/bfloat16 (read as float32)
     -> (*N, M, tokens) float32."""
@@ -169,6 +183,5 @@ def scores_cols(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, x
     n = codes.numel() // max(1, r * nb)
     lib = library()
     assert lib is not None, reason()
-    lib.ap_scores_cols(_ptr(codes), _ptr(scales), _ptr(mins), _ptr(x), _ptr(out), n, m, r, tokens, nb, g,
-                             group, bits)
+    lib.ap_scores_cols(_ptr(codes), _ptr(scales), _ptr(mins), _ptr(x), _ptr(out), n, m, r, tokens, nb, g, group, bits)
     return out

@@ -77,7 +77,7 @@ class DecodePlan:
         return list(self.extra)
 
     def why_not(self, query: torch.Tensor, tail_keys: torch.Tensor | None, count: int) -> str:
-        """"" when `run` can serve this step over the first `count` segments, else the reason it cannot."""
+        """ "" when `run` can serve this step over the first `count` segments, else the reason it cannot."""
         b, hq, q, d = query.shape
         if q != 1:
             return f"{q} query tokens (the one-call kernel serves one-token decoding steps)"
@@ -105,9 +105,9 @@ class DecodePlan:
         scale: float,
         softcap: float | None,
     ) -> torch.Tensor:
-        """One decoding step over the first `count` segments (call only when `why_not` is ""). tail: (keys, values (B, H, n, d), cache index of
-        the first) or None; query (B, Hq, 1, d) float32 rotated; allowed None or (B|1, 1, 1, N) bool over cache
-        indices [first, ...). -> (B, 1, Hq, d)."""
+        """One decoding step over the first `count` segments (call only when `why_not` is ""). tail: (keys,
+        values (B, H, n, d), cache index of the first) or None; query (B, Hq, 1, d) float32 rotated; allowed None
+        or (B|1, 1, 1, N) bool over cache indices [first, ...). -> (B, 1, Hq, d)."""
         b, hq, _, d = query.shape
         table: list[int] = []
         for row, start in zip(self.rows[:count], self.starts[:count], strict=True):
@@ -132,8 +132,9 @@ class DecodePlan:
         assert lib is not None
         cap = 0.0 if softcap is None else float(softcap)
         h = self.heads
-        lib.ap_decode(addr, len(table) // FIELDS, query.data_ptr(), mask, mask_sb, scale, cap, out.data_ptr(), b, h,
-                      hq // h, d)
+        lib.ap_decode(
+            addr, len(table) // FIELDS, query.data_ptr(), mask, mask_sb, scale, cap, out.data_ptr(), b, h, hq // h, d
+        )
         return out
 
 

@@ -1,6 +1,7 @@
 """Checks of a local model folder or GGUF file before transformers reads it, so that a broken folder gives one line
 naming the problem and the fix instead of a long traceback (or a misleading one: a folder without tokenizer files
 makes transformers ask for sentencepiece or tiktoken)."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,15 @@ import struct
 from pathlib import Path
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spiece.model",
-                   "sentencepiece.bpe.model", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "tiktoken.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+)
 
 
 class ModelFolderError(ValueError):
@@ -20,7 +28,7 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (library errors can run to dozens of lines), shortened."""
     text = str(err).strip().splitlines()
     line = text[0] if text else type(err).__name__
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def read_config(folder: Path) -> dict:
@@ -29,17 +37,23 @@ def read_config(folder: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelFolderError(f"{folder} has no config.json; give a Hugging Face model folder (config.json, "
-                               "weights, tokenizer files) or a .gguf file") from None
+        raise ModelFolderError(
+            f"{folder} has no config.json; give a Hugging Face model folder (config.json, "
+            "weights, tokenizer files) or a .gguf file"
+        ) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ModelFolderError(f"cannot read {path}: {first_line(err)}; check the file's permissions or copy the "
-                               "model folder again") from None
+        raise ModelFolderError(
+            f"cannot read {path}: {first_line(err)}; check the file's permissions or copy the model folder again"
+        ) from None
     except json.JSONDecodeError as err:
-        raise ModelFolderError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
-                               "restore the model's original config.json") from None
+        raise ModelFolderError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+            "restore the model's original config.json"
+        ) from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise ModelFolderError(f"{path} has no \"model_type\" (not a transformers model config); restore the "
-                               "model's original config.json")
+        raise ModelFolderError(
+            f'{path} has no "model_type" (not a transformers model config); restore the model\'s original config.json'
+        )
     return config
 
 
@@ -49,14 +63,18 @@ def check_folder(folder: Path, tokenizer: bool = True) -> dict:
     config = read_config(folder)
     weights = sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern)})
     if not weights:
-        raise ModelFolderError(f"{folder} has no weights (no *.safetensors or pytorch_model*.bin file); copy the "
-                               "model's weight files into it")
+        raise ModelFolderError(
+            f"{folder} has no weights (no *.safetensors or pytorch_model*.bin file); copy the "
+            "model's weight files into it"
+        )
     for path in weights:
         if path.suffix == ".safetensors":
             check_safetensors(path)
     if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelFolderError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...); copy the "
-                               "model's tokenizer files into it (e.g. tokenizer.save_pretrained(folder))")
+        raise ModelFolderError(
+            f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...); copy the "
+            "model's tokenizer files into it (e.g. tokenizer.save_pretrained(folder))"
+        )
     return config
 
 
@@ -92,7 +110,12 @@ def gguf_problem(path: Path, err: BaseException) -> str:
     if magic != b"GGUF":
         return "it is not a GGUF file (no GGUF magic at its start)"
     text = str(err)
-    if isinstance(err, (EOFError, struct.error)) or "cannot reshape" in text or "out of bounds" in text or \
-            "buffer is smaller" in text or "beyond" in text:
+    if (
+        isinstance(err, (EOFError, struct.error))
+        or "cannot reshape" in text
+        or "out of bounds" in text
+        or "buffer is smaller" in text
+        or "beyond" in text
+    ):
         return f"it is truncated ({size:,} bytes: its header describes more data than the file holds)"
     return f"its contents are damaged ({type(err).__name__}: {first_line(err)})"

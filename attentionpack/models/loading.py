@@ -1,4 +1,5 @@
 """Offline model loading: the embedded SmolLM2-135M-Instruct, a local model folder, or a GGUF file."""
+
 from __future__ import annotations
 
 import os
@@ -62,12 +63,18 @@ def _load_folder(folder: Path, dtype: torch.dtype, gguf_file: str | None = None)
     config = _read(folder, "config", lambda: AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs))
     check_supported(config)
     if is_vlm_config(config):
-        raise ValueError(f"{folder} holds a vision-language model ({config.model_type}); load it with load_vlm() "
-                         "(or `attentionpack generate --model FOLDER --image FILE`)")
-    tokenizer = _read(folder, "tokenizer", lambda: AutoTokenizer.from_pretrained(folder, local_files_only=True,
-                                                                                   **kwargs))
-    model = _read(folder, "weights", lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
-                                                                                   local_files_only=True, **kwargs))
+        raise ValueError(
+            f"{folder} holds a vision-language model ({config.model_type}); load it with load_vlm() "
+            "(or `attentionpack generate --model FOLDER --image FILE`)"
+        )
+    tokenizer = _read(
+        folder, "tokenizer", lambda: AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+    )
+    model = _read(
+        folder,
+        "weights",
+        lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs),
+    )
     return model, tokenizer
 
 
@@ -79,8 +86,10 @@ def _read(folder: Path, what: str, load):
     except (UnsupportedModelError, ModelFolderError):
         raise
     except Exception as err:  # noqa: BLE001 (transformers and its readers raise many types on damaged files)
-        raise ModelFolderError(f"cannot load the {what} from {folder}: {first_line(err)}; restore the model "
-                               "folder's files (config.json, weights, tokenizer files)") from None
+        raise ModelFolderError(
+            f"cannot load the {what} from {folder}: {first_line(err)}; restore the model "
+            "folder's files (config.json, weights, tokenizer files)"
+        ) from None
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
@@ -92,7 +101,9 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype={dtype!r} is not a floating-point torch.dtype; use torch.float32, torch.bfloat16 or torch.float16")
+        raise ValueError(
+            f"dtype={dtype!r} is not a floating-point torch.dtype; use torch.float32, torch.bfloat16 or torch.float16"
+        )
     if path is None:
         gguf = embedded_model_file()
     else:
@@ -128,8 +139,9 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     except UnsupportedModelError:
         raise
     except Exception as err:  # the GGUF reader fails in many ways on damaged files (struct.error, EOFError...)
-        raise ModelFolderError(f"cannot read GGUF file {gguf}: {gguf_problem(gguf, err)}; copy or download the "
-                               "complete file again") from None
+        raise ModelFolderError(
+            f"cannot read GGUF file {gguf}: {gguf_problem(gguf, err)}; copy or download the complete file again"
+        ) from None
     _save_converted(model, tokenizer, converted)
     return _finish(model, tokenizer)
 
@@ -158,8 +170,9 @@ def _save_converted(model, tokenizer, folder: Path) -> None:
 def _local_folder(path) -> Path:
     target = Path(path).expanduser()
     if not target.is_dir() or not (target / "config.json").is_file():
-        raise FileNotFoundError(f"{str(target)!r} is not a local model folder with a config.json "
-                                "(models are never downloaded)")
+        raise FileNotFoundError(
+            f"{str(target)!r} is not a local model folder with a config.json (models are never downloaded)"
+        )
     return target
 
 
@@ -202,8 +215,11 @@ def load_vlm(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     check_supported(config)
     check_folder(folder, tokenizer=False)  # a processor folder may keep its tokenizer under another name
     processor = _read(folder, "processor", lambda: AutoProcessor.from_pretrained(folder, local_files_only=True))
-    model = _read(folder, "weights", lambda: AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype,
-                                                                                          local_files_only=True))
+    model = _read(
+        folder,
+        "weights",
+        lambda: AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, local_files_only=True),
+    )
     tokenizer = getattr(processor, "tokenizer", processor)
     _finish(model, tokenizer)
     if model.generation_config.pad_token_id is None:

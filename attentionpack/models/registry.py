@@ -4,6 +4,7 @@ A `ModelAdapter` answers three questions for the cache: the shape of each layer'
 window), the attention modules to observe, and the rotary embedding (cos, sin) at any positions, computed by the
 model's own rotary module so that undoing and redoing RoPE is exact.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -117,7 +118,7 @@ class ModelAdapter:
                 sliding_window=kw.get("sliding_window") if t in ("sliding_attention", "chunked_attention") else None,
                 layer_type=t,
             )
-            for t, kw in zip(layer_types, layer_kwargs)
+            for t, kw in zip(layer_types, layer_kwargs, strict=False)
         ]
         if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
             raise UnsupportedModelError(f"layer types {sorted(set(layer_types))} are not supported (full/sliding only)")

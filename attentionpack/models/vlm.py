@@ -14,6 +14,7 @@ vision tokens' cache indices exactly. Per family:
   <global-img>. The <global-img> id is the token before the last run of a sample (the last run of any prompt is
   a global view), so images are grouped without the tokenizer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,11 +59,16 @@ def _runs(row: torch.Tensor, token: int) -> list[tuple[int, int]]:
     edges = torch.diff(torch.nn.functional.pad(hit, (1, 1)))
     starts = (edges == 1).nonzero().flatten().tolist()
     ends = (edges == -1).nonzero().flatten().tolist()
-    return list(zip(starts, ends))
+    return list(zip(starts, ends, strict=False))
 
 
-def find_spans(config, input_ids: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
-               frames_per_group: int = 1, temporal: torch.Tensor | None = None) -> list[VisionSpan]:
+def find_spans(
+    config,
+    input_ids: torch.Tensor,
+    video_grid_thw: torch.Tensor | None = None,
+    frames_per_group: int = 1,
+    temporal: torch.Tensor | None = None,
+) -> list[VisionSpan]:
     """Vision spans of every sample of `input_ids` (B, T), in cache-index order (see module docstring).
     `temporal` (B, T): the temporal multimodal RoPE position of every token (Qwen2-VL), to find video frames."""
     if input_ids.dim() != 2:
@@ -99,15 +105,18 @@ def find_spans(config, input_ids: torch.Tensor, video_grid_thw: torch.Tensor | N
                 t_row = temporal[b, s:e].detach().cpu()
                 starts = [s] + [s + i for i in (torch.diff(t_row) != 0).nonzero().flatten().add(1).tolist()]
                 bounds = starts[::frames_per_group] + [e]
-                spans.extend(VisionSpan(b, "video", k, a, z, group=g) for g, (a, z) in enumerate(zip(bounds, bounds[1:])))
+                spans.extend(
+                    VisionSpan(b, "video", k, a, z, group=g)
+                    for g, (a, z) in enumerate(zip(bounds, bounds[1:], strict=False))
+                )
                 video_cursor += 1
                 continue
             per_frame = e - s
             if video_cursor < len(video_grids):
                 t, h, w = video_grids[video_cursor]
                 merge = int(getattr(getattr(config, "vision_config", None), "spatial_merge_size", 1) or 1)
-                if t * h * w // merge ** 2 == e - s:
-                    per_frame = h * w // merge ** 2
+                if t * h * w // merge**2 == e - s:
+                    per_frame = h * w // merge**2
             video_cursor += 1
             step = per_frame * frames_per_group
             for g, a in enumerate(range(s, e, step)):
@@ -115,7 +124,9 @@ def find_spans(config, input_ids: torch.Tensor, video_grid_thw: torch.Tensor | N
     return sorted(spans, key=lambda sp: (sp.sample, sp.start))
 
 
-def group_labels(spans: list[VisionSpan], batch: int, length: int, image_basis: str) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+def group_labels(
+    spans: list[VisionSpan], batch: int, length: int, image_basis: str
+) -> tuple[torch.Tensor, list[tuple[str, str]]]:
     """Per-token modality groups: labels (B, length) long indexing `groups`, a list of (group name, modality).
 
     Group 0 is "text". Images get one group each ("image 0", "image 1"... numbered per sample, so image k of every
@@ -132,5 +143,5 @@ def group_labels(spans: list[VisionSpan], batch: int, length: int, image_basis: 
         if name not in index:
             index[name] = len(groups)
             groups.append((name, sp.modality))
-        labels[sp.sample, sp.start:sp.end] = index[name]
+        labels[sp.sample, sp.start : sp.end] = index[name]
     return labels, groups

@@ -10,8 +10,8 @@ from .exact import ExactPart
 from .lowrank import Factors, LowRankPart, factor_mix, factor_scores
 from .lowrank_quant import QuantizedLowRankPart
 from .quant import (
-    QuantizedPart,
     Quantized,
+    QuantizedPart,
     dequantize,
     dequantize_native,
     error_bound,

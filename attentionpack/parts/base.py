@@ -9,8 +9,9 @@ Shapes: B batch, H KV heads, T tokens of the segment, d head dim, D = H*d, M que
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 

@@ -37,9 +37,17 @@ class QuantizedLowRankPart:
     sample_ranks: tuple[int, ...] = ()
 
     @classmethod
-    def from_factors(cls, factors: Factors, num_heads: int, positions: torch.Tensor | None = None,
-                     sample_ranks: tuple[int, ...] = (), coeff_bits: int = 4, coeff_group: int = 32,
-                     basis_bits: int | None = 8, basis_group: int = 32) -> "QuantizedLowRankPart":
+    def from_factors(
+        cls,
+        factors: Factors,
+        num_heads: int,
+        positions: torch.Tensor | None = None,
+        sample_ranks: tuple[int, ...] = (),
+        coeff_bits: int = 4,
+        coeff_group: int = 32,
+        basis_bits: int | None = 8,
+        basis_group: int = 32,
+    ) -> QuantizedLowRankPart:
         """coeff_bits in (4, 8); basis_bits 8, 16 (float16) or None (keep the basis in the cache dtype)."""
         where = "QuantizedLowRankPart.from_factors"
         if coeff_bits not in (4, 8) or isinstance(coeff_bits, bool):
@@ -67,7 +75,9 @@ class QuantizedLowRankPart:
 
     def factors(self) -> Factors:
         """Dequantized factors: coeffs (B, T, r), basis (B, r, D)."""
-        return Factors(dequantize_native(self.coeffs).transpose(1, 2), self.float_basis())  # a view of the stored (B, r, T)
+        return Factors(
+            dequantize_native(self.coeffs).transpose(1, 2), self.float_basis()
+        )  # a view of the stored (B, r, T)
 
     def factors_as(self, dtype: torch.dtype) -> Factors:
         """Factors dequantized straight to `dtype` (the queries' or weights' dtype, whatever the cached states'):
@@ -102,7 +112,15 @@ class QuantizedLowRankPart:
             self.positions = fn(self.positions)
 
     def describe(self) -> dict[str, Any]:
-        return {"codec": "lowrank_quant", "rank": self.coeffs.shape[2], "sample_ranks": list(self.sample_ranks),
-                "coeff_bits": self.coeffs.bits, "coeff_group": self.coeffs.group_size,
-                "basis_bits": self.basis.bits if isinstance(self.basis, Quantized) else
-                16 if self.basis.dtype == torch.float16 and self.coeffs.dtype != torch.float16 else None}
+        return {
+            "codec": "lowrank_quant",
+            "rank": self.coeffs.shape[2],
+            "sample_ranks": list(self.sample_ranks),
+            "coeff_bits": self.coeffs.bits,
+            "coeff_group": self.coeffs.group_size,
+            "basis_bits": self.basis.bits
+            if isinstance(self.basis, Quantized)
+            else 16
+            if self.basis.dtype == torch.float16 and self.coeffs.dtype != torch.float16
+            else None,
+        }

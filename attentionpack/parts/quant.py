@@ -18,10 +18,12 @@ Layout: the quantized axis is moved last and the other axes keep their order, so
 keeps the batch as the leading dim of codes, scales and minimums (what `map_batch` relies on).
 Shapes: B batch, H KV heads, T tokens, d head dim, D = H*d, r rank, G groups, g group size.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -55,7 +57,7 @@ class Quantized:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
-    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Quantized":
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Quantized:
         """A copy with `fn` (index_select / repeat_interleave / indexing on dim 0) applied to every tensor."""
         if self.axis == 0:
             raise ValueError("Quantized.map_batch: axis=0 is invalid: the batch axis must not be the quantized axis")
@@ -132,8 +134,7 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int = -1) -> Qua
     return quantize_widths(x, (bits,), group_size, axis)[bits]
 
 
-def quantize_widths(x: torch.Tensor, widths: tuple[int, ...], group_size: int,
-                    axis: int = -1) -> dict[int, Quantized]:
+def quantize_widths(x: torch.Tensor, widths: tuple[int, ...], group_size: int, axis: int = -1) -> dict[int, Quantized]:
     """`quantize` at several bit widths at once: the groups and their ranges are found once (a budget weighs every
     width of the same tensor)."""
     where = "quantize"
@@ -162,8 +163,12 @@ def quantize_widths(x: torch.Tensor, widths: tuple[int, ...], group_size: int,
         levels = (1 << bits) - 1
         scales = _round_outward(span / levels, PARAM_DTYPE, up=True)
         if not (torch.isfinite(scales).all() and torch.isfinite(mins).all()):
-            _bad(where, "x", "<non-finite or beyond float16 range>",
-                 "finite, with groups inside the float16 range (|x| < 65504)")
+            _bad(
+                where,
+                "x",
+                "<non-finite or beyond float16 range>",
+                "finite, with groups inside the float16 range (|x| < 65504)",
+            )
         s, m = scales.to(work).unsqueeze(-1), mins.to(work).unsqueeze(-1)  # (*rest, G, 1)
         q = ((xg - m) / torch.where(s > 0, s, torch.ones_like(s))).round_().clamp_(0, levels)  # (*rest, G, g)
         codes = pack(q.to(torch.uint8).flatten(-2), bits)  # (*rest, n_bytes)
@@ -203,7 +208,7 @@ def mix_per_token(q: Quantized, p: torch.Tensor) -> torch.Tensor:
         if first == last:
             outs.append((p * scales[..., first].unsqueeze(-2)) @ x)
         else:  # plane spans several groups (at most a partial one at each end): scale the codes per column
-            col_scale = scales.repeat_interleave(g, dim=-1)[..., at:at + width]  # (B, H, T, m)
+            col_scale = scales.repeat_interleave(g, dim=-1)[..., at : at + width]  # (B, H, T, m)
             outs.append(p @ x.mul_(col_scale))
         at += width
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (B, H, M, L_pad)
@@ -248,11 +253,11 @@ class QuantizedPart:
     q: Quantized
 
     @classmethod
-    def keys(cls, k: torch.Tensor, bits: int = 4, group: int = 32) -> "QuantizedPart":
+    def keys(cls, k: torch.Tensor, bits: int = 4, group: int = 32) -> QuantizedPart:
         return cls(quantize_keys(k, bits, group))
 
     @classmethod
-    def values(cls, v: torch.Tensor, bits: int = 4, group: int = 32) -> "QuantizedPart":
+    def values(cls, v: torch.Tensor, bits: int = 4, group: int = 32) -> QuantizedPart:
         return cls(quantize_values(v, bits, group))
 
     def materialize(self, start: int, end: int, rope: RopeFn | None) -> torch.Tensor:

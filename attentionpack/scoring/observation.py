@@ -9,6 +9,7 @@ ranking.
 
 Shapes: B batch, Hq query heads, H KV heads, G = Hq / H group size, w window, T key tokens, d head dim.
 """
+
 from __future__ import annotations
 
 from typing import Literal, NamedTuple
@@ -28,8 +29,9 @@ def attention_scaling(attn_module) -> float:
 
 
 @torch.no_grad()
-def window_queries(attn_module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                   window: int) -> torch.Tensor:
+def window_queries(
+    attn_module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], window: int
+) -> torch.Tensor:
     """Rotated queries (B, Hq, w, d) of the last `window` positions, as `attn_module.forward` computes them.
 
     hidden_states (B, T, hidden) and position_embeddings (cos, sin), each (B, T, d), are the attention module's own
@@ -47,13 +49,13 @@ def window_queries(attn_module, hidden_states: torch.Tensor, position_embeddings
     if cos.shape[-2] != t or sin.shape != cos.shape:
         raise ValueError(f"position_embeddings of shape {tuple(cos.shape)} do not match hidden_states {(b, t)}")
     w = min(window, t)
-    h = hidden_states[:, t - w:]  # (B, w, hidden)
+    h = hidden_states[:, t - w :]  # (B, w, hidden)
     q = q_proj(h).view(b, w, -1, head_dim)  # (B, w, Hq, d)
     q_norm = getattr(attn_module, "q_norm", None)  # qwen3, gemma3: RMSNorm over d before RoPE
     if q_norm is not None:
         q = q_norm(q)
     q = q.transpose(1, 2)  # (B, Hq, w, d)
-    return apply_rope(q, cos[:, t - w:].expand(b, -1, -1), sin[:, t - w:].expand(b, -1, -1))
+    return apply_rope(q, cos[:, t - w :].expand(b, -1, -1), sin[:, t - w :].expand(b, -1, -1))
 
 
 @torch.no_grad()
@@ -95,24 +97,35 @@ def query_moments(
 
 def _check(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> tuple[int, int, int, int]:
     if queries.dim() != 4 or keys.dim() != 4:
-        raise ValueError(f"queries (B, Hq, w, d) and keys (B, H, T, d) must be 4-D, got {tuple(queries.shape)} "
-                         f"and {tuple(keys.shape)}")
+        raise ValueError(
+            f"queries (B, Hq, w, d) and keys (B, H, T, d) must be 4-D, got {tuple(queries.shape)} "
+            f"and {tuple(keys.shape)}"
+        )
     b, hq, w, d = queries.shape
     _, h, t, _ = keys.shape
     if keys.shape[0] != b or keys.shape[-1] != d or hq % h:
-        raise ValueError(f"queries {tuple(queries.shape)} do not fit keys {tuple(keys.shape)}: batch and head dim "
-                         f"must match and Hq must be a multiple of H")
+        raise ValueError(
+            f"queries {tuple(queries.shape)} do not fit keys {tuple(keys.shape)}: batch and head dim "
+            f"must match and Hq must be a multiple of H"
+        )
     if w > t:
         raise ValueError(f"window of {w} queries is longer than the {t} keys; the window must be the keys' last tokens")
     if valid.dtype != torch.bool or valid.shape not in ((b, t), (b, h, t)):
-        raise ValueError(f"valid must be a bool mask (B, T) or (B, H, T) = {(b, t)} / {(b, h, t)}, got "
-                         f"{valid.dtype} {tuple(valid.shape)}")
+        raise ValueError(
+            f"valid must be a bool mask (B, T) or (B, H, T) = {(b, t)} / {(b, h, t)}, got "
+            f"{valid.dtype} {tuple(valid.shape)}"
+        )
     return b, h, w, t
 
 
-def window_attention(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
-                     window_valid: torch.Tensor | None = None, scaling: float | None = None,
-                     sliding_window: int | None = None) -> torch.Tensor:
+def window_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    valid: torch.Tensor,
+    window_valid: torch.Tensor | None = None,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
     """Softmax attention probabilities (B, H, G, w, T), float32, of the window queries over all keys.
 
     The window is the keys' last w tokens: query i sits at key index T - w + i and sees keys <= that index (and,
@@ -123,9 +136,14 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Ten
     return torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (invalid queries) -> 0
 
 
-def window_logits(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
-                  window_valid: torch.Tensor | None = None, scaling: float | None = None,
-                  sliding_window: int | None = None) -> torch.Tensor:
+def window_logits(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    valid: torch.Tensor,
+    window_valid: torch.Tensor | None = None,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
     """The scaled logits (B, H, G, w, T), float32, of `window_attention`, -inf where a key is masked."""
     b, h, w, t = _check(queries, keys, valid)
     g = queries.shape[1] // h
@@ -140,8 +158,9 @@ def window_logits(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor
     keep = valid.view(b, -1, 1, 1, t) & allowed  # (B, H|1, 1, w, T)
     if window_valid is not None:
         if window_valid.shape != (b, w) or window_valid.dtype != torch.bool:
-            raise ValueError(f"window_valid must be a bool mask {(b, w)}, got {window_valid.dtype} "
-                             f"{tuple(window_valid.shape)}")
+            raise ValueError(
+                f"window_valid must be a bool mask {(b, w)}, got {window_valid.dtype} {tuple(window_valid.shape)}"
+            )
         keep = keep & window_valid.view(b, 1, 1, w, 1)
     return logits.masked_fill_(~keep, float("-inf"))
 
@@ -151,10 +170,17 @@ class Importance(NamedTuple):
     per_token: torch.Tensor  # (B, T) mean over KV heads
 
 
-def token_importance(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
-                     window_valid: torch.Tensor | None = None, pool_kernel: int = 1,
-                     pool: Literal["max", "avg"] = "max", group: Literal["mean", "sum"] = "mean",
-                     scaling: float | None = None, sliding_window: int | None = None) -> Importance:
+def token_importance(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    valid: torch.Tensor,
+    window_valid: torch.Tensor | None = None,
+    pool_kernel: int = 1,
+    pool: Literal["max", "avg"] = "max",
+    group: Literal["mean", "sum"] = "mean",
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+) -> Importance:
     """Cumulative attention of the window queries (B, Hq, w, d) on each key of keys (B, H, T, d).
 
     per_head[b, h, j] = Σ over the window queries i and (mean or sum over) the G query heads of KV head h of the
@@ -182,18 +208,28 @@ def token_importance(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Ten
     return Importance(scores, scores.mean(dim=1))
 
 
-def attention_output_error(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, keys_hat: torch.Tensor,
-                           values_hat: torch.Tensor, valid: torch.Tensor, valid_hat: torch.Tensor | None = None,
-                           window_valid: torch.Tensor | None = None, scaling: float | None = None,
-                           sliding_window: int | None = None) -> torch.Tensor:
+def attention_output_error(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    keys_hat: torch.Tensor,
+    values_hat: torch.Tensor,
+    valid: torch.Tensor,
+    valid_hat: torch.Tensor | None = None,
+    window_valid: torch.Tensor | None = None,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
     """Relative error (B,) of the window's attention output softmax(q Kᵀ·scale) V with (K̂, V̂) instead of (K, V).
 
     queries (B, Hq, w, d) are the window queries (the keys' last w tokens); keys/values and their encodings
     (B, H, T, d). valid (B, T) marks real tokens; valid_hat (B, [H,] T) the tokens the encoding keeps (eviction:
     dropped tokens False; default `valid`). Per sample: ||O - Ô||_F / ||O||_F over heads, queries and channels."""
     if keys_hat.shape != keys.shape or values_hat.shape != values.shape or values.shape != keys.shape:
-        raise ValueError(f"keys {tuple(keys.shape)}, values {tuple(values.shape)}, keys_hat {tuple(keys_hat.shape)} "
-                         f"and values_hat {tuple(values_hat.shape)} must share one (B, H, T, d) shape")
+        raise ValueError(
+            f"keys {tuple(keys.shape)}, values {tuple(values.shape)}, keys_hat {tuple(keys_hat.shape)} "
+            f"and values_hat {tuple(values_hat.shape)} must share one (B, H, T, d) shape"
+        )
     if valid_hat is None:
         valid_hat = valid
     elif valid_hat.dim() == 3:

@@ -11,6 +11,7 @@ The probe runs once per model; the result is kept as JSON named by a fingerprint
 checksum of the weights) in ~/.cache/attentionpack/heads/ ($ATTENTIONPACK_CACHE overrides the root) or, on
 request, beside a local model folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,20 +59,36 @@ class RetrievalHeads:
     def top(self, k: int = 10) -> list[tuple[int, int, float, float]]:
         """The k best heads as (layer, head, induction, echo), best first."""
         order = np.argsort(-self.scores, axis=None, kind="stable")[:k]
-        return [(int(i // self.scores.shape[1]), int(i % self.scores.shape[1]),
-                 float(self.induction.flat[i]), float(self.echo.flat[i])) for i in order]
+        return [
+            (
+                int(i // self.scores.shape[1]),
+                int(i % self.scores.shape[1]),
+                float(self.induction.flat[i]),
+                float(self.echo.flat[i]),
+            )
+            for i in order
+        ]
 
-    def with_fraction(self, fraction: float) -> "RetrievalHeads":
+    def with_fraction(self, fraction: float) -> RetrievalHeads:
         """The same scores with another share of heads chosen (no new probe)."""
         return RetrievalHeads(self.induction, self.echo, _check_fraction(fraction), self.probe, self.fingerprint)
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, "fingerprint": self.fingerprint, "probe": self.probe,
-                           "fraction": self.fraction, "induction": self.induction.tolist(),
-                           "echo": self.echo.tolist(), "chosen": sorted(list(p) for p in self.chosen)}, indent=1)
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "fingerprint": self.fingerprint,
+                "probe": self.probe,
+                "fraction": self.fraction,
+                "induction": self.induction.tolist(),
+                "echo": self.echo.tolist(),
+                "chosen": sorted(list(p) for p in self.chosen),
+            },
+            indent=1,
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "RetrievalHeads":
+    def from_json(cls, text: str) -> RetrievalHeads:
         """Parse `to_json` output; ValueError naming the problem if the text is not such a file."""
         try:
             data = json.loads(text)
@@ -81,8 +98,9 @@ class RetrievalHeads:
             echo = np.asarray(data["echo"], dtype=np.float64)
             if induction.ndim != 2 or induction.shape != echo.shape or not np.isfinite(induction + echo).all():
                 raise ValueError("induction/echo are not finite (layers, heads) arrays of one shape")
-            return cls(induction, echo, _check_fraction(data["fraction"]), dict(data["probe"]),
-                       str(data["fingerprint"]))
+            return cls(
+                induction, echo, _check_fraction(data["fraction"]), dict(data["probe"]), str(data["fingerprint"])
+            )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"not a valid retrieval-heads file ({err})") from err
 
@@ -140,8 +158,10 @@ def probe_scores(model, length: int = 256, seeds: tuple[int, ...] = (0, 1, 2)) -
     captured: dict[int, tuple] = {}
 
     def hook(module, args, kwargs):
-        captured[module.layer_idx] = (kwargs.get("hidden_states", args[0] if args else None),
-                                      kwargs["position_embeddings"])
+        captured[module.layer_idx] = (
+            kwargs.get("hidden_states", args[0] if args else None),
+            kwargs["position_embeddings"],
+        )
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in adapter.attention_modules]
     cache = DynamicCache()  # no config: sliding layers keep every key too
@@ -158,8 +178,9 @@ def probe_scores(model, length: int = 256, seeds: tuple[int, ...] = (0, 1, 2)) -
         q = window_queries(attn, hidden, pe, length)  # (B, Hq, length, d)
         keys = getattr(cache.layers[layer], "keys", None)  # (B, H, T, d)
         assert isinstance(keys, torch.Tensor), "a DynamicCache layer holds its keys"
-        probs = window_attention(q, keys, valid, scaling=attention_scaling(attn),
-                                 sliding_window=adapter.layers[layer].sliding_window)  # (B, H, G, length, T)
+        probs = window_attention(
+            q, keys, valid, scaling=attention_scaling(attn), sliding_window=adapter.layers[layer].sliding_window
+        )  # (B, H, G, length, T)
         ind = probs[..., j, off + j + 1]  # (B, H, G, length)
         ech = probs[..., j, off + j]
         induction.append(ind.mean(dim=(0, 3)).amax(dim=-1))  # (H,) max over the group's query heads
@@ -167,13 +188,13 @@ def probe_scores(model, length: int = 256, seeds: tuple[int, ...] = (0, 1, 2)) -
     return torch.stack(induction).double().cpu().numpy(), torch.stack(echo).double().cpu().numpy()
 
 
-def find_retrieval_heads(model, fraction: float = 0.15, length: int = 256,
-                         seeds: tuple[int, ...] = (0, 1, 2)) -> RetrievalHeads:
+def find_retrieval_heads(
+    model, fraction: float = 0.15, length: int = 256, seeds: tuple[int, ...] = (0, 1, 2)
+) -> RetrievalHeads:
     """Probe `model` and choose the top `fraction` of (layer, KV head) pairs by induction + echo score."""
     fraction = _check_fraction(fraction)
     induction, echo = probe_scores(model, length, tuple(seeds))
-    return RetrievalHeads(induction, echo, fraction, {"length": length, "seeds": list(seeds)},
-                          model_fingerprint(model))
+    return RetrievalHeads(induction, echo, fraction, {"length": length, "seeds": list(seeds)}, model_fingerprint(model))
 
 
 def heads_dir() -> Path:
@@ -187,8 +208,13 @@ def expected_shape(model) -> tuple[int, int]:
     return len(layers), max(spec.num_kv_heads for spec in layers)
 
 
-def heads_path(model, folder: str | os.PathLike | None = None, fingerprint: str | None = None, length: int = 256,
-               seeds: tuple[int, ...] = (0, 1, 2)) -> Path:
+def heads_path(
+    model,
+    folder: str | os.PathLike | None = None,
+    fingerprint: str | None = None,
+    length: int = 256,
+    seeds: tuple[int, ...] = (0, 1, 2),
+) -> Path:
     """Where the heads of `model` for one probe setting are kept: <folder>/attentionpack-heads-<fp16>-<probe>.json
     or <heads_dir>/<fp>-<probe>.json, <probe> like "L256-s0_1_2"."""
     fp = fingerprint or model_fingerprint(model)
@@ -198,8 +224,14 @@ def heads_path(model, folder: str | os.PathLike | None = None, fingerprint: str 
     return heads_dir() / f"{fp}-{tag}.json"
 
 
-def load_or_find(model, fraction: float = 0.15, length: int = 256, seeds: tuple[int, ...] = (0, 1, 2),
-                 folder: str | os.PathLike | None = None, beside_model: bool = False) -> RetrievalHeads:
+def load_or_find(
+    model,
+    fraction: float = 0.15,
+    length: int = 256,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    folder: str | os.PathLike | None = None,
+    beside_model: bool = False,
+) -> RetrievalHeads:
     """The model's retrieval heads from its file if present (re-choosing `fraction` from the stored scores),
     otherwise probed and saved. `beside_model` keeps the file in the model's local folder (model.name_or_path);
     `folder` names any folder. A damaged or mismatching file is recomputed and overwritten, with a warning."""
@@ -208,8 +240,10 @@ def load_or_find(model, fraction: float = 0.15, length: int = 256, seeds: tuple[
         name = str(getattr(model, "name_or_path", "") or "")
         local = Path(name)
         if not name or not local.is_dir():
-            raise ValueError(f"beside_model=True but the model's name_or_path {str(local)!r} is not a local folder; "
-                             "pass folder=... or leave beside_model False for the user cache")
+            raise ValueError(
+                f"beside_model=True but the model's name_or_path {str(local)!r} is not a local folder; "
+                "pass folder=... or leave beside_model False for the user cache"
+            )
         folder = local
     fp = model_fingerprint(model)
     path = heads_path(model, folder, fp, length, tuple(seeds))
@@ -221,8 +255,9 @@ def load_or_find(model, fraction: float = 0.15, length: int = 256, seeds: tuple[
                 raise ValueError("it was made for another model or probe")
             shape = expected_shape(model)
             if tuple(stored.scores.shape) != shape:
-                raise ValueError(f"its scores are {tuple(stored.scores.shape)}, the model has (layers, KV heads) "
-                                 f"{shape}")
+                raise ValueError(
+                    f"its scores are {tuple(stored.scores.shape)}, the model has (layers, KV heads) {shape}"
+                )
             return stored.with_fraction(fraction)
         except (OSError, UnicodeDecodeError, ValueError) as err:
             warnings.warn(f"retrieval-heads file {path} is unusable ({err}); probing the model again", stacklevel=2)

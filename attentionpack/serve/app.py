@@ -10,6 +10,7 @@ Handlers run on the asyncio loop: they tokenize, submit `Sequence`s to the engin
 event queue; text is decoded and stop strings are found here (the engine only sees token ids). A client that
 disconnects, or a stop string, cancels its sequences, and the engine frees their caches before its next step.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -98,20 +99,40 @@ class CompletionRequest(_Sampling):
 
 # ---- errors --------------------------------------------------------------------------------------------------------
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = \
-            status, message, type_, param, code, headers
+        self.status, self.message, self.type, self.param, self.code, self.headers = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+            headers,
+        )
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                    code: str | None = None, headers: dict | None = None) -> JSONResponse:
+def _error_response(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
@@ -147,7 +168,7 @@ class TextStream:
     def _take(self, end: int) -> str:
         if end <= self.emitted:
             return ""
-        delta = self.text[self.emitted:end]
+        delta = self.text[self.emitted : end]
         self.emitted = end
         return delta
 
@@ -174,8 +195,9 @@ class _BodyLimit:
         await self.app(scope, receive, send)
 
 
-def create_app(engine: Engine, tokenizer: Any, model_name: str, metrics: ServerMetrics | None = None,
-               default_max_tokens: int = 256) -> FastAPI:
+def create_app(
+    engine: Engine, tokenizer: Any, model_name: str, metrics: ServerMetrics | None = None, default_max_tokens: int = 256
+) -> FastAPI:
     """The FastAPI app serving `engine` (started and stopped by the caller) under the model id `model_name`."""
     metrics = metrics or engine.metrics or ServerMetrics()
     app = FastAPI(title="AttentionPack", docs_url=None, redoc_url=None, openapi_url=None)
@@ -202,8 +224,12 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, metrics: ServerM
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error_response(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500
-                               else "server_error", headers=getattr(exc, "headers", None))
+        return _error_response(
+            exc.status_code,
+            str(exc.detail),
+            "invalid_request_error" if exc.status_code < 500 else "server_error",
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError) -> JSONResponse:
@@ -225,13 +251,19 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, metrics: ServerM
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "attentionpack"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "attentionpack"}],
+        }
 
     def _check_model(name: str | None) -> None:
         if name is not None and name != model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def _max_tokens(req: _Sampling, prompt_tokens: int, override: int | None = None) -> int:
         value = override or req.max_tokens
@@ -239,8 +271,9 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, metrics: ServerM
             value = max(1, min(default_max_tokens, engine.max_context - prompt_tokens))
         return value
 
-    async def _run(request: Request, req: _Sampling, prompt: list[int], max_tokens: int,
-                   kind: str) -> Response | dict[str, Any]:
+    async def _run(
+        request: Request, req: _Sampling, prompt: list[int], max_tokens: int, kind: str
+    ) -> Response | dict[str, Any]:
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt" if kind == "text_completion" else "messages")
         try:
@@ -250,23 +283,34 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, metrics: ServerM
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed)
-        seqs = [Sequence(prompt, SamplingParams(**{**params.__dict__, "seed": None if req.seed is None
-                                                     else req.seed + i}), queue, loop, index=i)
-                for i in range(req.n)]
+        seqs = [
+            Sequence(
+                prompt,
+                SamplingParams(**{**params.__dict__, "seed": None if req.seed is None else req.seed + i}),
+                queue,
+                loop,
+                index=i,
+            )
+            for i in range(req.n)
+        ]
         try:
             engine.submit(seqs)
         except QueueFull as err:
-            raise APIError(429, str(err), "rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(err.retry_after)}) from None
+            raise APIError(
+                429, str(err), "rate_limit_error", code="queue_full", headers={"Retry-After": str(err.retry_after)}
+            ) from None
         rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         if req.stream:
-            return StreamingResponse(_stream(request, req, seqs, queue, rid, kind, len(prompt)),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _stream(request, req, seqs, queue, rid, kind, len(prompt)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await _collect(request, req, seqs, queue, rid, kind, len(prompt))
 
-    async def _events(request: Request, seqs: list[Sequence], queue: asyncio.Queue,
-                      stops: list[str]) -> AsyncIterator[tuple[int, str, str | None, int]]:
+    async def _events(
+        request: Request, seqs: list[Sequence], queue: asyncio.Queue, stops: list[str]
+    ) -> AsyncIterator[tuple[int, str, str | None, int]]:
         """Yield (index, text delta, finish_reason or None) until every sequence ended; cancels on exit."""
         texts = [TextStream(tokenizer, stops) for _ in seqs]
         open_ = set(range(len(seqs)))
@@ -274,7 +318,7 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, metrics: ServerM
             while open_:
                 try:
                     event = await asyncio.wait_for(queue.get(), EVENT_POLL_SECONDS)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if await request.is_disconnected():
                         return
                     continue
@@ -300,8 +344,15 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, metrics: ServerM
                 s.cancel()
             engine.wake()
 
-    async def _collect(request: Request, req: _Sampling, seqs: list[Sequence], queue: asyncio.Queue, rid: str,
-                       kind: str, prompt_tokens: int) -> Response | dict[str, Any]:
+    async def _collect(
+        request: Request,
+        req: _Sampling,
+        seqs: list[Sequence],
+        queue: asyncio.Queue,
+        rid: str,
+        kind: str,
+        prompt_tokens: int,
+    ) -> Response | dict[str, Any]:
         texts = ["" for _ in seqs]
         reasons: list[str | None] = [None for _ in seqs]
         counts = [0 for _ in seqs]
@@ -312,19 +363,39 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, metrics: ServerM
                 reasons[idx] = reason
         if any(r is None for r in reasons):  # the client went away
             return Response(status_code=499)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
-                 "total_tokens": prompt_tokens + sum(counts)}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": sum(counts),
+            "total_tokens": prompt_tokens + sum(counts),
+        }
         if kind == "chat.completion":
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+                for i, (t, r) in enumerate(zip(texts, reasons, strict=False))
+            ]
         else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
-        return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name, "choices": choices,
-                "usage": usage}
+            choices = [
+                {"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                for i, (t, r) in enumerate(zip(texts, reasons, strict=False))
+            ]
+        return {
+            "id": rid,
+            "object": kind,
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choices,
+            "usage": usage,
+        }
 
-    async def _stream(request: Request, req: _Sampling, seqs: list[Sequence], queue: asyncio.Queue, rid: str,
-                      kind: str, prompt_tokens: int) -> AsyncIterator[str]:
+    async def _stream(
+        request: Request,
+        req: _Sampling,
+        seqs: list[Sequence],
+        queue: asyncio.Queue,
+        rid: str,
+        kind: str,
+        prompt_tokens: int,
+    ) -> AsyncIterator[str]:
         created_at = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
         counts = [0 for _ in seqs]
@@ -355,17 +426,23 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, metrics: ServerM
             yield "data: [DONE]\n\n"
             return
         if req.stream_options is not None and req.stream_options.include_usage:
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
-                     "total_tokens": prompt_tokens + sum(counts)}
-            body = {"id": rid, "object": obj, "created": created_at, "model": model_name, "choices": [],
-                    "usage": usage}
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": sum(counts),
+                "total_tokens": prompt_tokens + sum(counts),
+            }
+            body = {"id": rid, "object": obj, "created": created_at, "model": model_name, "choices": [], "usage": usage}
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
 
     def _chat_ids(messages: list[ChatMessage]) -> list[int]:
         if chat_template:
-            out = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
-                                                add_generation_prompt=True, tokenize=True, return_dict=False)
+            out = tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.text()} for m in messages],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
             if isinstance(out, dict) or hasattr(out, "keys"):
                 out = out["input_ids"]
             return list(out)
@@ -378,8 +455,9 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, metrics: ServerM
         if all(not m.text().strip() for m in req.messages):
             raise APIError(400, "every message is empty", param="messages")
         prompt = _chat_ids(req.messages)
-        return await _run(request, req, prompt, _max_tokens(req, len(prompt), req.max_completion_tokens),
-                          "chat.completion")
+        return await _run(
+            request, req, prompt, _max_tokens(req, len(prompt), req.max_completion_tokens), "chat.completion"
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest):
@@ -418,7 +496,7 @@ class ServerThread:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

@@ -20,10 +20,12 @@ is ignored. Each row needs no causal mask (one query token attending to everythi
 sliding-window layers, where the row keeps only keys at cache indices >= length - window (the stock semantics:
 query position p sees keys p - window < j <= p).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
@@ -36,8 +38,10 @@ def layer_windows(model: Any) -> list[int | None]:
     """Per decoder layer: its sliding window in tokens, or None for full attention (transformers' own rule)."""
     config = model.config.get_text_config(decoder=True)
     types, kwargs = get_layer_types_and_kwargs(config)
-    return [kw.get("sliding_window") if t in ("sliding_attention", "chunked_attention") else None
-            for t, kw in zip(types, kwargs)]
+    return [
+        kw.get("sliding_window") if t in ("sliding_attention", "chunked_attention") else None
+        for t, kw in zip(types, kwargs, strict=False)
+    ]
 
 
 class _RowsLayer(CacheLayerMixin):
@@ -51,8 +55,9 @@ class _RowsLayer(CacheLayerMixin):
         self.is_sliding = sliding
         self.is_initialized = True
 
-    def lazy_initialization(self, key_states: torch.Tensor,
-                            value_states: torch.Tensor) -> None:  # pragma: no cover - never stores
+    def lazy_initialization(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> None:  # pragma: no cover - never stores
         pass
 
     # never called: SequenceBatchCache.update dispatches per row
@@ -86,8 +91,14 @@ class SequenceBatchCache(Cache):
         self.failed: dict[int, BaseException] = {}  # row -> the exception its cache raised during this step
 
     # returns RowsView, not tensors: the "attentionpack" attention forward recognises it and attends row by row
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,  # type: ignore[override]
-               *args: Any, **kwargs: Any) -> tuple[RowsView, RowsView]:
+    def update(  # type: ignore[override]
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[RowsView, RowsView]:
         """key_states/value_states (N, H, 1, d): row i goes to cache i. Returns (view, view), one `RowsView`."""
         n = key_states.shape[0]
         if n != len(self.caches):
@@ -99,7 +110,7 @@ class SequenceBatchCache(Cache):
             result = None
             if i not in self.failed:
                 try:
-                    result = cache.update(key_states[i:i + 1], value_states[i:i + 1], layer_idx)
+                    result = cache.update(key_states[i : i + 1], value_states[i : i + 1], layer_idx)
                 except Exception as err:  # noqa: BLE001 - a fault of one sequence fails that sequence only
                     self.failed[i] = err
             rows.append(result)
@@ -126,12 +137,13 @@ class RowsView:
         self.window = window
         self.failed = failed
 
-    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float | None,
-               softcap: float | None = None) -> torch.Tensor:
+    def attend(
+        self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float | None, softcap: float | None = None
+    ) -> torch.Tensor:
         """query (N, Hq, 1, d) rotated -> output (N, 1, Hq, d); `mask` (built for the whole batch) is ignored."""
         outs = []
         for i, row in enumerate(self.rows):
-            q = query[i:i + 1]
+            q = query[i : i + 1]
             out = None
             if row is not None and i not in self.failed:
                 try:
@@ -141,21 +153,30 @@ class RowsView:
             outs.append(q.new_zeros(1, q.shape[2], q.shape[1], q.shape[3]) if out is None else out)
         return torch.cat(outs, dim=0)
 
-    def _attend_row(self, q: torch.Tensor, keys: Any, values: Any, scaling: float | None,
-                    softcap: float | None) -> torch.Tensor:
+    def _attend_row(
+        self, q: torch.Tensor, keys: Any, values: Any, scaling: float | None, softcap: float | None
+    ) -> torch.Tensor:
         if not isinstance(keys, torch.Tensor):  # a view of stored pieces over cache indices [first, total)
             row_mask = None
             if self.window is not None and keys.total - keys.first > self.window:
                 cols = torch.arange(keys.first, keys.total, device=q.device)
                 row_mask = (cols >= keys.total - self.window)[None, None, None, :]  # (1, 1, 1, held)
-            module = SimpleNamespace(num_key_value_groups=q.shape[1] // keys.num_kv_heads, is_causal=True,
-                                     training=False)
+            module = SimpleNamespace(
+                num_key_value_groups=q.shape[1] // keys.num_kv_heads, is_causal=True, training=False
+            )
             # a stand-in module: the attention forward reads only these three attributes from it
-            out, _ = packed_attention_forward(module, q, keys, values, row_mask,  # type: ignore[arg-type]
-                                              scaling=scaling, softcap=softcap)
+            out, _ = packed_attention_forward(
+                module,  # type: ignore[arg-type]
+                q,
+                keys,
+                values,
+                row_mask,
+                scaling=scaling,
+                softcap=softcap,
+            )
             return out
         if self.window is not None and keys.shape[-2] > self.window:
-            keys, values = keys[..., -self.window:, :], values[..., -self.window:, :]
+            keys, values = keys[..., -self.window :, :], values[..., -self.window :, :]
         groups = q.shape[1] // keys.shape[1]
         if softcap is None:
             module = SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=False)
@@ -165,8 +186,9 @@ class RowsView:
         return _eager(q, keys, values, groups, scaling, softcap)
 
 
-def _eager(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, groups: int, scaling: float | None,
-           softcap: float) -> torch.Tensor:
+def _eager(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, groups: int, scaling: float | None, softcap: float
+) -> torch.Tensor:
     """Eager attention of one row with a logit softcap: q (1, Hq, 1, d), keys/values (1, H, L, d) -> (1, 1, Hq, d)."""
     keys = keys.repeat_interleave(groups, dim=1)
     values = values.repeat_interleave(groups, dim=1)

@@ -9,6 +9,7 @@ first token and inter-token latency p50/p99 (client side, per streamed chunk), f
 (sampled by a poller every `sample_every` s and measured by the engine at every step boundary) vs the cap.
 Writes `serve-bench.json` and plots (`serve-bench.png`) into the output folder.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,8 +52,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, deadline: float)
     status = None
     error = None
     try:
-        async with client.stream("POST", url + "/v1/completions", json=body,
-                                 timeout=max(1.0, deadline - sent)) as r:
+        async with client.stream("POST", url + "/v1/completions", json=body, timeout=max(1.0, deadline - sent)) as r:
             status = r.status_code
             if status != 200:
                 error = (await r.aread()).decode(errors="replace")[:300]
@@ -70,12 +70,19 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, deadline: float)
     except Exception as err:  # noqa: BLE001 - a failed request is counted, the bench goes on
         error = f"{type(err).__name__}: {err}"
     ok = status == 200 and error is None and usage is not None
-    return {"ok": ok, "status": status, "error": error, "sent": sent, "chunks": chunks,
-            "tokens": usage["completion_tokens"] if usage else 0}
+    return {
+        "ok": ok,
+        "status": status,
+        "error": error,
+        "sent": sent,
+        "chunks": chunks,
+        "tokens": usage["completion_tokens"] if usage else 0,
+    }
 
 
-async def _load(url: str, prompts: list[list[int]], max_tokens: int, duration: float, engine: Engine,
-                sample_every: float) -> tuple[list[dict], list[dict]]:
+async def _load(
+    url: str, prompts: list[list[int]], max_tokens: int, duration: float, engine: Engine, sample_every: float
+) -> tuple[list[dict], list[dict]]:
     import httpx
 
     deadline = time.monotonic() + duration
@@ -86,27 +93,49 @@ async def _load(url: str, prompts: list[list[int]], max_tokens: int, duration: f
         t0 = time.monotonic()
         while not stop.is_set():
             snap = engine.snapshot()
-            samples.append({"t": time.monotonic() - t0, "held": snap["kv_bytes_held"],
-                            "reserved": snap["kv_bytes_reserved"], "running": snap["running"],
-                            "queued": snap["queued"]})
+            samples.append(
+                {
+                    "t": time.monotonic() - t0,
+                    "held": snap["kv_bytes_held"],
+                    "reserved": snap["kv_bytes_reserved"],
+                    "running": snap["running"],
+                    "queued": snap["queued"],
+                }
+            )
             try:
                 await asyncio.wait_for(stop.wait(), sample_every)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
     async with httpx.AsyncClient(limits=limits) as client:
         task = asyncio.create_task(sampler())
-        bodies = [{"prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                   "stream_options": {"include_usage": True}} for p in prompts]
+        bodies = [
+            {
+                "prompt": p,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            for p in prompts
+        ]
         results = await asyncio.gather(*[_one(client, url, b, deadline) for b in bodies])
         stop.set()
         await task
     return list(results), samples
 
 
-def bench_config(model: Any, tokenizer: Any, name: str, prompts: list[list[int]], kv_memory: int, max_tokens: int,
-                 duration: float, sample_every: float = 0.5) -> dict:
+def bench_config(
+    model: Any,
+    tokenizer: Any,
+    name: str,
+    prompts: list[list[int]],
+    kv_memory: int,
+    max_tokens: int,
+    duration: float,
+    sample_every: float = 0.5,
+) -> dict:
     """Serve `prompts` at once through a fresh engine + server for config `name`; return the measured row."""
     from .app import ServerThread, create_app
     from .metrics import ServerMetrics
@@ -124,7 +153,7 @@ def bench_config(model: Any, tokenizer: Any, name: str, prompts: list[list[int]]
         engine.stop()
     ok = [r for r in results if r["ok"]]
     ttft = [r["chunks"][0] - r["sent"] for r in ok if r["chunks"]]
-    itl = [b - a for r in ok for a, b in zip(r["chunks"], r["chunks"][1:])]
+    itl = [b - a for r in ok for a, b in zip(r["chunks"], r["chunks"][1:], strict=False)]
     tokens = sum(r["tokens"] for r in ok)
     last = max((r["chunks"][-1] for r in ok if r["chunks"]), default=start)
     first_sent = min(r["sent"] for r in results)
@@ -140,8 +169,10 @@ def bench_config(model: Any, tokenizer: Any, name: str, prompts: list[list[int]]
         "decode_tokens_per_s": snap["decode_tokens"] / max(1e-9, snap["decode_seconds"]),
         "decode_steps": snap["decode_steps"],
         "mean_decode_batch": snap["decode_tokens"] / max(1, snap["decode_steps"]),
-        "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
-        "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99),
+        "ttft_p50_s": _pct(ttft, 0.5),
+        "ttft_p99_s": _pct(ttft, 0.99),
+        "itl_p50_s": _pct(itl, 0.5),
+        "itl_p99_s": _pct(itl, 0.99),
         "kv_memory": kv_memory,
         "kv_bytes_held_max_sampled": max((s["held"] for s in samples), default=0),
         "kv_bytes_held_max_engine": snap["kv_bytes_held_max"],
@@ -153,10 +184,17 @@ def bench_config(model: Any, tokenizer: Any, name: str, prompts: list[list[int]]
     }
 
 
-def run(model_path: str | None = None, configs: Sequence[str] = ("dynamic", "balanced", "budget=1/8"),
-        kv_memory: str | None = None, prompt_tokens: int = 4096, max_tokens: int = 32,
-        requests: list[int] | None = None, duration: float = 600.0, threads: int | None = None,
-        out: Path = Path("serve-bench")) -> list[dict]:
+def run(
+    model_path: str | None = None,
+    configs: Sequence[str] = ("dynamic", "balanced", "budget=1/8"),
+    kv_memory: str | None = None,
+    prompt_tokens: int = 4096,
+    max_tokens: int = 32,
+    requests: list[int] | None = None,
+    duration: float = 600.0,
+    threads: int | None = None,
+    out: Path = Path("serve-bench"),
+) -> list[dict]:
     """Run the bench; print one table row per config; write JSON and plots into `out`. `kv_memory` default: room
     for exactly two DynamicCache sequences of prompt_tokens + max_tokens. `requests`: per config (default 4 for
     DynamicCache, 6 for presets, 12 for byte budgets)."""
@@ -170,24 +208,36 @@ def run(model_path: str | None = None, configs: Sequence[str] = ("dynamic", "bal
 
     per_token = KVAccounting(model, "dynamic").per_token
     cap = parse_bytes(kv_memory) if kv_memory else 2 * per_token * (prompt_tokens + max_tokens)
-    counts = list(requests) if requests else [4 if c == "dynamic" else 12 if c.startswith("budget") else 6
-                                              for c in configs]
+    counts = (
+        list(requests) if requests else [4 if c == "dynamic" else 12 if c.startswith("budget") else 6 for c in configs]
+    )
     if len(counts) != len(configs):
         raise ValueError(f"--requests gives {len(counts)} counts for {len(configs)} configs")
     ids = token_ids(tokenizer, britannica_text(), prompt_tokens * max(counts)).tolist()
     rows = []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"kv-memory cap {cap:,} bytes ({cap / per_token:,.0f} DynamicCache tokens); prompts of {prompt_tokens} "
-          f"tokens, {max_tokens} new tokens each")
-    for name, count in zip(configs, counts):
-        prompts = [ids[i * prompt_tokens:(i + 1) * prompt_tokens] for i in range(count)]
+    print(
+        f"kv-memory cap {cap:,} bytes ({cap / per_token:,.0f} DynamicCache tokens); prompts of {prompt_tokens} "
+        f"tokens, {max_tokens} new tokens each"
+    )
+    for name, count in zip(configs, counts, strict=False):
+        prompts = [ids[i * prompt_tokens : (i + 1) * prompt_tokens] for i in range(count)]
         row = bench_config(model, tokenizer, name, prompts, cap, max_tokens, duration)
         rows.append(row)
         print(_line(row), flush=True)
-        (out / "serve-bench.json").write_text(json.dumps({"rows": rows, "prompt_tokens": prompt_tokens,
-                                                          "max_tokens": max_tokens, "kv_memory": cap,
-                                                          "threads": torch.get_num_threads()}, indent=1))
+        (out / "serve-bench.json").write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "prompt_tokens": prompt_tokens,
+                    "max_tokens": max_tokens,
+                    "kv_memory": cap,
+                    "threads": torch.get_num_threads(),
+                },
+                indent=1,
+            )
+        )
     _summary(rows)
     _plot(rows, cap, out)
     return rows
@@ -198,14 +248,16 @@ def _fmt(x: float | None, unit: str = "s") -> str:
 
 
 def _line(r: dict) -> str:
-    return (f"{r['config']:>12}: {r['requests']} requests, {r['failed']} failed"
-            f" | held at once {r['max_concurrent_sequences']}"
-            f" | tokens/s end-to-end {r['tokens_per_s_end_to_end']:.2f}, in decoding steps "
-            f"{r['decode_tokens_per_s']:.2f} (mean batch {r['mean_decode_batch']:.1f})"
-            f" | TTFT p50 {_fmt(r['ttft_p50_s'])} p99 {_fmt(r['ttft_p99_s'])}"
-            f" | ITL p50 {_fmt(r['itl_p50_s'])} p99 {_fmt(r['itl_p99_s'])}"
-            f" | KV held max {r['kv_bytes_held_max_engine']:,} B (sampled {r['kv_bytes_held_max_sampled']:,}) of cap "
-            f"{r['kv_memory']:,} B | reservation misses {r['reservation_violations']} | wall {r['wall_s']:.0f}s")
+    return (
+        f"{r['config']:>12}: {r['requests']} requests, {r['failed']} failed"
+        f" | held at once {r['max_concurrent_sequences']}"
+        f" | tokens/s end-to-end {r['tokens_per_s_end_to_end']:.2f}, in decoding steps "
+        f"{r['decode_tokens_per_s']:.2f} (mean batch {r['mean_decode_batch']:.1f})"
+        f" | TTFT p50 {_fmt(r['ttft_p50_s'])} p99 {_fmt(r['ttft_p99_s'])}"
+        f" | ITL p50 {_fmt(r['itl_p50_s'])} p99 {_fmt(r['itl_p99_s'])}"
+        f" | KV held max {r['kv_bytes_held_max_engine']:,} B (sampled {r['kv_bytes_held_max_sampled']:,}) of cap "
+        f"{r['kv_memory']:,} B | reservation misses {r['reservation_violations']} | wall {r['wall_s']:.0f}s"
+    )
 
 
 def _summary(rows: list[dict]) -> None:
@@ -216,12 +268,15 @@ def _summary(rows: list[dict]) -> None:
         if r is base:
             continue
         held = r["max_concurrent_sequences"] / max(1, base["max_concurrent_sequences"])
-        print(f"{r['config']} vs dynamic: {held:.2f}x "
-              f"sequences held, {r['decode_tokens_per_s'] / max(1e-9, base['decode_tokens_per_s']):.2f}x tokens/s in "
-              f"decoding steps, {r['tokens_per_s_end_to_end'] / max(1e-9, base['tokens_per_s_end_to_end']):.2f}x "
-              "tokens/s end-to-end")
-    over = [r["config"] for r in rows
-            if max(r["kv_bytes_held_max_engine"], r["kv_bytes_held_max_sampled"]) > r["kv_memory"]]
+        print(
+            f"{r['config']} vs dynamic: {held:.2f}x "
+            f"sequences held, {r['decode_tokens_per_s'] / max(1e-9, base['decode_tokens_per_s']):.2f}x tokens/s in "
+            f"decoding steps, {r['tokens_per_s_end_to_end'] / max(1e-9, base['tokens_per_s_end_to_end']):.2f}x "
+            "tokens/s end-to-end"
+        )
+    over = [
+        r["config"] for r in rows if max(r["kv_bytes_held_max_engine"], r["kv_bytes_held_max_sampled"]) > r["kv_memory"]
+    ]
     print("KV bytes held never exceeded the cap" if not over else f"CAP EXCEEDED by: {over}")
 
 

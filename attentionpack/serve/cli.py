@@ -1,9 +1,9 @@
 """Typer commands `attentionpack serve` and `attentionpack bench serve` (mounted by attentionpack/cli.py); the
 serving dependencies (the `serve` extra) are imported only when a command runs."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -25,18 +25,23 @@ def _budget(text: str | None) -> float | None:
 
 
 def serve_command(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file "
-                                        "(default: embedded SmolLM2-135M-Instruct)."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="lossless, balanced (default), max, or "
-                                         "dynamic (transformers' DynamicCache)."),
-    budget: Optional[str] = typer.Option(None, "--budget", "-b", help="Byte budget as a fraction of "
-                                         "DynamicCache, e.g. 1/8 (instead of --preset)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."
+    ),
+    preset: str | None = typer.Option(
+        None, "--preset", "-p", help="lossless, balanced (default), max, or dynamic (transformers' DynamicCache)."
+    ),
+    budget: str | None = typer.Option(
+        None, "--budget", "-b", help="Byte budget as a fraction of DynamicCache, e.g. 1/8 (instead of --preset)."
+    ),
     kv_memory: str = typer.Option("2GiB", "--kv-memory", help="Most KV cache bytes held by all requests together."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: 127.0.0.1, this machine only)."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to listen on (default: 127.0.0.1, this machine only)."
+    ),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (default: 8000; 0 picks a free one)."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests waiting for memory beyond this get 429."),
     max_tokens: int = typer.Option(256, "--default-max-tokens", min=1, help="max_tokens when a request gives none."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
 ) -> None:
     """OpenAI-compatible server (chat/completions, streaming) with continuous batching over compressed KV caches."""
     try:
@@ -71,26 +76,38 @@ def serve_command(
     label = spec if isinstance(spec, str) else spec.name
     typer.echo(f"serving {name} with {label} caches, --kv-memory {cap:,} bytes, on http://{host}:{port}/v1")
     try:
-        uvicorn.run(create_app(engine, tokenizer, name, metrics, default_max_tokens=max_tokens), host=host,
-                    port=port, log_level="info")
+        uvicorn.run(
+            create_app(engine, tokenizer, name, metrics, default_max_tokens=max_tokens),
+            host=host,
+            port=port,
+            log_level="info",
+        )
     finally:
         engine.stop()
 
 
 def bench_serve_command(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."),
-    configs: list[str] = typer.Option(["dynamic", "balanced", "budget=1/8"], "--configs", "-c",
-                                      help="dynamic, a preset, or budget=F."),
-    kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="Default: room for two DynamicCache sequences."),
-    prompt_tokens: int = typer.Option(4096, "--prompt-tokens", min=16, help="Tokens per request prompt (default: 4096)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Local model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."
+    ),
+    configs: list[str] = typer.Option(
+        ["dynamic", "balanced", "budget=1/8"], "--configs", "-c", help="dynamic, a preset, or budget=F."
+    ),
+    kv_memory: str | None = typer.Option(None, "--kv-memory", help="Default: room for two DynamicCache sequences."),
+    prompt_tokens: int = typer.Option(
+        4096, "--prompt-tokens", min=16, help="Tokens per request prompt (default: 4096)."
+    ),
     max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Tokens each request generates (default: 32)."),
-    requests: Optional[list[int]] = typer.Option(None, "--requests", "-r",
-                                                 help="Requests per config, repeated (default 4, 6, 12)."),
-    duration: float = typer.Option(600.0, "--duration", min=1.0,
-                                   help="Seconds after which a config's requests are cut."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads of the server (default: torch's)."),
-    out: Path = typer.Option(Path("serve-bench"), "--out",
-                             help="Folder for serve-bench.json and serve-bench.png."),
+    requests: list[int] | None = typer.Option(
+        None, "--requests", "-r", help="Requests per config, repeated (default 4, 6, 12)."
+    ),
+    duration: float = typer.Option(
+        600.0, "--duration", min=1.0, help="Seconds after which a config's requests are cut."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="torch threads of the server (default: torch's)."
+    ),
+    out: Path = typer.Option(Path("serve-bench"), "--out", help="Folder for serve-bench.json and serve-bench.png."),
 ) -> None:
     """Load-test servers it starts on 127.0.0.1: sequences held, tokens/s, TTFT/ITL, failures, KV bytes vs cap."""
     try:
@@ -98,7 +115,16 @@ def bench_serve_command(
     except ImportError as err:
         _fail(f"{err}; install the serving extra: pip install 'attentionpack[serve]'")
     try:
-        run(model_path=model, configs=configs, kv_memory=kv_memory, prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens, requests=requests, duration=duration, threads=threads, out=out)
+        run(
+            model_path=model,
+            configs=configs,
+            kv_memory=kv_memory,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            requests=requests,
+            duration=duration,
+            threads=threads,
+            out=out,
+        )
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))

@@ -18,6 +18,7 @@ Events put on a sequence's asyncio queue (thread-safe via its loop), each with t
 ("token", index, id), ("end", index, finish_reason) with finish_reason "stop" (an end-of-sequence token) or
 "length", and ("error", index, http_status, message).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,18 +29,18 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Cache, DynamicCache
 
 from ..attention.packed import NAME as PACKED_ATTENTION
 from ..attention.packed import enable as enable_packed_attention
+from ..cache import cache_nbytes
 from ..config import PackConfig
 from .batch_cache import SequenceBatchCache, layer_windows
-
-from ..cache import cache_nbytes
 
 if TYPE_CHECKING:
     from .metrics import ServerMetrics
@@ -163,14 +164,22 @@ class Engine:
         cache_factory: builds a sequence's cache (default from `cache_spec`); tests inject faulty caches.
     """
 
-    def __init__(self, model: Any, cache_spec: str | PackConfig = "dynamic", kv_memory: int = 2 << 30,
-                 max_queue: int = 64, max_context: int | None = None,
-                 cache_factory: Callable[[Sequence], Cache] | None = None,
-                 metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        cache_spec: str | PackConfig = "dynamic",
+        kv_memory: int = 2 << 30,
+        max_queue: int = 64,
+        max_context: int | None = None,
+        cache_factory: Callable[[Sequence], Cache] | None = None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         enable_packed_attention(model)
         if getattr(model.config, "_attn_implementation", None) != PACKED_ATTENTION:
-            raise ValueError("continuous batching needs a model that uses SDPA attention (it runs the "
-                             f"'attentionpack' implementation); this one uses {model.config._attn_implementation!r}")
+            raise ValueError(
+                "continuous batching needs a model that uses SDPA attention (it runs the "
+                f"'attentionpack' implementation); this one uses {model.config._attn_implementation!r}"
+            )
         if kv_memory <= 0:
             raise ValueError(f"kv_memory={kv_memory} must be a positive number of bytes")
         self.model = model
@@ -204,7 +213,7 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     # ---- public, called from any thread --------------------------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread = threading.Thread(target=self._run, name="attentionpack-engine", daemon=True)
         self._thread.start()
         return self
@@ -219,12 +228,16 @@ class Engine:
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise NeverFits when a request of this size could never be served."""
         if prompt_tokens + max_tokens > self.max_context:
-            raise NeverFits(f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the model's context "
-                            f"of {self.max_context} tokens")
+            raise NeverFits(
+                f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the model's context "
+                f"of {self.max_context} tokens"
+            )
         need = self.accounting.before_prefill(prompt_tokens, max_tokens)
         if need > self.kv_memory:
-            raise NeverFits(f"prompt of {prompt_tokens} tokens with max_tokens {max_tokens} needs up to {need} bytes "
-                            f"of KV cache, over the server's --kv-memory limit of {self.kv_memory} bytes")
+            raise NeverFits(
+                f"prompt of {prompt_tokens} tokens with max_tokens {max_tokens} needs up to {need} bytes "
+                f"of KV cache, over the server's --kv-memory limit of {self.kv_memory} bytes"
+            )
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences (all or none); raises QueueFull when the waiting queue has no room for them."""
@@ -249,13 +262,21 @@ class Engine:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"running": len(self.active) + (self.prefilling is not None), "queued": len(self.waiting),
-                    "kv_bytes_held": self.held, "kv_bytes_held_max": self.held_max, "kv_bytes_reserved": self.reserved,
-                    "kv_bytes_limit": self.kv_memory, "kv_bytes_dynamic_equivalent": self.dynamic_equivalent,
-                    "max_running": self.max_active, "reservation_violations": self.reservation_violations,
-                    "exact_fallbacks": self.exact_fallbacks,
-                    "decode_steps": self.decode_steps, "decode_seconds": self.decode_seconds,
-                    "decode_tokens": self.decode_tokens}
+            return {
+                "running": len(self.active) + (self.prefilling is not None),
+                "queued": len(self.waiting),
+                "kv_bytes_held": self.held,
+                "kv_bytes_held_max": self.held_max,
+                "kv_bytes_reserved": self.reserved,
+                "kv_bytes_limit": self.kv_memory,
+                "kv_bytes_dynamic_equivalent": self.dynamic_equivalent,
+                "max_running": self.max_active,
+                "reservation_violations": self.reservation_violations,
+                "exact_fallbacks": self.exact_fallbacks,
+                "decode_steps": self.decode_steps,
+                "decode_seconds": self.decode_seconds,
+                "decode_tokens": self.decode_tokens,
+            }
 
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -402,7 +423,7 @@ class Engine:
             self._account()
         if self.metrics is not None:
             self.metrics.decode_step(elapsed, len(batch))
-        for s, token in zip(batch, tokens):
+        for s, token in zip(batch, tokens, strict=False):
             if token is not None and s.cache is not None:
                 self._deliver(s, token)
 
@@ -458,16 +479,23 @@ class Engine:
         self.held = sum(s.held for s in self.active)
         self.held_max = max(self.held_max, self.held)
         self.max_active = max(self.max_active, len(self.active))
-        self.dynamic_equivalent = sum(self.accounting.dynamic_equivalent(s.cache) for s in self.active
-                                      if s.cache is not None)
+        self.dynamic_equivalent = sum(
+            self.accounting.dynamic_equivalent(s.cache) for s in self.active if s.cache is not None
+        )
         if self.metrics is not None:
             self.metrics.update(self.snapshot_unlocked())
 
     def snapshot_unlocked(self) -> dict:
-        return {"running": len(self.active) + (self.prefilling is not None), "queued": len(self.waiting),
-                "kv_bytes_held": self.held, "kv_bytes_held_max": self.held_max, "kv_bytes_reserved": self.reserved,
-                "kv_bytes_limit": self.kv_memory, "kv_bytes_dynamic_equivalent": self.dynamic_equivalent,
-                "reservation_violations": self.reservation_violations}
+        return {
+            "running": len(self.active) + (self.prefilling is not None),
+            "queued": len(self.waiting),
+            "kv_bytes_held": self.held,
+            "kv_bytes_held_max": self.held_max,
+            "kv_bytes_reserved": self.reserved,
+            "kv_bytes_limit": self.kv_memory,
+            "kv_bytes_dynamic_equivalent": self.dynamic_equivalent,
+            "reservation_violations": self.reservation_violations,
+        }
 
     @staticmethod
     def _sample(logits: torch.Tensor, seq: Sequence) -> int:
@@ -487,11 +515,24 @@ class Engine:
 
 def parse_bytes(text: str) -> int:
     """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 1 << 10,
+        "MIB": 1 << 20,
+        "GIB": 1 << 30,
+        "TIB": 1 << 40,
+        "K": 1 << 10,
+        "M": 1 << 20,
+        "G": 1 << 30,
+    }
     s = str(text).strip().upper().replace(" ", "")
     num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
+    unit = s[len(num) :]
     if unit not in units or not num:
         raise ValueError(f"cannot read {text!r} as a size: use e.g. 2GiB, 512MiB, 1.5GB or a number of bytes")
     try:
@@ -516,8 +557,9 @@ def cache_spec_from(preset: str | None, budget: float | None) -> str | PackConfi
     return PackConfig.preset(preset)
 
 
-def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-             timeout: float = 600.0) -> list[list[int]]:
+def generate(
+    engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], timeout: float = 600.0
+) -> list[list[int]]:
     """Submit all prompts at once to a started engine and return each one's generated token ids (blocking).
 
     Served concurrently (continuous batching); pass one prompt at a time to serve it alone."""
@@ -526,8 +568,10 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | 
     async def run() -> list[list[int]]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        seqs = [Sequence(list(p), dataclasses.replace(pp), queue, loop, index=i)
-                for i, (p, pp) in enumerate(zip(prompts, plist))]
+        seqs = [
+            Sequence(list(p), dataclasses.replace(pp), queue, loop, index=i)
+            for i, (p, pp) in enumerate(zip(prompts, plist, strict=False))
+        ]
         engine.submit(seqs)
         out: list[list[int]] = [[] for _ in seqs]
         open_ = set(range(len(seqs)))

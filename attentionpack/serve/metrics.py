@@ -1,4 +1,5 @@
 """Prometheus metrics of one server (its own registry, so several servers can live in one process, e.g. tests)."""
+
 from __future__ import annotations
 
 import threading
@@ -16,34 +17,55 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends (Linux)
         r = self.registry
-        self.kv_held = Gauge("attentionpack_kv_bytes_held", "KV cache bytes held by all running sequences "
-                             "(measured at the last step boundary)", registry=r)
-        self.kv_held_max = Gauge("attentionpack_kv_bytes_held_max", "Most KV bytes held at any step boundary",
-                                 registry=r)
-        self.kv_dynamic = Gauge("attentionpack_kv_bytes_dynamic_equivalent",
-                                "Bytes a transformers DynamicCache would hold for the same tokens", registry=r)
-        self.kv_reserved = Gauge("attentionpack_kv_bytes_reserved", "KV bytes reserved by admitted sequences",
-                                 registry=r)
+        self.kv_held = Gauge(
+            "attentionpack_kv_bytes_held",
+            "KV cache bytes held by all running sequences (measured at the last step boundary)",
+            registry=r,
+        )
+        self.kv_held_max = Gauge(
+            "attentionpack_kv_bytes_held_max", "Most KV bytes held at any step boundary", registry=r
+        )
+        self.kv_dynamic = Gauge(
+            "attentionpack_kv_bytes_dynamic_equivalent",
+            "Bytes a transformers DynamicCache would hold for the same tokens",
+            registry=r,
+        )
+        self.kv_reserved = Gauge(
+            "attentionpack_kv_bytes_reserved", "KV bytes reserved by admitted sequences", registry=r
+        )
         self.kv_limit = Gauge("attentionpack_kv_bytes_limit", "The --kv-memory limit", registry=r)
-        self.violations = Gauge("attentionpack_kv_reservation_violations",
-                                "Times a sequence held more bytes than it had reserved (0 when the bounds hold)",
-                                registry=r)
+        self.violations = Gauge(
+            "attentionpack_kv_reservation_violations",
+            "Times a sequence held more bytes than it had reserved (0 when the bounds hold)",
+            registry=r,
+        )
         self.running = Gauge("attentionpack_requests_running", "Sequences being prefilled or decoded", registry=r)
         self.queued = Gauge("attentionpack_requests_queued", "Sequences waiting for KV memory", registry=r)
         self.tokens_total = Counter("attentionpack_generated_tokens", "Tokens generated", registry=r)
-        self.tps = Gauge("attentionpack_tokens_per_second",
-                         f"Generated tokens per second over the last {TOKENS_PER_SECOND_WINDOW:g} s", registry=r)
-        self.ttft = Histogram("attentionpack_time_to_first_token_seconds", "Arrival to first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("attentionpack_inter_token_latency_seconds", "Time between two tokens of a sequence",
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.step = Histogram("attentionpack_decode_step_seconds", "One batched decoding step",
-                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tps = Gauge(
+            "attentionpack_tokens_per_second",
+            f"Generated tokens per second over the last {TOKENS_PER_SECOND_WINDOW:g} s",
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "attentionpack_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "attentionpack_inter_token_latency_seconds",
+            "Time between two tokens of a sequence",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.step = Histogram(
+            "attentionpack_decode_step_seconds", "One batched decoding step", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.batch = Gauge("attentionpack_decode_batch_size", "Sequences in the last decoding step", registry=r)
-        self.outcomes = Counter("attentionpack_sequences", "Sequences that left the server, by outcome",
-                                ["outcome"], registry=r)
-        self.rejected = Counter("attentionpack_requests_rejected", "Requests refused before admission, by status",
-                                ["status"], registry=r)
+        self.outcomes = Counter(
+            "attentionpack_sequences", "Sequences that left the server, by outcome", ["outcome"], registry=r
+        )
+        self.rejected = Counter(
+            "attentionpack_requests_rejected", "Requests refused before admission, by status", ["status"], registry=r
+        )
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
 

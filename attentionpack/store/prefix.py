@@ -19,6 +19,7 @@ Folder layout:
 
 A damaged entry (any `CacheFileError`) found while loading is counted as a miss, removed, and reported with a warning.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,17 +38,16 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from ..cache import PackedCache
-from ..cache import files
-from ..cache.fingerprint import config_sha256, model_fingerprint, tokenizer_fingerprint
+from ..cache import PackedCache, files
 from ..cache.files import (
     CacheFileError,
-    build_files,
     LoadedCache,
+    build_files,
     canonical_json,
     read_manifest,
     write_files,
 )
+from ..cache.fingerprint import config_sha256, model_fingerprint, tokenizer_fingerprint
 
 if TYPE_CHECKING:
     from ..config import PackConfig
@@ -76,15 +76,19 @@ def _token_bytes(tokens: torch.Tensor | Sequence[int]) -> bytes:
     if t.dim() == 2 and t.shape[0] == 1:
         t = t[0]
     if t.dim() != 1:
-        raise ValueError(f"a prefix store keys single prompts: token ids of shape {tuple(t.shape)}, expected (N,) or "
-                         "(1, N)")
+        raise ValueError(
+            f"a prefix store keys single prompts: token ids of shape {tuple(t.shape)}, expected (N,) or (1, N)"
+        )
     return np.asarray(t.tolist(), dtype="<i4").tobytes()
 
 
 def context_digest(model: torch.nn.Module, config: PackConfig, tokenizer: Any = None) -> str:
     """What an entry must share with a prompt besides its tokens: the model, the tokenizer and the PackConfig."""
-    data = {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer),
-            "config": config_sha256(config)}
+    data = {
+        "model": model_fingerprint(model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "config": config_sha256(config),
+    }
     return hashlib.sha256(canonical_json(data)).hexdigest()[:32]
 
 
@@ -118,8 +122,11 @@ class PrefixStore:
             data = json.loads((self.folder / INDEX).read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(data, dict) or data.get("version") != INDEX_VERSION or not isinstance(data.get("entries"),
-                                                                                                 dict):
+        if (
+            not isinstance(data, dict)
+            or data.get("version") != INDEX_VERSION
+            or not isinstance(data.get("entries"), dict)
+        ):
             return None
         return data["entries"]
 
@@ -134,8 +141,13 @@ class PrefixStore:
         try:
             manifest = read_manifest(path)
             store = manifest["extra"]["store"]
-            row = {"context": str(store["context"]), "tokens": int(store["tokens"]), "digest": str(store["digest"]),
-                   "bytes": sum(f.stat().st_size for f in path.iterdir()), "info": dict(store.get("info", {}))}
+            row = {
+                "context": str(store["context"]),
+                "tokens": int(store["tokens"]),
+                "digest": str(store["digest"]),
+                "bytes": sum(f.stat().st_size for f in path.iterdir()),
+                "info": dict(store.get("info", {})),
+            }
         except CacheFileError as err:
             if err.reason == "missing" and not path.exists():
                 return None
@@ -170,8 +182,9 @@ class PrefixStore:
         return rows
 
     # ---- changes ----------------------------------------------------------------------------------------------
-    def put(self, tokens: torch.Tensor | Sequence[int], cache: PackedCache, tokenizer: Any = None,
-            info: dict | None = None) -> str | None:
+    def put(
+        self, tokens: torch.Tensor | Sequence[int], cache: PackedCache, tokenizer: Any = None, info: dict | None = None
+    ) -> str | None:
         """Store `cache`, which covers exactly `tokens` ((N,) or (1, N) ids of one prompt), and return its key
         (None when the entry alone exceeds max_bytes). Storing tokens already stored refreshes that entry's use."""
         model = cache.model_ref()
@@ -192,8 +205,10 @@ class PrefixStore:
         manifest, data = build_files(cache, ids, tokenizer, extra={"store": store})
         size = len(manifest) + len(data)
         if size > self.max_bytes:
-            warnings.warn(f"prefix store: a cache of {size:,} bytes exceeds max_bytes={self.max_bytes:,}; not stored",
-                          stacklevel=2)
+            warnings.warn(
+                f"prefix store: a cache of {size:,} bytes exceeds max_bytes={self.max_bytes:,}; not stored",
+                stacklevel=2,
+            )
             return None
         tmp = self.folder / "tmp" / uuid.uuid4().hex
         write_files(tmp, manifest, data)
@@ -288,15 +303,18 @@ class PrefixStore:
     def entries(self) -> list[Entry]:
         """Every entry, most recently used first."""
         rows = self._rows()
-        out = [Entry(k, r["context"], r["tokens"], r["digest"], r["bytes"], self._mtime(k), r.get("info", {}))
-               for k, r in rows.items()]
+        out = [
+            Entry(k, r["context"], r["tokens"], r["digest"], r["bytes"], self._mtime(k), r.get("info", {}))
+            for k, r in rows.items()
+        ]
         return sorted(out, key=lambda e: -e.last_used)
 
     def total_bytes(self) -> int:
         return sum(e.bytes for e in self.entries())
 
-    def matches(self, tokens: torch.Tensor | Sequence[int], model: torch.nn.Module, config: PackConfig,
-                tokenizer: Any = None) -> list[tuple[int, str]]:
+    def matches(
+        self, tokens: torch.Tensor | Sequence[int], model: torch.nn.Module, config: PackConfig, tokenizer: Any = None
+    ) -> list[tuple[int, str]]:
         """(tokens covered, key) of every entry for this model/config/tokenizer whose token ids are a prefix of
         `tokens` (by hash), longest first."""
         raw = _token_bytes(tokens)
@@ -311,18 +329,19 @@ class PrefixStore:
         states, h = {}, hashlib.sha256()  # hash state at every block boundary of the prompt
         for start in range(0, max(wanted) + 1, self.block):
             states[start] = h.copy()
-            h.update(raw[4 * start:4 * (start + self.block)])
+            h.update(raw[4 * start : 4 * (start + self.block)])
         out = []
         for length, rows in wanted.items():
             base = length // self.block * self.block
             s = states[base].copy()
-            s.update(raw[4 * base:4 * length])
+            s.update(raw[4 * base : 4 * length])
             digest = s.hexdigest()
             out += [(length, key) for key, d in rows if d == digest]
         return sorted(out, reverse=True)
 
-    def load(self, tokens: torch.Tensor | Sequence[int], model: torch.nn.Module, config: PackConfig,
-             tokenizer: Any = None) -> tuple[LoadedCache | None, int]:
+    def load(
+        self, tokens: torch.Tensor | Sequence[int], model: torch.nn.Module, config: PackConfig, tokenizer: Any = None
+    ) -> tuple[LoadedCache | None, int]:
         """The longest stored prefix of `tokens`: (LoadedCache, tokens covered), or (None, 0). Damaged entries met on
         the way are removed (with a warning) and the next longest is tried."""
         prompt = torch.as_tensor(tokens).reshape(-1)
@@ -334,8 +353,9 @@ class PrefixStore:
         self.misses += 1
         return None, 0
 
-    def cache_for(self, tokens: torch.Tensor | Sequence[int], model: torch.nn.Module, config: PackConfig,
-                  tokenizer: Any = None) -> tuple[PackedCache, int]:
+    def cache_for(
+        self, tokens: torch.Tensor | Sequence[int], model: torch.nn.Module, config: PackConfig, tokenizer: Any = None
+    ) -> tuple[PackedCache, int]:
         """(cache, covered): a PackedCache holding the longest stored prefix of `tokens` (its first `covered` ids),
         or a fresh one and 0. At least one token is always left to feed (the model needs a new token to give the
         next logits): an entry covering the whole prompt has its newest (exact) token dropped, and is skipped when
@@ -356,8 +376,9 @@ class PrefixStore:
         self.misses += 1
         return PackedCache(model, config), 0
 
-    def _load_key(self, key: str, length: int, prompt: torch.Tensor, model: torch.nn.Module, config: PackConfig,
-                  tokenizer: Any) -> tuple[LoadedCache | None, int]:
+    def _load_key(
+        self, key: str, length: int, prompt: torch.Tensor, model: torch.nn.Module, config: PackConfig, tokenizer: Any
+    ) -> tuple[LoadedCache | None, int]:
         try:
             loaded = load_cache(self.entries_dir / key, model, config, tokenizer)
         except CacheFileError as err:
@@ -371,8 +392,9 @@ class PrefixStore:
         return loaded, length
 
 
-def load_cache(path: str | os.PathLike, model: torch.nn.Module, config: PackConfig | str | None = None,
-               tokenizer: Any = None) -> LoadedCache:
+def load_cache(
+    path: str | os.PathLike, model: torch.nn.Module, config: PackConfig | str | None = None, tokenizer: Any = None
+) -> LoadedCache:
     """`cache.files.load_cache` building a `PackedCache` (see there: every check, `CacheFileError`)."""
     return files.load_cache(path, model, PackedCache, config, tokenizer)
 
@@ -383,20 +405,29 @@ def reusable_prefix(tokenizer: Any, text: str, chat: bool, encode: Callable[[Any
     prefix of the encodings of `text` and of `text` followed by a paragraph, less one token of margin."""
     a = encode(tokenizer, text, chat)[0].tolist()
     b = encode(tokenizer, text + "\n\nQuestion: what is it?", chat)[0].tolist()
-    common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    common = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
     return max(0, min(common - 1, len(a) - 1))
 
 
 def prefill_prefix(model: torch.nn.Module, cache: PackedCache, ids: torch.Tensor) -> None:
     """Feed ids (1, n) through `model` into `cache` (a prefill; logits of the last position only)."""
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+        model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
 
 
-def cache_from_store(folder: str | os.PathLike, model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor,
-                     config: PackConfig, text: str, chat: bool, encode: Callable[[Any, str, bool], torch.Tensor],
-                     max_bytes: int = 4 << 30) -> tuple[PackedCache, int, str]:
+def cache_from_store(
+    folder: str | os.PathLike,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    ids: torch.Tensor,
+    config: PackConfig,
+    text: str,
+    chat: bool,
+    encode: Callable[[Any, str, bool], torch.Tensor],
+    max_bytes: int = 4 << 30,
+) -> tuple[PackedCache, int, str]:
     """The cache `attentionpack generate --prefix-store DIR` starts from: the longest stored prefix of the prompt ids
     (1, N), or on a miss the prompt's reusable prefix (`reusable_prefix`) prefilled now and stored for next time.
     Returns (cache, tokens covered, a one-line note)."""

@@ -1,4 +1,5 @@
 """Token selection from scores and the compensation token."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,7 @@ import math
 import pytest
 import torch
 
-from experiments.evict import (compensation_bias, compensation_token, gather_tokens, kept_mask,
-                                        select_tokens)
+from experiments.evict import compensation_bias, compensation_token, gather_tokens, kept_mask, select_tokens
 
 
 def _reference(scores_row, valid_row, count, first, last):
@@ -90,8 +90,9 @@ def test_compensation_exact_for_identical_dropped_keys():
     assert count.eq(11).all()
     torch.testing.assert_close(v_c, values[:, :, 3:14].mean(2, keepdim=True))
     k_kept, v_kept = gather_tokens(keys, idx), gather_tokens(values, idx)
-    logits = torch.cat([q @ k_kept.transpose(-1, -2), q @ k_c.transpose(-1, -2)
-                        + compensation_bias(count).view(b, h, 1, 1)], -1)
+    logits = torch.cat(
+        [q @ k_kept.transpose(-1, -2), q @ k_c.transpose(-1, -2) + compensation_bias(count).view(b, h, 1, 1)], -1
+    )
     approx = torch.softmax(logits, -1) @ torch.cat([v_kept, v_c], 2)
     torch.testing.assert_close(approx, full, atol=1e-5, rtol=1e-5)
     without = torch.softmax(q @ k_kept.transpose(-1, -2), -1) @ v_kept

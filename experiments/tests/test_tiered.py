@@ -1,13 +1,13 @@
 """Tiered low-rank factors (codecs/tiered.py): each sample's most attended tokens keep the high rank, the rest a
 lower one; attention on the stored form agrees with the rebuilt states; the bytes are each tier's own."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from attentionpack.parts import storage_nbytes
 from attentionpack.codecs.lowrank import RankRule, factorize
-from attentionpack.parts import QuantizedLowRankPart
+from attentionpack.parts import QuantizedLowRankPart, storage_nbytes
 from experiments.tiered import TieredLowRankPart
 
 H, D = 3, 16
@@ -44,7 +44,7 @@ def test_attention_on_the_stored_form_matches_rebuilt_states(shares, ranks):
     q, p = torch.randn(2, H, 5, D), torch.softmax(torch.randn(2, H, 5, 96), -1)
     torch.testing.assert_close(part.scores(q, 0, 96, None), q @ states.transpose(-1, -2), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(part.mix(p), p @ states, atol=1e-5, rtol=1e-4)
-    assert sum(i.shape[1] for i in part.index) == 96 and part.ranks == [k for k in ranks][:len(part.ranks)]
+    assert sum(i.shape[1] for i in part.index) == 96 and part.ranks == [k for k in ranks][: len(part.ranks)]
 
 
 def test_bytes_are_each_tiers_own():
