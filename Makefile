@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast style format bench-quality clean
+.PHONY: install demo test test-slow test-fast style format bench-quality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# every real-model half-precision combination (minutes each on CPU); `make test` runs two of them
+test-slow: $(STAMP)
+	ATTENTIONPACK_SLOW_TESTS=1 $(PY) -m pytest -q tests/test_real_model_half.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not real_model"

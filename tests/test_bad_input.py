@@ -37,6 +37,7 @@ _BAD_VALUES = {
     "compress_sliding_layers": [1, 0, "yes", None],
     "fallback_exact": [1, 0, "no", None],
     "key_pre_rope": [1, 0, "yes", None],
+    "key_objective": ["energy", "", None, 1],
     "compressed_attention": [1, 0, "no", None],
     "image_basis": ["per-image", "SHARED", None, 1],
     "video_group_frames": [0, -2, 2.0, "4", None, True],

@@ -6,6 +6,7 @@ crashed on any half-precision model.)"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ CONFIGS = {"balanced": "balanced", "max": "max", "budget-0.25": PackConfig(budge
 # tokens (in float32 `balanced` and `max` do not either; tests/test_real_model.py asks > 0.5 of them there); the
 # float16 kernel bug gave NaN logits from the first step on. Measured 2026-11-30: bfloat16 balanced and max 57/64
 MIN_AGREEMENT = 0.85
+SLOW = os.environ.get("ATTENTIONPACK_SLOW_TESTS", "0") not in ("", "0")  # make test-slow
 
 
 @pytest.fixture(scope="module", params=[torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -62,7 +64,10 @@ def _teacher_forced(model, cache, ids, tokens) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_half_precision_presets_and_budget_follow_dynamic_cache(half, config):
+def test_half_precision_presets_and_budget_follow_dynamic_cache(half, config, request):
+    dtype = request.node.callspec.id.split("-")[0]
+    if (dtype, config) not in (("float16", "balanced"), ("bfloat16", "budget-0.25")) and not SLOW:
+        pytest.skip("the other half-precision combinations take minutes each on CPU: ATTENTIONPACK_SLOW_TESTS=1")
     model, ids, tokens = half
     cache = PackedCache(model, CONFIGS[config])
     logits = _teacher_forced(model, cache, ids, tokens)
