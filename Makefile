@@ -35,14 +35,14 @@ test-fast: $(STAMP)
 
 # formatting, lint, types, import layers and import cycles (CI runs it before the tests)
 style: $(STAMP)
-	$(VENV)/bin/ruff format --check attentionpack tests experiments tools
+	$(VENV)/bin/ruff format --check attentionpack tests experiments tools README.md
 	$(VENV)/bin/ruff check attentionpack tests experiments tools
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	$(PY) tools/check_cycles.py
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format attentionpack tests experiments tools
+	$(VENV)/bin/ruff format attentionpack tests experiments tools README.md
 	$(VENV)/bin/ruff check --fix attentionpack tests experiments tools
 
 bench-quality: $(STAMP)
