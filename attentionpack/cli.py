@@ -57,6 +57,13 @@ def generate(
         "--prefix-store",
         help="Reuse the longest stored prefix of the prompt from this folder, or store the prompt's for next time.",
     ),
+    prefill_chunk: int = typer.Option(
+        4096,
+        "--prefill-chunk",
+        min=0,
+        help="Prefill a longer prompt in chunks of this many tokens, each compressed before the next, so peak "
+        "memory follows the compressed cache (0: one call).",
+    ),
 ):
     """Answer a (long) prompt with a compressed KV cache, then show the bytes held vs DynamicCache."""
     if preset is not None and budget is not None:
@@ -84,8 +91,32 @@ def generate(
             budget=budget,
             threads=threads,
             prefix_store=prefix_store,
+            prefill_chunk=prefill_chunk,
         )
     except (ValueError, FileNotFoundError, TypeError) as err:
+        _fail(str(err))
+
+
+@bench_app.command("long-prompt")
+def bench_long_prompt(
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."
+    ),
+    context: int = typer.Option(8192, min=16, help="Prompt tokens prefilled (the Britannica article)."),
+    continuation: int = typer.Option(256, min=2, help="Tokens teacher-forced and scored after the prompt."),
+    configs: list[str] = typer.Option(
+        ["max", "budget-0.125"], "--configs", "-c", help="Configurations beside DynamicCache (eval's names)."
+    ),
+    chunk: int = typer.Option(2048, min=1, help="Tokens per prefill call of the compressed caches."),
+    chunk_dynamic: bool = typer.Option(False, help="Prefill DynamicCache in chunks too (default: one call)."),
+    threads: int = typer.Option(2, min=1, help="torch threads of each child process."),
+):
+    """Peak process memory and perplexity of one long prefill per configuration, each in its own process."""
+    from .bench.long_prompt import run
+
+    try:
+        run(configs, context, continuation, chunk, model, threads, chunk_dynamic, echo=typer.echo)
+    except (ValueError, RuntimeError) as err:
         _fail(str(err))
 
 

@@ -18,19 +18,20 @@ from .models.registry import language_model_of
 
 
 class _ProgressStreamer(BaseStreamer):
-    """Progress bars for `generate`: the prefill bar advances per decoder layer of the first forward call (hooks),
-    then the decoding bar advances per generated token.
+    """Progress bars for `generate`: the prefill bar advances per decoder layer of the prompt's forward calls
+    (hooks; `calls` of them for a chunked prefill), then the decoding bar advances per generated token.
 
     transformers hands the prompt to `put` before the prefill runs, so `put` cannot mark the prefill's end; the
     last layer of the first forward call does, and only then does the decoding bar start (its rate excludes the
     prefill)."""
 
-    def __init__(self, model, prompt_tokens: int, max_new_tokens: int, file=None):
+    def __init__(self, model, prompt_tokens: int, max_new_tokens: int, file=None, calls: int = 1):
         layers: torch.nn.ModuleList = language_model_of(model).layers  # type: ignore[assignment]
-        self.layers = len(layers)
+        self.layers = len(layers) * calls  # a chunked prefill passes every layer once per chunk
         self.file = file
+        unit = "layer" if calls == 1 else "layer x chunk"
         self.prefill = tqdm(
-            total=self.layers, desc=f"prefill {prompt_tokens} tokens", unit="layer", leave=False, file=file
+            total=self.layers, desc=f"prefill {prompt_tokens} tokens", unit=unit, leave=False, file=file
         )
         self.decode = None
         self.max_new_tokens = max_new_tokens
@@ -76,6 +77,25 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
     else:
         ids = tokenizer(text, return_tensors="pt").input_ids
     return ids
+
+
+def chunk_calls(start: int, prompt_tokens: int, chunk: int) -> list[tuple[int, int]]:
+    """The [begin, end) token ranges a chunked prefill feeds: from `start` (tokens the cache already holds) up to
+    the prompt's last token, which is left for `generate` (its call yields the first answer token's logits).
+    `chunk` <= 0, or a remainder of at most `chunk` tokens: one call (no chunking)."""
+    if chunk <= 0 or prompt_tokens - start <= chunk:
+        return []
+    return [(b, min(b + chunk, prompt_tokens - 1)) for b in range(start, prompt_tokens - 1, chunk)]
+
+
+@torch.inference_mode()
+def prefill_chunks(model, input_ids: torch.Tensor, cache, calls: list[tuple[int, int]]) -> None:
+    """Feed `input_ids` (1, T) to the model over `calls` (`chunk_calls`), one forward call per range: each chunk
+    attends to the cache as it holds the earlier chunks (compressed, for a PackedCache) and is then compacted by
+    it, so the prefill's peak memory follows the compressed cache and one chunk's activations rather than the whole
+    prompt's (issue: long prompts that fit). Logits are computed for one position per call only."""
+    for begin, end in calls:
+        model(input_ids=input_ids[:, begin:end], past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
 def check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -130,6 +150,7 @@ def run_generate(
     budget: float | None = None,
     threads: int | None = None,
     prefix_store=None,
+    prefill_chunk: int = 4096,
 ) -> dict:
     """Generate an answer with a PackedCache; print it and a memory table. Returns the numbers printed.
 
@@ -137,7 +158,9 @@ def run_generate(
     `threads`: torch's and the kernels' threads (default: torch's, or 1 on a busy machine; attentionpack/threads.py).
     `images` (file paths) need `model_path` to be a local vision-language model folder (see SUPPORTED_VLM_TYPES);
     a VLM folder also works without images. `prefix_store`: a folder (attentionpack/store/prefix.py) whose longest
-    stored prefix of the prompt is reused; on a miss the prompt's reusable prefix is stored there."""
+    stored prefix of the prompt is reused; on a miss the prompt's reusable prefix is stored there.
+    `prefill_chunk`: a text prompt longer than this is prefilled in chunks of this many tokens, each compacted
+    before the next (`prefill_chunks`); 0 prefills it in one call."""
     from .threads import apply_threads, choose_threads
 
     console = console or Console()
@@ -178,11 +201,15 @@ def run_generate(
         raise ValueError("--prefix-store supports text prompts only")
     else:
         cache, reused = PackedCache(model, config), 0
+    if prefill_chunk < 0:
+        raise ValueError(f"prefill_chunk={prefill_chunk} is invalid: give a number of tokens >= 1, or 0 for one call")
+    calls = [] if vlm else chunk_calls(cache.get_seq_length(), ids.shape[1], prefill_chunk)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    streamer = _ProgressStreamer(model, ids.shape[1], max_new_tokens)
+    streamer = _ProgressStreamer(model, ids.shape[1], max_new_tokens, calls=len(calls) + 1)
     kwargs = dict(do_sample=True, temperature=temperature, top_p=0.95) if sample else dict(do_sample=False)
     try:
+        prefill_chunks(model, ids, cache, calls)
         out = model.generate(
             **inputs,
             past_key_values=cache,
