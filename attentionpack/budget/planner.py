@@ -149,7 +149,8 @@ class BudgetPlanner:
         self.scaling: dict[int, float] = {}
         self.contexts: dict[int, _Context] = {}
         self.pending: list[_Pending] = []
-        # the last prefill's options per (layer, span start): {"keys"/"values": [(label, bytes, error)], "choice"}
+        # the last prefill's options per (layer, span start): {"kind": the segment's kind, "keys"/"values":
+        # [(label, bytes, error)], "choice": (key label, value label)}
         self.report: dict[tuple[int, int], dict[str, Any]] = {}
 
     # ---- hooks called by PackedCache / PackedLayer ----------------------------------------------------------
@@ -283,6 +284,7 @@ class BudgetPlanner:
         for i, (p, seg) in enumerate(zip(pending, segments, strict=True)):
             ki, vi = alloc.choice[2 * i], alloc.choice[2 * i + 1]
             self.report[p.layer.layer_idx, seg.start] = {
+                "kind": seg.kind,
                 "keys": [o[:1] + o[2:] for o in p.keys],
                 "values": [o[:1] + o[2:] for o in p.values],
                 "choice": (p.keys[ki][0], p.values[vi][0]),
