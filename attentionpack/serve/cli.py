@@ -42,6 +42,12 @@ def serve_command(
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests waiting for memory beyond this get 429."),
     max_tokens: int = typer.Option(256, "--default-max-tokens", min=1, help="max_tokens when a request gives none."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
+    prefill_chunk: int = typer.Option(
+        1024,
+        "--prefill-chunk",
+        min=0,
+        help="Prompt tokens prefilled between two decoding steps of the running batch (0: whole prompts).",
+    ),
 ) -> None:
     """OpenAI-compatible server (chat/completions, streaming) with continuous batching over compressed KV caches."""
     try:
@@ -70,7 +76,9 @@ def serve_command(
     name = Path(model).name if model else "smollm2-135m-instruct"
     metrics = ServerMetrics()
     try:
-        engine = Engine(lm, spec, kv_memory=cap, max_queue=max_queue, metrics=metrics).start()
+        engine = Engine(
+            lm, spec, kv_memory=cap, max_queue=max_queue, metrics=metrics, prefill_chunk=prefill_chunk
+        ).start()
     except ValueError as err:
         _fail(str(err))
     label = spec if isinstance(spec, str) else spec.name

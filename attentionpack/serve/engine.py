@@ -3,9 +3,11 @@
 Loop (one engine thread; HTTP handlers only submit `Sequence`s and read their event queues):
 1. drop sequences whose client went away or that were stopped (their caches and reservations are freed at once);
 2. admit the oldest waiting sequence if its reservation fits under `kv_memory` next to everything reserved, and
-   prefill it alone (batch 1, its own cache), sample its first token; it joins the decoding batch;
+   prefill it alone (batch 1, its own cache), `prefill_chunk` tokens per loop turn (each chunk is compacted by a
+   PackedCache before the next); after its last chunk it samples its first token and joins the decoding batch;
 3. run ONE decoding step over every active sequence (`SequenceBatchCache`: one forward, per-row attention).
-A prefill and a decoding step alternate, so running sequences keep advancing while new ones are admitted.
+A prefill chunk and a decoding step alternate, so running sequences keep advancing while a long prompt is admitted
+(a 4,096-token prompt no longer stalls the batch for a whole prefill).
 
 Admission by bytes really held (`KVAccounting`): before its prefill a sequence reserves an upper bound of what its
 cache can hold by its last token; after the prefill the reservation shrinks to the bytes measured plus the bound
@@ -91,6 +93,7 @@ class Sequence:
     last_token: int = 0
     length: int = 0  # tokens in the cache
     exact_fallback: bool = False  # a budget was infeasible for this prompt: DynamicCache instead
+    prefilled: int = 0  # prompt tokens fed to the cache so far (a chunked prefill spans several loop turns)
     generator: torch.Generator | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -162,6 +165,8 @@ class Engine:
         max_queue: waiting sequences beyond this are refused (`QueueFull`).
         max_context: the model's context length (prompt + max_tokens must fit); default from the model config.
         cache_factory: builds a sequence's cache (default from `cache_spec`); tests inject faulty caches.
+        prefill_chunk: prompt tokens prefilled per loop turn (a decoding step of the running batch follows each);
+            0 prefills a whole prompt in one turn.
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class Engine:
         max_context: int | None = None,
         cache_factory: Callable[[Sequence], Cache] | None = None,
         metrics: ServerMetrics | None = None,
+        prefill_chunk: int = 1024,
     ) -> None:
         enable_packed_attention(model)
         if getattr(model.config, "_attn_implementation", None) != PACKED_ATTENTION:
@@ -182,6 +188,9 @@ class Engine:
             )
         if kv_memory <= 0:
             raise ValueError(f"kv_memory={kv_memory} must be a positive number of bytes")
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk={prefill_chunk} must be a number of tokens >= 1, or 0 for whole prompts")
+        self.prefill_chunk = prefill_chunk
         self.model = model
         self.cache_spec = cache_spec
         self.kv_memory = int(kv_memory)
@@ -286,7 +295,7 @@ class Engine:
                 if self._stop:
                     break
                 self._drop_cancelled()
-                seq = self._admit()
+                seq = self.prefilling if self.prefilling is not None else self._admit()
                 if seq is None and not self.active:
                     self._lock.wait(timeout=0.5)
                     continue
@@ -309,9 +318,13 @@ class Engine:
             self.reserved = self.held = 0
 
     def _drop_cancelled(self) -> None:
-        """Called under the lock: cancelled sequences leave the queue and the batch, freeing their caches."""
+        """Called under the lock: cancelled sequences leave the queue, the prefill and the batch, freeing their
+        caches."""
         if any(s.cancelled for s in self.waiting):
             self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        if self.prefilling is not None and self.prefilling.cancelled:
+            self._release(self.prefilling, outcome="cancelled")
+            self.prefilling = None
         for s in [s for s in self.active if s.cancelled]:
             self._release(s, outcome="cancelled")
 
@@ -342,17 +355,23 @@ class Engine:
         from ..budget import BudgetError
 
         try:
-            seq.cache = self._new_cache(seq)
-            ids = torch.tensor([seq.prompt], dtype=torch.long)
+            if seq.cache is None:
+                seq.cache, seq.prefilled = self._new_cache(seq), 0
+            begin, total = seq.prefilled, len(seq.prompt)
+            end = total if self.prefill_chunk == 0 else min(total, begin + self.prefill_chunk)
+            ids = torch.tensor([seq.prompt[begin:end]], dtype=torch.long)
             logits = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1).logits
-            seq.length = len(seq.prompt)
+            seq.prefilled = end
+            if end < total:  # more chunks on the next loop turns; the running batch decodes in between
+                return
+            seq.length = total
             token = self._sample(logits[0, -1], seq)
         except BudgetError as err:  # too short a prompt for the budget: serve it exact (reserved as such)
             log.info("sequence %d: %s; served with DynamicCache", seq.id, err)
             with self._lock:
                 self.prefilling = None
                 self.reserved -= seq.reserved
-                seq.reserved, seq.cache, seq.exact_fallback = 0, None, True
+                seq.reserved, seq.cache, seq.exact_fallback, seq.prefilled = 0, None, True, 0
                 self.exact_fallbacks += 1
                 self.waiting.appendleft(seq)
             return
