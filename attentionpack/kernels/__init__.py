@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ..resources import cache_root
+
 HERE = Path(__file__).parent
 SOURCES = [HERE / "part_ops.c", HERE / "decode.c"]  # both include common.h
 # -mtune=haswell: gcc tunes some AMD cores (znver1) for 128-bit vectors, which halves the speed of these loops
@@ -46,8 +48,7 @@ _why = ""  # why the kernels are not available (empty while they are)
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("ATTENTIONPACK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attentionpack")
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _build() -> ctypes.CDLL | None:

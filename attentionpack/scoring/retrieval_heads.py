@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..models.registry import ModelAdapter
+from ..resources import cache_root
 from .observation import attention_scaling, window_attention, window_queries
 
 FORMAT = 1
@@ -198,7 +199,7 @@ def find_retrieval_heads(
 
 
 def heads_dir() -> Path:
-    root = Path(os.environ.get("ATTENTIONPACK_CACHE", Path.home() / ".cache" / "attentionpack"))
+    root = cache_root()
     return root / "heads"
 
 
