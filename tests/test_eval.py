@@ -264,7 +264,9 @@ def test_exact_cache_shortcut_equals_one_token_steps(tiny_model):
         )
         rows[steps] = (res, torch.cat(seen))
     assert rows[3][1].shape == rows[None][1].shape == (40, 128)
-    torch.testing.assert_close(rows[3][1], rows[None][1], atol=1e-5, rtol=0)
+    # fp32 logits of one multi-token call vs one-token steps: the same math in another summation order (seen:
+    # 1.2e-5 apart on one machine, within 1e-5 on another)
+    torch.testing.assert_close(rows[3][1], rows[None][1], atol=5e-5, rtol=0)
     assert abs(rows[3][0].ppl - rows[None][0].ppl) < 1e-4 * rows[None][0].ppl
 
 
