@@ -46,7 +46,10 @@ class PackConfig:
     prompt queries that fits (cache/budgeted.py); each layer's decode chunks use its chosen encoding. Text
     prompts only. The prompt's last `window` tokens are weighed like the other spans (any candidate, as the
     error decides); only the sinks stay exact, so a very small f needs a long enough prompt (a BudgetError
-    names the smallest feasible fraction).
+    names the smallest feasible fraction). `budget_strict=False` makes f a target (the presets `balanced` and
+    `max` are targets): the cache holds f x DynamicCache's bytes, or what the codec fields above would hold if that
+    is more (short prompts, whose exact sinks and window weigh more), chosen where the errors are least; a prompt
+    the budget cannot serve (image/video tokens, a cache filled by `ingest`) uses the codec fields. Never raises.
 
     `compressed_attention`: compute attention directly on the stored form (attention/packed.py) when the model
     uses SDPA; otherwise keys/values are materialized for the model's own attention at every step.
@@ -88,6 +91,7 @@ class PackConfig:
     image: dict | None = None
     video: dict | None = None
     budget: float | None = None
+    budget_strict: bool = True
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -122,7 +126,13 @@ class PackConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < low:
                 _bad(name, value, f"an integer >= {low}")
-        for name in ("key_pre_rope", "compressed_attention", "compress_sliding_layers", "fallback_exact"):
+        for name in (
+            "key_pre_rope",
+            "compressed_attention",
+            "compress_sliding_layers",
+            "fallback_exact",
+            "budget_strict",
+        ):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, getattr(self, name), "True or False")
         if self.key_objective not in KEY_OBJECTIVES:
@@ -134,12 +144,14 @@ class PackConfig:
         if self.budget is not None:
             if not (_is_num(self.budget) and 0 < self.budget <= 1):
                 _bad("budget", self.budget, "None or a fraction of DynamicCache's bytes in (0, 1], e.g. 0.125")
-            if any(getattr(self, m) for m in ("text", "image", "video")):
+            # a target budget (budget_strict=False) leaves image/video prompts to the codec fields: overrides apply
+            if self.budget_strict and any(getattr(self, m) for m in ("text", "image", "video")):
                 _bad(
                     "budget",
                     self.budget,
                     "None when modality overrides (text, image, video) are set: a budget "
-                    "chooses the encodings of text prompts itself",
+                    "chooses the encodings of text prompts itself (or budget_strict=False, where the "
+                    "overrides serve the prompts the budget leaves to the codec fields)",
                 )
         for modality in ("text", "image", "video"):
             overrides = getattr(self, modality)
@@ -197,13 +209,30 @@ def _bad(field_name: str, value: object, allowed: str) -> NoReturn:
     raise ValueError(f"PackConfig.{field_name}={value!r} is invalid: must be {allowed}")
 
 
-# Preset values are tuned with `attentionpack bench quality` on SmolLM2-135M / Britannica (see README).
+# `balanced` and `max` are byte targets chosen per model, layer and prompt from measured attention errors (a
+# target budget: 1/5 and about 1/6.7 of DynamicCache's bytes after the prefill, README "Presets, measured"); their
+# codec fields (keys: low-rank factors of the rotated keys with 4-bit coefficients; values: 4-bit per token) serve
+# the prompts a budget cannot (image/video tokens, `ingest`) and the generated tokens' chunks until a prefill chose.
 PRESETS: dict[str, dict] = {
     "lossless": dict(key_codec="exact", value_codec="exact", key_energy=None, value_energy=None),
-    # keys: low-rank factors of the rotated keys (attention scores them without rebuilding them, kernels/) with
-    # 4-bit coefficients and a float16 basis; values: 4-bit per token (README "Presets, measured" says why).
     "balanced": dict(
-        key_energy=0.98, key_bits=4, key_pre_rope=False, value_codec="quant", value_bits=4, value_energy=None
+        budget=0.2,
+        budget_strict=False,
+        key_energy=0.98,
+        key_bits=4,
+        key_pre_rope=False,
+        value_codec="quant",
+        value_bits=4,
+        value_energy=None,
     ),
-    "max": dict(key_energy=0.95, key_bits=4, key_pre_rope=False, value_codec="quant", value_bits=4, value_energy=None),
+    "max": dict(
+        budget=0.15,
+        budget_strict=False,
+        key_energy=0.95,
+        key_bits=4,
+        key_pre_rope=False,
+        value_codec="quant",
+        value_bits=4,
+        value_energy=None,
+    ),
 }

@@ -42,6 +42,7 @@ _BAD_VALUES = {
     "image_basis": ["per-image", "SHARED", None, 1],
     "video_group_frames": [0, -2, 2.0, "4", None, True],
     "budget": [0, 0.0, -0.5, 1.5, True, "0.125", float("inf")],
+    "budget_strict": [None, 1, "no"],
     # per-modality overrides: a dict of codec fields whose result is a valid configuration
     "text": [{"key_bits": 3}, {"sink": 2}, {"key_codec": "zstd"}, ["key_bits", 8], "exact"],
     "image": [{"value_codec": "quant"}, {"key_rank": 0}, {"window": 4}, 0.9, ("key_energy", 0.9)],

@@ -95,7 +95,7 @@ def test_bytes_held_never_exceed_the_cap_and_compression_admits_more(model):
     kv = 2 * (300 + 16) * 512  # two DynamicCache sequences of a 300-token prompt + 16 new tokens
     small = dict(window=16, chunk=16, min_span=8)
     dyn, dyn_texts = _load(model, "dynamic", kv)
-    budget, _ = _load(model, PackConfig.preset("balanced").replace(**small, budget=0.25), kv)
+    budget, _ = _load(model, PackConfig.preset("balanced").replace(**small, budget=0.25, budget_strict=True), kv)
     lossless, lossless_texts = _load(model, PackConfig.preset("lossless"), kv)
     for snap in (dyn, budget, lossless):
         assert 0 < snap["kv_bytes_held_max"] <= kv, snap
@@ -111,6 +111,10 @@ def test_short_prompts_under_a_budget_are_reserved_as_exact(model):
     not apply to it: its reservation must cover it exact (no reservation is ever exceeded)."""
     small = dict(window=16, chunk=16, min_span=8)
     snap, _ = _load(
-        model, PackConfig.preset("balanced").replace(**small, budget=0.125), 1 << 20, requests=6, prompt="short one"
+        model,
+        PackConfig.preset("balanced").replace(**small, budget=0.125, budget_strict=True),
+        1 << 20,
+        requests=6,
+        prompt="short one",
     )
     assert snap["reservation_violations"] == 0 and 0 < snap["kv_bytes_held_max"] <= 1 << 20, snap

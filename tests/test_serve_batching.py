@@ -21,7 +21,7 @@ CONFIGS = {
     "lossless": PackConfig.preset("lossless"),
     "balanced": PackConfig.preset("balanced").replace(**SMALL),
     "max_sliding_too": PackConfig.preset("max").replace(**SMALL, compress_sliding_layers=True),
-    "budget": PackConfig.preset("balanced").replace(**SMALL, budget=0.5),
+    "budget": PackConfig.preset("balanced").replace(**SMALL, budget=0.5, budget_strict=True),
 }
 
 
@@ -105,7 +105,7 @@ def test_engine_concurrent_equals_alone_smollm2(real_model, config):
 
     model, tokenizer = real_model
     spec = (
-        PackConfig.preset("balanced").replace(budget=0.125)
+        PackConfig.preset("balanced").replace(budget=0.125, budget_strict=True)
         if config.startswith("budget")
         else PackConfig.preset(config)
     )

@@ -38,7 +38,7 @@ def test_chunked_prefill_gives_the_whole_prompt_tokens(name, spec):
 
 def test_budget_cache_holds_its_bound_between_chunks():
     model = tiny_models.build_model("llama")
-    spec = PackConfig.preset("balanced").replace(**SMALL, budget=0.5)
+    spec = PackConfig.preset("balanced").replace(**SMALL, budget=0.5, budget_strict=True)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, tiny_models.VOCAB, (n,), generator=gen).tolist() for n in (200, 180)]
     engine = Engine(model, spec, kv_memory=1 << 30, prefill_chunk=48).start()

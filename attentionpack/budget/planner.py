@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -143,7 +144,9 @@ class BudgetPlanner:
     """Collects candidates during a prefill and assigns encodings within the budget at its end (one per cache)."""
 
     def __init__(self, cache: BudgetCache, fraction: float) -> None:
-        self.cache = cache
+        # weakly: the cache owns its planner, and a planner that kept its cache alive would tie the layers to the
+        # cache's model (tests/test_nbytes.py walks every tensor reachable from the layers)
+        self._cache = weakref.ref(cache)
         self.fraction = fraction
         self.queries: dict[int, torch.Tensor] = {}  # layer -> (B, Hq, w, d) window queries of the current call
         self.scaling: dict[int, float] = {}
@@ -165,8 +168,14 @@ class BudgetPlanner:
         self.queries[layer_idx] = window_queries(module, hidden, pe, min(QUERIES, hidden.shape[1]))
         self.scaling[layer_idx] = attention_scaling(module)
 
-    def begin(self, layer: BudgetLayer, ctx: Any) -> None:
-        """Start of a prefill compaction of `layer`: snapshot the exact K/V the window queries attend to."""
+    def begin(self, layer: BudgetLayer, ctx: Any) -> bool:
+        """Start of a prefill compaction of `layer`: snapshot the exact K/V the window queries attend to. Returns
+        whether the budget applies to this call; a prompt it cannot serve raises, or, for a target budget
+        (`PackConfig.budget_strict=False`, the presets), returns False: the layer then uses its codec fields."""
+        if not layer.config.budget_strict and (ctx.layout is not None or layer.layer_idx not in self.queries):
+            self.queries.pop(layer.layer_idx, None)
+            self.scaling.pop(layer.layer_idx, None)
+            return False
         if ctx.layout is not None:
             raise ValueError(
                 "PackConfig.budget covers text prompts only: this prompt has image/video tokens; "
@@ -210,6 +219,7 @@ class BudgetPlanner:
             sliding,
             valid,
         )
+        return True
 
     def propose(
         self, layer: BudgetLayer, start: int, end: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor
@@ -264,13 +274,19 @@ class BudgetPlanner:
             return
         segments = [p.segment for p in pending if p.segment is not None]
         ours = {t.untyped_storage().data_ptr() for s in segments for t in s.tensors()}
-        fixed = storage_nbytes([t for t in self.cache.tensors() if t.untyped_storage().data_ptr() not in ours])
-        dynamic = self.cache.dynamic_nbytes()
+        cache = self._cache()
+        assert cache is not None, "a planner is called by its cache, which is alive"
+        fixed = storage_nbytes([t for t in cache.tensors() if t.untyped_storage().data_ptr() not in ours])
+        dynamic = cache.dynamic_nbytes()
         limit = int(self.fraction * dynamic)
         groups = [
             [Option(nb, err, label) for label, _, nb, err in opts] for p in pending for opts in (p.keys, p.values)
         ]
         cheapest = fixed + sum(min(o.nbytes for o in g) for g in groups)
+        config = pending[0].layer.config
+        if not config.budget_strict:  # a target: f, or what the codec fields would hold if that is more
+            labels = [label for p in pending for label in _codec_labels(config, p.segment)]
+            limit = max(limit, fixed + sum(_bytes_of(g, label) for g, label in zip(groups, labels, strict=True)))
         if limit < cheapest:
             smallest = math.ceil(cheapest / dynamic * 1e4) / 1e4  # rounded up: this fraction fits
             raise BudgetError(
@@ -354,6 +370,27 @@ class BudgetPlanner:
             if storage_nbytes(part.tensors()) < exact_bytes:
                 out.append((label, part))
         return out
+
+
+def _codec_labels(config: PackConfig, segment: Segment | None) -> tuple[str, str]:
+    """The (key, value) candidate labels that store a span as `config`'s codec fields would (exact where no
+    candidate matches them, and for the recent window, which fixed codecs keep exact)."""
+    if segment is None or segment.kind == "window":
+        return "exact", "exact"
+    labels = []
+    for prefix, table in (("key", KEY_CANDIDATES), ("value", VALUE_CANDIDATES)):
+        codec, bits, energy = (getattr(config, f"{prefix}_{n}") for n in ("codec", "bits", "energy"))
+        if prefix == "key" and codec == "lowrank" and config.key_pre_rope:
+            codec = "pre-rope"  # not among the candidates (they factor rotated keys)
+        want = {"codec": codec, "bits": bits} | ({"energy": energy} if codec == "lowrank" else {})
+        match = [lab for lab, spec in table.items() if all(spec.get(k) == v for k, v in want.items())]
+        labels.append(match[0] if match and codec != "exact" else "exact")
+    return labels[0], labels[1]
+
+
+def _bytes_of(group: list[Option], label: str) -> int:
+    """Bytes of option `label` in `group`, or of its exact option when the span was not offered `label`."""
+    return next((o.nbytes for o in group if o.label == label), next(o.nbytes for o in group if o.label == "exact"))
 
 
 def _first_components(part: QuantizedLowRankPart, r: int, sample_ranks: tuple[int, ...]) -> QuantizedLowRankPart:

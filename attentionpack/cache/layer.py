@@ -78,6 +78,7 @@ class PackedLayer(CacheLayerMixin):
         self.codecs: dict[str, PackConfig] = {m: config.for_modality(m) for m in ("text", "image", "video")}
         self.planner: Any = None  # a BudgetPlanner (budget/planner.py) when PackConfig.budget is set
         self.budget_choice: tuple[str, str] | None = None  # (key, value) candidate labels the budget chose
+        self._budgeted = False  # the current prefill call's spans are chosen by the planner
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -349,8 +350,9 @@ class PackedLayer(CacheLayerMixin):
     def _compact(self, prefill: bool, ctx: StepContext) -> None:
         """Move tokens from the exact tail into frozen segments (see module docstring)."""
         tail_start = self.total - self.tail_length
-        if prefill and self.planner is not None:  # before the sinks leave the tail (their padding flags with them)
-            self.planner.begin(self, ctx)
+        # a budget chooses this call's encodings (begin: before the sinks leave the tail, their padding flags with
+        # them), unless it declines the prompt (a target budget on image/video tokens): then the codec fields do
+        self._budgeted = prefill and self.planner is not None and self.planner.begin(self, ctx)
         if self.sink_end is None:  # first call: the tail starts at token 0
             # sinks: each sample's first `sink` real tokens; with left padding the latest-starting sample decides
             _, _, _, tail_valid = self._compress_view()
@@ -376,7 +378,7 @@ class PackedLayer(CacheLayerMixin):
                     self._freeze_groups(a, b, groups, ctx)
                 else:
                     self._freeze(a, b, kind="span", compress=b - a >= self.config.min_span, ctx=ctx)
-            if self.planner is not None and self.total > stop and not self.record_past:  # a budget weighs the
+            if self._budgeted and self.total > stop and not self.record_past:  # a budget weighs the
                 # recent window's bytes too (kept exact, or 8-bit when bytes are better spent on older tokens)
                 self._freeze(
                     stop, self.total, kind="window", compress=self.total - stop >= self.config.min_span, ctx=ctx
@@ -395,7 +397,7 @@ class PackedLayer(CacheLayerMixin):
         pending = None
         key_part: Part
         value_part: Part
-        if compress and kind in ("span", "window") and self.planner is not None:  # candidates now, choice later
+        if compress and kind in ("span", "window") and self._budgeted:  # candidates now, choice later
             pending, key_part, value_part = self.planner.propose(self, start, end, k, v, valid)
         elif compress:
             cfg = self.codecs["text"]

@@ -145,7 +145,10 @@ class KVAccounting:
         # the only string spec is "dynamic" (handled above); anything else is a PackConfig
         assert isinstance(self.spec, PackConfig), f"cache spec {self.spec!r} is neither 'dynamic' nor a PackConfig"
         budget = self.spec.budget
-        if budget is not None and prompt >= self.spec.sink + self.spec.window + self.spec.min_span:
+        # a target budget (the presets) may keep a prompt exact (PackConfig.budget_strict): reserved as exact until
+        # its prefill has measured what it holds
+        strict = budget is not None and self.spec.budget_strict
+        if strict and prompt >= self.spec.sink + self.spec.window + self.spec.min_span:
             return math.ceil(budget * self.per_token * prompt) + self.growth(max_tokens)
         if not self.compressing:
             return self.per_token * (prompt + max_tokens)
