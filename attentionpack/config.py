@@ -213,26 +213,11 @@ def _bad(field_name: str, value: object, allowed: str) -> NoReturn:
 # target budget: 1/5 and about 1/6.7 of DynamicCache's bytes after the prefill, README "Presets, measured"); their
 # codec fields (keys: low-rank factors of the rotated keys with 4-bit coefficients; values: 4-bit per token) serve
 # the prompts a budget cannot (image/video tokens, `ingest`) and the generated tokens' chunks until a prefill chose.
+_TARGET = dict(
+    budget_strict=False, key_bits=4, key_pre_rope=False, value_codec="quant", value_bits=4, value_energy=None
+)
 PRESETS: dict[str, dict] = {
     "lossless": dict(key_codec="exact", value_codec="exact", key_energy=None, value_energy=None),
-    "balanced": dict(
-        budget=0.2,
-        budget_strict=False,
-        key_energy=0.98,
-        key_bits=4,
-        key_pre_rope=False,
-        value_codec="quant",
-        value_bits=4,
-        value_energy=None,
-    ),
-    "max": dict(
-        budget=0.15,
-        budget_strict=False,
-        key_energy=0.95,
-        key_bits=4,
-        key_pre_rope=False,
-        value_codec="quant",
-        value_bits=4,
-        value_energy=None,
-    ),
+    "balanced": dict(_TARGET, budget=0.2, key_energy=0.98),
+    "max": dict(_TARGET, budget=0.15, key_energy=0.95),
 }
