@@ -190,6 +190,7 @@ class BudgetPlanner:
             )
         keys, values = layer.materialize(ctx.rope)  # (B, H, T, d) each
         t, n_tail = keys.shape[-2], layer.tail_length
+        queries = queries[:, :, -t:]  # a sliding layer may keep fewer tokens than the window has queries
         valid = torch.ones(keys.shape[0], t, dtype=torch.bool, device=keys.device)
         if layer.tail_valid is not None:
             valid[:, t - n_tail :] = layer.tail_valid  # earlier segments: taken as real tokens
