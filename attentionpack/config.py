@@ -40,7 +40,8 @@ class PackConfig:
     weighted energy; `codecs.lowrank.score_weighting`).
 
     `budget`: None, or a fraction f in (0, 1]: after every prefill the cache holds at most f x the bytes a
-    DynamicCache would hold for the same tokens (every storage counted). The prompt's spans then ignore the codec
+    DynamicCache holds for the same tokens while decoding (every storage counted; its sliding-window layers keep
+    their last W-1 tokens). The prompt's spans then ignore the codec
     fields above: per layer and for keys and values separately, the cache picks among exact, 8/4/2-bit
     quantization and post-RoPE low-rank encodings the mix with the least attention-output error of the last
     prompt queries that fits (cache/budgeted.py); each layer's decode chunks use its chosen encoding. Text

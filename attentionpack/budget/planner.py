@@ -93,7 +93,7 @@ class BudgetCache(Protocol):
 
     def tensors(self) -> list[torch.Tensor]: ...
 
-    def dynamic_nbytes(self) -> int: ...
+    def dynamic_nbytes(self, steady: bool = False) -> int: ...
 
 
 def candidate_config(base: PackConfig, key: str, value: str) -> PackConfig:
@@ -190,6 +190,7 @@ class BudgetPlanner:
             )
         keys, values = layer.materialize(ctx.rope)  # (B, H, T, d) each
         t, n_tail = keys.shape[-2], layer.tail_length
+        queries = queries[:, :, -t:]  # a sliding layer may keep fewer tokens than the window has queries
         valid = torch.ones(keys.shape[0], t, dtype=torch.bool, device=keys.device)
         if layer.tail_valid is not None:
             valid[:, t - n_tail :] = layer.tail_valid  # earlier segments: taken as real tokens
@@ -277,7 +278,9 @@ class BudgetPlanner:
         cache = self._cache()
         assert cache is not None, "a planner is called by its cache, which is alive"
         fixed = storage_nbytes([t for t in cache.tensors() if t.untyped_storage().data_ptr() not in ours])
-        dynamic = cache.dynamic_nbytes()
+        # f of what DynamicCache keeps while decoding (its sliding layers: W-1 tokens), not of the whole prompt its
+        # sliding layers still hold right after a prefill: the bound that holds for the rest of the sequence
+        dynamic = cache.dynamic_nbytes(steady=True)
         limit = int(self.fraction * dynamic)
         groups = [
             [Option(nb, err, label) for label, _, nb, err in opts] for p in pending for opts in (p.keys, p.values)

@@ -128,6 +128,8 @@ class PackedLayer(CacheLayerMixin):
                 self.paths["exact"] += 1
             keys, values = self.materialize(ctx.rope)
         if self.compress:
+            if self.is_sliding and not self.record_past:  # what no later query can see is dropped, not compressed
+                self._drop_outside_window()
             self._compact(prefill=q > 1, ctx=ctx)
         if self.is_sliding and not self.record_past:
             self._drop_outside_window()
@@ -289,13 +291,15 @@ class PackedLayer(CacheLayerMixin):
             )
         return rows
 
-    def dynamic_equivalent_bytes(self) -> int:
-        """Bytes a transformers DynamicCache would hold for this layer after the same tokens."""
+    def dynamic_equivalent_bytes(self, steady: bool = False) -> int:
+        """Bytes a transformers DynamicCache would hold for this layer after the same tokens. A sliding layer's
+        stock cache keeps a view of cat(old, new) — the last call's tokens plus W-1 older ones, all of a prefill —
+        until its next call; `steady`: what it keeps from then on while decoding (W-1 tokens)."""
         if not self.is_initialized or self.tail is None and not self.segments:
             return 0
         held = self.total
-        if self.spec.sliding_window is not None:  # the stock layer keeps a view of cat(old, new): W-1 older + new
-            q = self._last_call_tokens
+        if self.spec.sliding_window is not None:
+            q = 0 if steady else self._last_call_tokens
             held = min(self.total - q, self.spec.sliding_window - 1) + q
         batch = self.tail.keys.shape[0] if self.tail is not None else self.segments[0].keys.tensors()[0].shape[0]
         elem = torch.empty((), dtype=self.dtype).element_size()

@@ -272,9 +272,10 @@ class PackedCache(Cache):
         """Bytes of every tensor the cache holds (each storage counted once, whole)."""
         return storage_nbytes(self.tensors())
 
-    def dynamic_nbytes(self) -> int:
-        """Bytes a transformers DynamicCache would hold for the same tokens."""
-        return sum(layer.dynamic_equivalent_bytes() for layer in self.layers)
+    def dynamic_nbytes(self, steady: bool = False) -> int:
+        """Bytes a transformers DynamicCache would hold for the same tokens now; `steady`: once decoding, when its
+        sliding-window layers keep only their last W-1 tokens (after a prefill they still hold the whole prompt)."""
+        return sum(layer.dynamic_equivalent_bytes(steady) for layer in self.layers)
 
     def stats(self) -> dict:
         """Per layer and stored run: tokens, codec and rank of K and V, bytes; totals vs DynamicCache; per modality
