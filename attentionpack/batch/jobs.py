@@ -33,6 +33,10 @@ class Row:
     messages: list[dict] | None
     seed: int | None
 
+    def seed_or(self, default: int) -> int:
+        """The row's own sampling seed, else `default` (the job's --seed)."""
+        return default if self.seed is None else self.seed
+
     @property
     def key(self) -> str:
         """The id as JSON: the key that matches a row with its journal entry (1 and "1" differ)."""

@@ -10,6 +10,7 @@ makes the actor that reaches that row exit at once the first time (the marker fi
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 
@@ -63,7 +64,7 @@ def run_ray(
         return
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the job's own bar counts rows

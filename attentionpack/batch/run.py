@@ -7,6 +7,7 @@ write the output in input order."""
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -84,13 +85,10 @@ def run_batch(
     journal = Journal(output, settings, overwrite)
     journal.check(rows)
     pending = [i for i, row in enumerate(rows) if row.key not in journal.done]
-    if ray and pending:  # fail fast, before loading anything
-        try:
-            import ray.data  # noqa: F401
-        except ImportError:
-            from .ray_data import RAY_MISSING
+    if ray and pending and importlib.util.find_spec("ray") is None:  # fail fast, before loading anything
+        from .ray_data import RAY_MISSING
 
-            raise BatchError(RAY_MISSING) from None
+        raise BatchError(RAY_MISSING)
     if pending:
         if not ray:
             apply_threads(choose_threads(threads)[0])
@@ -99,7 +97,7 @@ def run_batch(
             (
                 i,
                 encode_row(tokenizer, model, rows[i], chat, max_new_tokens),
-                rows[i].seed if rows[i].seed is not None else seed,
+                rows[i].seed_or(seed),
             )
             for i in pending
         ]
