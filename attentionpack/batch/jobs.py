@@ -200,7 +200,7 @@ class Journal:
         if row.key in self.done:
             return
         entry = {"key": row.key, "digest": row.digest, "result": result}
-        self._append(json.dumps(entry, sort_keys=True, ensure_ascii=False))
+        self._append(json.dumps(entry, ensure_ascii=False))  # keeps the result's field order
         self.done[row.key] = entry
 
 
