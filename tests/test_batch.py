@@ -157,9 +157,9 @@ def test_sampling_is_reproducible_per_row(tmp_path):
 
 
 LONG = "word " * 9000  # past SmolLM2's 8192 positions
-BAD = [
-    ([{"id": 1, "prompt": "hi"}, "{not json"], "line 2 is not valid JSON"),
-    ([{"id": 1, "prompt": "hi"}, {"id": 1, "prompt": "again"}], "line 2: id 1 repeats line 1"),
+BAD = [  # each case follows the good row "kept" (line 1), so its rows start at line 2
+    ([{"id": 1, "prompt": "hi"}, "{not json"], "bad.jsonl line 3 is not valid JSON"),
+    ([{"id": 1, "prompt": "hi"}, {"id": 1, "prompt": "again"}], "line 3: id 1 repeats line 2"),
     ([{"id": 1, "text": "hi"}], 'needs exactly one of "prompt" or "messages"'),
     ([{"id": 1, "prompt": "   "}], 'empty or non-text "prompt"'),
     ([{"id": 1, "messages": []}], 'invalid "messages"'),
