@@ -54,7 +54,8 @@ def run_ray(
     done: Callable[[int, dict], None],
 ) -> None:
     """Answer each `(index, ids, seed)` on a pool of `workers` actors, calling `done(index, result)` in the driver as
-    results arrive (any order). Starts a local Ray cluster unless one is already initialized (then uses it)."""
+    results arrive (any order). Uses Ray if already initialized, else the cluster at $RAY_ADDRESS when set, else
+    starts a local one with `workers + 1` CPUs (and shuts down what it started or joined)."""
     try:
         import ray
         import ray.data
@@ -63,7 +64,9 @@ def run_ray(
     if not work:
         return
     started = not ray.is_initialized()
-    if started:
+    if started and os.environ.get("RAY_ADDRESS"):  # an existing cluster
+        ray.init(log_to_driver=False, logging_level=logging.ERROR)
+    elif started:
         ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         context = ray.data.DataContext.get_current()
