@@ -139,6 +139,10 @@ def test_other_settings_refused_unless_overwrite(tmp_path):
     assert refused.exit_code == 2 and "different prompt" in refused.output
     again = _batch("--input", str(src), "--output", str(out), "-n", "5", "--overwrite")
     assert again.exit_code == 0 and "(0 already done, 2 answered)" in again.output
+    fresh = tmp_path / "fresh.jsonl"  # a first run that stopped before any row: its settings bind nothing
+    too_long = _write(tmp_path / "long.jsonl", [{"id": 1, "prompt": LONG}])
+    assert _batch("--input", str(too_long), "--output", str(fresh), "-n", "4").exit_code == 2
+    assert _batch("--input", str(src), "--output", str(fresh), "-n", "3").exit_code == 0
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text("keep me\n", encoding="utf-8")
     refused = _batch("--input", str(src), "--output", str(foreign))

@@ -122,7 +122,8 @@ class Journal:
     """The append-only record of finished rows of one job (see the module docstring).
 
     `Journal(output, settings, overwrite)` opens or starts it: an existing journal with other settings raises
-    BatchError unless `overwrite` (which starts afresh); `done` maps row keys to their recorded results."""
+    BatchError unless `overwrite` (which starts afresh; so does a journal without any finished row); `done` maps
+    row keys to their recorded results."""
 
     def __init__(self, output: Path, settings: dict, overwrite: bool = False):
         self.path = journal_path(output)
@@ -162,6 +163,9 @@ class Journal:
                 ) from None
         if not entries or not isinstance(entries[0], dict) or "settings" not in entries[0]:
             raise BatchError(f"journal {self.path} has no settings line; pass --overwrite to start the job afresh")
+        if entries[0]["settings"] != self.settings and len(entries) == 1:  # nothing finished: start afresh
+            self.path.unlink()
+            return
         if entries[0]["settings"] != self.settings:
             old, new = entries[0]["settings"], self.settings
             diff = ", ".join(
