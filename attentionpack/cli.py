@@ -214,6 +214,9 @@ from .serve.cli import bench_serve_command, serve_command  # noqa: E402  (attent
 app.command("serve")(serve_command)
 bench_app.command("serve")(bench_serve_command)
 
+from .batch.cli import batch_command  # noqa: E402  (offline JSONL jobs: attentionpack/batch/)
+
+app.command("batch")(batch_command)
 from .store_cli import cache_app  # noqa: E402  (saved caches, a prefix store: attentionpack/store/)
 
 app.add_typer(cache_app, name="cache")

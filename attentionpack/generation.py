@@ -71,12 +71,18 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
     if not text.strip():
         raise ValueError("the prompt is empty; give a prompt file with some text")
     if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-    else:
-        ids = tokenizer(text, return_tensors="pt").input_ids
-    return ids
+        return encode_messages(tokenizer, [{"role": "user", "content": text}])
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> torch.Tensor:
+    """Token ids (1, T) of a chat (`[{"role": ..., "content": ...}, ...]`) through the tokenizer's chat template,
+    ending with the assistant's generation prompt. Raises ValueError when the tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the model's tokenizer has no chat template; give plain 'prompt' rows instead of 'messages'")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
 
 
 def chunk_calls(start: int, prompt_tokens: int, chunk: int) -> list[tuple[int, int]]:
@@ -136,6 +142,16 @@ def encode_vlm_prompt(processor, text: str, images: list, chat: bool) -> dict:
     return dict(processor(images=images or None, text=prompt, return_tensors="pt"))
 
 
+def pack_config(preset: str, budget: float | None) -> PackConfig:
+    """The cache of `generate` and `batch`: a preset's PackConfig, or `PackConfig(budget=budget)` when given."""
+    return PackConfig.preset(preset) if budget is None else PackConfig(budget=budget)
+
+
+def decoding_kwargs(sample: bool, temperature: float) -> dict:
+    """`model.generate` keyword arguments: greedy, or sampling at `temperature` with top_p 0.95."""
+    return dict(do_sample=True, temperature=temperature, top_p=0.95) if sample else dict(do_sample=False)
+
+
 def run_generate(
     text: str,
     preset: str = "balanced",
@@ -164,7 +180,7 @@ def run_generate(
     from .threads import apply_threads, choose_threads
 
     console = console or Console()
-    config = PackConfig.preset(preset) if budget is None else PackConfig(budget=budget)
+    config = pack_config(preset, budget)
     label = f"'{preset}'" if budget is None else f"budget={budget:g}"
     threads, note = choose_threads(threads)
     if note:
@@ -207,7 +223,7 @@ def run_generate(
     torch.manual_seed(seed)
     start = time.perf_counter()
     streamer = _ProgressStreamer(model, ids.shape[1], max_new_tokens, calls=len(calls) + 1)
-    kwargs = dict(do_sample=True, temperature=temperature, top_p=0.95) if sample else dict(do_sample=False)
+    kwargs = decoding_kwargs(sample, temperature)
     try:
         prefill_chunks(model, ids, cache, calls)
         out = model.generate(

@@ -1,0 +1,1 @@
+"""Offline batch jobs over JSONL prompt files: `attentionpack batch` (locally or on Ray Data with `--ray`)."""
