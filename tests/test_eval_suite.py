@@ -182,3 +182,31 @@ def test_bad_suite_inputs_fail_early_with_one_line_errors(tiny_folder, tmp_path)
     assert len([line for line in result.output.splitlines() if line.strip()]) == 1
     result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "x"), "--model", str(tiny_folder), "-t", "poem"])
     assert result.exit_code == 2 and "use britannica, play, code" in result.output
+
+
+def test_cli_full_and_defaults_reach_evaluate(monkeypatch, tmp_path):
+    """--full asks for the acceptance protocol; options given explicitly still win; --model/--text repeat."""
+    from typer.testing import CliRunner
+
+    from attentionpack.cli import app
+    from attentionpack.eval.configs import DEFAULT_CONFIGS, FULL_CONFIGS
+
+    seen = []
+
+    def fake(out, **kw):
+        seen.append(kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(runner, "evaluate", fake)
+    out = str(tmp_path / "x")
+    CliRunner().invoke(app, ["eval", "--out", out])
+    CliRunner().invoke(app, ["eval", "--out", out, "--full"])
+    CliRunner().invoke(app, ["eval", "--out", out, "--full", "-k", "6", "-m", "gemma3", "-m", "smollm2", "-t", "code"])
+    default, full, mixed = seen
+    assert default["model"] is None and default["texts"] is None and default["configs"] is None
+    assert "windows" not in default  # Settings' default (2)
+    assert runner.Settings().windows == 2 and runner.Settings().configs == DEFAULT_CONFIGS
+    assert full["model"] == ["smollm2", "gemma3"] and full["texts"] == ["britannica", "play", "code"]
+    assert full["configs"] == list(FULL_CONFIGS) and full["windows"] == 4 and full["continuation"] == 256
+    assert full["needle_lengths"] == (1024, 2048, 4096) and len(full["needle_depths"]) == 5
+    assert mixed["windows"] == 6 and mixed["model"] == ["gemma3", "smollm2"] and mixed["texts"] == ["code"]
