@@ -209,4 +209,30 @@ def test_cli_full_and_defaults_reach_evaluate(monkeypatch, tmp_path):
     assert full["model"] == ["smollm2", "gemma3"] and full["texts"] == ["britannica", "play", "code"]
     assert full["configs"] == list(FULL_CONFIGS) and full["windows"] == 4 and full["continuation"] == 256
     assert full["needle_lengths"] == (1024, 2048, 4096) and len(full["needle_depths"]) == 5
+    assert full["needle_modes"] == ("inside", "after")
     assert mixed["windows"] == 6 and mixed["model"] == ["gemma3", "smollm2"] and mixed["texts"] == ["code"]
+
+
+def test_needle_question_after_compression_mode(tiny_folder, tmp_path):  # noqa: F811
+    """needle_modes ("inside", "after"): both grids per configuration; DynamicCache answers the same either way (an
+    exact cache: prefilling the question in a second call is the same computation); an unknown mode fails early."""
+    out = tmp_path / "modes"
+    kw = dict(
+        model=str(tiny_folder),
+        texts=[str(tiny_folder / "prose.txt")],
+        configs=["dynamic", "max"],
+        progress=False,
+        isolate=False,
+        **{**SMALL, "speed_repeats": 0, "needle_modes": ("inside", "after")},
+    )
+    res = runner.evaluate(out, needle_configs=("dynamic", "max"), **kw)
+    (grid,) = res["needle"].values()
+    assert set(grid) == {"dynamic", "max", "dynamic (after)", "max (after)"}
+    n = len(SMALL["needle_lengths"]) * len(SMALL["needle_depths"])
+    assert all(len(grid[k]["trials"]) == n for k in grid)
+    inside, after = grid["dynamic"]["trials"], grid["dynamic (after)"]["trials"]
+    assert [r["answer"] for r in inside] == [r["answer"] for r in after]
+    again = runner.evaluate(out, needle_configs=("dynamic", "max"), **kw)
+    assert again["cells"]["measured"] == 0
+    with pytest.raises(ValueError, match="must be 'inside' and/or 'after'"):
+        runner.evaluate(tmp_path / "never", **{**kw, "needle_modes": ("before",)})

@@ -67,6 +67,11 @@ def eval_command(
     ),
     needle_lengths: list[str] | None = typer.Option(None, help="Needle prompt lengths (default: 1024 2048)."),
     needle_depths: list[str] | None = typer.Option(None, help="Needle depths from 0 to 1 (default: 0 0.5 1)."),
+    needle_modes: list[str] | None = typer.Option(
+        None,
+        help="Needle modes: inside (the question in the prompt), after (document compressed alone, the question "
+        "asked in a second call) (default: inside; --full: both).",
+    ),
     needle_trials: int = typer.Option(1, min=0, help="Trials per needle cell (0: skip the needle grid)."),
     speed_configs: list[str] | None = typer.Option(
         None, help="Configurations timed in interleaved rounds (default: dynamic budget-0.125 balanced max)."
@@ -93,6 +98,7 @@ def eval_command(
         "needle_depths": _numbers(needle_depths, float, "--needle-depths"),
         "speed_contexts": _numbers(speed_contexts, int, "--speed-contexts"),
         "speed_configs": tuple(_words(speed_configs) or ()) if speed_configs else None,
+        "needle_modes": tuple(_words(needle_modes) or ()) if needle_modes else None,
     }
     settings = {k: v for k, v in settings.items() if v is not None}
     if windows is not None:

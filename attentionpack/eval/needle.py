@@ -111,11 +111,18 @@ def greedy_answer(
     make_cache: Callable[[], object],
     max_new_tokens: int = 10,
     eos: Sequence[int] = (),
+    after: bool = False,
 ) -> tuple[list[int], float, float]:
-    """Prefill the whole prompt through a fresh cache, then greedy-decode. Returns (ids, prefill_s, decode ms)."""
-    ids = torch.tensor([list(context_ids) + list(question_ids)], dtype=torch.long)
+    """Prefill the whole prompt through a fresh cache, then greedy-decode. Returns (ids, prefill_s, decode ms).
+    after=True: the question asked after compression: the document (`context_ids`) is prefilled alone, then the
+    question goes through the compressed cache in a second call (prefill_s counts both)."""
     cache = make_cache()
     start = time.perf_counter()
+    if after:
+        model(input_ids=torch.tensor([list(context_ids)]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        ids = torch.tensor([list(question_ids)], dtype=torch.long)
+    else:
+        ids = torch.tensor([list(context_ids) + list(question_ids)], dtype=torch.long)
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - start
     answer, decode_ms = _greedy_from(model, cache, out.logits[:, -1], max_new_tokens, eos)
@@ -130,14 +137,17 @@ def greedy_answers_shared(
     makers: dict[str, Callable[[], object] | None],
     max_new_tokens: int = 10,
     eos: Sequence[int] = (),
+    after: bool = False,
 ) -> dict[str, tuple[list[int], float, float] | BudgetError]:
     """`greedy_answer` for several caches with one prefill. The prompt goes through a DynamicCache once; a maker
     returning a PackedCache gets its cache derived from it (`PackedCache.ingest`: prefill attention is exact in our
     cache, so the prefill and its logits are the same) and a maker None decodes on the DynamicCache itself, last.
     prefill_s is the shared prefill's time, except for a cache with a byte budget (`PackConfig.budget`), which
     needs the prompt's queries and is prefilled on its own (its entry is the BudgetError when the prompt is too
-    short for the budget)."""
-    ids = torch.tensor([list(context_ids) + list(question_ids)], dtype=torch.long)
+    short for the budget). after=True: the shared prefill holds the document alone; each cache is derived from it
+    (compressed without the question), then the question goes through that cache in a second call."""
+    ids = torch.tensor([list(context_ids) + ([] if after else list(question_ids))], dtype=torch.long)
+    question = torch.tensor([list(question_ids)], dtype=torch.long)
     from transformers import DynamicCache
 
     shared = DynamicCache(config=model.config)
@@ -154,14 +164,19 @@ def greedy_answers_shared(
                 return c
 
             try:
-                results[name] = greedy_answer(model, context_ids, question_ids, same, max_new_tokens, eos)
+                results[name] = greedy_answer(model, context_ids, question_ids, same, max_new_tokens, eos, after)
             except BudgetError as err:  # the prompt is too short for the budget
                 results[name] = err
             continue
         if cache is not shared:
             cache.ingest(shared)
-        answer, decode_ms = _greedy_from(model, cache, first, max_new_tokens, eos)
-        results[name] = (answer, prefill_s, decode_ms)
+        logits, asked_s = first, 0.0
+        if after:  # the question after compression, through this cache
+            t0 = time.perf_counter()
+            logits = model(input_ids=question, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            asked_s = time.perf_counter() - t0
+        answer, decode_ms = _greedy_from(model, cache, logits, max_new_tokens, eos)
+        results[name] = (answer, prefill_s + asked_s, decode_ms)
     return results
 
 
@@ -218,10 +233,16 @@ def grid_prompts(
 
 
 def run_trial(
-    model, tokenizer, prompt: NeedlePrompt, make_cache: Callable[[], object], max_new_tokens: int = 10
+    model,
+    tokenizer,
+    prompt: NeedlePrompt,
+    make_cache: Callable[[], object],
+    max_new_tokens: int = 10,
+    after: bool = False,
 ) -> TrialResult:
+    """One needle prompt through a fresh cache; after=True asks the question after compression (`greedy_answer`)."""
     ids, prefill_s, decode_ms = greedy_answer(
-        model, prompt.context_ids, prompt.question_ids, make_cache, max_new_tokens, eos_ids(model, tokenizer)
+        model, prompt.context_ids, prompt.question_ids, make_cache, max_new_tokens, eos_ids(model, tokenizer), after
     )
     answer, hit = score(tokenizer, prompt, ids)
     return TrialResult(answer, hit, prefill_s, decode_ms, ids)

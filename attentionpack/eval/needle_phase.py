@@ -1,6 +1,8 @@
 """Phase 3 of `evaluate()`: the needle retrieval grid (length x depth) of each needle configuration, per model, on
-the first text. DynamicCache and our caches share one prefill per prompt; each finished (configuration, length,
-depth) cell is saved at once."""
+the first text, in each needle mode: "inside" (the question inside the prompt) and "after" (the document prefilled
+and compressed alone, the question appended in a second call: the prefix-reuse setting; results named
+"<config> (after)"). DynamicCache and our caches share one prefill per prompt; each finished (configuration, mode,
+length, depth) cell is saved at once."""
 
 from __future__ import annotations
 
@@ -23,22 +25,28 @@ WORDING = hashlib.sha1(
 
 
 def needle(run: Run, m: ModelRun) -> dict:
-    """{config: {"rates", "rate", "trials"}} for one model."""
-    s = run.s
+    """{config (or "config (after)"): {"rates", "rate", "trials"}} for one model."""
     results: dict = {}
     if not m.prompts:
         return results
+    for mode in run.s.needle_modes:
+        _mode(run, m, mode == "after", results)
+    return results
+
+
+def _mode(run: Run, m: ModelRun, after: bool, results: dict) -> None:
+    s = run.s
     eos = needle_mod.eos_ids(m.model, m.tokenizer)
     groups: dict = {}
     for p in m.prompts:
         groups.setdefault((p.length, p.depth), []).append(p)
     pending = {}  # spec name -> (spec, rows, todo)
     for sp in run.needle_specs:
-        if not sp.in_process and run.kvpress_env.get("status") != "ok":
-            continue
+        if not sp.in_process and (after or run.kvpress_env.get("status") != "ok"):
+            continue  # kvpress: its own protocol (it compresses the context without the question), inside only
         rows, todo = [], []
         for (length, depth), prompts in groups.items():
-            key = f"needle__{m.key}__{sp.name}__L{length}__d{depth:g}"
+            key = f"needle__{m.key}__{sp.name}__L{length}__d{depth:g}" + ("__after" if after else "")
             settings = {
                 "model": m.model_id,
                 "text": m.texts[0]["id"],
@@ -50,21 +58,22 @@ def needle(run: Run, m: ModelRun) -> dict:
                 "seed": s.seed,
                 "max_new_tokens": s.needle_new_tokens,
                 "wording": WORDING,
+                "mode": "after" if after else "inside",
             }
             got = run.cells.get(key, settings)
             if got is not None:
                 rows.extend(got["trials"])
             else:
                 todo.append((key, settings, prompts))
-        pending[sp.name] = (sp, rows, todo)
+        pending[sp.name + (" (after)" if after else "")] = (sp, rows, todo)
     # DynamicCache and our caches attend exactly during prefill: one prefill per prompt serves them all
     shared = [name for name, (sp, _, todo) in pending.items() if sp.kind in ("dynamic", "pack") and todo]
     if shared:
-        _shared(run, m, {name: pending[name] for name in shared}, eos)
+        _shared(run, m, {name: pending[name] for name in shared}, eos, after)
     for name, (sp, rows, todo) in pending.items():
         if name not in shared and todo:
             bar = cells_mod.bar(
-                run.progress, total=sum(len(t[2]) for t in todo), desc=f"needle {m.key} {sp.name}", unit="prompt"
+                run.progress, total=sum(len(t[2]) for t in todo), desc=f"needle {m.key} {name}", unit="prompt"
             )
             if sp.in_process:
                 for key, settings, prompts in todo:
@@ -74,7 +83,7 @@ def needle(run: Run, m: ModelRun) -> dict:
                         return make_cache(m.model, sp)
 
                     for p in prompts:
-                        res = needle_mod.run_trial(m.model, m.tokenizer, p, fresh, s.needle_new_tokens)
+                        res = needle_mod.run_trial(m.model, m.tokenizer, p, fresh, s.needle_new_tokens, after)
                         group.append(_row(p, res.answer, res.hit, res.prefill_s))
                         bar.update(1)
                     rows.extend(run.cells.put(key, settings, {"trials": group})["trials"])
@@ -93,10 +102,9 @@ def needle(run: Run, m: ModelRun) -> dict:
             "rate": sum(total) / len(total) if total else None,
             "trials": rows,
         }
-    return results
 
 
-def _shared(run: Run, m: ModelRun, pending: dict, eos) -> None:
+def _shared(run: Run, m: ModelRun, pending: dict, eos, after: bool) -> None:
     """Needle trials of DynamicCache-like configurations prompt by prompt, one prefill per prompt
     (`needle.greedy_answers_shared`); each finished (configuration, length, depth) cell is saved at once."""
     work: dict = {}  # prompt id -> (prompt, [(spec, key, settings, cell, slot)])
@@ -112,7 +120,7 @@ def _shared(run: Run, m: ModelRun, pending: dict, eos) -> None:
             sp.name: None if sp.kind == "dynamic" else (lambda sp=sp: make_cache(m.model, sp)) for sp, *_ in users
         }
         answers = needle_mod.greedy_answers_shared(
-            m.model, p.context_ids, p.question_ids, makers, run.s.needle_new_tokens, eos
+            m.model, p.context_ids, p.question_ids, makers, run.s.needle_new_tokens, eos, after
         )
         for sp, key, settings, cell, i in users:
             got = answers[sp.name]

@@ -97,6 +97,8 @@ class Run:
             raise ValueError(f"windows={s.windows!r} must be an integer >= 1")
         if s.continuation < 2 or s.needle_trials < 0 or s.speed_repeats < 0 or s.speed_steps < 1:
             raise ValueError("continuation must be >= 2, needle_trials and speed_repeats >= 0, speed_steps >= 1")
+        if not s.needle_modes or any(mode not in ("inside", "after") for mode in s.needle_modes):
+            raise ValueError(f"needle_modes={list(s.needle_modes)} must be 'inside' and/or 'after'")
         if any(not 0 <= d <= 1 for d in s.needle_depths):
             raise ValueError(f"needle_depths={list(s.needle_depths)} must lie in [0, 1]")
         self._choose_threads()

@@ -28,6 +28,7 @@ class Settings:
     needle_configs: tuple | None = None  # None: DEFAULT_NEEDLE among `configs`
     needle_lengths: tuple = (1024, 2048)
     needle_depths: tuple = (0.0, 0.5, 1.0)
+    needle_modes: tuple = ("inside",)  # "inside": question in the prompt; "after": asked after compression
     needle_trials: int = 1
     needle_new_tokens: int = 10
     speed_configs: tuple | None = None  # None: DEFAULT_SPEED among `configs`
@@ -51,6 +52,7 @@ FULL_SETTINGS: dict[str, Any] = {
     "windows": 4,
     "needle_lengths": (1024, 2048, 4096),
     "needle_depths": (0.0, 0.25, 0.5, 0.75, 1.0),
+    "needle_modes": ("inside", "after"),
 }
 
 
