@@ -209,7 +209,7 @@ def test_cli_full_and_defaults_reach_evaluate(monkeypatch, tmp_path):
     assert full["model"] == ["smollm2", "gemma3"] and full["texts"] == ["britannica", "play", "code"]
     assert full["configs"] == list(FULL_CONFIGS) and full["windows"] == 4 and full["continuation"] == 256
     assert full["needle_lengths"] == (1024, 2048, 4096) and len(full["needle_depths"]) == 5
-    assert full["needle_modes"] == ("inside", "after")
+    assert full["needle_modes"] == ("inside", "after") and full["needle_tasks"] == ("passkey", "multikey")
     assert mixed["windows"] == 6 and mixed["model"] == ["gemma3", "smollm2"] and mixed["texts"] == ["code"]
 
 
@@ -223,11 +223,11 @@ def test_needle_question_after_compression_mode(tiny_folder, tmp_path):  # noqa:
         configs=["dynamic", "max"],
         progress=False,
         isolate=False,
-        **{**SMALL, "speed_repeats": 0, "needle_modes": ("inside", "after")},
+        **{**SMALL, "speed_repeats": 0, "needle_modes": ("inside", "after"), "needle_tasks": ("passkey", "multikey")},
     )
     res = runner.evaluate(out, needle_configs=("dynamic", "max"), **kw)
     (grid,) = res["needle"].values()
-    assert set(grid) == {"dynamic", "max", "dynamic (after)", "max (after)"}
+    assert set(grid) == {f"{c}{t}{a}" for c in ("dynamic", "max") for t in ("", " multikey") for a in ("", " (after)")}
     n = len(SMALL["needle_lengths"]) * len(SMALL["needle_depths"])
     assert all(len(grid[k]["trials"]) == n for k in grid)
     inside, after = grid["dynamic"]["trials"], grid["dynamic (after)"]["trials"]
@@ -236,3 +236,27 @@ def test_needle_question_after_compression_mode(tiny_folder, tmp_path):  # noqa:
     assert again["cells"]["measured"] == 0
     with pytest.raises(ValueError, match="must be 'inside' and/or 'after'"):
         runner.evaluate(tmp_path / "never", **{**kw, "needle_modes": ("before",)})
+    with pytest.raises(ValueError, match="needle_tasks=\\['riddle'\\] must be among"):
+        runner.evaluate(tmp_path / "never", **{**kw, "needle_tasks": ("riddle",)})
+
+
+def test_multikey_prompt_holds_every_fact_and_asks_one(tiny_folder):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    from attentionpack.eval import needle
+
+    tok = AutoTokenizer.from_pretrained(tiny_folder)
+    hay = tok(_prose(900, 3), add_special_tokens=False).input_ids
+    keys = ["11111", "22222", "33333", "44444"]
+    for depth in (0.0, 0.5, 1.0):
+        p = needle.build_multikey_prompt(tok, hay, 400, depth, keys, asked=2)
+        text = tok.decode(p.context_ids)
+        assert len(p.ids) == 400 and p.passkey == "33333"
+        assert all(needle.MULTI_FACT.format(color=c, key=k) in text for c, k in zip(needle.MULTI_COLORS, keys))
+        assert tok.decode(p.ids[p.needle_at : p.needle_at + 20]).strip().startswith("The pass key of the green door")
+        assert "green door?" in tok.decode(p.question_ids)
+    assert needle.score(tok, p, tok(" 33333", add_special_tokens=False).input_ids)[1]
+    assert not needle.score(tok, p, tok(" 22222", add_special_tokens=False).input_ids)[1]  # another door's key
+    prompts = needle.grid_prompts(tok, hay, (400,), (0.0, 1.0), 2, seed=3, task="multikey")
+    again = needle.grid_prompts(tok, hay, (400,), (0.0, 1.0), 2, seed=3, task="multikey")
+    assert [p.ids for p in prompts] == [p.ids for p in again] and len(prompts) == 4

@@ -72,6 +72,11 @@ def eval_command(
         help="Needle modes: inside (the question in the prompt), after (document compressed alone, the question "
         "asked in a second call) (default: inside; --full: both).",
     ),
+    needle_tasks: list[str] | None = typer.Option(
+        None,
+        help="Needle tasks: passkey (one key), multikey (four doors' keys, the question asks one) "
+        "(default: passkey; --full: both).",
+    ),
     needle_trials: int = typer.Option(1, min=0, help="Trials per needle cell (0: skip the needle grid)."),
     speed_configs: list[str] | None = typer.Option(
         None, help="Configurations timed in interleaved rounds (default: dynamic budget-0.125 balanced max)."
@@ -99,6 +104,7 @@ def eval_command(
         "speed_contexts": _numbers(speed_contexts, int, "--speed-contexts"),
         "speed_configs": tuple(_words(speed_configs) or ()) if speed_configs else None,
         "needle_modes": tuple(_words(needle_modes) or ()) if needle_modes else None,
+        "needle_tasks": tuple(_words(needle_tasks) or ()) if needle_tasks else None,
     }
     settings = {k: v for k, v in settings.items() if v is not None}
     if windows is not None:

@@ -25,20 +25,25 @@ WORDING = hashlib.sha1(
 
 
 def needle(run: Run, m: ModelRun) -> dict:
-    """{config (or "config (after)"): {"rates", "rate", "trials"}} for one model."""
+    """{result name: {"rates", "rate", "trials"}} for one model; the name is the configuration's, plus " multikey"
+    for the multi-key task and " (after)" for the question asked after compression."""
     results: dict = {}
-    if not m.prompts:
-        return results
-    for mode in run.s.needle_modes:
-        _mode(run, m, mode == "after", results)
+    for task, prompts in m.prompts.items():
+        for mode in run.s.needle_modes:
+            _grid(run, m, task, prompts, mode == "after", results)
     return results
 
 
-def _mode(run: Run, m: ModelRun, after: bool, results: dict) -> None:
+def result_name(config: str, task: str, after: bool) -> str:
+    """The name of a needle grid in results.json and the report."""
+    return config + ("" if task == "passkey" else f" {task}") + (" (after)" if after else "")
+
+
+def _grid(run: Run, m: ModelRun, task: str, all_prompts: list, after: bool, results: dict) -> None:
     s = run.s
     eos = needle_mod.eos_ids(m.model, m.tokenizer)
     groups: dict = {}
-    for p in m.prompts:
+    for p in all_prompts:
         groups.setdefault((p.length, p.depth), []).append(p)
     pending = {}  # spec name -> (spec, rows, todo)
     for sp in run.needle_specs:
@@ -46,7 +51,8 @@ def _mode(run: Run, m: ModelRun, after: bool, results: dict) -> None:
             continue  # kvpress: its own protocol (it compresses the context without the question), inside only
         rows, todo = [], []
         for (length, depth), prompts in groups.items():
-            key = f"needle__{m.key}__{sp.name}__L{length}__d{depth:g}" + ("__after" if after else "")
+            key = f"needle__{m.key}__{sp.name}__L{length}__d{depth:g}" + ("" if task == "passkey" else f"__{task}")
+            key += "__after" if after else ""
             settings = {
                 "model": m.model_id,
                 "text": m.texts[0]["id"],
@@ -59,13 +65,14 @@ def _mode(run: Run, m: ModelRun, after: bool, results: dict) -> None:
                 "max_new_tokens": s.needle_new_tokens,
                 "wording": WORDING,
                 "mode": "after" if after else "inside",
+                "task": task,
             }
             got = run.cells.get(key, settings)
             if got is not None:
                 rows.extend(got["trials"])
             else:
                 todo.append((key, settings, prompts))
-        pending[sp.name + (" (after)" if after else "")] = (sp, rows, todo)
+        pending[result_name(sp.name, task, after)] = (sp, rows, todo)
     # DynamicCache and our caches attend exactly during prefill: one prefill per prompt serves them all
     shared = [name for name, (sp, _, todo) in pending.items() if sp.kind in ("dynamic", "pack") and todo]
     if shared:
@@ -88,7 +95,7 @@ def _mode(run: Run, m: ModelRun, after: bool, results: dict) -> None:
                         bar.update(1)
                     rows.extend(run.cells.put(key, settings, {"trials": group})["trials"])
             else:
-                rows.extend(_kvpress(run, m, sp, todo, eos, bar))
+                rows.extend(_kvpress(run, m, sp, task, todo, eos, bar))
             bar.close()
         total = [r["hit"] for r in rows if r["hit"] is not None]
         skipped = [r for r in rows if r["hit"] is None]
@@ -148,7 +155,7 @@ def _row(p, answer: str, hit: bool, prefill_s: float) -> dict:
     }
 
 
-def _kvpress(run: Run, m: ModelRun, sp: Spec, todo, eos, bar) -> list:
+def _kvpress(run: Run, m: ModelRun, sp: Spec, task: str, todo, eos, bar) -> list:
     flat = [(key, settings, p) for key, settings, prompts in todo for p in prompts]
     done: dict = {}
     rows: list = []
@@ -162,7 +169,7 @@ def _kvpress(run: Run, m: ModelRun, sp: Spec, todo, eos, bar) -> list:
         if len(done[key]) == len(group[2]):
             rows.extend(run.cells.put(key, settings, {"trials": done[key]})["trials"])
 
-    log = run.cells.path(f"needle__{m.key}__{sp.name}", ".log")
+    log = run.cells.path(f"needle__{m.key}__{sp.name}__{task}", ".log")
     try:
         kvpress_needle(
             sp,

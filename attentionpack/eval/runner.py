@@ -40,7 +40,7 @@ class ModelRun:
     model: Any = None
     tokenizer: Any = None
     texts: list[dict] = field(default_factory=list)
-    prompts: list = field(default_factory=list)
+    prompts: dict = field(default_factory=dict)  # needle task -> prompts
 
 
 def _model_key(arg: str | None) -> tuple[str, str]:
@@ -97,6 +97,8 @@ class Run:
             raise ValueError(f"windows={s.windows!r} must be an integer >= 1")
         if s.continuation < 2 or s.needle_trials < 0 or s.speed_repeats < 0 or s.speed_steps < 1:
             raise ValueError("continuation must be >= 2, needle_trials and speed_repeats >= 0, speed_steps >= 1")
+        if not s.needle_tasks or any(t not in needle_mod.TASKS for t in s.needle_tasks):
+            raise ValueError(f"needle_tasks={list(s.needle_tasks)} must be among {list(needle_mod.TASKS)}")
         if not s.needle_modes or any(mode not in ("inside", "after") for mode in s.needle_modes):
             raise ValueError(f"needle_modes={list(s.needle_modes)} must be 'inside' and/or 'after'")
         if any(not 0 <= d <= 1 for d in s.needle_depths):
@@ -169,9 +171,13 @@ class Run:
                     {"id": tid, "source": source, "sha": sha, "tokens": int(ids.numel()), "ids": ids, "starts": starts}
                 )
             if self.needle_specs and s.needle_trials:  # builds every prompt once: a too-short length fails here
-                m.prompts = needle_mod.grid_prompts(
-                    m.tokenizer, m.texts[0]["ids"].tolist(), s.needle_lengths, s.needle_depths, s.needle_trials, s.seed
-                )
+                hay = m.texts[0]["ids"].tolist()
+                m.prompts = {
+                    task: needle_mod.grid_prompts(
+                        m.tokenizer, hay, s.needle_lengths, s.needle_depths, s.needle_trials, s.seed, task=task
+                    )
+                    for task in s.needle_tasks
+                }
             self.models.append(m)
 
     # ---- phase 2: speed ----------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ class Settings:
     needle_configs: tuple | None = None  # None: DEFAULT_NEEDLE among `configs`
     needle_lengths: tuple = (1024, 2048)
     needle_depths: tuple = (0.0, 0.5, 1.0)
+    needle_tasks: tuple = ("passkey",)  # "passkey": one key; "multikey": four doors' keys, one asked
     needle_modes: tuple = ("inside",)  # "inside": question in the prompt; "after": asked after compression
     needle_trials: int = 1
     needle_new_tokens: int = 10
@@ -53,6 +54,7 @@ FULL_SETTINGS: dict[str, Any] = {
     "needle_lengths": (1024, 2048, 4096),
     "needle_depths": (0.0, 0.25, 0.5, 0.75, 1.0),
     "needle_modes": ("inside", "after"),
+    "needle_tasks": ("passkey", "multikey"),
 }
 
 
