@@ -4,7 +4,8 @@ that an interrupted run keeps what it finished and a rerun with the same output 
 Phases, per model: (1) quality and memory (quality_phase.py): each configuration alone in a child process through
 the continuation protocol on K disjoint windows of every text; kvpress presses in their own environment. (2) speed:
 interleaved rounds of the in-process configurations on the first text. (3) needle retrieval grids on the first text
-(needle_phase.py): pass key and multi-key tasks, the question inside the prompt or asked after compression. Then results.json, report.md, plots and index.html (see report.py).
+(needle_phase.py): pass key and multi-key tasks, the question inside the prompt or asked after compression. Then
+results.json, report.md, plots and index.html (see report.py).
 """
 
 from __future__ import annotations
