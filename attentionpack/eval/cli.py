@@ -54,7 +54,7 @@ def eval_command(
         "-c",
         help="Configurations: dynamic lossless balanced max budget-<fraction> quanto-4 quanto-2 hqq-4 "
         "kvpress-<press>-<ratio> 'pack:key=value,...', 'peers' for every peer "
-        "(default: dynamic budget-0.125 balanced max).",
+        "(default: dynamic budget-0.125 balanced).",
     ),
     context: list[str] | None = typer.Option(
         None, "--context", "-n", help="Context length(s) N of the perplexity protocol (default: 2048)."
@@ -63,7 +63,8 @@ def eval_command(
         None, "--continuation", "-M", help="Tokens M teacher-forced and scored after the context (default: 256)."
     ),
     needle_configs: list[str] | None = typer.Option(
-        None, help="Configurations for the needle grid (default: dynamic budget-0.125 balanced max); 'none' to skip."
+        None,
+        help="Configurations for the needle grid (default: dynamic budget-0.125 balanced max, those in --configs); 'none' to skip.",
     ),
     needle_lengths: list[str] | None = typer.Option(None, help="Needle prompt lengths (default: 1024 2048)."),
     needle_depths: list[str] | None = typer.Option(None, help="Needle depths from 0 to 1 (default: 0 0.5 1)."),
@@ -79,7 +80,7 @@ def eval_command(
     ),
     needle_trials: int = typer.Option(1, min=0, help="Trials per needle cell (0: skip the needle grid)."),
     speed_configs: list[str] | None = typer.Option(
-        None, help="Configurations timed in interleaved rounds (default: dynamic budget-0.125 balanced max)."
+        None, help="Configurations timed in interleaved rounds (default: dynamic budget-0.125 balanced)."
     ),
     speed_contexts: list[str] | None = typer.Option(None, help="Context lengths of the speed rounds (default: 2048)."),
     speed_steps: int = typer.Option(8, min=1, help="Decode steps timed per speed measurement."),

@@ -38,7 +38,7 @@ QUANT_RESIDUAL = 128  # full-precision recent tokens of QuantizedCache, as in ..
 
 # The default run (sized for 30 minutes on 2 cores, README: Evaluation); --full: the acceptance protocol of issue 13;
 # PEER_CONFIGS: the peers of the earlier single-model default, by name with --configs.
-DEFAULT_CONFIGS = ("dynamic", "budget-0.125", "balanced", "max")
+DEFAULT_CONFIGS = ("dynamic", "budget-0.125", "balanced")
 FULL_CONFIGS = ("dynamic", "budget-0.25", "budget-0.125", "budget-0.0625", "balanced", "max")
 PEER_CONFIGS = (
     "quanto-4",
