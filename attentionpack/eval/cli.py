@@ -64,7 +64,8 @@ def eval_command(
     ),
     needle_configs: list[str] | None = typer.Option(
         None,
-        help="Configurations for the needle grid (default: dynamic budget-0.125 balanced max, those in --configs); 'none' to skip.",
+        help="Configurations for the needle grid (default: dynamic budget-0.125 balanced max, those in --configs); "
+        "'none' to skip.",
     ),
     needle_lengths: list[str] | None = typer.Option(None, help="Needle prompt lengths (default: 1024 2048)."),
     needle_depths: list[str] | None = typer.Option(None, help="Needle depths from 0 to 1 (default: 0 0.5 1)."),
