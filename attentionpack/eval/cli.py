@@ -27,42 +27,63 @@ def _numbers(values: list[str] | None, cast, name: str):
 
 def eval_command(
     out: Path = typer.Option(Path("attentionpack-eval"), "--out", "-o", help="Output folder (rerun = resume)."),
-    model: str | None = typer.Option(
-        None, "--model", "-m", help="Local model folder or .gguf (default: embedded SmolLM2-135M-Instruct)."
+    model: list[str] | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model(s), repeatable: smollm2 (embedded), gemma3, a local folder or .gguf (default: smollm2 gemma3).",
     ),
     text: list[str] | None = typer.Option(
-        None, "--text", "-t", help="Text file(s), .txt or .jsonl with a 'text' field (default: the Britannica article)."
+        None,
+        "--text",
+        "-t",
+        help="Text(s), repeatable: britannica, play, code, or a .txt / .jsonl file (default: all three names).",
+    ),
+    windows: int | None = typer.Option(
+        None, "--windows", "-k", min=1, help="Disjoint windows of context + continuation per text (default: 2)."
+    ),
+    full: bool = typer.Option(
+        False,
+        "--full",
+        help="The acceptance protocol: both models, every text, 4 windows, budgets 1/4 1/8 1/16 and presets, "
+        "needle grids 1k/2k/4k x 5 depths (hours on 2 cores; options given explicitly still win).",
     ),
     configs: list[str] | None = typer.Option(
         None,
         "--configs",
         "-c",
-        help="Configurations: dynamic lossless "
-        "balanced max quanto-4 quanto-2 hqq-4 "
-        "kvpress-<press>-<ratio> "
-        "'pack:key=value,...' (default: presets "
-        "+ peers).",
+        help="Configurations: dynamic lossless balanced max budget-<fraction> quanto-4 quanto-2 hqq-4 "
+        "kvpress-<press>-<ratio> 'pack:key=value,...', 'peers' for every peer "
+        "(default: dynamic budget-0.125 balanced).",
     ),
     context: list[str] | None = typer.Option(
         None, "--context", "-n", help="Context length(s) N of the perplexity protocol (default: 2048)."
     ),
-    continuation: int = typer.Option(
-        256, "--continuation", "-M", help="Tokens M teacher-forced and scored after the context."
+    continuation: int | None = typer.Option(
+        None, "--continuation", "-M", help="Tokens M teacher-forced and scored after the context (default: 256)."
     ),
     needle_configs: list[str] | None = typer.Option(
-        None, help="Configurations for the needle grid (default: dynamic balanced max); 'none' to skip."
+        None,
+        help="Configurations for the needle grid (default: dynamic budget-0.125 balanced max, those in --configs); "
+        "'none' to skip.",
     ),
-    needle_lengths: list[str] | None = typer.Option(None, help="Needle prompt lengths (default: 1024 2048 4096)."),
-    needle_depths: list[str] | None = typer.Option(
-        None, help="Needle depths from 0 to 1 (default: 0 0.25 0.5 0.75 1)."
+    needle_lengths: list[str] | None = typer.Option(None, help="Needle prompt lengths (default: 1024 2048)."),
+    needle_depths: list[str] | None = typer.Option(None, help="Needle depths from 0 to 1 (default: 0 0.5 1)."),
+    needle_modes: list[str] | None = typer.Option(
+        None,
+        help="Needle modes: inside (the question in the prompt), after (document compressed alone, the question "
+        "asked in a second call) (default: inside; --full: both).",
+    ),
+    needle_tasks: list[str] | None = typer.Option(
+        None,
+        help="Needle tasks: passkey (one key), multikey (four doors' keys, the question asks one) "
+        "(default: passkey; --full: both).",
     ),
     needle_trials: int = typer.Option(1, min=0, help="Trials per needle cell (0: skip the needle grid)."),
     speed_configs: list[str] | None = typer.Option(
-        None, help="Configurations timed in interleaved rounds (default: dynamic balanced max quanto-4)."
+        None, help="Configurations timed in interleaved rounds (default: dynamic budget-0.125 balanced)."
     ),
-    speed_contexts: list[str] | None = typer.Option(
-        None, help="Context lengths of the speed rounds (default: 1024 2048)."
-    ),
+    speed_contexts: list[str] | None = typer.Option(None, help="Context lengths of the speed rounds (default: 2048)."),
     speed_steps: int = typer.Option(8, min=1, help="Decode steps timed per speed measurement."),
     speed_repeats: int = typer.Option(2, min=0, help="Interleaved speed rounds (0: skip)."),
     threads: int | None = typer.Option(
@@ -84,8 +105,22 @@ def eval_command(
         "needle_depths": _numbers(needle_depths, float, "--needle-depths"),
         "speed_contexts": _numbers(speed_contexts, int, "--speed-contexts"),
         "speed_configs": tuple(_words(speed_configs) or ()) if speed_configs else None,
+        "needle_modes": tuple(_words(needle_modes) or ()) if needle_modes else None,
+        "needle_tasks": tuple(_words(needle_tasks) or ()) if needle_tasks else None,
     }
     settings = {k: v for k, v in settings.items() if v is not None}
+    if windows is not None:
+        settings["windows"] = windows
+    if continuation is not None:
+        settings["continuation"] = continuation
+    models, texts, config_names = _words(model), _words(text), _words(configs)
+    if full:
+        from .settings import FULL_SETTINGS
+
+        settings = {**{k: v for k, v in FULL_SETTINGS.items() if k not in ("models", "texts", "configs")}, **settings}
+        models = models or list(FULL_SETTINGS["models"])
+        texts = texts or list(FULL_SETTINGS["texts"])
+        config_names = config_names or list(FULL_SETTINGS["configs"])
     needles = _words(needle_configs)
     if needles is not None:
         settings["needle_configs"] = () if [w.lower() for w in needles] == ["none"] else tuple(needles)
@@ -102,11 +137,10 @@ def eval_command(
     try:
         res = evaluate(
             out,
-            model=model,
-            texts=_words(text),
-            configs=_words(configs),
+            model=models,
+            texts=texts,
+            configs=config_names,
             progress=progress,
-            continuation=continuation,
             needle_trials=needle_trials,
             speed_steps=speed_steps,
             speed_repeats=speed_repeats,
@@ -125,16 +159,11 @@ def eval_command(
             err=True,
         )
         raise typer.Exit(130) from None
-    from .report import COLUMNS, summary_table
+    from .report import TABLE_COLUMNS, main_table
 
     typer.echo(f"\nwrote {out}/results.json, report.md, index.html and plots in {res['wall_s']:.0f} s")
-    keep = [
-        i
-        for i, c in enumerate(COLUMNS)
-        if c[1] in ("config", "compression_x", "ppl", "ppl_change_pct", "top1_agreement", "decode_ratio", "needle_rate")
-    ]
-    rows = [[COLUMNS[i][0] for i in keep]] + [[r[i] for i in keep] for r in summary_table(res["summary"])]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(keep))]
+    rows = [[c[0] for c in TABLE_COLUMNS]] + main_table(res["table"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_COLUMNS))]
     for r in rows:
         typer.echo("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False)))
     for note in res["notes"]:

@@ -36,10 +36,11 @@ KVPRESS_ALIASES = {
 QUANT_BITS = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8)}
 QUANT_RESIDUAL = 128  # full-precision recent tokens of QuantizedCache, as in ../shared/docs/peers.md
 
-DEFAULT_CONFIGS = (
-    "dynamic",
-    "balanced",
-    "max",
+# The default run (sized for 30 minutes on 2 cores, README: Evaluation); --full: the acceptance protocol of issue 13;
+# PEER_CONFIGS: the peers of the earlier single-model default, by name with --configs.
+DEFAULT_CONFIGS = ("dynamic", "budget-0.125", "balanced")
+FULL_CONFIGS = ("dynamic", "budget-0.25", "budget-0.125", "budget-0.0625", "balanced", "max")
+PEER_CONFIGS = (
     "quanto-4",
     "quanto-2",
     "hqq-4",  # "lossless" on request (it equals dynamic)
@@ -138,8 +139,12 @@ def parse_config(name: str) -> Spec:
 
 
 def parse_configs(names) -> list[Spec]:
-    """Parse and de-duplicate; "dynamic" (the reference of every ratio) is always included, first."""
-    specs = [parse_config(n) for n in names]
+    """Parse and de-duplicate; "dynamic" (the reference of every ratio) is always included, first. The word "peers"
+    stands for PEER_CONFIGS."""
+    expanded = [
+        p for n in names for p in (PEER_CONFIGS if isinstance(n, str) and n.strip().lower() == "peers" else (n,))
+    ]
+    specs = [parse_config(n) for n in expanded]
     if not specs:
         raise ValueError("no configuration given")
     out, seen = [Spec("dynamic", "dynamic")], {"dynamic"}

@@ -29,6 +29,17 @@ QUESTION = "What is the pass key? Answer with the number only."
 ANSWER_START = "The pass key is"
 _MARK = "\x00HAYSTACK\x00"
 
+# The multi-key task: several doors' pass keys in one document, the question asks for one of them.
+MULTI_COLORS = ("red", "blue", "green", "yellow")
+MULTI_INSTRUCTION = (
+    "Several pass keys are hidden inside a lot of irrelevant text, one for each door of a different color. "
+    "Find them and memorize them. I will quiz you about one of them."
+)
+MULTI_FACT = "The pass key of the {color} door is {key}."
+MULTI_QUESTION = "What is the pass key of the {color} door? Answer with the number only."
+MULTI_ANSWER_START = "The pass key of the {color} door is"
+TASKS = ("passkey", "multikey")
+
 
 @dataclass
 class NeedlePrompt:
@@ -57,16 +68,83 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def _frame(tokenizer, chat: bool) -> tuple[str, str]:
+def _frame(
+    tokenizer, chat: bool, instruction: str = INSTRUCTION, question: str = QUESTION, answer_start: str = ANSWER_START
+) -> tuple[str, str]:
     """Text before and after the haystack: the chat template around one user turn, plus our wording."""
-    head, tail = f"{INSTRUCTION}\n\n", f"\n\n{QUESTION}"
+    head, tail = f"{instruction}\n\n", f"\n\n{question}"
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True
         )
         before, _, after = text.partition(_MARK)
-        return before + head, tail + after + ANSWER_START
-    return head, f"{tail}\n{ANSWER_START}"
+        return before + head, tail + after + answer_start
+    return head, f"{tail}\n{answer_start}"
+
+
+def _snap(tokenizer, hay: list[int], at: int) -> int:
+    """`at` moved to just after the nearest sentence end within 48 tokens (unchanged at the ends or without one)."""
+    room = len(hay)
+    if 0 < at < room:
+        pieces = tokenizer.convert_ids_to_tokens(hay[max(0, at - 48) : at + 48])
+        ends = [max(0, at - 48) + i + 1 for i, p in enumerate(pieces) if p and p.rstrip().endswith(".")]
+        if ends:
+            at = min(ends, key=lambda e: abs(e - at))
+    return at
+
+
+def build_multikey_prompt(
+    tokenizer,
+    haystack_ids: Sequence[int],
+    length: int,
+    depth: float,
+    keys: Sequence[str],
+    asked: int,
+    offset: int = 0,
+    chat: bool = True,
+) -> NeedlePrompt:
+    """A prompt of exactly `length` tokens holding one fact per key ("The pass key of the red door is 12345."), the
+    asked one (index `asked`, colors MULTI_COLORS) at `depth` and the others spread at depth + j/len(keys) (mod 1);
+    the question asks for the asked door's key. The prompt's `passkey` is the asked key (a hit: it is in the
+    answer)."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"needle depth {depth} must be in [0, 1]")
+    if not 2 <= len(keys) <= len(MULTI_COLORS) or not 0 <= asked < len(keys):
+        raise ValueError(f"{len(keys)} keys (2..{len(MULTI_COLORS)}) with asked index {asked}")
+    color = MULTI_COLORS[asked]
+    before, after = _frame(
+        tokenizer,
+        chat,
+        MULTI_INSTRUCTION,
+        MULTI_QUESTION.format(color=color),
+        MULTI_ANSWER_START.format(color=color),
+    )
+    head, question = _encode(tokenizer, before), _encode(tokenizer, after)
+    facts = [
+        _encode(tokenizer, " " + MULTI_FACT.format(color=MULTI_COLORS[i], key=k) + " ") for i, k in enumerate(keys)
+    ]
+    room = length - len(head) - len(question) - sum(len(f) for f in facts)
+    if room < 16:
+        raise ValueError(f"needle context length {length} is too short for the multi-key prompt frame")
+    if offset + room > len(haystack_ids):
+        raise ValueError(
+            f"the haystack text has {len(haystack_ids)} tokens; {offset + room} are needed for a "
+            f"{length}-token needle prompt"
+        )
+    hay = list(haystack_ids[offset : offset + room])
+    spots = {
+        i: _snap(tokenizer, hay, round(((depth + (i - asked) / len(keys)) % 1.0 if i != asked else depth) * room))
+        for i in range(len(keys))
+    }
+    context, last, needle_at = list(head), 0, 0
+    for i in sorted(spots, key=lambda i: (spots[i], i)):
+        context += hay[last : spots[i]]
+        if i == asked:
+            needle_at = len(context)
+        context += facts[i]
+        last = spots[i]
+    context += hay[last:]
+    return NeedlePrompt(context, question, keys[asked], length, depth, needle_at=needle_at)
 
 
 def passkey_for(seed: int, length: int, depth: float, trial: int) -> tuple[str, random.Random]:
@@ -93,12 +171,7 @@ def build_prompt(
             f"{length}-token needle prompt"
         )
     hay = list(haystack_ids[offset : offset + room])
-    at = round(depth * room)
-    if 0 < at < room:  # move to just after the nearest sentence end within 48 tokens
-        pieces = tokenizer.convert_ids_to_tokens(hay[max(0, at - 48) : at + 48])
-        ends = [max(0, at - 48) + i + 1 for i, p in enumerate(pieces) if p and p.rstrip().endswith(".")]
-        if ends:
-            at = min(ends, key=lambda e: abs(e - at))
+    at = _snap(tokenizer, hay, round(depth * room))  # just after the nearest sentence end within 48 tokens
     context = head + hay[:at] + needle + hay[at:]
     return NeedlePrompt(context, question, passkey, length, depth, needle_at=len(head) + at)
 
@@ -111,11 +184,18 @@ def greedy_answer(
     make_cache: Callable[[], object],
     max_new_tokens: int = 10,
     eos: Sequence[int] = (),
+    after: bool = False,
 ) -> tuple[list[int], float, float]:
-    """Prefill the whole prompt through a fresh cache, then greedy-decode. Returns (ids, prefill_s, decode ms)."""
-    ids = torch.tensor([list(context_ids) + list(question_ids)], dtype=torch.long)
+    """Prefill the whole prompt through a fresh cache, then greedy-decode. Returns (ids, prefill_s, decode ms).
+    after=True: the question asked after compression: the document (`context_ids`) is prefilled alone, then the
+    question goes through the compressed cache in a second call (prefill_s counts both)."""
     cache = make_cache()
     start = time.perf_counter()
+    if after:
+        model(input_ids=torch.tensor([list(context_ids)]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        ids = torch.tensor([list(question_ids)], dtype=torch.long)
+    else:
+        ids = torch.tensor([list(context_ids) + list(question_ids)], dtype=torch.long)
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - start
     answer, decode_ms = _greedy_from(model, cache, out.logits[:, -1], max_new_tokens, eos)
@@ -130,14 +210,17 @@ def greedy_answers_shared(
     makers: dict[str, Callable[[], object] | None],
     max_new_tokens: int = 10,
     eos: Sequence[int] = (),
+    after: bool = False,
 ) -> dict[str, tuple[list[int], float, float] | BudgetError]:
     """`greedy_answer` for several caches with one prefill. The prompt goes through a DynamicCache once; a maker
     returning a PackedCache gets its cache derived from it (`PackedCache.ingest`: prefill attention is exact in our
     cache, so the prefill and its logits are the same) and a maker None decodes on the DynamicCache itself, last.
     prefill_s is the shared prefill's time, except for a cache with a byte budget (`PackConfig.budget`), which
     needs the prompt's queries and is prefilled on its own (its entry is the BudgetError when the prompt is too
-    short for the budget)."""
-    ids = torch.tensor([list(context_ids) + list(question_ids)], dtype=torch.long)
+    short for the budget). after=True: the shared prefill holds the document alone; each cache is derived from it
+    (compressed without the question), then the question goes through that cache in a second call."""
+    ids = torch.tensor([list(context_ids) + ([] if after else list(question_ids))], dtype=torch.long)
+    question = torch.tensor([list(question_ids)], dtype=torch.long)
     from transformers import DynamicCache
 
     shared = DynamicCache(config=model.config)
@@ -154,14 +237,19 @@ def greedy_answers_shared(
                 return c
 
             try:
-                results[name] = greedy_answer(model, context_ids, question_ids, same, max_new_tokens, eos)
+                results[name] = greedy_answer(model, context_ids, question_ids, same, max_new_tokens, eos, after)
             except BudgetError as err:  # the prompt is too short for the budget
                 results[name] = err
             continue
         if cache is not shared:
             cache.ingest(shared)
-        answer, decode_ms = _greedy_from(model, cache, first, max_new_tokens, eos)
-        results[name] = (answer, prefill_s, decode_ms)
+        logits, asked_s = first, 0.0
+        if after:  # the question after compression, through this cache
+            t0 = time.perf_counter()
+            logits = model(input_ids=question, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            asked_s = time.perf_counter() - t0
+        answer, decode_ms = _greedy_from(model, cache, logits, max_new_tokens, eos)
+        results[name] = (answer, prefill_s + asked_s, decode_ms)
     return results
 
 
@@ -204,8 +292,12 @@ def grid_prompts(
     trials: int,
     seed: int = 0,
     chat: bool = True,
+    task: str = "passkey",
 ) -> list[NeedlePrompt]:
-    """Every (length, depth, trial) prompt; each trial draws its own pass key and haystack offset."""
+    """Every (length, depth, trial) prompt; each trial draws its own pass key and haystack offset. task "multikey":
+    four doors' keys (`build_multikey_prompt`), the asked door drawn per prompt, the asked fact at the depth."""
+    if task not in TASKS:
+        raise ValueError(f"needle task {task!r}: use one of {', '.join(TASKS)}")
     prompts = []
     for length in lengths:
         for depth in depths:
@@ -213,15 +305,33 @@ def grid_prompts(
                 key, rng = passkey_for(seed, length, depth, trial)
                 spare = max(0, len(haystack_ids) - length)
                 offset = rng.randint(0, spare) if trial else 0
-                prompts.append(build_prompt(tokenizer, haystack_ids, length, depth, key, offset=offset, chat=chat))
+                if task == "passkey":
+                    prompts.append(build_prompt(tokenizer, haystack_ids, length, depth, key, offset=offset, chat=chat))
+                    continue
+                keys = [key]
+                while len(keys) < len(MULTI_COLORS):
+                    other = str(rng.randint(10000, 99999))
+                    if other not in keys:
+                        keys.append(other)
+                asked = rng.randrange(len(keys))
+                keys[0], keys[asked] = keys[asked], keys[0]  # the asked door holds `key`
+                prompts.append(
+                    build_multikey_prompt(tokenizer, haystack_ids, length, depth, keys, asked, offset=offset, chat=chat)
+                )
     return prompts
 
 
 def run_trial(
-    model, tokenizer, prompt: NeedlePrompt, make_cache: Callable[[], object], max_new_tokens: int = 10
+    model,
+    tokenizer,
+    prompt: NeedlePrompt,
+    make_cache: Callable[[], object],
+    max_new_tokens: int = 10,
+    after: bool = False,
 ) -> TrialResult:
+    """One needle prompt through a fresh cache; after=True asks the question after compression (`greedy_answer`)."""
     ids, prefill_s, decode_ms = greedy_answer(
-        model, prompt.context_ids, prompt.question_ids, make_cache, max_new_tokens, eos_ids(model, tokenizer)
+        model, prompt.context_ids, prompt.question_ids, make_cache, max_new_tokens, eos_ids(model, tokenizer), after
     )
     answer, hit = score(tokenizer, prompt, ids)
     return TrialResult(answer, hit, prefill_s, decode_ms, ids)

