@@ -28,7 +28,7 @@ def batch_command(
     temperature: float = typer.Option(0.7, min=0.01, help="Sampling temperature (with --sample)."),
     seed: int = typer.Option(0, help='Seed of rows without their own "seed" (with --sample).'),
     overwrite: bool = typer.Option(False, help="Discard earlier answers in --output and start afresh."),
-    ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (pip install 'attentionpack[ray]')."),
+    ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (needs the ray extra of the package)."),
     workers: int = typer.Option(2, "--workers", "-w", min=1, help="Ray actors, one model copy each (with --ray)."),
     threads: int | None = typer.Option(None, "--threads", "-t", min=1, help="Torch threads of a local run."),
 ):
