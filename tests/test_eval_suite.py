@@ -260,3 +260,27 @@ def test_multikey_prompt_holds_every_fact_and_asks_one(tiny_folder):  # noqa: F8
     prompts = needle.grid_prompts(tok, hay, (400,), (0.0, 1.0), 2, seed=3, task="multikey")
     again = needle.grid_prompts(tok, hay, (400,), (0.0, 1.0), 2, seed=3, task="multikey")
     assert [p.ids for p in prompts] == [p.ids for p in again] and len(prompts) == 4
+
+
+def test_shared_needle_prefill_on_a_sliding_window_model():
+    """Gemma-like sliding layers: the shared DynamicCache cannot be ingested (it keeps only their window), so those
+    caches are prefilled on their own; every configuration still answers, and lossless answers as DynamicCache."""
+    import torch
+    from tiny_models import build_model
+
+    from attentionpack import PackConfig, PackedCache
+    from attentionpack.eval.needle import greedy_answers_shared
+
+    model = build_model("gemma3_text")
+    ctx = torch.randint(3, 128, (90,), generator=torch.Generator().manual_seed(0)).tolist()
+    question = [5, 6, 7]
+    fixed = PackConfig.preset("max").replace(budget=None, window=8, chunk=16, min_span=8)
+    makers = {
+        "dynamic": None,
+        "lossless": lambda: PackedCache(model, "lossless"),
+        "fixed": lambda: PackedCache(model, fixed),
+    }
+    for after in (False, True):
+        res = greedy_answers_shared(model, ctx, question, makers, max_new_tokens=6, after=after)
+        assert set(res) == set(makers) and all(isinstance(r, tuple) for r in res.values())
+        assert res["lossless"][0] == res["dynamic"][0]

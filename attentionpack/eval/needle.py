@@ -216,9 +216,11 @@ def greedy_answers_shared(
     returning a PackedCache gets its cache derived from it (`PackedCache.ingest`: prefill attention is exact in our
     cache, so the prefill and its logits are the same) and a maker None decodes on the DynamicCache itself, last.
     prefill_s is the shared prefill's time, except for a cache with a byte budget (`PackConfig.budget`), which
-    needs the prompt's queries and is prefilled on its own (its entry is the BudgetError when the prompt is too
-    short for the budget). after=True: the shared prefill holds the document alone; each cache is derived from it
-    (compressed without the question), then the question goes through that cache in a second call."""
+    needs the prompt's queries, and a cache that cannot ingest the shared one (a model with sliding-window layers,
+    whose DynamicCache keeps only their window): those are prefilled on their own (a budget's entry is the
+    BudgetError when the prompt is too short for it). after=True: the shared prefill holds the document alone;
+    each cache is derived from it (compressed without the question), then the question goes through that cache
+    in a second call."""
     ids = torch.tensor([list(context_ids) + ([] if after else list(question_ids))], dtype=torch.long)
     question = torch.tensor([list(question_ids)], dtype=torch.long)
     from transformers import DynamicCache
@@ -231,7 +233,14 @@ def greedy_answers_shared(
     results: dict[str, tuple[list[int], float, float] | BudgetError] = {}
     for name, make in sorted(makers.items(), key=lambda item: item[1] is None):  # the DynamicCache one last
         cache: Any = shared if make is None else make()
-        if getattr(cache, "planner", None) is not None:  # a byte budget scores the prompt's own queries
+        own = getattr(cache, "planner", None) is not None  # a byte budget scores the prompt's own queries
+        if not own and cache is not shared:
+            try:
+                cache.ingest(shared)
+            except ValueError:  # e.g. sliding-window layers: the DynamicCache no longer holds the whole prompt
+                own = True
+                cache = make()  # type: ignore[misc]  # make is not None here
+        if own:
 
             def same(c: Any = cache) -> Any:
                 return c
@@ -241,8 +250,6 @@ def greedy_answers_shared(
             except BudgetError as err:  # the prompt is too short for the budget
                 results[name] = err
             continue
-        if cache is not shared:
-            cache.ingest(shared)
         logits, asked_s = first, 0.0
         if after:  # the question after compression, through this cache
             t0 = time.perf_counter()
