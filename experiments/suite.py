@@ -78,7 +78,7 @@ def main() -> None:
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
     configs = [eval(c, {"PackConfig": PackConfig}) for c in a.configs]  # noqa: S307 - a research script's CLI
-    model, tokenizer = load_model(None if a.model == "smollm2" else a.model)
+    model, tokenizer = load_model(a.model)
     for name, text in texts().items():
         if a.text and name not in a.text:
             continue

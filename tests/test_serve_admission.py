@@ -13,7 +13,7 @@ import tiny_models
 from serve_helpers import ByteTokenizer, running_server
 
 from attentionpack import PackConfig
-from attentionpack.serve.engine import KVAccounting
+from attentionpack.serve.accounting import KVAccounting
 
 PROMPT = "Admission is decided by the bytes each sequence can hold. " * 5  # 290 characters = tokens
 
@@ -118,3 +118,12 @@ def test_short_prompts_under_a_budget_are_reserved_as_exact(model):
         prompt="short one",
     )
     assert snap["reservation_violations"] == 0 and 0 < snap["kv_bytes_held_max"] <= 1 << 20, snap
+
+
+def test_a_budget_from_the_command_line_is_strict():
+    """`--budget` is a guarantee the admission counts on (f x the prompt reserved), not a preset's target."""
+    from attentionpack.serve.accounting import cache_spec_from
+
+    spec = cache_spec_from(None, 0.125)
+    assert isinstance(spec, PackConfig) and spec.budget == 0.125 and spec.budget_strict
+    assert cache_spec_from("dynamic", None) == "dynamic" and cache_spec_from(None, None).name == "balanced"

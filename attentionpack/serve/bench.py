@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .engine import Engine, cache_spec_from, parse_bytes
+from .accounting import cache_spec_from, parse_bytes
+from .engine import Engine
 
 if TYPE_CHECKING:
     import httpx
@@ -204,7 +205,7 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_model(model_path)
-    from .engine import KVAccounting
+    from .accounting import KVAccounting
 
     per_token = KVAccounting(model, "dynamic").per_token
     cap = parse_bytes(kv_memory) if kv_memory else 2 * per_token * (prompt_tokens + max_tokens)

@@ -53,8 +53,9 @@ def serve_command(
     try:
         import uvicorn
 
+        from .accounting import cache_spec_from, parse_bytes
         from .app import create_app
-        from .engine import Engine, cache_spec_from, parse_bytes
+        from .engine import Engine
         from .metrics import ServerMetrics
     except ImportError as err:
         _fail(f"{err}; install the serving extra: pip install 'attentionpack[serve]'")

@@ -13,7 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from tiny_models import build_model  # noqa: E402
 
-from experiments.judge import judged, kl, run_window, spearman, windows  # noqa: E402
+from experiments.judge import judged, kl, run_window, spearman  # noqa: E402
+from experiments.suite import windows  # noqa: E402
 
 
 def test_spearman_and_kl_on_known_values():

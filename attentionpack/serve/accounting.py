@@ -1,0 +1,108 @@
+"""Byte accounting of the serving engine: what a sequence's cache can hold at most (its reservation), the `--kv-memory`
+size parser, and the cache a command line's --preset / --budget names."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import Cache
+
+from ..cache import cache_nbytes
+from ..config import PackConfig
+from ..generation import pack_config
+
+GRANULE = 16  # spare token slots a compressing layer's exact tail may hold (cache/tail.py, cache/layer.py)
+META_BYTES = 13  # per token per layer besides K/V in a compressing layer's tail: int32 positions (up to 3) + bool
+
+
+class KVAccounting:
+    """Byte bounds of one model's caches under one configuration (`cache_spec`: "dynamic" or a PackConfig).
+
+    `per_token`: bytes a DynamicCache holds per token over all layers (2 * H_kv * d * element size each).
+    """
+
+    def __init__(self, model: Any, cache_spec: str | PackConfig) -> None:
+        cfg = model.config.get_text_config(decoder=True)
+        heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        elem = torch.empty((), dtype=model.dtype).element_size()
+        self.layers = cfg.num_hidden_layers
+        self.per_token = 2 * heads * head_dim * elem * self.layers
+        self.spec = cache_spec
+        self.compressing = isinstance(cache_spec, PackConfig) and not cache_spec.is_lossless
+        self.slot = self.per_token + (META_BYTES * self.layers if self.compressing else 0)
+
+    def growth(self, tokens: int) -> int:
+        """Most bytes `tokens` more decoded tokens can add to a cache: each adds its exact K/V (and tail metadata)
+        to the exact tail, whose capacity exceeds its live tokens by less than GRANULE; compacting tail tokens into
+        a segment never grows the bytes (spans whose encoding would not be smaller stay exact)."""
+        if not self.compressing:
+            return self.per_token * tokens
+        return self.slot * (tokens + GRANULE)
+
+    def before_prefill(self, prompt: int, max_tokens: int, exact_fallback: bool = False) -> int:
+        """Reservation before the prefill: an upper bound of the bytes held at any step boundary until the end.
+
+        DynamicCache (and the exact fallback): prompt + max_tokens tokens at full size. A byte budget f: a prefill
+        that compacts (prompt >= sink + window + min_span) leaves at most f x DynamicCache bytes of the prompt
+        (PackConfig.budget, enforced by the cache or raised as BudgetError), plus `growth(max_tokens)`; a shorter
+        prompt stays exact. Other PackConfigs: every token exact plus tail metadata."""
+        if self.spec == "dynamic" or exact_fallback:
+            return self.per_token * (prompt + max_tokens)
+        # the only string spec is "dynamic" (handled above); anything else is a PackConfig
+        assert isinstance(self.spec, PackConfig), f"cache spec {self.spec!r} is neither 'dynamic' nor a PackConfig"
+        budget = self.spec.budget
+        # a target budget (the presets) may keep a prompt exact (PackConfig.budget_strict): reserved as exact until
+        # its prefill has measured what it holds
+        strict = budget is not None and self.spec.budget_strict
+        if strict and prompt >= self.spec.sink + self.spec.window + self.spec.min_span:
+            return math.ceil(budget * self.per_token * prompt) + self.growth(max_tokens)
+        if not self.compressing:
+            return self.per_token * (prompt + max_tokens)
+        return self.slot * (prompt + max_tokens + GRANULE)
+
+    def dynamic_equivalent(self, cache: Cache) -> int:
+        return int(cache.dynamic_nbytes()) if hasattr(cache, "dynamic_nbytes") else cache_nbytes(cache)
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 1 << 10,
+        "MIB": 1 << 20,
+        "GIB": 1 << 30,
+        "TIB": 1 << 40,
+        "K": 1 << 10,
+        "M": 1 << 20,
+        "G": 1 << 30,
+    }
+    s = str(text).strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num) :]
+    if unit not in units or not num:
+        raise ValueError(f"cannot read {text!r} as a size: use e.g. 2GiB, 512MiB, 1.5GB or a number of bytes")
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size: use e.g. 2GiB, 512MiB, 1.5GB or a number of bytes") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return int(value * units[unit])
+
+
+def cache_spec_from(preset: str | None, budget: float | None) -> str | PackConfig:
+    """CLI choice -> cache spec: "dynamic", a preset's PackConfig, or balanced with a byte budget."""
+    if preset is not None and budget is not None:
+        raise ValueError("give --preset or --budget, not both")
+    if preset == "dynamic":
+        return "dynamic"
+    config = pack_config(preset or "balanced", budget)  # a budget is strict: admission counts on its bound
+    return config if budget is None else config.replace(name=f"budget={budget:g}")
