@@ -23,6 +23,9 @@ class ByteTokenizer:
 
         return Encoded()
 
+    def get_vocab(self) -> dict[str, int]:  # what the prefix store's tokenizer fingerprint reads
+        return {chr(i): i for i in range(tiny_models.VOCAB)}
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(chr(i) for i in ids if not (skip_special_tokens and i < 3))
 
@@ -43,7 +46,15 @@ def running_server(
     from attentionpack.serve.metrics import ServerMetrics
 
     metrics = ServerMetrics()
-    engine = Engine(model, cache_spec, kv_memory=kv_memory, max_queue=max_queue, metrics=metrics, **engine_kwargs)
+    engine = Engine(
+        model,
+        cache_spec,
+        kv_memory=kv_memory,
+        max_queue=max_queue,
+        metrics=metrics,
+        tokenizer=tokenizer,
+        **engine_kwargs,
+    )
     if start_engine:
         engine.start()
     app = create_app(engine, tokenizer, "tiny", metrics, default_max_tokens=16)

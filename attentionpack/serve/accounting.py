@@ -4,6 +4,7 @@ size parser, and the cache a command line's --preset / --budget names."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,6 +66,34 @@ class KVAccounting:
 
     def dynamic_equivalent(self, cache: Cache) -> int:
         return int(cache.dynamic_nbytes()) if hasattr(cache, "dynamic_nbytes") else cache_nbytes(cache)
+
+
+class NeverFits(ValueError):
+    """The request could never be admitted (its KV reservation exceeds --kv-memory, or it exceeds the context)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a server admits: the model's context, the KV byte cap and the accounting that bounds a request's bytes.
+    Plain numbers and a PackConfig: the engine checks with it, and so does a Ray ingress that holds no model."""
+
+    max_context: int
+    kv_memory: int
+    accounting: KVAccounting
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise NeverFits when a request of this size could never be served."""
+        if prompt_tokens + max_tokens > self.max_context:
+            raise NeverFits(
+                f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the model's context "
+                f"of {self.max_context} tokens"
+            )
+        need = self.accounting.before_prefill(prompt_tokens, max_tokens)
+        if need > self.kv_memory:
+            raise NeverFits(
+                f"prompt of {prompt_tokens} tokens with max_tokens {max_tokens} needs up to {need} bytes "
+                f"of KV cache, over the server's --kv-memory limit of {self.kv_memory} bytes"
+            )
 
 
 def parse_bytes(text: str) -> int:

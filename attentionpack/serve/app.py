@@ -235,9 +235,22 @@ def create_app(
             value = max(1, min(default_max_tokens, engine.max_context - prompt_tokens))
         return value
 
+    def _usage(prompt_tokens: int, seqs: list[Sequence], counts: list[int]) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": sum(counts),
+            "total_tokens": prompt_tokens + sum(counts),
+        }
+        if engine.prefix_block:  # prompt tokens that came from a stored cache instead of a prefill
+            usage["prompt_tokens_details"] = {"cached_tokens": max(s.cached_tokens for s in seqs)}
+        return usage
+
     async def _run(
-        request: Request, req: _Sampling, prompt: list[int], max_tokens: int, kind: str
+        request: Request, req: _Sampling, prompt: list[int], max_tokens: int, kind: str, shared: int | None = None
     ) -> Response | dict[str, Any]:
+        """Serve one request. `shared`: how many leading prompt tokens later requests are likely to repeat (the
+        conversation before its last message); with a prefix store the cache is stored at the last block boundary
+        inside it (default: inside the whole prompt but its last token)."""
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt" if kind == "text_completion" else "messages")
         try:
@@ -246,6 +259,9 @@ def create_app(
             raise APIError(400, str(err), param="max_tokens", code="context_length_exceeded") from None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        block = engine.prefix_block
+        shared = len(prompt) - 1 if shared is None else min(shared, len(prompt) - 1)
+        store_at = shared // block * block if block else 0
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed)
         seqs = [
             Sequence(
@@ -254,6 +270,7 @@ def create_app(
                 queue,
                 loop,
                 index=i,
+                store_at=store_at,
             )
             for i in range(req.n)
         ]
@@ -327,11 +344,7 @@ def create_app(
                 reasons[idx] = reason
         if any(r is None for r in reasons):  # the client went away
             return Response(status_code=499)
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": sum(counts),
-            "total_tokens": prompt_tokens + sum(counts),
-        }
+        usage = _usage(prompt_tokens, seqs, counts)
         if kind == "chat.completion":
             choices = [
                 {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
@@ -349,6 +362,7 @@ def create_app(
             "model": model_name,
             "choices": choices,
             "usage": usage,
+            "system_fingerprint": seqs[0].server,
         }
 
     async def _stream(
@@ -372,7 +386,14 @@ def create_app(
                 choice = {"index": idx, "delta": d, "logprobs": None, "finish_reason": reason}
             else:
                 choice = {"index": idx, "text": delta or "", "logprobs": None, "finish_reason": reason}
-            body = {"id": rid, "object": obj, "created": created_at, "model": model_name, "choices": [choice]}
+            body = {
+                "id": rid,
+                "object": obj,
+                "created": created_at,
+                "model": model_name,
+                "choices": [choice],
+                "system_fingerprint": seqs[idx].server,
+            }
             return f"data: {json.dumps(body)}\n\n"
 
         if kind == "chat.completion":
@@ -390,28 +411,31 @@ def create_app(
             yield "data: [DONE]\n\n"
             return
         if req.stream_options is not None and req.stream_options.include_usage:
-            usage = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": sum(counts),
-                "total_tokens": prompt_tokens + sum(counts),
-            }
+            usage = _usage(prompt_tokens, seqs, counts)
             body = {"id": rid, "object": obj, "created": created_at, "model": model_name, "choices": [], "usage": usage}
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
 
-    def _chat_ids(messages: list[ChatMessage]) -> list[int]:
+    def _chat_ids(messages: list[ChatMessage], reply: bool = True) -> list[int]:
         if chat_template:
             out = tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.text()} for m in messages],
-                add_generation_prompt=True,
+                add_generation_prompt=reply,
                 tokenize=True,
                 return_dict=False,
             )
             if isinstance(out, dict) or hasattr(out, "keys"):
                 out = out["input_ids"]
             return list(out)
-        text = "".join(f"{m.role}: {m.text()}\n" for m in messages) + "assistant:"
+        text = "".join(f"{m.role}: {m.text()}\n" for m in messages) + ("assistant:" if reply else "")
         return tokenizer(text, add_special_tokens=True).input_ids
+
+    def _shared(messages: list[ChatMessage], prompt: list[int]) -> int | None:
+        """Prompt tokens of the conversation before its last message (what its next turn repeats), or None."""
+        if not engine.prefix_block or len(messages) < 2:
+            return None
+        before = _chat_ids(messages[:-1], reply=False)
+        return next((i for i, (a, b) in enumerate(zip(before, prompt, strict=False)) if a != b), len(before))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, req: ChatRequest):
@@ -419,9 +443,8 @@ def create_app(
         if all(not m.text().strip() for m in req.messages):
             raise APIError(400, "every message is empty", param="messages")
         prompt = _chat_ids(req.messages)
-        return await _run(
-            request, req, prompt, _max_tokens(req, len(prompt), req.max_completion_tokens), "chat.completion"
-        )
+        max_tokens = _max_tokens(req, len(prompt), req.max_completion_tokens)
+        return await _run(request, req, prompt, max_tokens, "chat.completion", _shared(req.messages, prompt))
 
     @app.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest):

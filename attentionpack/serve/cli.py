@@ -48,6 +48,12 @@ def serve_command(
         min=0,
         help="Prompt tokens prefilled between two decoding steps of the running batch (0: whole prompts).",
     ),
+    prefix_store: Path | None = typer.Option(
+        None,
+        "--prefix-store",
+        help="Folder of stored prompt prefixes: a conversation's later turns start from its earlier turns' cache "
+        "(shared by every server that sees the folder).",
+    ),
 ) -> None:
     """OpenAI-compatible server (chat/completions, streaming) with continuous batching over compressed KV caches."""
     try:
@@ -62,6 +68,7 @@ def serve_command(
     import torch
 
     from ..models import load_model
+    from ..store import PrefixStore
 
     try:
         spec = cache_spec_from(preset, _budget(budget))
@@ -77,8 +84,16 @@ def serve_command(
     name = Path(model).name if model else "smollm2-135m-instruct"
     metrics = ServerMetrics()
     try:
+        store = PrefixStore(prefix_store) if prefix_store is not None else None
         engine = Engine(
-            lm, spec, kv_memory=cap, max_queue=max_queue, metrics=metrics, prefill_chunk=prefill_chunk
+            lm,
+            spec,
+            kv_memory=cap,
+            max_queue=max_queue,
+            metrics=metrics,
+            prefill_chunk=prefill_chunk,
+            prefix_store=store,
+            tokenizer=tokenizer,
         ).start()
     except ValueError as err:
         _fail(str(err))

@@ -42,11 +42,14 @@ from ..attention.packed import NAME as PACKED_ATTENTION
 from ..attention.packed import enable as enable_packed_attention
 from ..cache import cache_nbytes
 from ..config import PackConfig
-from .accounting import KVAccounting
+from .accounting import KVAccounting, Limits, NeverFits
 from .batch_cache import SequenceBatchCache, layer_windows
 
 if TYPE_CHECKING:
+    from ..store import PrefixStore
     from .metrics import ServerMetrics
+
+__all__ = ["Engine", "NeverFits", "QueueFull", "SamplingParams", "Sequence"]
 
 log = logging.getLogger("attentionpack.serve")
 
@@ -57,10 +60,6 @@ class QueueFull(Exception):
     def __init__(self, retry_after: int):
         super().__init__(f"the server's queue is full; retry after {retry_after} s")
         self.retry_after = retry_after
-
-
-class NeverFits(ValueError):
-    """The request could never be admitted (its KV reservation exceeds --kv-memory, or it exceeds the context)."""
 
 
 @dataclass
@@ -95,6 +94,11 @@ class Sequence:
     generator: torch.Generator | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
+    # prefix reuse (an engine with a prefix store): save the cache once `store_at` prompt tokens are in it (0: never);
+    # `cached_tokens` prompt tokens came from a stored cache instead of being prefilled
+    store_at: int = 0
+    cached_tokens: int = 0
+    server: str | None = None  # the engine's name (a Ray replica's id), reported as the response's system_fingerprint
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -118,6 +122,10 @@ class Engine:
         cache_factory: builds a sequence's cache (default from `cache_spec`); tests inject faulty caches.
         prefill_chunk: prompt tokens prefilled per loop turn (a decoding step of the running batch follows each);
             0 prefills a whole prompt in one turn.
+        prefix_store: with a PackConfig, a sequence starts from the longest stored cache of its prompt's prefix and
+            stores its cache after `Sequence.store_at` prompt tokens (the app sets it at a block boundary below the
+            part of the conversation that later turns repeat); `tokenizer` goes into the entries' fingerprints.
+        name: reported with every sequence it serves (`Sequence.server`; a Ray replica names itself).
     """
 
     def __init__(
@@ -130,6 +138,9 @@ class Engine:
         cache_factory: Callable[[Sequence], Cache] | None = None,
         metrics: ServerMetrics | None = None,
         prefill_chunk: int = 1024,
+        prefix_store: PrefixStore | None = None,
+        tokenizer: Any = None,
+        name: str | None = None,
     ) -> None:
         enable_packed_attention(model)
         if getattr(model.config, "_attn_implementation", None) != PACKED_ATTENTION:
@@ -149,6 +160,12 @@ class Engine:
         cfg = model.config.get_text_config(decoder=True)
         self.max_context = max_context or getattr(cfg, "max_position_embeddings", None) or 1 << 30
         self.accounting = KVAccounting(model, cache_spec)
+        self.limits = Limits(self.max_context, self.kv_memory, self.accounting)
+        if prefix_store is not None and not isinstance(cache_spec, PackConfig):
+            raise ValueError("a prefix store holds compressed caches: give a PackConfig (a preset or a budget)")
+        self.prefix_store, self.tokenizer = prefix_store, tokenizer
+        self.prefix_hits = self.prefix_misses = self.prefix_stored = 0
+        self.name = name
         self.windows = layer_windows(model)
         self.cache_factory = cache_factory
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -187,17 +204,7 @@ class Engine:
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise NeverFits when a request of this size could never be served."""
-        if prompt_tokens + max_tokens > self.max_context:
-            raise NeverFits(
-                f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the model's context "
-                f"of {self.max_context} tokens"
-            )
-        need = self.accounting.before_prefill(prompt_tokens, max_tokens)
-        if need > self.kv_memory:
-            raise NeverFits(
-                f"prompt of {prompt_tokens} tokens with max_tokens {max_tokens} needs up to {need} bytes "
-                f"of KV cache, over the server's --kv-memory limit of {self.kv_memory} bytes"
-            )
+        self.limits.check(prompt_tokens, max_tokens)
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences (all or none); raises QueueFull when the waiting queue has no room for them."""
@@ -207,10 +214,16 @@ class Engine:
             if len(self.waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(self.retry_after())
             for s in seqs:
+                s.server = self.name
                 if s.params.seed is not None:
                     s.generator = torch.Generator().manual_seed(s.params.seed)
                 self.waiting.append(s)
             self._lock.notify_all()
+
+    @property
+    def prefix_block(self) -> int:
+        """Token granularity of stored prefixes (0: no prefix store)."""
+        return self.prefix_store.block if self.prefix_store is not None else 0
 
     def wake(self) -> None:
         with self._lock:
@@ -236,6 +249,9 @@ class Engine:
                 "decode_steps": self.decode_steps,
                 "decode_seconds": self.decode_seconds,
                 "decode_tokens": self.decode_tokens,
+                "prefix_hits": self.prefix_hits,
+                "prefix_misses": self.prefix_misses,
+                "prefix_stored": self.prefix_stored,
             }
 
     # ---- the engine thread ---------------------------------------------------------------------------------
@@ -308,11 +324,17 @@ class Engine:
         try:
             if seq.cache is None:
                 seq.cache, seq.prefilled = self._new_cache(seq), 0
+                if self.prefix_store is not None and not seq.exact_fallback and self.cache_factory is None:
+                    seq.cache, seq.prefilled = self._stored_prefix(seq)
             begin, total = seq.prefilled, len(seq.prompt)
             end = total if self.prefill_chunk == 0 else min(total, begin + self.prefill_chunk)
+            if begin < seq.store_at < end:  # a chunk ends where the prefix is stored
+                end = seq.store_at
             ids = torch.tensor([seq.prompt[begin:end]], dtype=torch.long)
             logits = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1).logits
             seq.prefilled = end
+            if end == seq.store_at and seq.cached_tokens < end:
+                self._store_prefix(seq)
             if end < total:  # more chunks on the next loop turns; the running batch decodes in between
                 return
             seq.length = total
@@ -345,6 +367,27 @@ class Engine:
             self.active.append(seq)
             self._account()
         self._deliver(seq, token)
+
+    def _stored_prefix(self, seq: Sequence) -> tuple[Cache, int]:
+        """(cache, prompt tokens it holds): the longest stored prefix of the prompt, or a fresh cache and 0."""
+        assert self.prefix_store is not None and isinstance(self.cache_spec, PackConfig)
+        cache, covered = self.prefix_store.cache_for(seq.prompt, self.model, self.cache_spec, self.tokenizer)
+        seq.cached_tokens = covered
+        if covered:
+            self.prefix_hits += 1
+        else:
+            self.prefix_misses += 1
+        return cache, covered
+
+    def _store_prefix(self, seq: Sequence) -> None:
+        """Save the cache, which now holds exactly the first `store_at` prompt tokens (a failure loses only the
+        entry: it is logged and the request goes on)."""
+        assert self.prefix_store is not None and seq.cache is not None
+        try:
+            if self.prefix_store.put(seq.prompt[: seq.store_at], seq.cache, self.tokenizer) is not None:  # type: ignore[arg-type]
+                self.prefix_stored += 1
+        except Exception:  # noqa: BLE001 - a full disk or a race must not fail the request
+            log.exception("sequence %d: storing its first %d tokens failed", seq.id, seq.store_at)
 
     def _decode_step(self) -> None:
         batch = [s for s in self.active if not s.cancelled and s.cache is not None]

@@ -29,7 +29,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,6 +80,27 @@ def _token_bytes(tokens: torch.Tensor | Sequence[int]) -> bytes:
             f"a prefix store keys single prompts: token ids of shape {tuple(t.shape)}, expected (N,) or (1, N)"
         )
     return np.asarray(t.tolist(), dtype="<i4").tobytes()
+
+
+def prefix_digests(tokens: torch.Tensor | Sequence[int], lengths: Iterable[int], block: int = 256) -> dict[int, str]:
+    """{L: sha256 of the first L token ids (int32 little-endian)} for every L in `lengths` (1 <= L <= len(tokens)): the
+    prompt is hashed once in `block`-token blocks, keeping the hash state at every block boundary, so each L costs at
+    most one block more. These are the keys entries are matched by, here and in the serving router."""
+    raw = _token_bytes(tokens)
+    wanted = sorted({int(n) for n in lengths if 0 < int(n) <= len(raw) // 4})
+    if not wanted:
+        return {}
+    states, h = {}, hashlib.sha256()  # hash state at every block boundary of the prompt
+    for start in range(0, wanted[-1] + 1, block):
+        states[start] = h.copy()
+        h.update(raw[4 * start : 4 * (start + block)])
+    out = {}
+    for length in wanted:
+        base = length // block * block
+        s = states[base].copy()
+        s.update(raw[4 * base : 4 * length])
+        out[length] = s.hexdigest()
+    return out
 
 
 def context_digest(model: torch.nn.Module, config: PackConfig, tokenizer: Any = None) -> str:
@@ -317,26 +338,14 @@ class PrefixStore:
     ) -> list[tuple[int, str]]:
         """(tokens covered, key) of every entry for this model/config/tokenizer whose token ids are a prefix of
         `tokens` (by hash), longest first."""
-        raw = _token_bytes(tokens)
-        n = len(raw) // 4
+        n = len(_token_bytes(tokens)) // 4
         context = context_digest(model, config, tokenizer)
         wanted: dict[int, list[tuple[str, str]]] = {}
         for key, row in self._rows().items():
             if row.get("context") == context and 0 < row.get("tokens", 0) <= n:
                 wanted.setdefault(row["tokens"], []).append((key, row["digest"]))
-        if not wanted:
-            return []
-        states, h = {}, hashlib.sha256()  # hash state at every block boundary of the prompt
-        for start in range(0, max(wanted) + 1, self.block):
-            states[start] = h.copy()
-            h.update(raw[4 * start : 4 * (start + self.block)])
-        out = []
-        for length, rows in wanted.items():
-            base = length // self.block * self.block
-            s = states[base].copy()
-            s.update(raw[4 * base : 4 * length])
-            digest = s.hexdigest()
-            out += [(length, key) for key, d in rows if d == digest]
+        digests = prefix_digests(tokens, wanted, self.block)
+        out = [(length, key) for length, rows in wanted.items() for key, d in rows if d == digests[length]]
         return sorted(out, reverse=True)
 
     def load(
