@@ -127,6 +127,15 @@ def parse_bytes(text: str) -> int:
     return int(value * units[unit])
 
 
+def parse_fraction(text: str) -> float:
+    """'1/8', '0.125' -> 0.125 (a byte budget as given on a command line)."""
+    num, _, den = str(text).partition("/")
+    try:
+        return float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"budget {text!r}: give a fraction such as 0.125 or 1/8") from None
+
+
 def cache_spec_from(preset: str | None, budget: float | None) -> str | PackConfig:
     """CLI choice -> cache spec: "dynamic", a preset's PackConfig, or balanced with a byte budget."""
     if preset is not None and budget is not None:

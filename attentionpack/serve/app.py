@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .engine import Engine, NeverFits, QueueFull, SamplingParams, Sequence
+from .engine import NeverFits, QueueFull, SamplingParams, Sequence
 from .metrics import ServerMetrics
 from .text_stream import TextStream
 
@@ -159,8 +159,30 @@ class _BodyLimit:
         await self.app(scope, receive, send)
 
 
+class EngineAPI(Protocol):
+    """What the app needs from an engine: the local `Engine`, or `cluster.RemoteEngine` in a Ray ingress."""
+
+    max_context: int
+    metrics: ServerMetrics | None
+
+    @property
+    def prefix_block(self) -> int: ...
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None: ...
+
+    def submit(self, seqs: list[Sequence]) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def snapshot(self) -> dict: ...
+
+
 def create_app(
-    engine: Engine, tokenizer: Any, model_name: str, metrics: ServerMetrics | None = None, default_max_tokens: int = 256
+    engine: EngineAPI,
+    tokenizer: Any,
+    model_name: str,
+    metrics: ServerMetrics | None = None,
+    default_max_tokens: int = 256,
 ) -> FastAPI:
     """The FastAPI app serving `engine` (started and stopped by the caller) under the model id `model_name`."""
     metrics = metrics or engine.metrics or ServerMetrics()

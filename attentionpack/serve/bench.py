@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .accounting import cache_spec_from, parse_bytes
+from .accounting import cache_spec_from, parse_bytes, parse_fraction
 from .engine import Engine
 
 if TYPE_CHECKING:
@@ -33,9 +33,7 @@ if TYPE_CHECKING:
 
 def _spec(name: str) -> str | PackConfig:
     if name.startswith("budget="):
-        value = name.split("=", 1)[1]
-        num, _, den = value.partition("/")
-        return cache_spec_from(None, float(num) / float(den) if den else float(value))
+        return cache_spec_from(None, parse_fraction(name.split("=", 1)[1]))
     return cache_spec_from(name, None)
 
 

@@ -4,24 +4,17 @@ serving dependencies (the `serve` extra) are imported only when a command runs."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from .options import ServeOptions
 
 
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
-
-
-def _budget(text: str | None) -> float | None:
-    if text is None:
-        return None
-    num, _, den = text.partition("/")
-    try:
-        value = float(num) / float(den) if den else float(num)
-    except (ValueError, ZeroDivisionError):
-        _fail(f"--budget {text!r}: give a fraction such as 0.125 or 1/8")
-    return value
 
 
 def serve_command(
@@ -52,62 +45,106 @@ def serve_command(
         None,
         "--prefix-store",
         help="Folder of stored prompt prefixes: a conversation's later turns start from its earlier turns' cache "
-        "(shared by every server that sees the folder).",
+        "(shared by every server that sees the folder; with --ray, each replica keeps its own by default).",
+    ),
+    use_ray: bool = typer.Option(
+        False, "--ray", help="Serve with Ray Serve: --replicas copies of the model behind one prefix-affinity router."
+    ),
+    replicas: int = typer.Option(2, "--replicas", min=1, help="Model replicas with --ray (default: 2)."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="With --ray: a running cluster's address (default: $RAY_ADDRESS, else a local one)."
     ),
 ) -> None:
     """OpenAI-compatible server (chat/completions, streaming) with continuous batching over compressed KV caches."""
-    try:
-        import uvicorn
+    from pydantic import ValidationError
 
-        from .accounting import cache_spec_from, parse_bytes
-        from .app import create_app
-        from .engine import Engine
-        from .metrics import ServerMetrics
+    try:
+        from .options import ServeOptions
     except ImportError as err:
         _fail(f"{err}; install the serving extra: pip install 'attentionpack[serve]'")
+    try:
+        options = ServeOptions(
+            model=model,
+            preset=preset,
+            budget=budget,
+            kv_memory=kv_memory,
+            max_queue=max_queue,
+            default_max_tokens=max_tokens,
+            prefill_chunk=prefill_chunk,
+            prefix_store=str(prefix_store) if prefix_store is not None else None,
+            threads=threads,
+        )
+        options.spec()
+    except ValidationError as err:
+        _fail("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors()))
+    except ValueError as err:
+        _fail(str(err))
+    if use_ray:
+        _serve_ray(options, replicas, host, port, ray_address)
+        return
+    _serve_local(options, host, port)
+
+
+def _serve_local(options: ServeOptions, host: str, port: int) -> None:
     import torch
+    import uvicorn
 
     from ..models import load_model
-    from ..store import PrefixStore
+    from .app import create_app
+    from .metrics import ServerMetrics
 
+    if options.threads:
+        torch.set_num_threads(options.threads)
     try:
-        spec = cache_spec_from(preset, _budget(budget))
-        cap = parse_bytes(kv_memory)
-    except ValueError as err:
-        _fail(str(err))
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        lm, tokenizer = load_model(model)
+        lm, tokenizer = load_model(options.model)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
-    name = Path(model).name if model else "smollm2-135m-instruct"
     metrics = ServerMetrics()
     try:
-        store = PrefixStore(prefix_store) if prefix_store is not None else None
-        engine = Engine(
-            lm,
-            spec,
-            kv_memory=cap,
-            max_queue=max_queue,
-            metrics=metrics,
-            prefill_chunk=prefill_chunk,
-            prefix_store=store,
-            tokenizer=tokenizer,
-        ).start()
+        engine = options.engine(lm, tokenizer, metrics).start()
     except ValueError as err:
         _fail(str(err))
+    spec = engine.cache_spec
     label = spec if isinstance(spec, str) else spec.name
-    typer.echo(f"serving {name} with {label} caches, --kv-memory {cap:,} bytes, on http://{host}:{port}/v1")
+    name = options.served_name()
+    typer.echo(
+        f"serving {name} with {label} caches, --kv-memory {engine.kv_memory:,} bytes, on http://{host}:{port}/v1"
+    )
     try:
         uvicorn.run(
-            create_app(engine, tokenizer, name, metrics, default_max_tokens=max_tokens),
+            create_app(engine, tokenizer, name, metrics, default_max_tokens=options.default_max_tokens),
             host=host,
             port=port,
             log_level="info",
         )
     finally:
         engine.stop()
+
+
+def _serve_ray(options: ServeOptions, replicas: int, host: str, port: int, address: str | None) -> None:
+    """Start (or join) a Ray cluster, run the application, and serve until interrupted."""
+    import time
+
+    try:
+        import ray
+        from ray import serve
+
+        from .cluster import build_app
+    except ImportError as err:
+        _fail(f"{err}; install the Ray extra: pip install 'attentionpack[ray]'")
+    ray.init(address=address, include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    app = build_app({**options.model_dump(), "replicas": replicas})
+    serve.run(app, name="attentionpack", route_prefix="/")
+    typer.echo(f"serving {options.served_name()} on {replicas} Ray Serve replicas, on http://{host}:{port}/v1")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def bench_serve_command(
