@@ -66,11 +66,12 @@ def generate(
     ),
 ):
     """Answer a (long) prompt with a compressed KV cache, then show the bytes held vs DynamicCache."""
-    if preset is not None and budget is not None:
-        _fail("--preset and --budget exclude each other: a budget chooses the encodings itself; give one of them")
-    if budget is not None and not 0 < budget <= 1:
-        _fail(f"--budget {budget:g} is invalid: give a fraction of DynamicCache's bytes in (0, 1], e.g. 0.25")
-    from .generation import run_generate
+    from .generation import check_cache_choice, run_generate
+
+    try:
+        check_cache_choice(preset, budget)
+    except ValueError as err:
+        _fail(str(err))
 
     try:
         stdin = str(prompt_file) == "-"

@@ -142,6 +142,16 @@ def encode_vlm_prompt(processor, text: str, images: list, chat: bool) -> dict:
     return dict(processor(images=images or None, text=prompt, return_tensors="pt"))
 
 
+def check_cache_choice(preset: str | None, budget: float | None) -> None:
+    """A command line's --preset / --budget: at most one of them, a budget in (0, 1] (ValueError naming the fix)."""
+    if preset is not None and budget is not None:
+        raise ValueError("--preset and --budget exclude each other: a budget chooses the encodings itself; give one")
+    if budget is not None and not 0 < budget <= 1:
+        raise ValueError(
+            f"--budget {budget:g} is invalid: give a fraction of DynamicCache's bytes in (0, 1], e.g. 0.25"
+        )
+
+
 def pack_config(preset: str, budget: float | None) -> PackConfig:
     """The cache of `generate` and `batch`: a preset's PackConfig, or `PackConfig(budget=budget)` when given."""
     return PackConfig.preset(preset) if budget is None else PackConfig(budget=budget)

@@ -33,14 +33,12 @@ def batch_command(
     threads: int | None = typer.Option(None, "--threads", "-t", min=1, help="Torch threads of a local run."),
 ):
     """Answer every row of a JSONL file with a compressed cache; resumable, order preserved, optionally on Ray."""
+    from ..generation import check_cache_choice
     from .jobs import BatchError
     from .run import run_batch
 
-    if preset is not None and budget is not None:
-        _fail("--preset and --budget exclude each other: give one of them")
-    if budget is not None and not 0 < budget <= 1:
-        _fail(f"--budget {budget:g} is invalid: give a fraction of DynamicCache's bytes in (0, 1], e.g. 0.25")
     try:
+        check_cache_choice(preset, budget)
         stats = run_batch(
             input,
             output,

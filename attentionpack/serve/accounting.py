@@ -12,7 +12,7 @@ from transformers import Cache
 
 from ..cache import cache_nbytes
 from ..config import PackConfig
-from ..generation import pack_config
+from ..generation import check_cache_choice, pack_config
 
 GRANULE = 16  # spare token slots a compressing layer's exact tail may hold (cache/tail.py, cache/layer.py)
 META_BYTES = 13  # per token per layer besides K/V in a compressing layer's tail: int32 positions (up to 3) + bool
@@ -138,8 +138,7 @@ def parse_fraction(text: str) -> float:
 
 def cache_spec_from(preset: str | None, budget: float | None) -> str | PackConfig:
     """CLI choice -> cache spec: "dynamic", a preset's PackConfig, or balanced with a byte budget."""
-    if preset is not None and budget is not None:
-        raise ValueError("give --preset or --budget, not both")
+    check_cache_choice(preset, budget)
     if preset == "dynamic":
         return "dynamic"
     config = pack_config(preset or "balanced", budget)  # a budget is strict: admission counts on its bound

@@ -4,7 +4,7 @@ serving dependencies (the `serve` extra) are imported only when a command runs."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -76,13 +76,23 @@ def serve_command(
         )
         options.spec()
     except ValidationError as err:
-        _fail("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors()))
+        _fail("; ".join(_option_error(e) for e in err.errors()))
     except ValueError as err:
         _fail(str(err))
     if use_ray:
         _serve_ray(options, replicas, host, port, ray_address)
         return
     _serve_local(options, host, port)
+
+
+def _option_error(error: Any) -> str:
+    """One pydantic error as a command-line message (our validators' messages already name the option)."""
+    option = "--" + "-".join(map(str, error["loc"])).replace("_", "-")
+    message = str(error["msg"])
+    if message.startswith("Value error, "):
+        message = message.removeprefix("Value error, ")
+        return message if message.startswith("--") else f"{option}: {message}"
+    return f"{option}: {message}"
 
 
 def _serve_local(options: ServeOptions, host: str, port: int) -> None:

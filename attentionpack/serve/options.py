@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..generation import check_cache_choice
 from .accounting import cache_spec_from, parse_bytes, parse_fraction
 
 if TYPE_CHECKING:
@@ -44,8 +45,8 @@ class ServeOptions(BaseModel):
     @field_validator("budget")
     @classmethod
     def _fraction(cls, v: str | None) -> str | None:
-        if v is not None and not 0 < parse_fraction(v) <= 1:
-            raise ValueError(f"budget {v!r} must be a fraction of DynamicCache's bytes in (0, 1], e.g. 1/8")
+        if v is not None:
+            check_cache_choice(None, parse_fraction(v))
         return v
 
     def spec(self) -> str | PackConfig:
