@@ -165,7 +165,6 @@ def test_killing_a_replica_fails_its_requests_cleanly_and_the_deployment_recover
     assert not any(t.is_alive() for t in threads), "a request hung past its timeout"
     print(f"in-flight request of the killed replica failed: {probe_failed}; load: {outcomes}")
     assert probe_failed, f"the killed replica's streaming request ended without an error: {''.join(received)!r}"
-    assert all(seconds < 150 for _, seconds in outcomes)
     deadline = time.monotonic() + 180
     while _running_replicas() < 2:
         assert time.monotonic() < deadline, "Ray Serve did not replace the killed replica"

@@ -19,83 +19,23 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .engine import NeverFits, QueueFull, SamplingParams, Sequence
+from .accounting import NeverFits
 from .metrics import ServerMetrics
+from .schemas import ChatMessage, ChatRequest, CompletionRequest, SamplingFields
+from .sequence import QueueFull, SamplingParams, Sequence
 from .text_stream import TextStream
 
 MAX_BODY_BYTES = 8 << 20
-MAX_N = 8
-MAX_STOP = 4
 EVENT_POLL_SECONDS = 0.5  # how often a non-streaming handler checks that its client is still there
-
-
-# ---- request schemas ---------------------------------------------------------------------------------------------
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _Sampling(_Strict):
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = Field(None, max_length=256)
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else v
-        if stops is not None:
-            if len(stops) > MAX_STOP:
-                raise ValueError(f"at most {MAX_STOP} stop sequences")
-            if any(not s or len(s) > 256 for s in stops):
-                raise ValueError("stop sequences must be 1 to 256 characters")
-        return v
-
-    def stops(self) -> list[str]:
-        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int]
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------
@@ -251,7 +191,7 @@ def create_app(
                 code="model_not_found",
             )
 
-    def _max_tokens(req: _Sampling, prompt_tokens: int, override: int | None = None) -> int:
+    def _max_tokens(req: SamplingFields, prompt_tokens: int, override: int | None = None) -> int:
         value = override or req.max_tokens
         if value is None:
             value = max(1, min(default_max_tokens, engine.max_context - prompt_tokens))
@@ -268,7 +208,7 @@ def create_app(
         return usage
 
     async def _run(
-        request: Request, req: _Sampling, prompt: list[int], max_tokens: int, kind: str, shared: int | None = None
+        request: Request, req: SamplingFields, prompt: list[int], max_tokens: int, kind: str, shared: int | None = None
     ) -> Response | dict[str, Any]:
         """Serve one request. `shared`: how many leading prompt tokens later requests are likely to repeat (the
         conversation before its last message); with a prefix store the cache is stored at the last block boundary
@@ -349,7 +289,7 @@ def create_app(
 
     async def _collect(
         request: Request,
-        req: _Sampling,
+        req: SamplingFields,
         seqs: list[Sequence],
         queue: asyncio.Queue,
         rid: str,
@@ -389,7 +329,7 @@ def create_app(
 
     async def _stream(
         request: Request,
-        req: _Sampling,
+        req: SamplingFields,
         seqs: list[Sequence],
         queue: asyncio.Queue,
         rid: str,

@@ -16,8 +16,8 @@ from typing import Any
 
 from ...store.prefix import prefix_digests
 from ..accounting import Limits
-from ..engine import Sequence
 from ..metrics import ServerMetrics
+from ..sequence import Sequence
 
 log = logging.getLogger("attentionpack.serve")
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from ..engine import NeverFits, QueueFull, SamplingParams, Sequence
+from ..accounting import NeverFits
 from ..options import ServeOptions
+from ..sequence import QueueFull, SamplingParams, Sequence
 
 log = logging.getLogger("attentionpack.serve")
 
