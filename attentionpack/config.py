@@ -52,6 +52,17 @@ class PackConfig:
     is more (short prompts, whose exact sinks and window weigh more), chosen where the errors are least; a prompt
     the budget cannot serve (image/video tokens, a cache filled by `ingest`) uses the codec fields. Never raises.
 
+    Per-head treatment (attention on the stored form only; text prompts; not combined with `budget` yet):
+    `retrieval_heads`: RazorAttention (arXiv 2407.15891): the share of (layer, KV head) pairs, found once per model
+    by a repeated random-token probe (`scoring.retrieval_heads`), that keep every token in the codec fields' form;
+    every other head keeps the sinks and the recent `window`, and each prompt span and decode chunk that leaves its
+    window becomes one compensation token (the mean of its keys and of its values, weighted by how many tokens it
+    stands for). `keep`: score-based eviction (SnapKV, arXiv 2404.14469): per sample and KV head, the share of each
+    prompt span's tokens kept, ranked by the attention of the prompt's last `observation` queries (pooled over 7
+    neighbours); sinks and window are kept. `evicted_bits` (2 or 4): demote, don't drop — the tokens not kept are
+    stored at that many bits (keys per channel, values per token) instead of dropped. Sliding-window layers are
+    not evicted (they hold their window only).
+
     `compressed_attention`: compute attention directly on the stored form (attention/packed.py) when the model
     uses SDPA; otherwise keys/values are materialized for the model's own attention at every step.
 
@@ -93,6 +104,10 @@ class PackConfig:
     video: dict | None = None
     budget: float | None = None
     budget_strict: bool = True
+    retrieval_heads: float | None = None
+    keep: float | None = None
+    evicted_bits: int | None = None
+    observation: int = 32
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +169,29 @@ class PackConfig:
                     "chooses the encodings of text prompts itself (or budget_strict=False, where the "
                     "overrides serve the prompts the budget leaves to the codec fields)",
                 )
+        if self.retrieval_heads is not None and not (_is_num(self.retrieval_heads) and 0 <= self.retrieval_heads <= 1):
+            _bad("retrieval_heads", self.retrieval_heads, "None or a share of KV heads in [0, 1], e.g. 0.15")
+        if self.keep is not None and not (_is_num(self.keep) and 0 < self.keep <= 1):
+            _bad("keep", self.keep, "None or a share of each span's tokens in (0, 1], e.g. 0.25")
+        if self.evicted_bits is not None and (self.evicted_bits not in (2, 4) or not _is_int(self.evicted_bits)):
+            _bad(
+                "evicted_bits", self.evicted_bits, "None (drop) or 2 or 4 (store the evicted tokens at that many bits)"
+            )
+        if self.evicted_bits is not None and self.keep is None:
+            _bad("evicted_bits", self.evicted_bits, "None unless keep is set (it stores the tokens keep evicts)")
+        if not _is_int(self.observation) or self.observation < 1:
+            _bad("observation", self.observation, "an integer >= 1")
+        if self.per_head and self.budget is not None:
+            _bad(
+                "budget",
+                self.budget,
+                "None when retrieval_heads or keep is set: a budget does not yet choose per-head treatment "
+                "(use the codec fields for the retrieval heads' and kept tokens' form)",
+            )
+        if self.per_head and not self.compressed_attention:
+            _bad(
+                "compressed_attention", False, "True when retrieval_heads or keep is set (heads keep different tokens)"
+            )
         for modality in ("text", "image", "video"):
             overrides = getattr(self, modality)
             if overrides is None:
@@ -174,11 +212,20 @@ class PackConfig:
         return dataclasses.replace(self, text=None, image=None, video=None, **overrides)
 
     @property
+    def per_head(self) -> bool:
+        """Heads or tokens are treated apart: retrieval heads, eviction."""
+        return self.retrieval_heads is not None or self.keep is not None
+
+    @property
     def is_lossless(self) -> bool:
-        """No modality's keys or values are ever encoded."""
-        return self.budget is None and all(
-            c.key_codec == "exact" and c.value_codec == "exact"
-            for c in (self.for_modality(m) for m in ("text", "image", "video"))
+        """No modality's keys or values are ever encoded or dropped."""
+        return (
+            self.budget is None
+            and not self.per_head
+            and all(
+                c.key_codec == "exact" and c.value_codec == "exact"
+                for c in (self.for_modality(m) for m in ("text", "image", "video"))
+            )
         )
 
     def replace(self, **changes: Any) -> PackConfig:
@@ -221,4 +268,9 @@ PRESETS: dict[str, dict] = {
     "lossless": dict(key_codec="exact", value_codec="exact", key_energy=None, value_energy=None),
     "balanced": dict(_TARGET, budget=0.2, key_energy=0.98),
     "max": dict(_TARGET, budget=0.15, key_energy=0.95),
+    # RazorAttention alone: retrieval heads exact and whole, the other heads sinks + 256 recent tokens + one
+    # compensation token per span or chunk (the paper protects 15% of heads)
+    "razor": dict(
+        key_codec="exact", value_codec="exact", key_energy=None, value_energy=None, retrieval_heads=0.15, window=256
+    ),
 }

@@ -35,6 +35,13 @@ def tiny_model():
     return _tiny
 
 
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    """A fresh user cache folder ($ATTENTIONPACK_CACHE) for this test: retrieval-head files and the like."""
+    monkeypatch.setenv("ATTENTIONPACK_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.fixture(scope="session")
 def real_model():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per session."""

@@ -16,12 +16,6 @@ from attentionpack.scoring import retrieval_heads as rh
 LENGTH = 24
 
 
-@pytest.fixture
-def cache_root(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTENTIONPACK_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 @pytest.mark.parametrize("name", ["llama", "gemma3_text", "qwen2_sliding"])
 def test_scores_match_eager_attention(name):
     model = tiny_models.build_model(name)

@@ -36,6 +36,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from ..kernels import ops
+from ..parts import Segment
 from .view import LayerView
 
 NAME = "attentionpack"
@@ -79,61 +80,118 @@ def _per_part(
     h = view.num_kv_heads
     g = hq // h
     qg = (query * scale).reshape(b, h, g * q, d)  # query head j*g + i attends with KV head j
-    scores = torch.cat([ops.scores(s.keys, qg, s.start, s.end, view.rope) for s in view.segments], dim=-1)
+    scores = torch.cat([_scores(s, qg, view, softcap) for s in view.segments], dim=-1)
     n = scores.shape[-1]  # (B, H, g*q, N)
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.view(b, h, g, q, n)
     allowed = _allowed(view, cache_mask, b, q, query.device)  # (B, 1, q, N) bool or None
     if allowed is not None:
         scores = scores.masked_fill(~allowed.unsqueeze(1), torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).view(b, h, g * q, n)
-    out: torch.Tensor | None = None
+    out = query.new_zeros(b, h, g * q, d)
     at = 0
     for s in view.segments:
         width = s.length
-        part = ops.mix(s.values, probs[..., at : at + width]).to(query.dtype)  # (B, H, g*q, d)
-        out = part if out is None else out.add_(part)
+        p = probs[..., at : at + width]
+        if s.heads is None:
+            out.add_(ops.mix(s.values, p).to(query.dtype))  # (B, H, g*q, d)
+        else:  # only the heads the segment holds have weight on its slots
+            idx = _head_index(s, query.device)
+            out.index_add_(1, idx, ops.mix(s.values, p.index_select(1, idx)).to(query.dtype))
         at += width
-    assert out is not None
     return out.view(b, h, g, q, d).reshape(b, hq, q, d).transpose(1, 2).contiguous()
+
+
+def _head_index(s: Segment, device: torch.device) -> torch.Tensor:
+    assert s.heads is not None
+    return torch.tensor(s.heads, dtype=torch.long, device=device)
+
+
+def _scores(s: Segment, qg: torch.Tensor, view: LayerView, softcap: float | None) -> torch.Tensor:
+    """qg (B, H, M, d) scaled query rows per KV head -> logits (B, H, M, n) of segment `s` (soft-capped): -inf
+    for the heads it does not hold, plus its slots' log multiplicity."""
+    idx = None if s.heads is None else _head_index(s, qg.device)
+    held = ops.scores(s.keys, qg if idx is None else qg.index_select(1, idx), s.start, s.end, view.rope)
+    if softcap is not None:
+        held = softcap * torch.tanh(held / softcap)
+    if s.slots is not None:
+        held = held + s.slots[:, :, None, :].to(held.dtype)
+    if idx is None:
+        return held
+    b, _, m, _ = qg.shape
+    out = held.new_full((b, view.num_kv_heads, m, s.length), float("-inf"))
+    out[:, idx] = held
+    return out
 
 
 def _dense(view: LayerView, query: torch.Tensor, cache_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """query (B, Hq, q, d) -> (B, q, Hq, d): the segments' states rebuilt in cache order, one SDPA call."""
     b, hq, q, d = query.shape
-    keys = torch.cat([s.keys.materialize(s.start, s.end, view.rope).to(query.dtype) for s in view.segments], dim=2)
-    values = torch.cat([s.values.materialize(s.start, s.end, view.rope).to(query.dtype) for s in view.segments], dim=2)
+    h = view.num_kv_heads
+    keys = torch.cat([_states(s, s.keys, view, query) for s in view.segments], dim=2)  # (B, H, N, d)
+    values = torch.cat([_states(s, s.values, view, query) for s in view.segments], dim=2)
     allowed = _allowed(view, cache_mask, b, q, query.device)  # (B|1, 1, q, N) bool or None
     bias = None
     if allowed is not None:  # additive: a row that sees nothing (padding) spreads evenly instead of giving NaN
         bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
         bias.masked_fill_(~allowed, torch.finfo(query.dtype).min)
+    if any(s.per_head for s in view.segments):  # per KV head: heads a segment lacks, slots' multiplicities
+        low = torch.finfo(query.dtype).min
+        heads = torch.cat([_head_bias(s, b, h, query) for s in view.segments], dim=-1)  # (B, H, 1, N)
+        bias = heads.clamp_min(low) if bias is None else (bias + heads).clamp_min(low)  # (B, H, q, N)
+        bias = bias.expand(b, h, q, -1).repeat_interleave(hq // h, dim=1)  # (B, Hq, q, N)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, keys, values, attn_mask=bias, scale=scale, enable_gqa=hq != keys.shape[1]
     )  # (B, Hq, q, d)
     return out.transpose(1, 2).contiguous()
 
 
+def _states(s: Segment, part: Any, view: LayerView, query: torch.Tensor) -> torch.Tensor:
+    """A segment's keys or values rebuilt (B, H, n, d); zeros for heads it does not hold (masked by the bias)."""
+    x = part.materialize(s.start, s.end, view.rope).to(query.dtype)
+    if s.heads is None:
+        return x
+    full = x.new_zeros(x.shape[0], view.num_kv_heads, x.shape[2], x.shape[3])
+    full[:, _head_index(s, query.device)] = x
+    return full
+
+
+def _head_bias(s: Segment, b: int, h: int, query: torch.Tensor) -> torch.Tensor:
+    """(B, H, 1, n) additive logits of a segment's slots per KV head: 0, the slots' log multiplicity, -inf for a
+    head the segment does not hold."""
+    out = torch.zeros(b, h, 1, s.length, dtype=query.dtype, device=query.device)
+    held = torch.zeros(b, len(s.heads or range(h)), 1, s.length, dtype=query.dtype, device=query.device)
+    if s.slots is not None:
+        held = held + s.slots[:, :, None, :].to(query.dtype)
+    if s.heads is None:
+        return held
+    out.fill_(float("-inf"))
+    out[:, _head_index(s, query.device)] = held
+    return out
+
+
 def _allowed(
     view: LayerView, allowed: torch.Tensor | None, b: int, q: int, device: torch.device
 ) -> torch.Tensor | None:
-    """The cache mask (over cache indices [first, total)) mapped to the segments' columns."""
-    if not view.gathered:
+    """The cache mask (over cache indices [first, total)) mapped to the segments' columns; slot segments' tokens
+    precede every query (their empty slots are -inf in their logits)."""
+    if not view.gathered and not any(s.slots is not None for s in view.segments):
         return allowed
     n = view.total - view.first
     if allowed is None:
         allowed = torch.ones(1, 1, q, n, dtype=torch.bool, device=device)
-    cols = torch.cat([s.columns(view.first, b).to(device) for s in view.segments], dim=1)  # (B, N)
-    ok = torch.cat(
-        [
-            torch.ones(b, s.length, dtype=torch.bool, device=device) if s.valid is None else s.valid
-            for s in view.segments
-        ],
-        dim=1,
-    )
-    picked = allowed.expand(b, 1, q, n).gather(-1, cols[:, None, None, :].expand(b, 1, q, -1))
-    return picked & ok[:, None, None, :]
+    full = allowed.expand(b, 1, q, n)
+    pieces = []
+    for s in view.segments:
+        if s.slots is not None:
+            pieces.append(torch.ones(b, 1, q, s.length, dtype=torch.bool, device=device))
+        elif s.index is None:
+            pieces.append(full[..., s.start - view.first : s.end - view.first])
+        else:
+            cols = s.columns(view.first, b).to(device)  # (B, n)
+            picked = full.gather(-1, cols[:, None, None, :].expand(b, 1, q, -1))
+            ok = s.valid if s.valid is not None else torch.ones(b, s.length, dtype=torch.bool, device=device)
+            pieces.append(picked & ok[:, None, None, :])
+    return torch.cat(pieces, dim=-1)
 
 
 def _cache_mask(view: LayerView, mask: torch.Tensor | None, q: int, device: torch.device) -> torch.Tensor | None:

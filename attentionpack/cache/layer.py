@@ -27,6 +27,7 @@ from ..config import PackConfig
 from ..kernels.plan import DecodePlan
 from ..models.registry import LayerSpec
 from ..parts import BatchFn, ExactPart, Kind, Modality, Part, RopeFn, Segment, storage_nbytes
+from .heads import freeze_evicted, freeze_razor, importance
 from .tail import ExactTail
 
 TAIL_GRANULE = 16  # compressing layers grow their exact tail 16 slots at a time once compression pays for them
@@ -46,6 +47,7 @@ class StepContext:
     span_boundaries: Sequence[int]
     layout: Callable[[int, int], list[Group] | None] | None = None  # modality groups of cache indices [a, b)
     query_moments: torch.Tensor | None = None  # (B, H, d, d) of this call's queries (multi-token calls, "scores")
+    observation: tuple[torch.Tensor, float] | None = None  # the call's last queries (B, Hq, w, d) and scaling (keep)
 
 
 @dataclass
@@ -78,6 +80,9 @@ class PackedLayer(CacheLayerMixin):
         self.codecs: dict[str, PackConfig] = {m: config.for_modality(m) for m in ("text", "image", "video")}
         self.planner: Any = None  # a BudgetPlanner (budget/planner.py) when PackConfig.budget is set
         self.budget_choice: tuple[str, str] | None = None  # (key, value) candidate labels the budget chose
+        # RazorAttention (PackConfig.retrieval_heads): the KV heads that keep every token; None: every head does
+        self.retrieval: tuple[int, ...] | None = None
+        self._importance: tuple[int, torch.Tensor] | None = None  # (cache index of column 0, (B, H, n)) for keep
         self._budgeted = False  # the current prefill call's spans are chosen by the planner
         self._reset_state()
 
@@ -206,6 +211,12 @@ class PackedLayer(CacheLayerMixin):
     def materialize(self, rope: RopeFn) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every token the layer holds, (B, H, N, d) in cache order (compressed segments
         rebuilt; gathered segments scattered back to their cache indices)."""
+        if any(seg.per_head for seg in self.segments):
+            raise RuntimeError(
+                f"layer {self.layer_idx} keeps different tokens per KV head (retrieval heads or eviction), which "
+                "the model's own attention cannot read: load the model with attn_implementation='sdpa' so the "
+                "cache attends on its stored form"
+            )
         keys, values, _, _ = self._live.view()  # (B, H, n, d) each
         return (self._materialize(lambda s: s.keys, keys, rope), self._materialize(lambda s: s.values, values, rope))
 
@@ -357,6 +368,10 @@ class PackedLayer(CacheLayerMixin):
         # a budget chooses this call's encodings (begin: before the sinks leave the tail, their padding flags with
         # them), unless it declines the prompt (a target budget on image/video tokens): then the codec fields do
         self._budgeted = prefill and self.planner is not None and self.planner.begin(self, ctx)
+        self._importance = None
+        if prefill and self.config.keep is not None and not self.is_sliding and ctx.observation is not None:
+            keys, _, _, valid = self._compress_view()
+            self._importance = (tail_start, importance(keys, valid, ctx.observation))
         if self.sink_end is None:  # first call: the tail starts at token 0
             # sinks: each sample's first `sink` real tokens; with left padding the latest-starting sample decides
             _, _, _, tail_valid = self._compress_view()
@@ -403,6 +418,12 @@ class PackedLayer(CacheLayerMixin):
         value_part: Part
         if compress and kind in ("span", "window") and self._budgeted:  # candidates now, choice later
             pending, key_part, value_part = self.planner.propose(self, start, end, k, v, valid)
+        elif compress and self.retrieval is not None and len(self.retrieval) < self.spec.num_kv_heads:
+            freeze_razor(self, start, end, kind, k, v, pos, valid, ctx)
+            return
+        elif compress and kind == "span" and self._importance is not None:
+            freeze_evicted(self, start, end, k, v, valid, self._importance)
+            return
         elif compress:
             cfg = self.codecs["text"]
             key_part = encode_keys(k, valid, cfg, ctx.rope(start, end, pos), pos, self.query_moments)
@@ -414,6 +435,13 @@ class PackedLayer(CacheLayerMixin):
         if pending is not None:
             pending.segment = self.segments[-1]
         self._live.drop_oldest(n)
+
+    def add_segment(self, seg: Segment, n: int) -> None:
+        """Append a frozen segment made of the oldest `n` tail tokens (several segments may share them)."""
+        self.segments.append(seg)
+        self.plan.add(seg)
+        if n:
+            self._live.drop_oldest(n)
 
     def _freeze_groups(self, start: int, end: int, groups: list[Group], ctx: StepContext) -> None:
         """Turn tail tokens [start, end) (the oldest tail tokens) into one gathered segment per modality group."""

@@ -33,7 +33,8 @@ from ..config import PackConfig
 from ..models.registry import ModelAdapter
 from ..models.vlm import find_spans, group_labels
 from ..parts import storage_nbytes
-from ..scoring.observation import query_moments
+from ..scoring.observation import attention_scaling, query_moments, window_queries
+from ..scoring.retrieval_heads import load_or_find
 from .layer import STEP, Group, PackedLayer, StepContext
 
 _ATTACHED = "_attentionpack_attached"  # model attribute: {"hooks": [...], "caches": n, "switched": bool}
@@ -68,6 +69,10 @@ class PackedCache(Cache):
         for layer in self.layers:
             layer.planner = self.planner
             layer.paths = self.paths
+        if config.retrieval_heads is not None:  # RazorAttention: probed once per model, kept in a file
+            chosen = load_or_find(model, fraction=config.retrieval_heads).chosen
+            for layer in self.layers:
+                layer.retrieval = tuple(h for h in range(layer.spec.num_kv_heads) if (layer.layer_idx, h) in chosen)
         self.set_spans(span_boundaries)
         self._model: weakref.ref[Any] | None = None
         self.attach(model)
@@ -76,6 +81,7 @@ class PackedCache(Cache):
         self._rope_memo: dict = {}
         self._mrope_positions: torch.Tensor | None = None  # (B, q, 3) multimodal positions of the current call
         self._moments: dict[int, torch.Tensor] = {}  # layer -> (B, H, d, d) query moments of the current call
+        self._observations: dict[int, tuple[torch.Tensor, float]] = {}  # layer -> last queries, scaling (keep)
         self.wants_query_moments = any(
             c.key_codec == "lowrank" and not c.key_pre_rope and c.key_objective == "scores"
             for c in (config.for_modality(m) for m in ("text", "image", "video"))
@@ -199,6 +205,7 @@ class PackedCache(Cache):
             span_boundaries=self.span_boundaries,
             layout=(lambda a, b: self._layout(a, b, key_states.device)) if self._labels is not None else None,
             query_moments=self._moments.pop(layer_idx, None),
+            observation=self._observations.pop(layer_idx, None),
         )
         out = self.layers[layer_idx].update(key_states, value_states, {**(cache_kwargs or {}), STEP: ctx})
         if layer_idx == len(self.layers) - 1:  # end of the forward call: drop per-call state
@@ -208,6 +215,7 @@ class PackedCache(Cache):
             self._positions.clear()
             self._layout_memo.clear()
             self._moments.clear()
+            self._observations.clear()
             self._mrope_positions = None
         return out
 
@@ -377,6 +385,15 @@ class PackedCache(Cache):
         heads = self.adapter.layers[layer_idx].num_kv_heads
         self._moments[layer_idx] = query_moments(module, hidden, pe, heads, valid)
 
+    def _note_observation(self, layer_idx: int, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Attention pre-hook of a multi-token call: its last `PackConfig.observation` queries (eviction)."""
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        pe = kwargs.get("position_embeddings")
+        if hidden is None or pe is None or hidden.dim() != 3 or hidden.shape[1] < 2:
+            return
+        queries = window_queries(module, hidden, pe, min(self.config.observation, hidden.shape[1]))
+        self._observations[layer_idx] = (queries, attention_scaling(module))
+
     def _begin_top_call(self, input_ids: torch.Tensor | None, kwargs: dict) -> None:
         if input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1] > 1:
             self.set_inputs(input_ids, kwargs.get("video_grid_thw"), kwargs.get("position_ids"))
@@ -456,6 +473,8 @@ def _install_hooks(model: Any, adapter: ModelAdapter) -> list[Any]:
                 cache.planner.note_attention(idx, module, args, kwargs)
             if isinstance(cache, PackedCache) and cache.wants_query_moments:
                 cache._note_queries(idx, module, args, kwargs)
+            if isinstance(cache, PackedCache) and cache.config.keep is not None:
+                cache._note_observation(idx, module, args, kwargs)
 
         handles.append(attn.register_forward_pre_hook(on_attention, with_kwargs=True))
     return handles

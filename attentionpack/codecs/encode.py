@@ -27,12 +27,13 @@ def encode_keys(
     k: torch.Tensor,
     valid: torch.Tensor,
     cfg: PackConfig,
-    cos_sin: tuple[torch.Tensor, torch.Tensor],
-    positions: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
+    positions: torch.Tensor | None,
     query_moments: torch.Tensor | None = None,
 ) -> Part:
-    """k (B, H, T, d) rotated, valid (B, T) bool (padding False), cos/sin (B, T, d), positions (B, T[, 3]);
-    query_moments (B, H, d, d): second moments of the prompt's queries, used by `key_objective="scores"`."""
+    """k (B, H, T, d) rotated, valid (B, T) bool (padding False), cos/sin (B, T, d), positions (B, T[, 3]) (needed
+    by low-rank keys factored before RoPE only); query_moments (B, H, d, d): second moments of the prompt's
+    queries, used by `key_objective="scores"`."""
     return _encode(k, valid, cfg, is_key=True, cos_sin=cos_sin, positions=positions, query_moments=query_moments)
 
 
@@ -65,7 +66,8 @@ def _encode(
         pre_rope = is_key and cfg.key_pre_rope
         b, h, t, d = x.shape
         if pre_rope:
-            assert cos_sin is not None and positions is not None
+            if cos_sin is None or positions is None:
+                raise ValueError("low-rank keys factored before RoPE need the tokens' cos/sin and positions")
             x_in = undo_rope(x, *cos_sin)
         else:
             x_in = x

@@ -29,7 +29,16 @@ typedef struct {
        codes (B, R, nb) / (B, R, G), and basis (B, R, H * d) */
     int64_t vc, vs, vm, v_nb, v_G, v_group, v_bits;
     int64_t v_R, v_basis, v_basis_half;
+    /* per-head pieces: hmap (H,) int64, the piece's own head of each KV head or -1 (0: the piece holds every
+       head); Hp heads held; slots (B, Hp, T) _Float16 log multiplicity added to each slot's logit (0: none), the
+       cache mask is then not read (slot tokens precede the query) */
+    int64_t hmap, Hp, slots;
 } piece_t;
+
+/* The piece's own head of KV head h (-1: the piece does not hold it). */
+static inline int64_t own_head(const piece_t *pc, int64_t h) {
+    return pc->hmap ? ((const int64_t *)pc->hmap)[h] : h;
+}
 
 #define DBLK 256  /* tokens per work item (rounded to whole key groups) */
 
@@ -65,9 +74,12 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
    queries, qt (H * M, R) the same queries in the piece's basis (factors only). */
 static void item_scores(const piece_t *pc, int64_t b, int64_t H, int64_t M, int64_t d, const float *qs,
                         const float *qt, int64_t t0, int64_t cnt, float *s, int64_t os) {
+    const int64_t Hp = pc->Hp;
     if (pc->keys == KEYS_EXACT) {
         for (int64_t h = 0; h < H; h++) {
-            const float *kb = (const float *)pc->k + b * pc->k_sb + h * pc->k_sh + t0 * d;
+            const int64_t lh = own_head(pc, h);
+            if (lh < 0) continue;
+            const float *kb = (const float *)pc->k + b * pc->k_sb + lh * pc->k_sh + t0 * d;
             for (int64_t m = 0; m < M; m++) {
                 const float *x = qs + (h * M + m) * d;
                 float *o = s + (h * M + m) * os;
@@ -91,7 +103,9 @@ static void item_scores(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
         SPANS(qt, H * M, s);
     } else {
         for (int64_t h = 0; h < H; h++) {
-            const int64_t n = b * H + h;
+            const int64_t lh = own_head(pc, h);
+            if (lh < 0) continue;
+            const int64_t n = b * Hp + lh;
             SPANS(qs + h * M * d, M, s + h * M * os);
         }
     }
@@ -103,7 +117,7 @@ static void item_scores(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
 static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int64_t d, const float *p, int64_t os,
                         int64_t t0, int64_t cnt, float *acc) {
     if (pc->values == VALUES_FACTORS) {  /* weights times the coefficients (HM, R), then times the basis */
-        const int64_t R = pc->v_R, HM = H * M, D = H * d, nb = pc->v_nb, G = pc->v_G;
+        const int64_t R = pc->v_R, HM = H * M, D = pc->Hp * d, nb = pc->v_nb, G = pc->v_G;
         float *tile = (float *)malloc(sizeof(float) * (2 * cnt + HM * R + D));
         float *rb = tile + cnt, *w = rb + cnt, *row = w + HM * R;
         for (int64_t j = 0; j < R; j++) {
@@ -116,12 +130,15 @@ static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
         memset(acc, 0, sizeof(float) * HM * d);
         for (int64_t j = 0; j < R; j++) {
             const float *bj = basis_row(pc->v_basis, pc->v_basis_half, b, R, j, D, row);
-            for (int64_t h = 0; h < H; h++)
+            for (int64_t h = 0; h < H; h++) {
+                const int64_t lh = own_head(pc, h);
+                if (lh < 0) continue;
                 for (int64_t m = 0; m < M; m++) {
                     const float wj = w[(h * M + m) * R + j];
                     float *restrict a = acc + (h * M + m) * d;
-                    for (int64_t c = 0; c < d; c++) a[c] += wj * bj[h * d + c];
+                    for (int64_t c = 0; c < d; c++) a[c] += wj * bj[lh * d + c];
                 }
+            }
         }
         free(tile);
         return;
@@ -129,8 +146,13 @@ static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
     for (int64_t h = 0; h < H; h++) {
         const float *ph = p + h * M * os;
         float *ah = acc + h * M * d;
+        const int64_t lh = own_head(pc, h);
+        if (lh < 0) {  /* not held: no weight (the item's maximum for these rows is -inf) */
+            memset(ah, 0, sizeof(float) * M * d);
+            continue;
+        }
         if (pc->values == VALUES_EXACT) {
-            const float *vb = (const float *)pc->v + b * pc->v_sb + h * pc->v_sh + t0 * d;
+            const float *vb = (const float *)pc->v + b * pc->v_sb + lh * pc->v_sh + t0 * d;
             memset(ah, 0, sizeof(float) * M * d);
             for (int64_t m = 0; m < M; m++) {
                 float *restrict am = ah + m * d;
@@ -141,7 +163,7 @@ static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
                 }
             }
         } else {
-            const int64_t row = (b * H + h) * pc->T + t0;  /* first token's row in (B, H, T) */
+            const int64_t row = (b * pc->Hp + lh) * pc->T + t0;  /* first token's row in (B, Hp, T) */
             mix_range((const uint8_t *)pc->vc + row * pc->v_nb, (const _Float16 *)pc->vs + row * pc->v_G,
                       (const _Float16 *)pc->vm + row * pc->v_G, ph, ah, 1, M, cnt, pc->v_nb, pc->v_G, pc->v_group,
                       d, (int)pc->v_bits, os, 0, cnt);
@@ -156,12 +178,21 @@ static void decode_item(const piece_t *pc, int64_t b, int64_t t0, int64_t H, int
     const int64_t cnt = t0 + blk < pc->T ? blk : pc->T - t0;
     float *s = (float *)malloc(sizeof(float) * HM * blk);
     item_scores(pc, b, H, M, d, qs, qt, t0, cnt, s, blk);
-    const uint8_t *mk = mask ? mask + b * mask_sb + pc->col0 + t0 : NULL;
+    const uint8_t *mk = mask && !pc->slots ? mask + b * mask_sb + pc->col0 + t0 : NULL;
     float *mx = res, *sm = res + HM;
     for (int64_t r = 0; r < HM; r++) {
         float *sr = s + r * blk;
-        if (softcap > 0.f)
-            for (int64_t t = 0; t < cnt; t++) sr[t] = softcap * tanhf(sr[t] / softcap);
+        const int64_t lh = own_head(pc, r / M);
+        if (lh < 0) {  /* a head the piece does not hold: no token */
+            for (int64_t t = 0; t < cnt; t++) sr[t] = -INFINITY;
+        } else {
+            if (softcap > 0.f)
+                for (int64_t t = 0; t < cnt; t++) sr[t] = softcap * tanhf(sr[t] / softcap);
+            if (pc->slots) {
+                const _Float16 *ls = (const _Float16 *)pc->slots + (b * pc->Hp + lh) * pc->T + t0;
+                for (int64_t t = 0; t < cnt; t++) sr[t] += (float)ls[t];
+            }
+        }
         if (mk)
             for (int64_t t = 0; t < cnt; t++) if (!mk[t]) sr[t] = -INFINITY;
         float top = -INFINITY, sum = 0.f;
@@ -201,14 +232,16 @@ void ap_decode(const int64_t *desc, int64_t P, const float *restrict query, cons
         const int64_t b = i / P, p = i % P;
         const piece_t *pc = pieces + p;
         if (pc->keys != KEYS_FACTORS) continue;
-        const int64_t R = pc->k_R, D = H * d;
+        const int64_t R = pc->k_R, D = pc->Hp * d;
         float *dst = qt + b * per_sample + qt_at[p];
         float *buf = (float *)malloc(sizeof(float) * D);
         for (int64_t j = 0; j < R; j++) {
             const float *row = basis_row(pc->basis, pc->basis_half, b, R, j, D, buf);
-            for (int64_t h = 0; h < H; h++)
+            for (int64_t h = 0; h < H; h++) {
+                const int64_t lh = own_head(pc, h);
                 for (int64_t m = 0; m < M; m++)
-                    dst[(h * M + m) * R + j] = dot(qs + ((b * H + h) * M + m) * d, row + h * d, d);
+                    dst[(h * M + m) * R + j] = lh < 0 ? 0.f : dot(qs + ((b * H + h) * M + m) * d, row + lh * d, d);
+            }
         }
         free(buf);
     }

@@ -22,7 +22,7 @@ from . import library
 from . import reason as library_reason
 
 EXACT, QUANTIZED, FACTORS = 0, 1, 2  # operand kinds (decode.c: KEYS_* and VALUES_*)
-FIELDS = 30  # int64 fields of piece_t in decode.c
+FIELDS = 33  # int64 fields of piece_t in decode.c
 _COLUMN = 3  # index of the mask-column field in a row (filled per step: start - first)
 
 
@@ -69,9 +69,26 @@ class DecodePlan:
         if isinstance(values, str):
             return f"{seg.kind} segment [{seg.start}, {seg.end}) values: {values}"
         self.batch = b
-        self.rows.append([keys[0], values[0], seg.end - seg.start, 0, *keys[1], *values[1]])
+        self.rows.append([keys[0], values[0], seg.length, 0, *keys[1], *values[1], *self._heads(seg)])
         self.starts.append(seg.start)
         return ""
+
+    def _heads(self, seg: Segment) -> list[int]:
+        """(hmap, Hp, slots) of a row: the per-head fields (0, H, 0 for a segment of every head)."""
+        hmap, held, slots = 0, self.heads, 0
+        if seg.heads is not None:
+            table = torch.full((self.heads,), -1, dtype=torch.int64)
+            table[list(seg.heads)] = torch.arange(len(seg.heads))
+            self.keep.append(table)
+            self.extra.append(table)
+            hmap, held = table.data_ptr(), len(seg.heads)
+        if seg.slots is not None:
+            log = seg.slots.to(torch.float16).contiguous()  # (B, Hp, T)
+            self.keep.append(log)
+            if log.data_ptr() != seg.slots.data_ptr():
+                self.extra.append(log)
+            slots = log.data_ptr()
+        return [hmap, held, slots]
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.extra)
@@ -114,11 +131,12 @@ class DecodePlan:
             row[_COLUMN] = start - first
             table += row
         keep: list[torch.Tensor] = []  # temporaries whose addresses the table holds
+        h = self.heads
         if tail is not None and tail[0].shape[2]:
             tk, tv, tail_start = tail
             ek, ev = _exact(tk, b, d), _exact(tv, b, d)
             assert ek is not None and ev is not None, "why_not() must be called first"
-            table += [EXACT, EXACT, tk.shape[2], tail_start - first, *ek, *[0] * 10, *ev, *[0] * 10]
+            table += [EXACT, EXACT, tk.shape[2], tail_start - first, *ek, *[0] * 10, *ev, *[0] * 10, 0, h, 0]
         query = query.contiguous()  # (B, Hq, 1, d) = (B, H, g, d): query head j*g + i uses KV head j
         mask, mask_sb = 0, 0
         if allowed is not None:
@@ -131,7 +149,6 @@ class DecodePlan:
         lib = library()
         assert lib is not None
         cap = 0.0 if softcap is None else float(softcap)
-        h = self.heads
         lib.ap_decode(
             addr, len(table) // FIELDS, query.data_ptr(), mask, mask_sb, scale, cap, out.data_ptr(), b, h, hq // h, d
         )

@@ -55,6 +55,14 @@ class Segment:
     order of the parts (B, H, n, d); valid (B, n) bool is False for padding slots (a sample with fewer or smaller
     images), whose index is meaningless. start/end are then the min/max (+1) cache index covered. `group` names
     the modality group ("image 1", "images", "text"...).
+
+    Per-head storage (RazorAttention, eviction, tiers): `heads` names the KV heads the parts hold, ascending (the
+    parts are (B, len(heads), n, d)); the other heads hold nothing of this segment. `slots` (B, h, n) float16 makes
+    the n token slots per (sample, head) free of the cache indices [start, end): slot j holds a token chosen for
+    that sample and head (eviction keeps a different subset per head), or a compensation token standing for
+    several; its value is the log of how many tokens it stands for (0: one; -inf: an empty slot, e.g. a sample
+    with fewer real tokens). Attention adds it to the slot's logits and reads no cache mask for such segments:
+    their tokens precede every query of later calls.
     """
 
     start: int
@@ -66,17 +74,28 @@ class Segment:
     valid: torch.Tensor | None = None  # (B, n) bool, gathered segments only
     modality: Modality = "text"
     group: str = ""
+    heads: tuple[int, ...] | None = None  # KV heads held (None: all)
+    slots: torch.Tensor | None = None  # (B, h, n) float16 log multiplicity per slot (slot segments only)
 
     @property
     def length(self) -> int:
-        """Token slots per sample (end - start when contiguous)."""
+        """Token slots per sample (end - start when contiguous, per head for slot segments)."""
+        if self.slots is not None:
+            return int(self.slots.shape[-1])
         return self.end - self.start if self.index is None else self.index.shape[1]
 
     def tokens(self) -> int:
-        """Cache entries held, summed over the batch (padding slots excluded)."""
+        """Cache entries held, summed over the batch (padding slots excluded); per held head for slot segments."""
+        if self.slots is not None:
+            return int(torch.isfinite(self.slots).sum()) // self.slots.shape[1]
         if self.valid is None:
             return self.keys.tensors()[0].shape[0] * self.length
         return int(self.valid.sum())
+
+    @property
+    def per_head(self) -> bool:
+        """The segment holds some heads only, or slots chosen per head (attention treats heads apart)."""
+        return self.heads is not None or self.slots is not None
 
     def columns(self, first: int, batch: int) -> torch.Tensor:
         """(B, n) positions of this segment's tokens on a mask's key axis that starts at cache index `first`."""
@@ -86,13 +105,16 @@ class Segment:
 
     def tensors(self) -> list[torch.Tensor]:
         layout = [] if self.index is None or self.valid is None else [self.index, self.valid]
-        return self.keys.tensors() + self.values.tensors() + layout
+        slots = [] if self.slots is None else [self.slots]
+        return self.keys.tensors() + self.values.tensors() + layout + slots
 
     def map_batch(self, fn: BatchFn) -> None:
         self.keys.map_batch(fn)
         self.values.map_batch(fn)
         if self.index is not None and self.valid is not None:
             self.index, self.valid = fn(self.index), fn(self.valid)
+        if self.slots is not None:
+            self.slots = fn(self.slots)
 
 
 def storage_nbytes(tensors: list[torch.Tensor]) -> int:

@@ -1,0 +1,117 @@
+"""Per-head treatment of a span or chunk a `PackedLayer` freezes: RazorAttention's compensation tokens and
+score-based eviction (SnapKV), stored as per-head segments (`parts.Segment.heads` / `slots`).
+
+- `freeze_razor` (RazorAttention, arXiv 2407.15891): the layer's retrieval heads keep every token in the codec
+  fields' form; every other head keeps one compensation token per span or decode chunk, the mean of its real keys
+  and of its values, whose logit gains log(n) for the n tokens it stands for (the paper's equation 5: the dropped
+  tokens' weight is n exp(q k̂)).
+- `freeze_evicted` (SnapKV, arXiv 2404.14469; "demote, don't drop" as an option): per sample and KV head the
+  `keep` share of the span's tokens that the prompt's last queries attend to most (`importance`), the rest dropped
+  or stored at `evicted_bits`.
+
+Shapes: B batch, H KV heads, n tokens of the span, d head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..codecs import encode_keys, encode_values
+from ..parts import ExactPart, Kind, Part, QuantizedPart, Segment
+from ..scoring.observation import token_importance
+
+if TYPE_CHECKING:  # the layer calls these functions
+    from .layer import PackedLayer, StepContext
+
+
+def freeze_razor(
+    layer: PackedLayer,
+    start: int,
+    end: int,
+    kind: Kind,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
+    valid: torch.Tensor,
+    ctx: StepContext,
+) -> None:
+    """RazorAttention: the retrieval heads keep tokens [start, end) in the codec fields' form; every other head
+    keeps one compensation token, the mean of the span's real keys and values, which stands for all of them
+    (its logit gains the log of their number). k, v (B, H, n, d)."""
+    assert layer.retrieval is not None
+    h = layer.spec.num_kv_heads
+    others = tuple(i for i in range(h) if i not in layer.retrieval)
+    if layer.retrieval:
+        idx = torch.tensor(layer.retrieval, device=k.device)
+        cfg = layer.codecs["text"]
+        moments = None if layer.query_moments is None else layer.query_moments[:, idx]
+        keys = encode_keys(k[:, idx], valid, cfg, ctx.rope(start, end, pos), pos, moments)
+        layer.add_segment(
+            Segment(start, end, keys, encode_values(v[:, idx], valid, cfg), kind, heads=layer.retrieval), 0
+        )
+    idx = torch.tensor(others, device=k.device)
+    weight = valid.to(k.dtype)[:, None, :, None]  # (B, 1, n, 1)
+    count = weight.sum(dim=2, keepdim=True)  # (B, 1, 1, 1)
+    mean_k = (k[:, idx] * weight).sum(dim=2, keepdim=True) / count.clamp_min(1)  # (B, h', 1, d)
+    mean_v = (v[:, idx] * weight).sum(dim=2, keepdim=True) / count.clamp_min(1)
+    log_count = count[:, :, :, 0].float().log().expand(-1, len(others), 1).to(torch.float16)  # (B, h', 1)
+    layer.add_segment(
+        Segment(start, end, ExactPart(mean_k), ExactPart(mean_v), kind, heads=others, slots=log_count), end - start
+    )
+
+
+def freeze_evicted(
+    layer: PackedLayer,
+    start: int,
+    end: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    scored: tuple[int, torch.Tensor],
+) -> None:
+    """Score-based eviction: per sample and KV head the `keep` share of tokens [start, end) that the prompt's
+    last queries attend to most, in the codec fields' form (keys after RoPE); the rest dropped, or stored at
+    `evicted_bits` (demote). k, v (B, H, n, d), valid (B, n); scored: (cache index of column 0, (B, H, N)
+    importance of the tokens from there on)."""
+    first, scores = scored
+    b, h, n, d = k.shape
+    score = scores[:, :, start - first : end - first].masked_fill(~valid[:, None, :], float("-inf"))  # (B, H, n)
+    share = layer.config.keep
+    assert share is not None
+    kept = min(n, max(1, math.ceil(share * int(valid.sum(dim=1).max()))))
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    cfg = layer.codecs["text"].replace(key_pre_rope=False)  # one slot, different tokens per head: no positions
+    pieces: list[tuple[torch.Tensor, int | None]] = [(order[..., :kept], None)]
+    if layer.config.evicted_bits is not None and kept < n:  # demote, don't drop
+        pieces.append((order[..., kept:], layer.config.evicted_bits))
+    for i, (rows, bits) in enumerate(pieces):
+        rows = rows.sort(dim=-1).values  # (B, H, m) in cache order
+        real = score.gather(-1, rows) > float("-inf")  # (B, H, m): False for the empty slots of short samples
+        log = torch.zeros(real.shape, dtype=torch.float16, device=k.device).masked_fill_(~real, float("-inf"))
+        pick = rows[..., None].expand(b, h, -1, d)
+        zero = real[..., None].to(k.dtype)
+        ks, vs = k.gather(2, pick) * zero, v.gather(2, pick) * zero  # (B, H, m, d), empty slots zero
+        keys: Part
+        values: Part
+        if bits is None:
+            every = torch.ones(b, rows.shape[-1], dtype=torch.bool, device=k.device)
+            keys, values = (
+                encode_keys(ks, every, cfg, None, None, layer.query_moments),
+                encode_values(vs, every, cfg),
+            )
+        else:
+            keys = QuantizedPart.keys(ks, bits, cfg.quant_group)
+            values = QuantizedPart.values(vs, bits, cfg.quant_group)
+        layer.add_segment(Segment(start, end, keys, values, "span", slots=log), n if i == len(pieces) - 1 else 0)
+
+
+def importance(keys: torch.Tensor, valid: torch.Tensor, observation: tuple[torch.Tensor, float]) -> torch.Tensor:
+    """(B, H, n) SnapKV importance of keys (B, H, n, d) (valid (B, n)), the newest last: attention of the call's
+    last queries (B, Hq, w, d) (`observation`: with the model's scaling), pooled over 7 neighbours
+    (`scoring.observation.token_importance`)."""
+    queries, scaling = observation
+    w = min(queries.shape[2], keys.shape[2])
+    return token_importance(queries[:, :, -w:], keys, valid, pool_kernel=7, scaling=scaling).per_head
