@@ -111,12 +111,13 @@ def bench_long_prompt(
     chunk: int = typer.Option(2048, min=1, help="Tokens per prefill call of the compressed caches."),
     chunk_dynamic: bool = typer.Option(False, help="Prefill DynamicCache in chunks too (default: one call)."),
     threads: int = typer.Option(2, min=1, help="torch threads of each child process."),
+    batch: int = typer.Option(1, min=1, help="Samples prefilled at once (different passages of the article)."),
 ):
     """Peak process memory and perplexity of one long prefill per configuration, each in its own process."""
     from .bench.long_prompt import run
 
     try:
-        run(configs, context, continuation, chunk, model, threads, chunk_dynamic, echo=typer.echo)
+        run(configs, context, continuation, chunk, model, threads, chunk_dynamic, echo=typer.echo, batch=batch)
     except (ValueError, RuntimeError) as err:
         _fail(str(err))
 

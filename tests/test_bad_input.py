@@ -43,6 +43,10 @@ _BAD_VALUES = {
     "video_group_frames": [0, -2, 2.0, "4", None, True],
     "budget": [0, 0.0, -0.5, 1.5, True, "0.125", float("inf")],
     "budget_strict": [None, 1, "no"],
+    "retrieval_heads": [-0.1, 1.5, True, "0.15", float("nan")],
+    "keep": [0, 0.0, -0.5, 1.5, True, "0.5"],
+    "evicted_bits": [3, 8, True, 2.0, "2"],
+    "observation": [0, -1, 2.5, None, True],
     # per-modality overrides: a dict of codec fields whose result is a valid configuration
     "text": [{"key_bits": 3}, {"sink": 2}, {"key_codec": "zstd"}, ["key_bits", 8], "exact"],
     "image": [{"value_codec": "quant"}, {"key_rank": 0}, {"window": 4}, 0.9, ("key_energy", 0.9)],
@@ -134,7 +138,7 @@ def test_unknown_preset_lists_presets():
 
 
 def test_presets_are_valid_and_named():
-    assert set(PRESETS) == {"lossless", "balanced", "max"}
+    assert set(PRESETS) == {"lossless", "balanced", "max", "razor"}
     for name in PRESETS:
         cfg = PackConfig.preset(name)
         assert cfg.name == name

@@ -5,8 +5,11 @@ A child (`python -m attentionpack.bench.long_prompt --cache NAME ...`, one JSON 
 `context` tokens of the Britannica article (DynamicCache: one call, transformers' stock path, unless
 `chunk_dynamic`; a PackedCache: `chunk`-token chunks, each compacted before the next, as `attentionpack generate`
 does above `--prefill-chunk`), then teacher-forces the next `continuation` tokens one step at a time and scores them
-(perplexity). Peak RSS is the child's high-water mark (`ru_maxrss`): weights, activations, masks and cache alike.
-The parent runs the children one after another and prints each configuration beside DynamicCache.
+(perplexity). `batch` > 1 prefills that many different passages of the article at once (sample i starts i x
+(context + continuation) tokens in), so per-sample choices (eviction) differ; the perplexity is over all samples.
+Peak RSS is the child's high-water mark (`ru_maxrss`): weights, activations, masks and cache alike.
+The parent runs the children one after another and prints each configuration beside DynamicCache, with the KV
+bytes it saves and how much of that the peak RSS shows.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def measure(
     model_path: str | None = None,
     threads: int = 2,
     chunk_dynamic: bool = False,
+    batch: int = 1,
 ) -> dict[str, Any]:
     """One configuration in this process: peak RSS of the prefill + scoring, bytes held, perplexity."""
     from .. import cache_nbytes, load_model
@@ -45,8 +49,10 @@ def measure(
     if spec.kind not in ("dynamic", "pack"):
         raise ValueError(f"bench long-prompt runs DynamicCache and PackedCache configurations, not {cache_name!r}")
     model, tokenizer = load_model(model_path)
-    ids = token_ids(tokenizer, read_text(), context + continuation, source="the Britannica article")[None]
-    prompt, target = ids[:, :context], ids[0, context : context + continuation]
+    width = context + continuation
+    ids = token_ids(tokenizer, read_text(), batch * width, source="the Britannica article")
+    ids = ids[: batch * width].view(batch, width)  # (B, context + continuation): one passage per sample
+    prompt, target = ids[:, :context], ids[:, context:]
     # one warm-up token first: a GGUF model unpacks its weights on its first forward call (about 0.5 GB for
     # SmolLM2), which belongs to the loaded model, not to any cache
     model(input_ids=prompt[:, :1], past_key_values=make_cache(model, parse_config("dynamic")), use_cache=True)
@@ -62,14 +68,14 @@ def measure(
     held_after_prefill = cache_nbytes(cache)
     nll = 0.0
     for i in range(continuation):
-        nll -= torch.log_softmax(logits[0, -1].float(), -1)[target[i]].item()
+        nll -= torch.log_softmax(logits[:, -1].float(), -1).gather(1, target[:, i : i + 1]).sum().item()
         if i + 1 < continuation:
-            step = target[i : i + 1][None]
-            logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=target[:, i : i + 1], past_key_values=cache, use_cache=True).logits
     return {
         "cache": cache_name,
         "context": context,
         "continuation": continuation,
+        "batch": batch,
         "prefill_calls": len(calls) + 1,
         "chunk": chunk if calls else None,
         "prefill_s": prefill_s,
@@ -77,7 +83,7 @@ def measure(
         "cache_bytes": cache_nbytes(cache),
         "rss_after_load": rss_after_load,
         "peak_rss": _rss_peak_bytes(),
-        "ppl": math.exp(nll / continuation),
+        "ppl": math.exp(nll / (continuation * batch)),
     }
 
 
@@ -89,9 +95,11 @@ def measure_in_subprocess(
     model_path: str | None,
     threads: int,
     chunk_dynamic: bool,
+    batch: int = 1,
 ) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "attentionpack.bench.long_prompt", "--cache", cache_name, "--context", str(context)]
     cmd += ["--continuation", str(continuation), "--chunk", str(chunk), "--threads", str(threads)]
+    cmd += ["--batch", str(batch)]
     cmd += (["--model", model_path] if model_path else []) + (["--chunk-dynamic"] if chunk_dynamic else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -108,6 +116,7 @@ def run(
     threads: int = 2,
     chunk_dynamic: bool = False,
     echo: Any = print,
+    batch: int = 1,
 ) -> list[dict[str, Any]]:
     """Every configuration in its own child (DynamicCache first: the reference); prints one line each."""
     if "dynamic" not in configs:
@@ -115,15 +124,20 @@ def run(
     configs = ["dynamic"] + [c for c in configs if c != "dynamic"]
     rows = []
     for name in configs:
-        row = measure_in_subprocess(name, context, continuation, chunk, model_path, threads, chunk_dynamic)
+        row = measure_in_subprocess(name, context, continuation, chunk, model_path, threads, chunk_dynamic, batch)
         rows.append(row)
         ref = rows[0]
+        saved_kv, saved_rss = ref["cache_bytes"] - row["cache_bytes"], ref["peak_rss"] - row["peak_rss"]
+        shown = f" | KV saved {saved_kv / 2**20:.1f} MiB, peak RSS {saved_rss / 2**20:.1f} MiB lower" + (
+            f" ({saved_rss / saved_kv:.2f} of it)" if saved_kv > 0 else ""
+        )
         echo(
             f"{name:>14}: peak RSS {row['peak_rss'] / 2**20:8.1f} MiB ({row['peak_rss'] / ref['peak_rss']:.2f}x "
             f"DynamicCache's; {(row['peak_rss'] - row['rss_after_load']) / 2**20:.1f} MiB above the loaded model) | "
             f"cache {row['cache_bytes_after_prefill'] / 2**20:.1f} MiB after the prefill | "
             f"prefill {row['prefill_s']:.1f} s in {row['prefill_calls']} call(s) | "
             f"ppl of the next {continuation} tokens {row['ppl']:.3f} ({100 * (row['ppl'] / ref['ppl'] - 1):+.2f}%)"
+            + (shown if row is not ref else "")
         )
     return rows
 
@@ -137,8 +151,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None)
     parser.add_argument("--chunk-dynamic", action="store_true")
+    parser.add_argument("--batch", type=int, default=1)
     a = parser.parse_args()
-    row = measure(a.cache, a.context, a.continuation, a.chunk, a.model, a.threads, a.chunk_dynamic)
+    row = measure(a.cache, a.context, a.continuation, a.chunk, a.model, a.threads, a.chunk_dynamic, a.batch)
     print(json.dumps(row))
 
 
