@@ -137,11 +137,22 @@ def _dense(view: LayerView, query: torch.Tensor, cache_mask: torch.Tensor | None
     if any(s.per_head for s in view.segments):  # per KV head: heads a segment lacks, slots' multiplicities
         low = torch.finfo(query.dtype).min
         heads = torch.cat([_head_bias(s, b, h, query) for s in view.segments], dim=-1)  # (B, H, 1, N)
-        bias = heads.clamp_min(low) if bias is None else (bias + heads).clamp_min(low)  # (B, H, q, N)
-        bias = bias.expand(b, h, q, -1).repeat_interleave(hq // h, dim=1)  # (B, Hq, q, N)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, keys, values, attn_mask=bias, scale=scale, enable_gqa=hq != keys.shape[1]
-    )  # (B, Hq, q, d)
+        g = hq // h
+        out = query.new_empty(b, hq, q, d)
+        for j in range(h):  # one call per KV head: its (B, 1, q, N) bias serves its g query heads
+            bias_j = heads[:, j : j + 1] if bias is None else bias + heads[:, j : j + 1]
+            out[:, j * g : (j + 1) * g] = torch.nn.functional.scaled_dot_product_attention(
+                query[:, j * g : (j + 1) * g],
+                keys[:, j : j + 1],
+                values[:, j : j + 1],
+                attn_mask=bias_j.clamp_min(low),
+                scale=scale,
+                enable_gqa=g > 1,
+            )
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, keys, values, attn_mask=bias, scale=scale, enable_gqa=hq != keys.shape[1]
+        )  # (B, Hq, q, d)
     return out.transpose(1, 2).contiguous()
 
 
