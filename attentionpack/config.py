@@ -52,7 +52,10 @@ class PackConfig:
     is more (short prompts, whose exact sinks and window weigh more), chosen where the errors are least; a prompt
     the budget cannot serve (image/video tokens, a cache filled by `ingest`) uses the codec fields. Never raises.
 
-    Per-head treatment (attention on the stored form only; text prompts; not combined with `budget` yet):
+    Per-head treatment (attention on the stored form only; text prompts). With `budget`, `keep` is the smallest
+    share the budget may keep: every prompt span is also offered with 1/2, 1/4, ... of its tokens down to `keep`,
+    chosen per (sample, head) by the prompt queries before the budget's judge (`budget/eviction.py`);
+    `retrieval_heads` and `evicted_bits` do not combine with a budget yet. Without a budget:
     `retrieval_heads`: RazorAttention (arXiv 2407.15891): the share of (layer, KV head) pairs, found once per model
     by a repeated random-token probe (`scoring.retrieval_heads`), that keep every token in the codec fields' form;
     every other head keeps the sinks and the recent `window`, and each prompt span and decode chunk that leaves its
@@ -181,12 +184,12 @@ class PackConfig:
             _bad("evicted_bits", self.evicted_bits, "None unless keep is set (it stores the tokens keep evicts)")
         if not _is_int(self.observation) or self.observation < 1:
             _bad("observation", self.observation, "an integer >= 1")
-        if self.per_head and self.budget is not None:
+        if self.budget is not None and (self.retrieval_heads is not None or self.evicted_bits is not None):
             _bad(
                 "budget",
                 self.budget,
-                "None when retrieval_heads or keep is set: a budget does not yet choose per-head treatment "
-                "(use the codec fields for the retrieval heads' and kept tokens' form)",
+                "None when retrieval_heads or evicted_bits is set: a budget chooses eviction (keep: the smallest "
+                "share it may keep) but not yet retrieval-head splits or demotion",
             )
         if self.per_head and not self.compressed_attention:
             _bad(
@@ -268,9 +271,15 @@ PRESETS: dict[str, dict] = {
     "lossless": dict(key_codec="exact", value_codec="exact", key_energy=None, value_energy=None),
     "balanced": dict(_TARGET, budget=0.2, key_energy=0.98),
     "max": dict(_TARGET, budget=0.15, key_energy=0.95),
-    # RazorAttention alone: retrieval heads exact and whole, the other heads sinks + 256 recent tokens + one
-    # compensation token per span or chunk (the paper protects 15% of heads)
+    # RazorAttention alone: retrieval heads exact and whole (the paper protects 15% of heads), the other heads the
+    # sinks, the 512 newest tokens (+ up to 64 decoded ones) and one compensation token per span or 64-token chunk
     "razor": dict(
-        key_codec="exact", value_codec="exact", key_energy=None, value_energy=None, retrieval_heads=0.15, window=256
+        key_codec="exact",
+        value_codec="exact",
+        key_energy=None,
+        value_energy=None,
+        retrieval_heads=0.15,
+        window=512,
+        chunk=64,
     ),
 }

@@ -274,10 +274,32 @@ def test_models_without_packed_attention_are_refused(cache_root):
         (dict(retrieval_heads=2), "retrieval_heads"),
         (dict(evicted_bits=2), "unless keep"),
         (dict(keep=0.5, evicted_bits=3), "evicted_bits"),
-        (dict(keep=0.5, budget=0.25), "budget"),
+        (dict(retrieval_heads=0.2, budget=0.25), "budget"),
+        (dict(keep=0.5, evicted_bits=2, budget=0.25), "budget"),
         (dict(retrieval_heads=0.2, compressed_attention=False), "compressed_attention"),
     ],
 )
 def test_bad_settings_name_the_field(fields, match):
     with pytest.raises(ValueError, match=match):
         PackConfig(**fields)
+
+
+def test_budget_with_keep_evicts_below_the_encodings_floor(cache_root):
+    """`PackConfig(budget=f, keep=s)`: eviction shares are candidates of the budget, so a budget below the
+    cheapest encoding of every token becomes feasible; bytes stay within f and decoding takes the fused kernel."""
+    from attentionpack.budget import BudgetError
+
+    model = build_model("qwen3")
+    ids = torch.randint(3, VOCAB, (2, 400), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(BudgetError, match="infeasible"):
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=PackedCache(model, PackConfig(budget=0.05, **SMALL)))
+    cache = PackedCache(model, PackConfig(budget=0.05, keep=0.0625, **SMALL))
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+    assert cache.nbytes() <= 0.05 * cache.dynamic_nbytes(steady=True)
+    assert cache.nbytes() == storage_bytes(walk_tensors(cache.layers))
+    report = cache.planner.report.values()
+    assert min(r["share"] for r in report) < 1 and all(r["evictions"] for r in report if r["kind"] == "span")
+    logits = _decode(model, cache, ids[:, -1:], steps=3)
+    assert torch.isfinite(logits).all() and cache.stats()["attention_paths"]["fused"] > 0

@@ -44,10 +44,13 @@ from ..parts import (
     quantize_widths,
     storage_nbytes,
 )
-from ..scoring.observation import attention_scaling, window_logits, window_queries
+from ..scoring.observation import attention_scaling, queries_at, token_importance, window_logits, window_queries
+from .eviction import Eviction, evictions, joint_options, shares_for
 from .knapsack import BudgetError, Option, allocate
 
 QUERIES = 16  # observation-window queries per layer that measure errors
+SELECT = 32  # with eviction candidates: the prompt queries before those, which choose the tokens kept
+SPREAD = 16  # with eviction candidates: more judge queries, spread over the prompt's second half (read far back)
 # candidate encodings: label -> codec fields for one tensor ("{p}" is "key" or "value"); low-rank keys post-RoPE
 _QUANT = {f"q{b}": dict(codec="quant", bits=b) for b in (8, 4, 2)}
 _LOWRANK = {
@@ -84,6 +87,8 @@ class BudgetLayer(Protocol):
     def materialize(self, rope: RopeFn) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def replace_parts(self, segment: Segment, keys: Part, values: Part) -> None: ...
+
+    def replace_segment(self, segment: Segment, new: Segment) -> None: ...
 
     def set_text_codec(self, cfg: PackConfig) -> None: ...
 
@@ -130,6 +135,7 @@ class _Context:
     scaling: float
     sliding: int | None
     valid: torch.Tensor  # (B, T)
+    importance: torch.Tensor | None = None  # (B, H, T) the selection queries' attention (eviction candidates)
 
 
 @dataclass
@@ -138,17 +144,22 @@ class _Pending:
     segment: Segment | None = None
     keys: list[tuple[str, Part, int, float]] = field(default_factory=list)  # (label, part, bytes, error)
     values: list[tuple[str, Part, int, float]] = field(default_factory=list)
+    evictions: list[Eviction] = field(default_factory=list)
 
 
 class BudgetPlanner:
     """Collects candidates during a prefill and assigns encodings within the budget at its end (one per cache)."""
 
-    def __init__(self, cache: BudgetCache, fraction: float) -> None:
+    def __init__(self, cache: BudgetCache, fraction: float, keep: float | None = None) -> None:
         # weakly: the cache owns its planner, and a planner that kept its cache alive would tie the layers to the
         # cache's model (tests/test_nbytes.py walks every tensor reachable from the layers)
         self._cache = weakref.ref(cache)
         self.fraction = fraction
+        self.shares = shares_for(keep)  # eviction candidates (PackConfig.keep: the smallest share offered)
         self.queries: dict[int, torch.Tensor] = {}  # layer -> (B, Hq, w, d) window queries of the current call
+        # with eviction candidates: the judge's query positions (offsets from the call's end) and the choosers
+        self.judge_rows: dict[int, torch.Tensor] = {}
+        self.choosers: dict[int, torch.Tensor] = {}  # layer -> (B, Hq, SELECT, d) queries before the last QUERIES
         self.scaling: dict[int, float] = {}
         self.contexts: dict[int, _Context] = {}
         self.pending: list[_Pending] = []
@@ -165,8 +176,19 @@ class BudgetPlanner:
         pe = kwargs.get("position_embeddings")
         if hidden is None or pe is None or hidden.dim() != 3 or hidden.shape[1] < 2:
             return
-        self.queries[layer_idx] = window_queries(module, hidden, pe, min(QUERIES, hidden.shape[1]))
         self.scaling[layer_idx] = attention_scaling(module)
+        t = hidden.shape[1]
+        if not self.shares:
+            self.queries[layer_idx] = window_queries(module, hidden, pe, min(QUERIES, t))
+            return
+        last = max(0, t - QUERIES)
+        chooser = torch.arange(max(0, last - SELECT), last)
+        spread = torch.linspace(t // 2, max(t // 2, last - SELECT - 1), SPREAD).long().unique()
+        judge = torch.cat([spread[spread < last - SELECT], torch.arange(last, t)])
+        self.queries[layer_idx] = queries_at(module, hidden, pe, judge)
+        self.judge_rows[layer_idx] = judge - t
+        if len(chooser):
+            self.choosers[layer_idx] = queries_at(module, hidden, pe, chooser)
 
     def begin(self, layer: BudgetLayer, ctx: Any) -> bool:
         """Start of a prefill compaction of `layer`: snapshot the exact K/V the window queries attend to. Returns
@@ -190,14 +212,27 @@ class BudgetPlanner:
             )
         keys, values = layer.materialize(ctx.rope)  # (B, H, T, d) each
         t, n_tail = keys.shape[-2], layer.tail_length
-        queries = queries[:, :, -t:]  # a sliding layer may keep fewer tokens than the window has queries
+        rows = self.judge_rows.pop(idx, None)  # None: the judge is the last queries
+        if rows is None:
+            queries = queries[:, :, -t:]  # a sliding layer may keep fewer tokens than the window has queries
+        else:
+            rows = t + rows  # key index of each judge query
+            queries, rows = queries[:, :, rows >= 0], rows[rows >= 0]
         valid = torch.ones(keys.shape[0], t, dtype=torch.bool, device=keys.device)
         if layer.tail_valid is not None:
             valid[:, t - n_tail :] = layer.tail_valid  # earlier segments: taken as real tokens
         scaling = self.scaling.pop(idx)
         sliding = layer.sliding_window
         b, h = keys.shape[:2]
-        logits = window_logits(queries, keys, valid, None, scaling, sliding).flatten(2, 3)  # (B, H, G*w, T)
+        importance = None
+        chooser = self.choosers.pop(idx, None)
+        if chooser is not None and t >= QUERIES + chooser.shape[2]:  # the queries before the last QUERIES choose
+            seen = t - QUERIES  # the kept tokens; the choosers are the last queries of tokens [0, seen)
+            importance = torch.zeros(b, h, t, dtype=torch.float32, device=keys.device)
+            importance[..., :seen] = token_importance(
+                chooser, keys[..., :seen, :], valid[:, :seen], pool_kernel=7, scaling=scaling, sliding_window=sliding
+            ).per_head
+        logits = window_logits(queries, keys, valid, None, scaling, sliding, rows).flatten(2, 3)  # (B, H, G*w, T)
         top = logits.amax(-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         weights = torch.exp(logits - top)  # masked keys: 0
@@ -219,11 +254,19 @@ class BudgetPlanner:
             scaling,
             sliding,
             valid,
+            importance,
         )
         return True
 
     def propose(
-        self, layer: BudgetLayer, start: int, end: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor
+        self,
+        layer: BudgetLayer,
+        start: int,
+        end: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        valid: torch.Tensor,
+        kind: str = "span",
     ) -> tuple[_Pending, Part, Part]:
         """Encode span [start, end) (k, v (B, H, n, d)) every candidate way; return placeholder (key, value) parts
         (the cheapest candidates) for the segment the layer builds, and remember the segment."""
@@ -261,6 +304,20 @@ class BudgetPlanner:
             if label != "exact":  # padding rows are zero in every encoding's input and get no weight
                 err = self._error(ops.mix(part, probs_span).float() - exact_mix, c)
             pend.values.append((label, part, storage_nbytes(part.tensors()), err))
+        if kind == "span" and c.importance is not None and not layer.sliding_window:  # sliding layers: never
+            pend.evictions = evictions(
+                c,
+                a,
+                b,
+                k * mask,
+                v * mask,
+                valid,
+                self.shares,
+                lambda x, is_key: self._candidates(
+                    x, is_key, KEY_CANDIDATES if is_key else VALUE_CANDIDATES, cfg, moments if is_key else None
+                ),
+                lambda diff: self._error(diff, c),
+            )
         self.pending.append(pend)
         cheap = lambda opts: min(opts, key=lambda o: o[2])[1]  # noqa: E731
         return pend, cheap(pend.keys), cheap(pend.values)
@@ -269,6 +326,8 @@ class BudgetPlanner:
         """End of a forward call: choose every pending span's encodings within the budget and install them."""
         self.contexts.clear()
         self.queries.clear()
+        self.judge_rows.clear()
+        self.choosers.clear()
         pending = [p for p in self.pending if p.segment is not None and any(s is p.segment for s in p.layer.segments)]
         self.pending = []
         if not pending:
@@ -282,14 +341,23 @@ class BudgetPlanner:
         # sliding layers still hold right after a prefill: the bound that holds for the rest of the sequence
         dynamic = cache.dynamic_nbytes(steady=True)
         limit = int(self.fraction * dynamic)
-        groups = [
-            [Option(nb, err, label) for label, _, nb, err in opts] for p in pending for opts in (p.keys, p.values)
-        ]
+        # one group per span and tensor; with eviction candidates one group of joint (share, keys, values) options
+        # per span (the share couples its keys and values)
+        joint = (
+            [joint_options(p.keys, p.values, p.evictions) for p in pending]
+            if any(p.evictions for p in pending)
+            else None
+        )
+        if joint is None:
+            groups = [
+                [Option(nb, err, label) for label, _, nb, err in opts] for p in pending for opts in (p.keys, p.values)
+            ]
+        else:
+            groups = [[Option(nb, err) for nb, err, _ in opts] for opts in joint]
         cheapest = fixed + sum(min(o.nbytes for o in g) for g in groups)
         config = pending[0].layer.config
         if not config.budget_strict:  # a target: f, or what the codec fields would hold if that is more
-            labels = [label for p in pending for label in _codec_labels(config, p.segment)]
-            limit = max(limit, fixed + sum(_bytes_of(g, label) for g, label in zip(groups, labels, strict=True)))
+            limit = max(limit, fixed + sum(_codec_bytes(config, p) for p in pending))
         if limit < cheapest:
             smallest = math.ceil(cheapest / dynamic * 1e4) / 1e4  # rounded up: this fraction fits
             raise BudgetError(
@@ -301,17 +369,28 @@ class BudgetPlanner:
         self.report = {}
         guide: dict[int, tuple[BudgetLayer, int, tuple[str, str]]] = {}  # layer -> (layer, span length, choice)
         for i, (p, seg) in enumerate(zip(pending, segments, strict=True)):
-            ki, vi = alloc.choice[2 * i], alloc.choice[2 * i + 1]
+            if joint is not None:
+                share, ki, vi = joint[i][alloc.choice[i]][2]
+            else:
+                share, ki, vi = 1.0, alloc.choice[2 * i], alloc.choice[2 * i + 1]
+            chosen = next((e for e in p.evictions if e.share == share), None)
+            keys, values = (p.keys, p.values) if chosen is None else (chosen.keys, chosen.values)
+            choice = (keys[ki][0], values[vi][0])
             self.report[p.layer.layer_idx, seg.start] = {
                 "kind": seg.kind,
                 "keys": [o[:1] + o[2:] for o in p.keys],
                 "values": [o[:1] + o[2:] for o in p.values],
-                "choice": (p.keys[ki][0], p.values[vi][0]),
+                "evictions": [(e.share, e.drop_error) for e in p.evictions],
+                "choice": choice,
+                "share": share,
             }
-            p.layer.replace_parts(seg, p.keys[ki][1], p.values[vi][1])
+            if chosen is None:
+                p.layer.replace_parts(seg, keys[ki][1], values[vi][1])
+            else:
+                p.layer.replace_segment(seg, chosen.segment(seg.start, seg.end, ki, vi))
             longest = guide.get(p.layer.layer_idx)
             if longest is None or seg.kind != "window" and seg.length > longest[1]:
-                guide[p.layer.layer_idx] = (p.layer, seg.length, (p.keys[ki][0], p.values[vi][0]))
+                guide[p.layer.layer_idx] = (p.layer, seg.length, choice)
         for layer, _, choice in guide.values():  # decode chunks take the encoding of the layer's longest prompt span
             layer.budget_choice = choice
             layer.set_text_codec(candidate_config(layer.config, *choice))
@@ -391,9 +470,15 @@ def _codec_labels(config: PackConfig, segment: Segment | None) -> tuple[str, str
     return labels[0], labels[1]
 
 
-def _bytes_of(group: list[Option], label: str) -> int:
-    """Bytes of option `label` in `group`, or of its exact option when the span was not offered `label`."""
-    return next((o.nbytes for o in group if o.label == label), next(o.nbytes for o in group if o.label == "exact"))
+def _codec_bytes(config: PackConfig, pending: _Pending) -> int:
+    """Bytes of a span stored as `config`'s codec fields would store it (`_codec_labels`); a label the span was
+    not offered counts as exact."""
+    total = 0
+    for opts, label in zip((pending.keys, pending.values), _codec_labels(config, pending.segment), strict=True):
+        total += next(
+            (nb for lab, _, nb, _ in opts if lab == label), next(nb for lab, _, nb, _ in opts if lab == "exact")
+        )
+    return total
 
 
 def _first_components(part: QuantizedLowRankPart, r: int, sample_ranks: tuple[int, ...]) -> QuantizedLowRankPart:

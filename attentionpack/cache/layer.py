@@ -198,6 +198,14 @@ class PackedLayer(CacheLayerMixin):
         segment.keys, segment.values = keys, values
         self.plan = DecodePlan(self.spec.num_kv_heads, self.spec.head_dim, self.segments)
 
+    def replace_segment(self, segment: Segment, new: Segment) -> None:
+        """Put `new` in `segment`'s place (a budget's eviction choice: a slot segment); the decode plan follows."""
+        at = next((i for i, s in enumerate(self.segments) if s is segment), None)
+        if at is None:
+            raise ValueError(f"segment [{segment.start}, {segment.end}) is not one of layer {self.layer_idx}'s")
+        self.segments[at] = new
+        self.plan = DecodePlan(self.spec.num_kv_heads, self.spec.head_dim, self.segments)
+
     def view(self, rope: RopeFn) -> LayerView:
         """A snapshot of the segments and the exact tail for one attention call."""
         tail = None
@@ -369,7 +377,7 @@ class PackedLayer(CacheLayerMixin):
         # them), unless it declines the prompt (a target budget on image/video tokens): then the codec fields do
         self._budgeted = prefill and self.planner is not None and self.planner.begin(self, ctx)
         self._importance = None
-        if prefill and self.config.keep is not None and not self.is_sliding and ctx.observation is not None:
+        if prefill and self.config.keep is not None and ctx.observation is not None and not self.is_sliding:
             keys, _, _, valid = self._compress_view()
             self._importance = (tail_start, importance(keys, valid, ctx.observation))
         if self.sink_end is None:  # first call: the tail starts at token 0
@@ -417,7 +425,7 @@ class PackedLayer(CacheLayerMixin):
         key_part: Part
         value_part: Part
         if compress and kind in ("span", "window") and self._budgeted:  # candidates now, choice later
-            pending, key_part, value_part = self.planner.propose(self, start, end, k, v, valid)
+            pending, key_part, value_part = self.planner.propose(self, start, end, k, v, valid, kind)
         elif compress and self.retrieval is not None and len(self.retrieval) < self.spec.num_kv_heads:
             freeze_razor(self, start, end, kind, k, v, pos, valid, ctx)
             return

@@ -65,7 +65,7 @@ class PackedCache(Cache):
         # the base class types its layers as any transformers layer; this cache's are all PackedLayers
         self.layers: list[PackedLayer] = layers  # type: ignore[assignment]
         self.paths: Counter[str] = Counter()  # attention path of every layer call (stats()["attention_paths"])
-        self.planner = BudgetPlanner(self, config.budget) if config.budget is not None else None
+        self.planner = BudgetPlanner(self, config.budget, config.keep) if config.budget is not None else None
         for layer in self.layers:
             layer.planner = self.planner
             layer.paths = self.paths
@@ -473,7 +473,7 @@ def _install_hooks(model: Any, adapter: ModelAdapter) -> list[Any]:
                 cache.planner.note_attention(idx, module, args, kwargs)
             if isinstance(cache, PackedCache) and cache.wants_query_moments:
                 cache._note_queries(idx, module, args, kwargs)
-            if isinstance(cache, PackedCache) and cache.config.keep is not None:
+            if isinstance(cache, PackedCache) and cache.config.keep is not None and cache.planner is None:
                 cache._note_observation(idx, module, args, kwargs)
 
         handles.append(attn.register_forward_pre_hook(on_attention, with_kwargs=True))

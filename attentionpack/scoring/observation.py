@@ -49,13 +49,27 @@ def window_queries(
     if cos.shape[-2] != t or sin.shape != cos.shape:
         raise ValueError(f"position_embeddings of shape {tuple(cos.shape)} do not match hidden_states {(b, t)}")
     w = min(window, t)
-    h = hidden_states[:, t - w :]  # (B, w, hidden)
-    q = q_proj(h).view(b, w, -1, head_dim)  # (B, w, Hq, d)
+    return queries_at(attn_module, hidden_states, position_embeddings, torch.arange(t - w, t))
+
+
+@torch.no_grad()
+def queries_at(
+    attn_module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor
+) -> torch.Tensor:
+    """Rotated queries (B, Hq, n, d) of the call's positions `rows` (n,) ascending, as `attn_module.forward`
+    computes them (see `window_queries`)."""
+    q_proj, head_dim = getattr(attn_module, "q_proj", None), getattr(attn_module, "head_dim", None)
+    if q_proj is None or head_dim is None:
+        raise ValueError(f"{type(attn_module).__name__} lacks q_proj/head_dim; pass a supported attention module")
+    cos, sin = position_embeddings
+    b = hidden_states.shape[0]
+    rows = rows.to(hidden_states.device)
+    q = q_proj(hidden_states[:, rows]).view(b, len(rows), -1, head_dim)  # (B, n, Hq, d)
     q_norm = getattr(attn_module, "q_norm", None)  # qwen3, gemma3: RMSNorm over d before RoPE
     if q_norm is not None:
         q = q_norm(q)
-    q = q.transpose(1, 2)  # (B, Hq, w, d)
-    return apply_rope(q, cos[:, t - w :].expand(b, -1, -1), sin[:, t - w :].expand(b, -1, -1))
+    q = q.transpose(1, 2)  # (B, Hq, n, d)
+    return apply_rope(q, cos[:, rows].expand(b, -1, -1), sin[:, rows].expand(b, -1, -1))
 
 
 @torch.no_grad()
@@ -143,14 +157,16 @@ def window_logits(
     window_valid: torch.Tensor | None = None,
     scaling: float | None = None,
     sliding_window: int | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The scaled logits (B, H, G, w, T), float32, of `window_attention`, -inf where a key is masked."""
+    """The scaled logits (B, H, G, w, T), float32, of `window_attention`, -inf where a key is masked. `rows` (w,):
+    the key index of each query (default: the keys' last w tokens)."""
     b, h, w, t = _check(queries, keys, valid)
     g = queries.shape[1] // h
     scale = queries.shape[-1] ** -0.5 if scaling is None else scaling
     q = queries.float().reshape(b, h, g * w, -1)  # (B, H, G*w, d): no copy of the keys per query head
     logits = (q @ keys.float().transpose(-1, -2)).mul_(scale).view(b, h, g, w, t)  # (B, H, G, w, T)
-    row = torch.arange(t - w, t, device=keys.device).unsqueeze(1)  # (w, 1) key index of each query
+    row = (torch.arange(t - w, t) if rows is None else rows).to(keys.device).unsqueeze(1)  # (w, 1) key index
     col = torch.arange(t, device=keys.device).unsqueeze(0)  # (1, T)
     allowed = col <= row  # (w, T)
     if sliding_window is not None:
