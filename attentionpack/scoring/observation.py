@@ -89,16 +89,8 @@ def query_moments(
     b, t, _ = hidden_states.shape
     stride = max(1, -(-t // max_positions))
     pos = torch.arange(t - 1, -1, -stride, device=hidden_states.device).flip(0)  # always includes the last
-    q_proj, head_dim = getattr(attn_module, "q_proj", None), getattr(attn_module, "head_dim", None)
-    if q_proj is None or head_dim is None:
-        raise ValueError(f"{type(attn_module).__name__} lacks q_proj/head_dim; pass a supported attention module")
-    cos, sin = position_embeddings
-    q = q_proj(hidden_states[:, pos]).view(b, len(pos), -1, head_dim)  # (B, n, Hq, d)
-    q_norm = getattr(attn_module, "q_norm", None)
-    if q_norm is not None:
-        q = q_norm(q)
-    q = apply_rope(q.transpose(1, 2), cos[:, pos].expand(b, -1, -1), sin[:, pos].expand(b, -1, -1))  # (B, Hq, n, d)
-    hq = q.shape[1]
+    q = queries_at(attn_module, hidden_states, position_embeddings, pos)  # (B, Hq, n, d)
+    hq, head_dim = q.shape[1], q.shape[-1]
     q = q.double().reshape(b, num_kv_heads, hq // num_kv_heads, len(pos), head_dim)
     if valid is not None:
         q = q * valid[:, pos].to(q.dtype).view(b, 1, 1, -1, 1)
