@@ -170,17 +170,21 @@ def test_per_head_caches_free_bytes_counted_by_the_walk(name, config, cache_root
     assert cache.stats()["attention_paths"]["fused"] > 0
 
 
-def test_razor_keeps_every_token_on_retrieval_heads_only(cache_root):
+@pytest.mark.parametrize("kind,steps", [("span", 0), ("chunk", 40)])
+def test_razor_keeps_every_token_on_retrieval_heads_only(kind, steps, cache_root):
+    """Prompt spans and decode chunks alike: the other heads keep one compensation token each (a bounded window
+    while generating)."""
     model = build_model("llama")
     cache = PackedCache(model, RAZOR)
-    _decode(model, cache, _prompt(), steps=0)
+    _decode(model, cache, _prompt(), steps=steps)
     for layer in cache.layers:
         assert layer.retrieval is not None
-        spans = [s for s in layer.segments if s.kind == "span"]
+        spans = [s for s in layer.segments if s.kind == kind]
+        assert spans
         others = tuple(i for i in range(2) if i not in layer.retrieval)
         if others:  # one compensation token per span on the other heads, standing for the span's tokens
             comp = [s for s in spans if s.slots is not None]
-            assert [s.heads for s in comp] == [others]
+            assert {s.heads for s in comp} == {others}
             assert comp[0].length == 1
             log_n = torch.tensor(math.log(comp[0].end - comp[0].start))
             assert torch.allclose(comp[0].slots.float(), log_n, atol=2e-3)  # float16
