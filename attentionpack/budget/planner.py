@@ -44,7 +44,14 @@ from ..parts import (
     quantize_widths,
     storage_nbytes,
 )
-from ..scoring.observation import attention_scaling, queries_at, token_importance, window_logits, window_queries
+from ..scoring.observation import (
+    attention_scaling,
+    multi_token_inputs,
+    queries_at,
+    token_importance,
+    window_logits,
+    window_queries,
+)
 from .eviction import Eviction, evictions, joint_options, shares_for
 from .knapsack import BudgetError, Option, allocate
 
@@ -172,10 +179,10 @@ class BudgetPlanner:
         self, layer_idx: int, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         """Attention pre-hook: keep the last prompt queries of a multi-token call."""
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        pe = kwargs.get("position_embeddings")
-        if hidden is None or pe is None or hidden.dim() != 3 or hidden.shape[1] < 2:
+        inputs = multi_token_inputs(args, kwargs)
+        if inputs is None:
             return
+        hidden, pe = inputs
         self.scaling[layer_idx] = attention_scaling(module)
         t = hidden.shape[1]
         if not self.shares:

@@ -33,7 +33,7 @@ from ..config import PackConfig
 from ..models.registry import ModelAdapter
 from ..models.vlm import find_spans, group_labels
 from ..parts import storage_nbytes
-from ..scoring.observation import attention_scaling, query_moments, window_queries
+from ..scoring.observation import attention_scaling, multi_token_inputs, query_moments, window_queries
 from ..scoring.retrieval_heads import load_or_find
 from .layer import STEP, Group, PackedLayer, StepContext
 
@@ -376,10 +376,10 @@ class PackedCache(Cache):
 
     def _note_queries(self, layer_idx: int, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Attention pre-hook of a multi-token call: the second moments of its queries (key_objective="scores")."""
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        pe = kwargs.get("position_embeddings")
-        if hidden is None or pe is None or hidden.dim() != 3 or hidden.shape[1] < 2:
+        inputs = multi_token_inputs(args, kwargs)
+        if inputs is None:
             return
+        hidden, pe = inputs
         mask = self._attention_mask
         valid = None if mask is None or mask.shape[-1] < hidden.shape[1] else mask[:, -hidden.shape[1] :].bool()
         heads = self.adapter.layers[layer_idx].num_kv_heads
@@ -387,10 +387,10 @@ class PackedCache(Cache):
 
     def _note_observation(self, layer_idx: int, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Attention pre-hook of a multi-token call: its last `PackConfig.observation` queries (eviction)."""
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        pe = kwargs.get("position_embeddings")
-        if hidden is None or pe is None or hidden.dim() != 3 or hidden.shape[1] < 2:
+        inputs = multi_token_inputs(args, kwargs)
+        if inputs is None:
             return
+        hidden, pe = inputs
         queries = window_queries(module, hidden, pe, min(self.config.observation, hidden.shape[1]))
         self._observations[layer_idx] = (queries, attention_scaling(module))
 

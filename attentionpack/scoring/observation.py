@@ -28,6 +28,16 @@ def attention_scaling(attn_module) -> float:
     return float(scaling)
 
 
+def multi_token_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None:
+    """(hidden_states (B, T, hidden), position_embeddings) of an attention pre-hook's call, or None unless it is a
+    multi-token call (a prompt) that carries both."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    pe = kwargs.get("position_embeddings")
+    if hidden is None or pe is None or hidden.dim() != 3 or hidden.shape[1] < 2:
+        return None
+    return hidden, pe
+
+
 @torch.no_grad()
 def window_queries(
     attn_module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], window: int
