@@ -161,10 +161,10 @@ def bench_speed(
         None, "--model", "-m", help="smollm2 (embedded, the default), gemma3, or a local model folder or .gguf file."
     ),
     configs: list[str] = typer.Option(
-        list(("dynamic", "balanced", "max", "quanto-4")),
+        list(("dynamic", "static", "balanced", "max", "budget-0.125", "quanto-4")),
         "--configs",
         "-c",
-        help="Caches to time (repeat the option for several).",
+        help="Caches to time (repeat the option for several); 'static' is transformers' StaticCache.",
     ),
     contexts: list[int] = typer.Option([2048, 8192], "--context", "-n", help="Context lengths (repeat for several)."),
     batches: list[int] = typer.Option([1, 8], "--batch", "-b", help="Batch sizes (repeat for several)."),
@@ -177,7 +177,8 @@ def bench_speed(
     ),
     out: Path | None = typer.Option(None, help="Write every number as JSON here."),
 ):
-    """Prefill and decode speed vs DynamicCache (interleaved, one run), and throughput at a fixed KV budget."""
+    """Prefill and decode speed vs DynamicCache and StaticCache (interleaved, one run), and throughput at a fixed KV
+    budget."""
     from .bench.speed import run
 
     try:

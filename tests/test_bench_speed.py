@@ -34,3 +34,41 @@ def test_throughput_batches_follow_the_budget(tiny_model):
     assert rows["max"]["batch"] == budget // rows["max"]["seq_bytes"] > 3  # compressed: more sequences fit
     assert rows["max"]["seq_bytes"] * rows["max"]["batch"] <= budget
     assert all(r["tokens_per_s"] > 0 for r in rows.values())
+
+
+@torch.inference_mode()
+def test_static_cache_is_a_baseline_in_throughput_and_speed(tiny_model):
+    """StaticCache holds the preallocated length of the run, its batch copies decode as DynamicCache's do, and the
+    speed summary gives ratios to it beside those to DynamicCache."""
+    from attentionpack.bench.speed import _repeat
+    from attentionpack.eval.speed import speed_round, summarize
+
+    model, tokenizer, context, steps = tiny_model("llama"), ByteTokenizer(), 160, 2
+    specs = [parse_config(n) for n in ("dynamic", "static", "max")]
+    ids = tokenizer("y" * (context + 8)).input_ids
+    dynamic = make_cache(model, specs[0])
+    model(input_ids=ids[:, :context], past_key_values=dynamic, use_cache=True)
+    per_token = cache_nbytes(dynamic) // context
+    budget = 4 * (per_token * (context + steps + 1) + 8 * len(model.model.layers))
+    rows = throughput_at_budget(model, tokenizer, specs, budget, context, steps=steps)
+    # preallocated, every slot counted (plus each layer's int64 position counter)
+    assert 0 <= rows["static"]["seq_bytes"] - per_token * (context + steps + 1) <= 8 * len(model.model.layers)
+    assert rows["static"]["batch"] == 4 and rows["static"]["tokens_per_s"] > 0
+    best = max(rows["dynamic"]["tokens_per_s"], rows["static"]["tokens_per_s"])
+    assert rows["max"]["vs_best_baseline"] == rows["max"]["tokens_per_s"] / best
+
+    # a repeated StaticCache decodes every row as a repeated DynamicCache does
+    static = make_cache(model, specs[1], context + 4)
+    model(input_ids=ids[:, :context], past_key_values=static, use_cache=True)
+    _repeat(static, 3)
+    dynamic.batch_repeat_interleave(3)
+    step = ids[:, context : context + 1].expand(3, 1).contiguous()
+    a = model(input_ids=step, past_key_values=static, use_cache=True).logits
+    b = model(input_ids=step, past_key_values=dynamic, use_cache=True).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+    makers = {sp.name: (lambda n, sp=sp: make_cache(model, sp, n)) for sp in specs}
+    summary = summarize([speed_round(model, ids, makers, (64, 128), 3)])
+    for ctx in (64, 128):
+        assert summary["static"][ctx]["decode_ratio_static"] == 1.0
+        assert summary["max"][ctx]["decode_ratio_static"] > 0 and summary["max"][ctx]["decode_ratio"] > 0

@@ -147,6 +147,7 @@ def test_bad_inputs_fail_early_with_clear_messages(tiny_folder, tmp_path):
         (dict(texts=[text], configs=["pack:key_enrgy=0.9"]), "unknown PackConfig field 'key_enrgy'"),
         (dict(texts=[text], configs=["pack:key_energy=2"]), "key_energy"),
         (dict(texts=[text], configs=["quanto-3"]), "supports"),
+        (dict(texts=[text], configs=["dynamic", "static"]), "'static' (StaticCache) is a speed baseline"),
         (dict(texts=[str(tmp_path / "missing.txt")]), "does not exist"),
         (dict(texts=[text], contexts=(5000,)), "tokens but"),
     ]

@@ -1,6 +1,8 @@
-"""`attentionpack bench speed`: prefill time and decode ms/token of DynamicCache, our presets and QuantizedCache
-(quanto 4-bit) at several contexts and batch sizes, repeats interleaved, ratios to DynamicCache from the same run;
-and aggregate decoding throughput when every cache gets the same KV memory budget.
+"""`attentionpack bench speed`: prefill time and decode ms/token of DynamicCache, StaticCache, our presets, a byte
+budget and QuantizedCache (quanto 4-bit) at several contexts and batch sizes, repeats interleaved, ratios to both
+transformers baselines from the same run (DynamicCache copies its history at every step, StaticCache preallocates
+and writes in place: a claim holds against the stronger); and aggregate decoding throughput when every cache gets
+the same KV memory budget.
 
 Throughput at a budget: one sequence of `context` tokens is prefilled per configuration and its bytes measured
 (every tensor of the cache); the largest batch whose cache fits the budget is that many copies of the sequence
@@ -14,6 +16,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,7 +25,7 @@ from ..eval.configs import make_cache, parse_config
 from ..eval.data import britannica_text, token_ids
 from ..eval.speed import measure_speed
 
-DEFAULT_CONFIGS = ("dynamic", "balanced", "max", "quanto-4")
+DEFAULT_CONFIGS = ("dynamic", "static", "balanced", "max", "budget-0.125", "quanto-4")
 
 
 def _ids(tokenizer, needed: int, batch: int) -> torch.Tensor:
@@ -42,7 +45,7 @@ def throughput_at_budget(
     out: dict[str, dict] = {}
     live: dict[str, tuple] = {}
     for sp in specs:
-        cache = make_cache(model, sp)
+        cache = make_cache(model, sp, context + steps + 1)  # a StaticCache holds what the run will write, no more
         res = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
         seq_bytes = cache_nbytes(cache)
         batch = int(min(max_batch, budget_bytes // max(1, seq_bytes)))
@@ -51,7 +54,7 @@ def throughput_at_budget(
             row.update(batch=0, note="not measured: QuantizedCache cannot repeat its batch (batch_repeat_interleave)")
         elif batch >= 1:
             if batch > 1:
-                cache.batch_repeat_interleave(batch)
+                _repeat(cache, batch)
             tok = res.logits[:, -1:].argmax(-1).expand(batch, 1).contiguous()
             model(input_ids=tok, past_key_values=cache, use_cache=True)  # warm-up step
             live[sp.name] = (cache, batch, [])
@@ -66,9 +69,29 @@ def throughput_at_budget(
     for name, (_, batch, times) in live.items():
         out[name]["tokens_per_s"] = batch * steps / sum(times)
     ref = out.get("dynamic", {}).get("tokens_per_s")
+    best = max((out.get(b, {}).get("tokens_per_s") or 0.0 for b in ("dynamic", "static")), default=0.0)
     for row in out.values():
         row["vs_dynamic"] = row["tokens_per_s"] / ref if ref and row["tokens_per_s"] else None
+        row["vs_best_baseline"] = row["tokens_per_s"] / best if best and row["tokens_per_s"] else None
     return out
+
+
+def _repeat(cache, batch: int) -> None:
+    """Repeat a one-sequence cache `batch` times along the batch dimension. transformers' StaticCache layers have
+    no `batch_repeat_interleave`: their preallocated buffers are repeated here (the same tensors, batch x as
+    large); every other cache repeats itself."""
+    from transformers import StaticCache
+
+    if not isinstance(cache, StaticCache):
+        cache.batch_repeat_interleave(batch)
+        return
+    for layer in cache.layers:
+        keys: Any = getattr(layer, "keys", None)
+        if keys is not None:  # (1, H, max_len, d) -> (batch, H, max_len, d)
+            values: Any = getattr(layer, "values")  # noqa: B009 - typed as Any: transformers' layer union
+            setattr(layer, "keys", keys.repeat_interleave(batch, dim=0))  # noqa: B010
+            setattr(layer, "values", values.repeat_interleave(batch, dim=0))  # noqa: B010
+            setattr(layer, "batch_size", batch)  # noqa: B010
 
 
 def run(
@@ -98,7 +121,7 @@ def run(
     result: dict = {"threads": torch.get_num_threads(), "steps": steps, "repeats": repeats, "speed": {}}
     for batch in batches:
         ids = _ids(tokenizer, max(contexts) + steps, batch)
-        makers = {sp.name: (lambda sp=sp: make_cache(model, sp)) for sp in specs}
+        makers = {sp.name: (lambda n, sp=sp: make_cache(model, sp, n)) for sp in specs}
         summary = measure_speed(model, ids, makers, contexts=contexts, decode_steps=steps, repeats=repeats)
         result["speed"][batch] = summary
         _print_speed(batch, summary)
@@ -106,22 +129,28 @@ def run(
         tp = throughput_at_budget(model, tokenizer, specs, int(budget_gib * 2**30), budget_context, steps)
         result["throughput"] = {"budget_gib": budget_gib, "context": budget_context, "rows": tp}
         print(f"\nthroughput with {budget_gib:g} GiB of KV cache at {budget_context} tokens per sequence")
-        print(f"{'config':12s} {'MiB/seq':>9s} {'batch':>6s} {'tok/s':>8s} {'vs dynamic':>10s}")
+        print(f"{'config':12s} {'MiB/seq':>9s} {'batch':>6s} {'tok/s':>8s} {'vs dynamic':>10s} {'vs best':>8s}")
         for name, row in tp.items():
             ratio = f"{row['vs_dynamic']:.2f}x" if row["vs_dynamic"] is not None else "-"
+            best = f"{row['vs_best_baseline']:.2f}x" if row["vs_best_baseline"] is not None else "-"
             print(
                 f"{name:12s} {row['seq_bytes'] / 2**20:9.1f} {row['batch']:6d} {row['tokens_per_s']:8.1f} "
-                f"{ratio:>10s} {row.get('note', '')}"
+                f"{ratio:>10s} {best:>8s} {row.get('note', '')}"
             )
+        print("vs best: tokens/s over the better of DynamicCache and StaticCache")
     if out:
         Path(out).write_text(json.dumps(result, indent=1, default=str))
     return result
 
 
 def _print_speed(batch: int, summary: dict) -> None:
-    print(f"\nbatch {batch}: prefill s and decode ms/token (median of interleaved repeats), ratio to DynamicCache")
+    static = any("decode_ratio_static" in r for by in summary.values() for r in by.values())
+    print(
+        f"\nbatch {batch}: prefill s and decode ms/token (median of interleaved repeats), ratio to DynamicCache"
+        + ("; decode ratio to StaticCache in [ ]" if static else "")
+    )
     contexts = sorted({c for by in summary.values() for c in by})
-    head = "".join(f" | {c:>6d}: prefill  decode" for c in contexts)
+    head = "".join(f" | {c:>6d}: prefill  decode" + (" " * 8 if static else "") for c in contexts)
     print(f"{'config':12s}{head}")
     for name, by in summary.items():
         cells = ""
@@ -134,6 +163,8 @@ def _print_speed(batch: int, summary: dict) -> None:
                 f" | {r['prefill_s']:6.2f}s {r.get('prefill_ratio', float('nan')):4.2f}x"
                 f" {r['decode_ms']:6.1f}ms {r.get('decode_ratio', float('nan')):4.2f}x"
             )
+            if static:
+                cells += f" [{r.get('decode_ratio_static', float('nan')):4.2f}x]"
         print(f"{name:12s}{cells}")
     for name, by in summary.items():
         paths: dict[str, int] = {}

@@ -1,6 +1,7 @@
 """Configuration names of an evaluation run: what each name means, validated before any long work starts.
 
-Names: "dynamic" (transformers DynamicCache), our presets ("lossless", "balanced", "max"), a custom PackConfig as
+Names: "dynamic" (transformers DynamicCache), "static" (transformers StaticCache: preallocated to the length a
+measurement needs, a speed baseline only), our presets ("lossless", "balanced", "max"), a custom PackConfig as
 "pack:key_energy=0.98,value_energy=0.95", a byte budget as "budget-0.125" (PackConfig(budget=0.125)),
 transformers QuantizedCache peers ("quanto-4", "quanto-2", "hqq-4", any "<backend>-<bits>"), and NVIDIA kvpress
 presses as "kvpress-<press>-<ratio>" (e.g. "kvpress-snapkv-0.5").
@@ -54,7 +55,7 @@ PEER_CONFIGS = (
 
 @dataclass(frozen=True)
 class Spec:
-    """One configuration under test. kind: "dynamic", "pack" (ours), "quantized" or "kvpress"."""
+    """One configuration under test. kind: "dynamic", "static", "pack" (ours), "quantized" or "kvpress"."""
 
     name: str
     kind: str
@@ -92,6 +93,8 @@ def parse_config(name: str) -> Spec:
     low = name.lower()
     if low == "dynamic":
         return Spec("dynamic", "dynamic")
+    if low == "static":
+        return Spec("static", "static")
     if low in PRESETS:
         return Spec(low, "pack", pack=PackConfig.preset(low))
     if low.startswith("pack:"):
@@ -131,7 +134,7 @@ def parse_config(name: str) -> Spec:
             )
         return Spec(f"kvpress-{press}-{ratio:g}", "kvpress", press=press, ratio=ratio)
     raise ValueError(
-        f"unknown configuration {name!r}; use 'dynamic', a preset {sorted(PRESETS)}, "
+        f"unknown configuration {name!r}; use 'dynamic', 'static', a preset {sorted(PRESETS)}, "
         "'pack:key=value,...' (PackConfig fields), 'budget-<fraction>' (e.g. budget-0.125), 'quanto-4', "
         "'quanto-2', 'hqq-4' or "
         f"'kvpress-<press>-<ratio>' with press in {sorted(KVPRESS_PRESSES)}"
@@ -188,12 +191,22 @@ def _parse_pack(body: str, name: str) -> PackConfig:
         raise ValueError(f"configuration {name!r}: {err}") from err
 
 
-def make_cache(model, spec: Spec):
-    """A fresh cache for an in-process configuration."""
+def make_cache(model, spec: Spec, max_len: int | None = None):
+    """A fresh cache for an in-process configuration. `max_len`: the tokens it must hold, which transformers'
+    StaticCache preallocates ("static" needs it; the others grow)."""
     if spec.kind == "dynamic":
         from transformers import DynamicCache
 
         return DynamicCache(config=model.config)
+    if spec.kind == "static":
+        if max_len is None:
+            raise ValueError(
+                "'static' (StaticCache) is a speed baseline: it preallocates the length of a timed run; "
+                "use it in bench speed or --speed-configs, not for quality or needle cells"
+            )
+        from transformers import StaticCache
+
+        return StaticCache(config=model.config, max_cache_len=max_len)
     if spec.kind == "pack":
         from .. import PackedCache
 

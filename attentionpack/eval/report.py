@@ -270,11 +270,16 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
 
 def speed_table(speed: dict) -> tuple[list[str], list[list[str]]]:
     contexts = sorted({c for by in speed.values() for c in by}, key=int)
-    header = ["config"] + [f"decode ms @{c} (vs dynamic)" for c in contexts] + [f"prefill s @{c}" for c in contexts]
+    static = "static" in speed  # transformers' StaticCache timed too: ratios to it as well
+    vs = "(vs dynamic / static)" if static else "(vs dynamic)"
+    header = ["config"] + [f"decode ms @{c} {vs}" for c in contexts] + [f"prefill s @{c}" for c in contexts]
     body = []
     for name, by in speed.items():
         cells = [
-            f"{fmt(by[c]['decode_ms'], 'ms')} ({fmt(by[c].get('decode_ratio'), 'ratio')})" if c in by else "-"
+            f"{fmt(by[c]['decode_ms'], 'ms')} ({fmt(by[c].get('decode_ratio'), 'ratio')}"
+            + (f" / {fmt(by[c].get('decode_ratio_static'), 'ratio')})" if static else ")")
+            if c in by
+            else "-"
             for c in contexts
         ]
         body.append([name] + cells + [fmt(by[c]["prefill_s"], "s") if c in by else "-" for c in contexts])

@@ -83,6 +83,12 @@ class Run:
                 "speed is measured in this process only; kvpress configurations cannot be in "
                 "speed_configs (their decode speed comes from the quality run)"
             )
+        static = sorted({sp.name for sp in self.specs + self.needle_specs if sp.kind == "static"})
+        if static:
+            raise ValueError(
+                "'static' (StaticCache) is a speed baseline (its outputs equal DynamicCache's): "
+                "give it in --speed-configs, not in --configs or --needle-configs"
+            )
         for sp in {sp.name: sp for sp in self.specs + self.needle_specs + self.speed_specs}.values():
             why = check_available(sp)
             if why:
@@ -189,7 +195,7 @@ class Run:
         s = self.s
         if not self.speed_specs or not s.speed_repeats:
             return {"rounds": [], "summary": {}}
-        makers = {sp.name: (lambda sp=sp: make_cache(m.model, sp)) for sp in self.speed_specs}
+        makers = {sp.name: (lambda n, sp=sp: make_cache(m.model, sp, n)) for sp in self.speed_specs}
         settings = {
             "model": m.model_id,
             "text": m.texts[0]["id"],

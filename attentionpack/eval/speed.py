@@ -13,15 +13,16 @@ import torch
 
 
 @torch.inference_mode()
-def time_one(model, ids: torch.Tensor, context: int, decode_steps: int, make_cache: Callable[[], object]) -> dict:
-    """Prefill `context` tokens of `ids` through a fresh cache, then teacher-force `decode_steps` tokens one at a
-    time. Returns prefill seconds, the median decode milliseconds per token and, for a PackedCache, which attention
-    path its decoding steps took (layer calls per path, `PackedCache.stats()["attention_paths"]`)."""
+def time_one(model, ids: torch.Tensor, context: int, decode_steps: int, make_cache: Callable[[int], object]) -> dict:
+    """Prefill `context` tokens of `ids` through a fresh cache (`make_cache(tokens it will hold)`: a StaticCache
+    preallocates them), then teacher-force `decode_steps` tokens one at a time. Returns prefill seconds, the median
+    decode milliseconds per token and, for a PackedCache, which attention path its decoding
+    steps took (layer calls per path, `PackedCache.stats()["attention_paths"]`)."""
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.shape[1] < context + decode_steps:
         raise ValueError(f"speed at context {context} needs {context + decode_steps} tokens, got {ids.shape[1]}")
-    cache = make_cache()
+    cache = make_cache(context + decode_steps)
     t0 = time.perf_counter()
     model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - t0
@@ -48,7 +49,7 @@ def _paths(cache: object) -> dict | None:
 def speed_round(
     model,
     ids: torch.Tensor,
-    makers: Mapping[str, Callable[[], object]],
+    makers: Mapping[str, Callable[[int], object]],
     contexts: Sequence[int],
     decode_steps: int,
     progress: Callable[[str, int, bool], None] | None = None,
@@ -67,14 +68,16 @@ def speed_round(
     return out
 
 
-def warm_up(model, ids: torch.Tensor, make_cache: Callable[[], object]) -> None:
+def warm_up(model, ids: torch.Tensor, make_cache: Callable[[int], object]) -> None:
     """A short run so that the first measured configuration does not pay for first-call allocations."""
     time_one(model, ids, min(128, ids.numel() - 4), 3, make_cache)
 
 
-def summarize(rounds: Sequence[dict], reference: str = "dynamic") -> dict:
-    """Median over rounds per (config, context), and ratios to `reference` (ratio > 1: slower than reference).
-    Returns {config: {context: {prefill_s, decode_ms, prefill_ratio, decode_ratio, repeats}}}."""
+def summarize(rounds: Sequence[dict], reference: str = "dynamic", second: str = "static") -> dict:
+    """Median over rounds per (config, context), and ratios to `reference` (ratio > 1: slower than reference) and,
+    when the rounds timed it, to `second` (transformers' StaticCache: no copy of the history per step).
+    Returns {config: {context: {prefill_s, decode_ms, prefill_ratio, decode_ratio, repeats}}}, plus
+    prefill_ratio_static / decode_ratio_static with the second reference."""
     merged: dict = {}
     for rnd in rounds:
         for name, by_ctx in rnd.items():
@@ -87,7 +90,6 @@ def summarize(rounds: Sequence[dict], reference: str = "dynamic") -> dict:
     out: dict = {}
     for name, by_ctx in merged.items():
         for ctx, cell in by_ctx.items():
-            ref = merged.get(reference, {}).get(ctx)
             row = {
                 "prefill_s": statistics.median(cell["prefill_s"]),
                 "decode_ms": statistics.median(cell["decode_ms"]),
@@ -95,9 +97,11 @@ def summarize(rounds: Sequence[dict], reference: str = "dynamic") -> dict:
             }
             if cell["paths"]:
                 row["decode_paths"] = cell["paths"]
-            if ref:
-                row["prefill_ratio"] = row["prefill_s"] / statistics.median(ref["prefill_s"])
-                row["decode_ratio"] = row["decode_ms"] / statistics.median(ref["decode_ms"])
+            for base, suffix in ((reference, ""), (second, f"_{second}")):
+                ref = merged.get(base, {}).get(ctx)
+                if ref:
+                    row[f"prefill_ratio{suffix}"] = row["prefill_s"] / statistics.median(ref["prefill_s"])
+                    row[f"decode_ratio{suffix}"] = row["decode_ms"] / statistics.median(ref["decode_ms"])
             out.setdefault(name, {})[ctx] = row
     return out
 
@@ -105,7 +109,7 @@ def summarize(rounds: Sequence[dict], reference: str = "dynamic") -> dict:
 def measure_speed(
     model,
     ids: torch.Tensor,
-    makers: Mapping[str, Callable[[], object]],
+    makers: Mapping[str, Callable[[int], object]],
     contexts: Sequence[int] = (1024, 2048, 4096),
     decode_steps: int = 16,
     repeats: int = 2,
