@@ -349,3 +349,22 @@ def test_kvpress_install_is_announced_first_and_can_be_skipped(tiny_folder, tmp_
     assert order == ["install"]  # not called again
     assert any("left out (--no-kvpress): kvpress-snapkv-0.5" in n for n in skipped["notes"])
     assert "kvpress-snapkv-0.5" not in {r["config"] for r in skipped["summary"]}
+
+
+def test_cli_speed_configs_none_skips_the_speed_rounds(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from attentionpack.cli import app
+
+    seen: dict = {}
+
+    def fake(out, **kw):
+        seen.update(kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(runner, "evaluate", fake)
+    result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "x"), "--speed-configs", "none"])
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert seen["speed_repeats"] == 0 and "speed_configs" not in seen
+    CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "x"), "--speed-configs", "dynamic static"])
+    assert seen["speed_configs"] == ("dynamic", "static") and seen["speed_repeats"] == 2

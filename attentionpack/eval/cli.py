@@ -81,7 +81,9 @@ def eval_command(
     ),
     needle_trials: int = typer.Option(1, min=0, help="Trials per needle cell (0: skip the needle grid)."),
     speed_configs: list[str] | None = typer.Option(
-        None, help="Configurations timed in interleaved rounds (default: dynamic budget-0.125 balanced)."
+        None,
+        help="Configurations timed in interleaved rounds, 'static' (StaticCache) among them if wanted "
+        "(default: dynamic budget-0.125 balanced); 'none' to skip.",
     ),
     speed_contexts: list[str] | None = typer.Option(None, help="Context lengths of the speed rounds (default: 2048)."),
     speed_steps: int = typer.Option(8, min=1, help="Decode steps timed per speed measurement."),
@@ -121,6 +123,10 @@ def eval_command(
         models = models or list(FULL_SETTINGS["models"])
         texts = texts or list(FULL_SETTINGS["texts"])
         config_names = config_names or list(FULL_SETTINGS["configs"])
+    speeds = _words(speed_configs) if speed_configs else None
+    if speeds is not None and [w.lower() for w in speeds] == ["none"]:
+        speed_repeats = 0  # no speed rounds
+        settings.pop("speed_configs", None)
     needles = _words(needle_configs)
     if needles is not None:
         settings["needle_configs"] = () if [w.lower() for w in needles] == ["none"] else tuple(needles)
