@@ -51,6 +51,9 @@ class PackConfig:
     `max` are targets): the cache holds f x DynamicCache's bytes, or what the codec fields above would hold if that
     is more (short prompts, whose exact sinks and window weigh more), chosen where the errors are least; a prompt
     the budget cannot serve (image/video tokens, a cache filled by `ingest`) uses the codec fields. Never raises.
+    `layer_weights`: the budget weighs each layer's errors by how much a unit of them moves the model's
+    predictions there (`scoring.sensitivity`: a noise probe run once per model, ~15 s for a 135M model on 2 CPU
+    cores, kept in a file); False weighs every layer alike.
 
     Per-head treatment (attention on the stored form only; text prompts). With `budget`, `keep` is the smallest
     share the budget may keep: every prompt span is also offered with 1/2, 1/4, ... of its tokens down to `keep`,
@@ -111,6 +114,7 @@ class PackConfig:
     keep: float | None = None
     evicted_bits: int | None = None
     observation: int = 32
+    layer_weights: bool = True
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -182,6 +186,8 @@ class PackConfig:
             )
         if self.evicted_bits is not None and self.keep is None:
             _bad("evicted_bits", self.evicted_bits, "None unless keep is set (it stores the tokens keep evicts)")
+        if not isinstance(self.layer_weights, bool):
+            _bad("layer_weights", self.layer_weights, "True or False")
         if not _is_int(self.observation) or self.observation < 1:
             _bad("observation", self.observation, "an integer >= 1")
         if self.budget is not None and (self.retrieval_heads is not None or self.evicted_bits is not None):

@@ -47,6 +47,7 @@ _BAD_VALUES = {
     "keep": [0, 0.0, -0.5, 1.5, True, "0.5"],
     "evicted_bits": [3, 8, True, 2.0, "2"],
     "observation": [0, -1, 2.5, None, True],
+    "layer_weights": [None, 1, "yes", 0.5],
     # per-modality overrides: a dict of codec fields whose result is a valid configuration
     "text": [{"key_bits": 3}, {"sink": 2}, {"key_codec": "zstd"}, ["key_bits", 8], "exact"],
     "image": [{"value_codec": "quant"}, {"key_rank": 0}, {"window": 4}, 0.9, ("key_energy", 0.9)],

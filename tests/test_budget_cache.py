@@ -155,7 +155,7 @@ def test_errors_match_the_attention_output_error(tiny_model):
 
     model = tiny_model("llama")
     ids, mask = padded_batch(300, pad=0, batch=1)
-    cfg = PackConfig(budget=0.3, **SMALL)
+    cfg = PackConfig(budget=0.3, layer_weights=False, **SMALL)  # the raw error (weights: test_layer_weights.py)
     cache = PackedCache(model, cfg)
     _prefill(model, cache, ids, mask)
     attn = ModelAdapter(model).attention_modules[1]

@@ -7,7 +7,9 @@ its values (exact, KIVI quantization at 8/4/2 bits, low-rank post-RoPE factors w
 several energies). Each candidate is really encoded, so its bytes are the bytes of its storages, and it gets an
 error measured on the prompt itself: the attention output of the last `QUERIES` prompt queries (the observation
 window, recomputed from the attention module's inputs by a pre-hook, `window_queries`) with the candidate in
-place of the exact span, relative to the exact output (squared, so errors of independent groups add).
+place of the exact span, relative to the exact output (squared, so errors of independent groups add), times the
+layer's weight: how much a unit of such error moves the model's predictions in that layer, probed once per model
+(`scoring.sensitivity`, `PackConfig.layer_weights`).
 
 Prefill attention is exact in a PackedCache (a layer's segments are not read while its own prefill call
 attends), so no layer's choice changes what later layers see: the cache collects the candidates of every layer
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -143,6 +146,7 @@ class _Context:
     sliding: int | None
     valid: torch.Tensor  # (B, T)
     importance: torch.Tensor | None = None  # (B, H, T) the selection queries' attention (eviction candidates)
+    weight: float = 1.0  # the layer's error weight (scoring.sensitivity; 1 without layer weights)
 
 
 @dataclass
@@ -157,12 +161,16 @@ class _Pending:
 class BudgetPlanner:
     """Collects candidates during a prefill and assigns encodings within the budget at its end (one per cache)."""
 
-    def __init__(self, cache: BudgetCache, fraction: float, keep: float | None = None) -> None:
+    def __init__(
+        self, cache: BudgetCache, fraction: float, keep: float | None = None, weights: Sequence[float] | None = None
+    ) -> None:
         # weakly: the cache owns its planner, and a planner that kept its cache alive would tie the layers to the
         # cache's model (tests/test_nbytes.py walks every tensor reachable from the layers)
         self._cache = weakref.ref(cache)
         self.fraction = fraction
         self.shares = shares_for(keep)  # eviction candidates (PackConfig.keep: the smallest share offered)
+        # per layer: a unit of relative error costs this much (PackConfig.layer_weights, scoring.sensitivity)
+        self.weights = None if weights is None else [float(w) for w in weights]
         self.queries: dict[int, torch.Tensor] = {}  # layer -> (B, Hq, w, d) window queries of the current call
         # with eviction candidates: the judge's query positions (offsets from the call's end) and the choosers
         self.judge_rows: dict[int, torch.Tensor] = {}
@@ -262,6 +270,7 @@ class BudgetPlanner:
             sliding,
             valid,
             importance,
+            1.0 if self.weights is None else self.weights[idx],
         )
         return True
 
@@ -405,7 +414,8 @@ class BudgetPlanner:
     # ---- internals -------------------------------------------------------------------------------------------
     @staticmethod
     def _error(diff: torch.Tensor, c: _Context) -> float:
-        return float(diff.square().sum()) / max(c.energy, 1e-30)
+        """Squared output error relative to the window output's energy, times the layer's weight."""
+        return c.weight * float(diff.square().sum()) / max(c.energy, 1e-30)
 
     @staticmethod
     def _candidates(

@@ -35,6 +35,7 @@ from ..models.vlm import find_spans, group_labels
 from ..parts import storage_nbytes
 from ..scoring.observation import attention_scaling, multi_token_inputs, query_moments, window_queries
 from ..scoring.retrieval_heads import load_or_find
+from ..scoring.sensitivity import load_or_probe_sensitivity
 from .layer import STEP, Group, PackedLayer, StepContext
 
 _ATTACHED = "_attentionpack_attached"  # model attribute: {"hooks": [...], "caches": n, "switched": bool}
@@ -65,7 +66,10 @@ class PackedCache(Cache):
         # the base class types its layers as any transformers layer; this cache's are all PackedLayers
         self.layers: list[PackedLayer] = layers  # type: ignore[assignment]
         self.paths: Counter[str] = Counter()  # attention path of every layer call (stats()["attention_paths"])
-        self.planner = BudgetPlanner(self, config.budget, config.keep) if config.budget is not None else None
+        self.planner = None
+        if config.budget is not None:  # each layer's errors weighed by its sensitivity, probed once per model
+            weights = load_or_probe_sensitivity(model).weights().tolist() if config.layer_weights else None
+            self.planner = BudgetPlanner(self, config.budget, config.keep, weights)
         for layer in self.layers:
             layer.planner = self.planner
             layer.paths = self.paths

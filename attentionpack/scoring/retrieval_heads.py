@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from ..models.registry import ModelAdapter
 from ..resources import cache_root
 from .observation import attention_scaling, window_attention, window_queries
+from .probe_files import load_or_probe
 
 FORMAT = 1
 
@@ -249,22 +249,20 @@ def load_or_find(
     fp = model_fingerprint(model)
     path = heads_path(model, folder, fp, length, tuple(seeds))
     probe = {"length": length, "seeds": list(seeds)}
-    if path.is_file():
-        try:
-            stored = RetrievalHeads.from_json(path.read_text(encoding="utf-8"))
-            if stored.fingerprint != fp or stored.probe != probe:
-                raise ValueError("it was made for another model or probe")
-            shape = expected_shape(model)
-            if tuple(stored.scores.shape) != shape:
-                raise ValueError(
-                    f"its scores are {tuple(stored.scores.shape)}, the model has (layers, KV heads) {shape}"
-                )
-            return stored.with_fraction(fraction)
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            warnings.warn(f"retrieval-heads file {path} is unusable ({err}); probing the model again", stacklevel=2)
-    heads = find_retrieval_heads(model, fraction, length, tuple(seeds))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(heads.to_json(), encoding="utf-8")
-    os.replace(tmp, path)
-    return heads
+
+    def check(stored: RetrievalHeads) -> None:
+        if stored.fingerprint != fp or stored.probe != probe:
+            raise ValueError("it was made for another model or probe")
+        shape = expected_shape(model)
+        if tuple(stored.scores.shape) != shape:
+            raise ValueError(f"its scores are {tuple(stored.scores.shape)}, the model has (layers, KV heads) {shape}")
+
+    heads = load_or_probe(
+        path,
+        "retrieval-heads",
+        RetrievalHeads.from_json,
+        check,
+        lambda: find_retrieval_heads(model, fraction, length, tuple(seeds)),
+        RetrievalHeads.to_json,
+    )
+    return heads.with_fraction(fraction)
