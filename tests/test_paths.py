@@ -24,7 +24,7 @@ def _hooks(model) -> int:
 def test_decoding_steps_of_the_presets_take_the_fused_path_under_strict(preset, monkeypatch):
     monkeypatch.setenv("ATTENTIONPACK_STRICT", "1")
     model = build_model("llama")
-    res = time_one(model, IDS, 180, 4, lambda: PackedCache(model, preset))
+    res = time_one(model, IDS, 180, 4, lambda n: PackedCache(model, preset))
     assert res["decode_paths"] == {"fused": 4 * model.config.num_hidden_layers}
 
 
@@ -32,7 +32,7 @@ def test_decoding_steps_of_the_presets_take_the_fused_path_under_strict(preset, 
 def test_budget_cache_decodes_on_the_fused_path(monkeypatch):
     monkeypatch.setenv("ATTENTIONPACK_STRICT", "1")
     model = build_model("llama")
-    res = time_one(model, IDS, 180, 3, lambda: PackedCache(model, PackConfig(budget=0.25)))
+    res = time_one(model, IDS, 180, 3, lambda n: PackedCache(model, PackConfig(budget=0.25)))
     assert set(res["decode_paths"]) == {"fused"}
 
 
@@ -41,11 +41,11 @@ def test_strict_names_why_a_decoding_step_cannot_be_fused(monkeypatch):
     cfg = PackConfig(
         key_codec="lowrank", key_energy=0.9, key_pre_rope=True, value_codec="quant", value_bits=4, value_energy=None
     )
-    loose = time_one(model, IDS, 180, 2, lambda: PackedCache(model, cfg))
+    loose = time_one(model, IDS, 180, 2, lambda n: PackedCache(model, cfg))
     assert loose["decode_paths"] == {"per_part": 2 * model.config.num_hidden_layers}  # recorded, not silent
     monkeypatch.setenv("ATTENTIONPACK_STRICT", "1")
     with pytest.raises(RuntimeError, match="ATTENTIONPACK_STRICT.*before RoPE"):
-        time_one(model, IDS, 180, 2, lambda: PackedCache(model, cfg))
+        time_one(model, IDS, 180, 2, lambda n: PackedCache(model, cfg))
 
 
 def test_dense_fallback_is_recorded_and_strict_refuses_it(monkeypatch):
@@ -53,11 +53,11 @@ def test_dense_fallback_is_recorded_and_strict_refuses_it(monkeypatch):
     model.set_attn_implementation("eager")  # the packed attention cannot replace eager attention
     cache = PackedCache(model, "balanced")
     assert "eager" in cache.layers[0].dense_reason
-    res = time_one(model, IDS, 180, 2, lambda: PackedCache(model, "balanced"))
+    res = time_one(model, IDS, 180, 2, lambda n: PackedCache(model, "balanced"))
     assert res["decode_paths"] == {"dense": 2 * model.config.num_hidden_layers}
     monkeypatch.setenv("ATTENTIONPACK_STRICT", "1")
     with pytest.raises(RuntimeError, match="rebuilds its compressed keys/values.*eager"):
-        time_one(model, IDS, 180, 2, lambda: PackedCache(model, "balanced"))
+        time_one(model, IDS, 180, 2, lambda n: PackedCache(model, "balanced"))
 
 
 def test_attach_is_scoped_and_reversible():
