@@ -27,7 +27,7 @@ import torch
 from ..models.registry import ModelAdapter
 from ..resources import cache_root
 from .observation import attention_scaling, window_attention, window_queries
-from .probe_files import load_or_probe
+from .probe_files import load_or_probe, parse_json, random_ids, with_bos
 
 FORMAT = 1
 
@@ -91,19 +91,16 @@ class RetrievalHeads:
     @classmethod
     def from_json(cls, text: str) -> RetrievalHeads:
         """Parse `to_json` output; ValueError naming the problem if the text is not such a file."""
-        try:
-            data = json.loads(text)
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
+
+        def build(data: dict) -> RetrievalHeads:
             induction = np.asarray(data["induction"], dtype=np.float64)
             echo = np.asarray(data["echo"], dtype=np.float64)
             if induction.ndim != 2 or induction.shape != echo.shape or not np.isfinite(induction + echo).all():
                 raise ValueError("induction/echo are not finite (layers, heads) arrays of one shape")
-            return cls(
-                induction, echo, _check_fraction(data["fraction"]), dict(data["probe"]), str(data["fingerprint"])
-            )
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(f"not a valid retrieval-heads file ({err})") from err
+            fraction = _check_fraction(data["fraction"])
+            return cls(induction, echo, fraction, dict(data["probe"]), str(data["fingerprint"]))
+
+        return parse_json(text, FORMAT, "retrieval-heads", build)
 
 
 def _check_fraction(fraction) -> float:
@@ -132,14 +129,8 @@ def model_fingerprint(model) -> str:
 
 def probe_tokens(config, length: int, seed: int) -> torch.Tensor:
     """[BOS] + x + x for random non-special ids x of `length` tokens (1-D LongTensor)."""
-    special = {getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    special = {int(s) for v in special for s in (v if isinstance(v, (list, tuple)) else [v]) if s is not None}
-    allowed = torch.tensor([i for i in range(config.vocab_size) if i not in special])
-    gen = torch.Generator().manual_seed(seed)
-    x = allowed[torch.randint(len(allowed), (length,), generator=gen)]
-    bos = getattr(config, "bos_token_id", None)
-    head = torch.tensor([bos]) if isinstance(bos, int) else torch.empty(0, dtype=torch.long)
-    return torch.cat([head, x, x])
+    x = random_ids(config, length, seed)
+    return with_bos(config, torch.cat([x, x]))
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ import torch
 
 from ..models.registry import ModelAdapter
 from ..resources import cache_root
-from .probe_files import load_or_probe
+from .probe_files import load_or_probe, parse_json, random_ids, with_bos
 from .retrieval_heads import model_fingerprint
 
 FORMAT = 1
@@ -59,28 +59,20 @@ class LayerSensitivity:
     @classmethod
     def from_json(cls, text: str) -> LayerSensitivity:
         """Parse `to_json` output; ValueError naming the problem if the text is not such a file."""
-        try:
-            data = json.loads(text)
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
+
+        def build(data: dict) -> LayerSensitivity:
             kl = np.asarray(data["kl"], dtype=np.float64)
             if kl.ndim != 1 or not kl.size or not np.isfinite(kl).all() or (kl < 0).any():
                 raise ValueError("kl is not a non-empty vector of finite values >= 0")
             return cls(kl, dict(data["probe"]), str(data["fingerprint"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(f"not a valid layer-sensitivity file ({err})") from err
+
+        return parse_json(text, FORMAT, "layer-sensitivity", build)
 
 
 def probe_ids(config, length: int, seed: int) -> torch.Tensor:
     """[BOS] + random non-special ids, `length` in all (1-D LongTensor)."""
-    special = {getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    special = {int(s) for v in special for s in (v if isinstance(v, (list, tuple)) else [v]) if s is not None}
-    allowed = torch.tensor([i for i in range(config.vocab_size) if i not in special])
-    gen = torch.Generator().manual_seed(seed)
-    bos = getattr(config, "bos_token_id", None)
-    head = torch.tensor([bos]) if isinstance(bos, int) else torch.empty(0, dtype=torch.long)
-    body = allowed[torch.randint(len(allowed), (length - len(head),), generator=gen)]
-    return torch.cat([head, body])
+    bos = with_bos(config, torch.empty(0, dtype=torch.long))
+    return with_bos(config, random_ids(config, length - len(bos), seed))
 
 
 @torch.no_grad()
