@@ -111,6 +111,12 @@ class Engine:
         self.name = name
         self.windows = layer_windows(model)
         self.cache_factory = cache_factory
+        if isinstance(cache_spec, PackConfig) and cache_spec.budget is not None and cache_spec.layer_weights:
+            # the budget's per-layer error weights are probed once per model (~15 s): at start-up, not in the first
+            # request's prefill
+            from ..scoring.sensitivity import load_or_probe_sensitivity
+
+            load_or_probe_sensitivity(model)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.metrics = metrics
