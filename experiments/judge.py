@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from attentionpack import PackConfig, PackedCache, load_model
-from attentionpack.budget.planner import candidate_config
+from attentionpack.budget.candidates import candidate_config
 from experiments.suite import texts, windows
 
 # uniform (key candidate, value candidate) pairs: from near-exact to the cheapest, several per byte level

@@ -7,44 +7,19 @@ noise of relative energy `eps` (per token, against the token's own output norm) 
 distributions at those positions from the clean run is printed; the last line gives each layer's KL relative to
 the mean over layers.
 
-Usage: python experiments/layer_sensitivity.py smollm2|gemma3|PATH britannica|play|code|random [--window 0]
+Usage: python -m experiments.layer_sensitivity smollm2|gemma3|PATH britannica|play|code|random [--window 0]
 [--eps 0.01] [--length 2048]   ("random": uniform random token ids, seed = --window)
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
 from attentionpack import load_model
+from attentionpack.scoring.sensitivity import layer_kl
 from experiments.suite import texts, windows
-
-
-@torch.inference_mode()
-def sensitivities(model, ids: torch.Tensor, eps: float, last: int) -> list[float]:
-    """Mean KL (clean || noisy) over the last `last` positions, one per layer; ids (T,)."""
-    ref = model(input_ids=ids[None], use_cache=False).logits[0, -last:].float().log_softmax(-1)
-    out = []
-    for layer in model.model.layers:
-        gen = torch.Generator().manual_seed(0)
-
-        def hook(_module, args, gen=gen):
-            x = args[0].clone()  # (1, T, Hq * d)
-            seg = x[:, -last:]
-            noise = torch.randn(seg.shape, generator=gen)
-            noise *= seg.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True) * math.sqrt(eps)
-            x[:, -last:] = seg + noise
-            return (x, *args[1:])
-
-        handle = layer.self_attn.o_proj.register_forward_pre_hook(hook)
-        try:
-            noisy = model(input_ids=ids[None], use_cache=False).logits[0, -last:].float().log_softmax(-1)
-        finally:
-            handle.remove()
-        out.append(float((ref.exp() * (ref - noisy)).sum(-1).mean()))
-    return out
 
 
 def main() -> None:
@@ -63,7 +38,7 @@ def main() -> None:
     else:
         full = tokenizer(texts()[a.text], return_tensors="pt", add_special_tokens=False).input_ids[0]
         ids = windows(full, 2, a.length + 256)[a.window][: a.length]
-    kl = sensitivities(model, ids, a.eps, min(256, a.length // 4))
+    kl = layer_kl(model, ids[None], min(256, a.length // 4), a.eps, seed=-1)  # noise generator seed 0, as measured
     for i, k in enumerate(kl):
         print(i, f"{k:.5f}")
     mean = sum(kl) / len(kl)

@@ -95,7 +95,7 @@ def test_ingest_needs_the_queries(tiny_model):
 
 
 def test_first_components_equal_a_lower_rank_encoding():
-    from attentionpack.budget.planner import _first_components
+    from attentionpack.budget.candidates import first_components as _first_components
     from attentionpack.codecs import spectrum_and_basis
     from attentionpack.parts import Factors, QuantizedLowRankPart
 

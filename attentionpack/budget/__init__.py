@@ -4,7 +4,8 @@
 limit; `planner.BudgetPlanner` proposes the candidates during a prefill and installs the choice.
 """
 
+from .candidates import candidate_config
 from .knapsack import Allocation, BudgetError, Option, allocate
-from .planner import BudgetPlanner, candidate_config
+from .planner import BudgetPlanner
 
 __all__ = ["Allocation", "BudgetError", "BudgetPlanner", "Option", "allocate", "candidate_config"]

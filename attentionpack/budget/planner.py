@@ -22,7 +22,6 @@ Not supported (clear errors): vision-language prompts (modality groups) and `Pac
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import weakref
 from collections.abc import Sequence
@@ -31,20 +30,12 @@ from typing import Any, Protocol
 
 import torch
 
-from ..codecs import energy_rank, spectrum_and_basis
-from ..codecs.lowrank import score_weighting
 from ..config import PackConfig
 from ..kernels import ops
 from ..parts import (
-    ExactPart,
-    Factors,
     Part,
-    Quantized,
-    QuantizedLowRankPart,
-    QuantizedPart,
     RopeFn,
     Segment,
-    quantize_widths,
     storage_nbytes,
 )
 from ..scoring.observation import (
@@ -55,24 +46,19 @@ from ..scoring.observation import (
     window_logits,
     window_queries,
 )
+from .candidates import (
+    KEY_CANDIDATES,
+    VALUE_CANDIDATES,
+    candidate_config,
+    codec_labels,
+    encode_candidates,
+)
 from .eviction import Eviction, evictions, joint_options, shares_for
 from .knapsack import BudgetError, Option, allocate
 
 QUERIES = 16  # observation-window queries per layer that measure errors
 SELECT = 32  # with eviction candidates: the prompt queries before those, which choose the tokens kept
 SPREAD = 16  # with eviction candidates: more judge queries, spread over the prompt's second half (read far back)
-# candidate encodings: label -> codec fields for one tensor ("{p}" is "key" or "value"); low-rank keys post-RoPE
-_QUANT = {f"q{b}": dict(codec="quant", bits=b) for b in (8, 4, 2)}
-_LOWRANK = {
-    f"lr{e:g}c{b}": dict(codec="lowrank", energy=e, bits=b)
-    for e, b in ((0.98, 4), (0.95, 4), (0.9, 4), (0.8, 4), (0.6, 4))
-}
-KEY_CANDIDATES: dict[str, dict[str, Any]] = {"exact": dict(codec="exact"), **_QUANT, **_LOWRANK}
-VALUE_CANDIDATES: dict[str, dict[str, Any]] = {
-    "exact": dict(codec="exact"),
-    **_QUANT,
-    **{k: v for k, v in _LOWRANK.items() if float(v["energy"]) <= 0.95},  # type: ignore[arg-type]
-}
 
 
 class BudgetLayer(Protocol):
@@ -109,23 +95,6 @@ class BudgetCache(Protocol):
     def tensors(self) -> list[torch.Tensor]: ...
 
     def dynamic_nbytes(self, steady: bool = False) -> int: ...
-
-
-def candidate_config(base: PackConfig, key: str, value: str) -> PackConfig:
-    """`base` with the codec fields of key candidate `key` and value candidate `value` (for decode chunks)."""
-    fields = {}
-    for prefix, spec in (("key", KEY_CANDIDATES[key]), ("value", VALUE_CANDIDATES[value])):
-        fields.update(
-            {
-                f"{prefix}_codec": spec["codec"],
-                f"{prefix}_bits": spec.get("bits"),
-                f"{prefix}_energy": spec.get("energy"),
-                f"{prefix}_rank": None,
-                f"{prefix}_rank_fraction": None,
-                f"{prefix}_max_rank_fraction": 1.0,
-            }
-        )
-    return base.replace(key_pre_rope=False, **fields)
 
 
 @dataclass
@@ -291,8 +260,8 @@ class BudgetPlanner:
         cfg = layer.config
         mask = valid[:, None, :, None]
         moments = layer.query_moments if cfg.key_objective == "scores" else None
-        keys = self._candidates(k * mask, True, KEY_CANDIDATES, cfg, moments)
-        values = self._candidates(v * mask, False, VALUE_CANDIDATES, cfg)
+        keys = encode_candidates(k * mask, True, KEY_CANDIDATES, cfg, moments)
+        values = encode_candidates(v * mask, False, VALUE_CANDIDATES, cfg)
         pend = _Pending(layer)
         masked = torch.isinf(c.logits[..., a:b])  # (B, H, G*w, n) keys of the span a query cannot see
         # only the span's logits change: the softmax's sum and weighted values over the other keys are computed
@@ -329,7 +298,7 @@ class BudgetPlanner:
                 v * mask,
                 valid,
                 self.shares,
-                lambda x, is_key: self._candidates(
+                lambda x, is_key: encode_candidates(
                     x, is_key, KEY_CANDIDATES if is_key else VALUE_CANDIDATES, cfg, moments if is_key else None
                 ),
                 lambda diff: self._error(diff, c),
@@ -417,97 +386,13 @@ class BudgetPlanner:
         """Squared output error relative to the window output's energy, times the layer's weight."""
         return c.weight * float(diff.square().sum()) / max(c.energy, 1e-30)
 
-    @staticmethod
-    def _candidates(
-        x: torch.Tensor,
-        is_key: bool,
-        table: dict[str, dict[str, Any]],
-        cfg: PackConfig,
-        query_moments: torch.Tensor | None = None,
-    ) -> list[tuple[str, Part]]:
-        """(label, part) of every candidate of x (B, H, n, d), padding rows zeroed; encodings not smaller than
-        exact are left out (exact itself is a candidate). Low-rank candidates share one factorization."""
-        exact_bytes = x.numel() * x.element_size()
-        out: list[tuple[str, Part]] = [("exact", ExactPart(x.clone()))]
-        b, h, n, d = x.shape
-        # factors of a span shorter than its width (H*d) hold little less than its states: quantization only
-        lowrank = [(lab, s) for lab, s in table.items() if s["codec"] == "lowrank" and n >= h * d]
-        if lowrank:
-            block = x.transpose(1, 2).reshape(b, n, h * d)  # (B, T, H*d)
-            weighting = score_weighting(query_moments).to(x.dtype) if query_moments is not None else None
-            # float32 Gram: the candidates keep <= 98% of the energy, far above its round-off (~1e-7 of the total)
-            spectrum, vecs = spectrum_and_basis(block, torch.float32)  # ranks from the keys' own energy
-            seen = block
-            if weighting is not None:  # which directions: those the prompt's queries see (codecs.lowrank.factorize)
-                seen = block @ weighting
-                _, vecs = spectrum_and_basis(seen, torch.float32)
-            ranks = {lab: [energy_rank(spectrum[i], s["energy"]) for i in range(b)] for lab, s in lowrank}
-            top = max(max(r) for r in ranks.values())
-            basis = vecs[:, :, :top].to(x.dtype)  # (B, D, top)
-            right = basis.transpose(1, 2)  # (B, top, D)
-            if weighting is not None:  # basis = V_rᵀ L⁻¹ (see codecs.lowrank.factorize)
-                right = torch.linalg.solve_triangular(weighting, right, upper=False, left=False)
-            f = Factors(seen @ basis, right.contiguous())  # (B, T, top), (B, top, D)
-            # coefficients are quantized per column (groups along T): the first r columns of the top-rank
-            # encoding are exactly the rank-r encoding, so each bit width is quantized once
-            full = {
-                bits: QuantizedLowRankPart.from_factors(
-                    f, h, None, (), coeff_bits=bits, basis_bits=16, coeff_group=cfg.quant_group
-                )
-                for bits in {s["bits"] for _, s in lowrank}
-            }
-        widths = tuple(s["bits"] for s in table.values() if s["codec"] == "quant")
-        quantized = quantize_widths(x, widths, cfg.quant_group, axis=2 if is_key else 3)  # keys per channel
-        for label, spec in table.items():
-            part: Part
-            if spec["codec"] == "quant":
-                part = QuantizedPart(quantized[spec["bits"]])
-            elif spec["codec"] == "lowrank" and lowrank:
-                part = _first_components(full[spec["bits"]], max(ranks[label]), tuple(ranks[label]))
-            else:
-                continue
-            if storage_nbytes(part.tensors()) < exact_bytes:
-                out.append((label, part))
-        return out
-
-
-def _codec_labels(config: PackConfig, segment: Segment | None) -> tuple[str, str]:
-    """The (key, value) candidate labels that store a span as `config`'s codec fields would (exact where no
-    candidate matches them, and for the recent window, which fixed codecs keep exact)."""
-    if segment is None or segment.kind == "window":
-        return "exact", "exact"
-    labels = []
-    for prefix, table in (("key", KEY_CANDIDATES), ("value", VALUE_CANDIDATES)):
-        codec, bits, energy = (getattr(config, f"{prefix}_{n}") for n in ("codec", "bits", "energy"))
-        if prefix == "key" and codec == "lowrank" and config.key_pre_rope:
-            codec = "pre-rope"  # not among the candidates (they factor rotated keys)
-        want = {"codec": codec, "bits": bits} | ({"energy": energy} if codec == "lowrank" else {})
-        match = [lab for lab, spec in table.items() if all(spec.get(k) == v for k, v in want.items())]
-        labels.append(match[0] if match and codec != "exact" else "exact")
-    return labels[0], labels[1]
-
 
 def _codec_bytes(config: PackConfig, pending: _Pending) -> int:
     """Bytes of a span stored as `config`'s codec fields would store it (`_codec_labels`); a label the span was
     not offered counts as exact."""
     total = 0
-    for opts, label in zip((pending.keys, pending.values), _codec_labels(config, pending.segment), strict=True):
+    for opts, label in zip((pending.keys, pending.values), codec_labels(config, pending.segment), strict=True):
         total += next(
             (nb for lab, _, nb, _ in opts if lab == label), next(nb for lab, _, nb, _ in opts if lab == "exact")
         )
     return total
-
-
-def _first_components(part: QuantizedLowRankPart, r: int, sample_ranks: tuple[int, ...]) -> QuantizedLowRankPart:
-    """The rank-r part made of the first r components of `part` (own storages, so bytes count exactly)."""
-    q = part.coeffs  # stored (B, top, ...): one row per component
-    coeffs = dataclasses.replace(
-        q,
-        codes=q.codes[:, :r].clone(),
-        scales=q.scales[:, :r].clone(),
-        mins=q.mins[:, :r].clone(),
-        shape=(q.shape[0], q.shape[1], r),
-    )
-    basis = part.basis
-    assert not isinstance(basis, Quantized), "budget candidates keep a float16 basis"
-    return QuantizedLowRankPart(coeffs, basis[:, :r].clone(), part.num_heads, None, sample_ranks)

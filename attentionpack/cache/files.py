@@ -155,7 +155,7 @@ def _restore_tail(layer: PackedLayer, t: dict, r: _Reader) -> ExactTail:
 
 
 def _decode_cache(cache: PackedCache, tree: dict, r: _Reader) -> None:
-    from ..budget.planner import candidate_config
+    from ..budget.candidates import candidate_config
 
     layers = tree["layers"]
     if len(layers) != len(cache.layers):

@@ -76,23 +76,13 @@ def probe_ids(config, length: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe_sensitivity(
-    model, length: int = LENGTH, last: int = LAST, eps: float = EPS, seed: int = SEED
-) -> LayerSensitivity:
-    """Measure every layer's sensitivity (module docstring): one clean and one noisy forward per layer."""
-    if not 1 <= last < length:
-        raise ValueError(f"last={last!r} must be in [1, length={length}) (positions scored at the prompt's end)")
-    adapter = ModelAdapter(model)
-    config = model.config.get_text_config(decoder=True)
-    device = next(model.parameters()).device
-    ids = probe_ids(config, length, seed)[None].to(device)  # (1, T)
-
-    def logprobs() -> torch.Tensor:  # (last, V)
-        out = model(input_ids=ids, use_cache=False, logits_to_keep=last)
-        return out.logits[0, -last:].float().log_softmax(-1)
-
+def layer_kl(model, ids: torch.Tensor, last: int = LAST, eps: float = EPS, seed: int = SEED) -> list[float]:
+    """Per layer: mean KL(clean || noisy) of the next-token distributions at the last `last` positions of `ids`
+    (1, T) when noise of relative energy `eps` is added to that layer's head outputs there (module docstring)."""
+    if not 1 <= last < ids.shape[-1]:
+        raise ValueError(f"last={last!r} must be in [1, length={ids.shape[-1]}) (positions scored at the prompt's end)")
     projections = []
-    for i, module in enumerate(adapter.attention_modules):
+    for i, module in enumerate(ModelAdapter(model).attention_modules):
         out_proj = getattr(module, "o_proj", None)
         if not isinstance(out_proj, torch.nn.Module):
             raise ValueError(
@@ -100,6 +90,11 @@ def probe_sensitivity(
                 "budget measures errors, cannot be perturbed; use PackConfig(layer_weights=False)"
             )
         projections.append(out_proj)
+
+    def logprobs() -> torch.Tensor:  # (last, V)
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=last)
+        return out.logits[0, -last:].float().log_softmax(-1)
+
     clean = logprobs()
     kl = []
     for out_proj in projections:
@@ -120,6 +115,17 @@ def probe_sensitivity(
         finally:
             handle.remove()
         kl.append(float((clean.exp() * (clean - noisy)).sum(-1).mean().clamp_min(0)))
+    return kl
+
+
+def probe_sensitivity(
+    model, length: int = LENGTH, last: int = LAST, eps: float = EPS, seed: int = SEED
+) -> LayerSensitivity:
+    """Measure every layer's sensitivity on the random-token probe (module docstring)."""
+    config = model.config.get_text_config(decoder=True)
+    device = next(model.parameters()).device
+    ids = probe_ids(config, length, seed)[None].to(device)  # (1, T)
+    kl = layer_kl(model, ids, last, eps, seed)
     probe = {"length": length, "last": last, "eps": eps, "seed": seed}
     return LayerSensitivity(np.asarray(kl, dtype=np.float64), probe, model_fingerprint(model))
 

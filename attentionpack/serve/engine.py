@@ -112,9 +112,7 @@ class Engine:
         self.windows = layer_windows(model)
         self.cache_factory = cache_factory
         if isinstance(cache_spec, PackConfig) and cache_spec.budget is not None and cache_spec.layer_weights:
-            # the budget's per-layer error weights are probed once per model (~15 s): at start-up, not in the first
-            # request's prefill
-            from ..scoring.sensitivity import load_or_probe_sensitivity
+            from ..scoring.sensitivity import load_or_probe_sensitivity  # ~15 s once per model: not in a request
 
             load_or_probe_sensitivity(model)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
