@@ -175,6 +175,9 @@ def bench_speed(
     threads: int | None = typer.Option(
         None, min=1, help="Threads for torch and the kernels (default: torch's, or 1 when the machine is already busy)."
     ),
+    dtype: str = typer.Option(
+        "float32", help="Model dtype: float32, bfloat16 or float16 (every cache stores that dtype's states)."
+    ),
     out: Path | None = typer.Option(None, help="Write every number as JSON here."),
 ):
     """Prefill and decode speed vs DynamicCache and StaticCache (interleaved, one run), and throughput at a fixed KV
@@ -184,6 +187,7 @@ def bench_speed(
     try:
         run(
             model_path=model,
+            dtype=dtype,
             configs=configs,
             contexts=contexts,
             batches=batches,

@@ -30,39 +30,39 @@ pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler
 B, H, G, D = 3, 2, 3, 64  # samples, KV heads, query heads per KV head, head dim
 
 
-def _states(gen, t, d=D):
-    return torch.randn(B, H, t, d, generator=gen)
+def _states(gen, t, d=D, dtype=torch.float32):
+    return torch.randn(B, H, t, d, generator=gen).to(dtype)
 
 
-def _keys(kind, gen, t, d=D):
+def _keys(kind, gen, t, d=D, dtype=torch.float32):
     if kind == "exact":  # a slice of a wider buffer, as the exact tail hands it over
-        return ExactPart(_states(gen, t + 10, d)[:, :, 3 : 3 + t])
+        return ExactPart(_states(gen, t + 10, d, dtype)[:, :, 3 : 3 + t])
     if kind.startswith("channel"):
-        return QuantizedPart.keys(_states(gen, t, d), int(kind[7:]), 32)
-    coeffs = torch.randn(B, t, 20, generator=gen)  # factors of keys after RoPE
-    basis = torch.linalg.qr(torch.randn(B, H * d, 20, generator=gen)).Q.transpose(1, 2).contiguous()
+        return QuantizedPart.keys(_states(gen, t, d, dtype), int(kind[7:]), 32)
+    coeffs = torch.randn(B, t, 20, generator=gen).to(dtype)  # factors of keys after RoPE
+    basis = torch.linalg.qr(torch.randn(B, H * d, 20, generator=gen)).Q.transpose(1, 2).contiguous().to(dtype)
     basis_form, coeff_bits = kind[len("factors") :].split("-")
     return QuantizedLowRankPart.from_factors(
         Factors(coeffs, basis), H, coeff_bits=int(coeff_bits), basis_bits={"16": 16, "32": None, "8": 8}[basis_form]
     )
 
 
-def _values(kind, gen, t, d=D):
+def _values(kind, gen, t, d=D, dtype=torch.float32):
     if kind == "exact":
-        return ExactPart(_states(gen, t, d))
+        return ExactPart(_states(gen, t, d, dtype))
     if kind.startswith("factors"):  # low-rank values: same factor forms as keys after RoPE
-        return _keys(kind, gen, t, d)
-    return QuantizedPart.values(_states(gen, t, d), int(kind[5:]), 32)
+        return _keys(kind, gen, t, d, dtype)
+    return QuantizedPart.values(_states(gen, t, d, dtype), int(kind[5:]), 32)
 
 
-def _pieces(gen, key_kind, value_kind, lengths, d=D):
+def _pieces(gen, key_kind, value_kind, lengths, d=D, dtype=torch.float32):
     pieces, at = [], 0
     for i, t in enumerate(lengths):  # sink and tail exact, the middle in the forms under test
         middle = 0 < i < len(lengths) - 1
         pieces.append(
             Piece(
-                _keys(key_kind if middle else "exact", gen, t, d),
-                _values(value_kind if middle else "exact", gen, t, d),
+                _keys(key_kind if middle else "exact", gen, t, d, dtype),
+                _values(value_kind if middle else "exact", gen, t, d, dtype),
                 at,
                 at + t,
             )
@@ -93,6 +93,28 @@ def test_every_stored_form_matches_dense_attention(key_kind, value_kind):
     query = torch.randn(B, H * G, 1, D, generator=gen)
     got = _decode(pieces, 0, query, None, D**-0.5, None)
     torch.testing.assert_close(got, _reference(pieces, query, None, D**-0.5, None), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "key_kind, value_kind",
+    [("exact", "exact"), ("channel4", "quant4"), ("factors32-4", "factors32-8"), ("factors8-4", "factors16-4")],
+)
+def test_half_precision_models(dtype, key_kind, value_kind):
+    """bfloat16/float16 models: the kernel reads their exact rows, factor bases and queries as they are, sums in
+    float32 and returns the query's dtype. Tolerance: 2 units in the last place of the output (2^-7 for bfloat16,
+    2^-10 for float16) relative, and ulp/4 absolute because the reference rebuilds quantized and factored pieces
+    in the model's dtype (each element rounded once) where the kernel keeps them in float32."""
+    gen = torch.Generator().manual_seed(11)
+    pieces = _pieces(gen, key_kind, value_kind, [4, 300, 33, 37], dtype=dtype)
+    query = torch.randn(B, H * G, 1, D, generator=gen).to(dtype)
+    allowed = torch.ones(B, 1, 1, 374, dtype=torch.bool)
+    allowed[1, ..., :50] = False
+    got = _decode(pieces, 0, query, allowed, D**-0.5, None)
+    assert got is not None and got.dtype == dtype
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    want = _reference(pieces, query, allowed, D**-0.5, None)
+    torch.testing.assert_close(got.float(), want, atol=ulp / 4, rtol=2 * ulp)
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])

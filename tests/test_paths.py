@@ -20,18 +20,20 @@ def _hooks(model) -> int:
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("preset", ["balanced", "max"])
-def test_decoding_steps_of_the_presets_take_the_fused_path_under_strict(preset, monkeypatch):
+def test_decoding_steps_of_the_presets_take_the_fused_path_under_strict(preset, dtype, monkeypatch):
     monkeypatch.setenv("ATTENTIONPACK_STRICT", "1")
-    model = build_model("llama")
+    model = build_model("llama").to(dtype)
     res = time_one(model, IDS, 180, 4, lambda n: PackedCache(model, preset))
     assert res["decode_paths"] == {"fused": 4 * model.config.num_hidden_layers}
 
 
 @needs_kernels
-def test_budget_cache_decodes_on_the_fused_path(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_budget_cache_decodes_on_the_fused_path(dtype, monkeypatch):
     monkeypatch.setenv("ATTENTIONPACK_STRICT", "1")
-    model = build_model("llama")
+    model = build_model("llama").to(dtype)
     res = time_one(model, IDS, 180, 3, lambda n: PackedCache(model, PackConfig(budget=0.25)))
     assert set(res["decode_paths"]) == {"fused"}
 

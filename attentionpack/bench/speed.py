@@ -94,8 +94,12 @@ def _repeat(cache, batch: int) -> None:
             setattr(layer, "batch_size", batch)  # noqa: B010
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def run(
     model_path: str | None = None,
+    dtype: str = "float32",
     configs: Sequence[str] = DEFAULT_CONFIGS,
     contexts: Sequence[int] = (2048, 8192),
     batches: Sequence[int] = (1, 8),
@@ -106,6 +110,8 @@ def run(
     threads: int | None = None,
     out: Path | None = None,
 ) -> dict:
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     specs = [parse_config(c) for c in configs]
     if "dynamic" not in [sp.name for sp in specs]:
         raise ValueError("bench speed needs 'dynamic' among the configurations (every ratio is relative to it)")
@@ -117,8 +123,9 @@ def run(
     if note:
         print(f"note: {note}")
     apply_threads(threads)
-    model, tokenizer = load_model(model_path)
-    result: dict = {"threads": torch.get_num_threads(), "steps": steps, "repeats": repeats, "speed": {}}
+    model, tokenizer = load_model(model_path, DTYPES[dtype])
+    result: dict = {"dtype": dtype, "threads": torch.get_num_threads(), "steps": steps, "repeats": repeats, "speed": {}}
+    print(f"model dtype {dtype}, {result['threads']} threads")
     for batch in batches:
         ids = _ids(tokenizer, max(contexts) + steps, batch)
         makers = {sp.name: (lambda n, sp=sp: make_cache(model, sp, n)) for sp in specs}

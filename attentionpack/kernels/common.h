@@ -18,6 +18,25 @@ static int omp_get_thread_num(void) { return 0; }
 static int omp_get_num_threads(void) { return 1; }
 #endif
 
+enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };  /* dtypes of the float arrays the kernels read (plan.py: DTYPES) */
+
+/* n floats at element `at` of the dt-typed array at address `base`: the array itself for float32, else the
+   elements converted into buf (bfloat16 is the top half of a float32; float16 through _Float16). */
+static inline const float *floats_at(int64_t base, int dt, int64_t at, int64_t n, float *restrict buf) {
+    if (dt == DT_F32) return (const float *)base + at;
+    if (dt == DT_F16) {
+        const _Float16 *restrict src = (const _Float16 *)base + at;
+        for (int64_t i = 0; i < n; i++) buf[i] = (float)src[i];
+    } else {
+        const uint16_t *restrict src = (const uint16_t *)base + at;
+        for (int64_t i = 0; i < n; i++) {
+            const union { uint32_t u; float f; } c = {.u = (uint32_t)src[i] << 16};
+            buf[i] = c.f;
+        }
+    }
+    return buf;
+}
+
 #define MIN_PARALLEL 1024  /* tokens x rows below which a call stays on one thread */
 
 /* One packed row of codes -> floats: plane k (codes k * nb ... ) from bits [k * bits, (k + 1) * bits) of each byte. */

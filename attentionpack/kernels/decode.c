@@ -23,12 +23,13 @@ typedef struct {
     /* quantized keys: per channel, codes (B, H, d, nb) / scales, mins (B, H, d, G); factors (keys after RoPE =
        coefficients (B, T, R) x basis (B, R, H * d)), codes of the coefficients along T (B, R, nb) / (B, R, G) */
     int64_t kc, ks, km, k_nb, k_G, k_group, k_bits, k_R;
-    int64_t basis, basis_half;  /* factors: basis (B, R, H * d), float or _Float16 */
+    int64_t basis;  /* factors: basis (B, R, H * d) */
+    int64_t k_dt;   /* dtype of the floats read (exact rows or the basis): DT_F32, DT_F16 or DT_BF16 */
     int64_t v, v_sb, v_sh;  /* exact values, laid out like exact keys */
     /* per-token values: codes (B, H, T, nb), scales (B, H, T, G); factors: coefficients (B, T, R) along T,
        codes (B, R, nb) / (B, R, G), and basis (B, R, H * d) */
     int64_t vc, vs, vm, v_nb, v_G, v_group, v_bits;
-    int64_t v_R, v_basis, v_basis_half;
+    int64_t v_R, v_basis, v_dt;
     /* per-head pieces: hmap (H,) int64, the piece's own head of each KV head or -1 (0: the piece holds every
        head); Hp heads held; slots (B, Hp, T) _Float16 log multiplicity added to each slot's logit (0: none), the
        cache mask is then not read (slot tokens precede the query) */
@@ -53,12 +54,9 @@ static inline int64_t item_tokens(const piece_t *pc) {  /* whole groups of every
 }
 
 /* Row j of a basis (B, R, D) of sample b as floats. */
-static inline const float *basis_row(int64_t basis, int64_t half, int64_t b, int64_t R, int64_t j, int64_t D,
+static inline const float *basis_row(int64_t basis, int64_t dt, int64_t b, int64_t R, int64_t j, int64_t D,
                                      float *buf) {
-    if (!half) return (const float *)basis + (b * R + j) * D;
-    const _Float16 *src = (const _Float16 *)basis + (b * R + j) * D;
-    for (int64_t c = 0; c < D; c++) buf[c] = (float)src[c];
-    return buf;
+    return floats_at(basis, (int)dt, (b * R + j) * D, D, buf);
 }
 
 static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
@@ -76,16 +74,18 @@ static void item_scores(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
                         const float *qt, int64_t t0, int64_t cnt, float *s, int64_t os) {
     const int64_t Hp = pc->Hp;
     if (pc->keys == KEYS_EXACT) {
+        float *buf = pc->k_dt == DT_F32 ? NULL : (float *)malloc(sizeof(float) * cnt * d);
         for (int64_t h = 0; h < H; h++) {
             const int64_t lh = own_head(pc, h);
             if (lh < 0) continue;
-            const float *kb = (const float *)pc->k + b * pc->k_sb + lh * pc->k_sh + t0 * d;
+            const float *kb = floats_at(pc->k, (int)pc->k_dt, b * pc->k_sb + lh * pc->k_sh + t0 * d, cnt * d, buf);
             for (int64_t m = 0; m < M; m++) {
                 const float *x = qs + (h * M + m) * d;
                 float *o = s + (h * M + m) * os;
                 for (int64_t t = 0; t < cnt; t++) o[t] = dot(x, kb + t * d, d);
             }
         }
+        free(buf);
         return;
     }
     const uint8_t *codes = (const uint8_t *)pc->kc;
@@ -129,7 +129,7 @@ static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
         }
         memset(acc, 0, sizeof(float) * HM * d);
         for (int64_t j = 0; j < R; j++) {
-            const float *bj = basis_row(pc->v_basis, pc->v_basis_half, b, R, j, D, row);
+            const float *bj = basis_row(pc->v_basis, pc->v_dt, b, R, j, D, row);
             for (int64_t h = 0; h < H; h++) {
                 const int64_t lh = own_head(pc, h);
                 if (lh < 0) continue;
@@ -143,6 +143,7 @@ static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
         free(tile);
         return;
     }
+    float *buf = pc->values == VALUES_EXACT && pc->v_dt != DT_F32 ? (float *)malloc(sizeof(float) * cnt * d) : NULL;
     for (int64_t h = 0; h < H; h++) {
         const float *ph = p + h * M * os;
         float *ah = acc + h * M * d;
@@ -152,7 +153,7 @@ static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
             continue;
         }
         if (pc->values == VALUES_EXACT) {
-            const float *vb = (const float *)pc->v + b * pc->v_sb + lh * pc->v_sh + t0 * d;
+            const float *vb = floats_at(pc->v, (int)pc->v_dt, b * pc->v_sb + lh * pc->v_sh + t0 * d, cnt * d, buf);
             memset(ah, 0, sizeof(float) * M * d);
             for (int64_t m = 0; m < M; m++) {
                 float *restrict am = ah + m * d;
@@ -169,6 +170,7 @@ static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
                       d, (int)pc->v_bits, os, 0, cnt);
         }
     }
+    free(buf);
 }
 
 /* One work item: res = [max (HM), sum (HM), acc (HM, d)] of its block. */
@@ -236,7 +238,7 @@ void ap_decode(const int64_t *desc, int64_t P, const float *restrict query, cons
         float *dst = qt + b * per_sample + qt_at[p];
         float *buf = (float *)malloc(sizeof(float) * D);
         for (int64_t j = 0; j < R; j++) {
-            const float *row = basis_row(pc->basis, pc->basis_half, b, R, j, D, buf);
+            const float *row = basis_row(pc->basis, pc->k_dt, b, R, j, D, buf);
             for (int64_t h = 0; h < H; h++) {
                 const int64_t lh = own_head(pc, h);
                 for (int64_t m = 0; m < M; m++)

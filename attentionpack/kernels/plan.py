@@ -9,6 +9,9 @@ across blocks with a running max, flash-decoding style) and value mix in one pas
 calls `add` when it freezes one, `reset` when segments are replaced, dropped or reordered); per step only the row
 of the exact tail is made. When a segment cannot be read by the kernel, `why_not` names the reason, and the
 attention takes its per-part path and records it (no silent fallback).
+
+Every float the kernel reads (queries, exact rows, factor bases) may be float32, float16 or bfloat16, the
+model's dtype: it accumulates in float32 whatever it reads, and returns the output in the queries' dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from . import library
 from . import reason as library_reason
 
 EXACT, QUANTIZED, FACTORS = 0, 1, 2  # operand kinds (decode.c: KEYS_* and VALUES_*)
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # float arrays the kernel reads (common.h: DT_*)
 FIELDS = 33  # int64 fields of piece_t in decode.c
 _COLUMN = 3  # index of the mask-column field in a row (filled per step: start - first)
 
@@ -98,8 +102,8 @@ class DecodePlan:
         b, hq, q, d = query.shape
         if q != 1:
             return f"{q} query tokens (the one-call kernel serves one-token decoding steps)"
-        if query.dtype != torch.float32 or query.device.type != "cpu":
-            return f"queries are {query.dtype} on {query.device.type} (the kernel takes float32 on CPU)"
+        if query.dtype not in DTYPES or query.device.type != "cpu":
+            return f"queries are {query.dtype} on {query.device.type} (the kernel takes float32/16, bfloat16 on CPU)"
         if library() is None:
             return f"kernels unavailable: {library_reason()}"
         if self.blocked_at is not None and self.blocked_at < count:
@@ -123,8 +127,8 @@ class DecodePlan:
         softcap: float | None,
     ) -> torch.Tensor:
         """One decoding step over the first `count` segments (call only when `why_not` is ""). tail: (keys,
-        values (B, H, n, d), cache index of the first) or None; query (B, Hq, 1, d) float32 rotated; allowed None
-        or (B|1, 1, 1, N) bool over cache indices [first, ...). -> (B, 1, Hq, d)."""
+        values (B, H, n, d), cache index of the first) or None; query (B, Hq, 1, d) rotated; allowed None
+        or (B|1, 1, 1, N) bool over cache indices [first, ...). -> (B, 1, Hq, d) in the query's dtype."""
         b, hq, _, d = query.shape
         table: list[int] = []
         for row, start in zip(self.rows[:count], self.starts[:count], strict=True):
@@ -136,8 +140,9 @@ class DecodePlan:
             tk, tv, tail_start = tail
             ek, ev = _exact(tk, b, d), _exact(tv, b, d)
             assert ek is not None and ev is not None, "why_not() must be called first"
-            table += [EXACT, EXACT, tk.shape[2], tail_start - first, *ek, *[0] * 10, *ev, *[0] * 10, 0, h, 0]
-        query = query.contiguous()  # (B, Hq, 1, d) = (B, H, g, d): query head j*g + i uses KV head j
+            table += [EXACT, EXACT, tk.shape[2], tail_start - first, *_exact_fields(ek), *_exact_fields(ev), 0, h, 0]
+        dtype = query.dtype
+        query = query.to(torch.float32).contiguous()  # (B, Hq, 1, d) = (B, H, g, d): query head j*g + i uses KV head j
         mask, mask_sb = 0, 0
         if allowed is not None:
             m = allowed.reshape(allowed.shape[0], -1).to(torch.uint8).contiguous()  # (B|1, N)
@@ -152,24 +157,30 @@ class DecodePlan:
         lib.ap_decode(
             addr, len(table) // FIELDS, query.data_ptr(), mask, mask_sb, scale, cap, out.data_ptr(), b, h, hq // h, d
         )
-        return out
+        return out if dtype == torch.float32 else out.to(dtype)
 
 
 def _batch(part: Part) -> int:
     return int(part.tensors()[0].shape[0])
 
 
-def _exact(t: torch.Tensor, b: int, d: int) -> tuple[int, int, int] | None:
-    """(address, batch stride, head stride) of (B, H, T, d) float32 states with rows of d contiguous floats."""
+def _exact(t: torch.Tensor, b: int, d: int) -> tuple[int, int, int, int] | None:
+    """(address, batch stride, head stride, dtype code) of (B, H, T, d) float32, float16 or bfloat16 states with
+    rows of d contiguous elements."""
     if (
-        t.dtype != torch.float32
+        t.dtype not in DTYPES
         or t.shape[0] != b
         or t.shape[-1] != d
         or t.stride(-1) != 1
         or (t.shape[2] > 1 and t.stride(2) != d)
     ):
         return None
-    return t.data_ptr(), t.stride(0), t.stride(1)
+    return t.data_ptr(), t.stride(0), t.stride(1), DTYPES[t.dtype]
+
+
+def _exact_fields(ex: tuple[int, int, int, int]) -> list[int]:
+    """The 13 operand fields of exact rows: address, batch and head strides, nothing quantized, dtype last."""
+    return [*ex[:3], *[0] * 9, ex[3]]
 
 
 def _codes(q: Quantized, keep: list[torch.Tensor], extra: list[torch.Tensor]) -> list[int]:
@@ -187,14 +198,14 @@ def _operand(
     part: Part, axis: int, b: int, d: int, keep: list[torch.Tensor], extra: list[torch.Tensor]
 ) -> tuple[int, list[int]] | str:
     """(kind, 13 fields) of keys or values — exact address, batch and head strides | codes, scales, mins, bytes per
-    row, groups per row, group size, bits, rows R | basis address, basis is float16 — or why the kernel cannot
-    read the part."""
+    row, groups per row, group size, bits, rows R | basis address | dtype code of the exact rows or basis — or
+    why the kernel cannot read the part."""
     if isinstance(part, ExactPart):
         ex = _exact(part.data, b, d)
         if ex is None:
-            return f"exact {part.data.dtype} states (the kernel reads float32 rows)"
+            return f"exact {part.data.dtype} states with strides {part.data.stride()} (the kernel reads rows of d)"
         keep.append(part.data)
-        return EXACT, [*ex, *[0] * 10]
+        return EXACT, _exact_fields(ex)
     if isinstance(part, QuantizedPart):
         if part.q.axis != axis or part.q.shape[3] != d:
             return f"quantized along axis {part.q.axis} (the kernel reads keys per channel, values per token)"
@@ -202,8 +213,6 @@ def _operand(
     if isinstance(part, QuantizedLowRankPart):
         if part.positions is not None:
             return "low-rank keys stored before RoPE (rotated per token when read)"
-        if part.coeffs.dtype != torch.float32:
-            return f"factors of {part.coeffs.dtype} states (the kernel reads float32 models' factors)"
         return FACTORS, [0, 0, 0, *_codes(part.coeffs, keep, extra), part.coeffs.shape[2], *_basis(part, keep, extra)]
     if isinstance(part, LowRankPart):
         if part.positions is not None:
@@ -213,13 +222,14 @@ def _operand(
 
 
 def _basis(part: QuantizedLowRankPart, keep: list[torch.Tensor], extra: list[torch.Tensor]) -> list[int]:
-    """(address, is float16) of the basis (B, R, H*d) as float32 or float16 (an 8-bit basis is dequantized)."""
+    """(address, dtype code) of the basis (B, R, H*d) as stored, or dequantized when stored at 8 bits (in the
+    model's dtype: a float32, float16 or bfloat16 copy the plan holds)."""
     stored = part.basis
     basis = dequantize(stored) if isinstance(stored, Quantized) else stored
-    if basis.dtype not in (torch.float32, torch.float16):
+    if basis.dtype not in DTYPES:
         basis = basis.to(torch.float32)
     basis = basis.contiguous()
     keep.append(basis)
     if isinstance(stored, Quantized) or basis.data_ptr() != stored.data_ptr():
         extra.append(basis)
-    return [basis.data_ptr(), int(basis.dtype == torch.float16)]
+    return [basis.data_ptr(), DTYPES[basis.dtype]]
