@@ -210,7 +210,7 @@ class PackedLayer(CacheLayerMixin):
         """A snapshot of the segments and the exact tail for one attention call."""
         tail = None
         if self.tail is not None and self.tail_length:
-            k, v, _, _ = self.tail.view()
+            k, v = self.tail.states()
             tail = (k, v, self.total - self.tail_length)
         return LayerView.of(
             self.segments, tail, self.first_index, self.total, self.spec.num_kv_heads, rope, self.plan, self.paths
@@ -225,7 +225,7 @@ class PackedLayer(CacheLayerMixin):
                 "the model's own attention cannot read: load the model with attn_implementation='sdpa' so the "
                 "cache attends on its stored form"
             )
-        keys, values, _, _ = self._live.view()  # (B, H, n, d) each
+        keys, values = self._live.states()  # (B, H, n, d) each
         return (self._materialize(lambda s: s.keys, keys, rope), self._materialize(lambda s: s.values, values, rope))
 
     def _dense_fallback(self) -> None:

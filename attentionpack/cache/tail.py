@@ -60,6 +60,11 @@ class ExactTail:
     def capacity(self) -> int:
         return self.keys.shape[-2]
 
+    def states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of the live tokens, as views (what attention reads; no positions or flags derived)."""
+        sl = slice(self.begin, self.end)
+        return self.keys[..., sl, :], self.values[..., sl, :]
+
     def view(
         self, start: int = 0, stop: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -173,6 +178,9 @@ class ExactTail:
         self._write(0, *live)
 
 
+_SMALL_CALL = 64  # tokens x samples of a call below which the padding rule is checked in Python
+
+
 def _leading_padding(
     positions: torch.Tensor, valid: torch.Tensor, first: int, pad: list[int] | None = None
 ) -> list[int] | None:
@@ -190,6 +198,13 @@ def _leading_padding(
         pad = [int(x) for x in lead]
     if len(pad) != b:
         return None
+    if b * q <= _SMALL_CALL:  # a decoding step: checked on Python numbers (tensor ops cost ~40 us per layer)
+        rows, flags = positions.tolist(), valid.tolist()
+        for pos_b, ok_b, p in zip(rows, flags, pad, strict=True):
+            for j, (pos, ok) in enumerate(zip(pos_b, ok_b, strict=True)):
+                if ok != (first + j >= p) or (ok and pos != first + j - p):
+                    return None
+        return pad
     pt = torch.tensor(pad, device=valid.device)[:, None]
     real = index >= pt
     if not torch.equal(valid, real) or not torch.equal(positions[real].long(), (index - pt).expand(b, q)[real]):

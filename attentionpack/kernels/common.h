@@ -131,6 +131,7 @@ static void mix_range(const uint8_t *restrict codes, const _Float16 *restrict sc
 
 #define SUB 64  /* tokens per dequantized tile of rows quantized along tokens */
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
 /* Tokens [t0, t0 + len) of one row quantized along tokens, as floats: codes -> rb -> db = code * scale + min. */
 static inline __attribute__((always_inline)) void dequant_tokens(
@@ -150,32 +151,34 @@ static inline __attribute__((always_inline)) void dequant_tokens(
     for (int64_t i = full * group; i < len; i++) db[i] = rb[i] * s[full] + mn[full];
 }
 
-/* out rows m0.. (up to 4, `rows` of them real) x tokens [i, i + 16) of a tile: dt (R, S) floats, xm (M, R). */
-static inline __attribute__((always_inline)) void tile_16x4(
+/* out rows m0.. (up to 4, `rows` of them real) x tokens [i, i + 32) of a tile: dt (R, S) floats, xm (M, R).
+   Two 16-lane vectors per row: 8 independent sums keep both FMA units busy on AVX-512 (pairs of 8 lanes
+   elsewhere). */
+static inline __attribute__((always_inline)) void tile_32x4(
         const float *restrict dt, int64_t S, const float *restrict x, int64_t R, int64_t m0, int64_t rows,
         int64_t i, float *restrict o, int64_t T, int64_t cnt) {
     const float *x0 = x + m0 * R, *x1 = x0 + (rows > 1 ? R : 0), *x2 = x0 + (rows > 2 ? 2 * R : 0),
                 *x3 = x0 + (rows > 3 ? 3 * R : 0);
-    v8 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
+    v16 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
     for (int64_t j = 0; j < R; j++) {
-        const v8 d0 = *(const v8 *)(dt + j * S + i), d1 = *(const v8 *)(dt + j * S + i + 8);
+        const v16 d0 = *(const v16 *)(dt + j * S + i), d1 = *(const v16 *)(dt + j * S + i + 16);
         const float b0 = x0[j], b1 = x1[j], b2 = x2[j], b3 = x3[j];
         a00 += b0 * d0; a01 += b0 * d1;
         a10 += b1 * d0; a11 += b1 * d1;
         a20 += b2 * d0; a21 += b2 * d1;
         a30 += b3 * d0; a31 += b3 * d1;
     }
-    const v8 acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
-    const int64_t n = cnt - i < 16 ? cnt - i : 16;
+    const v16 acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+    const int64_t n = cnt - i < 32 ? cnt - i : 32;
     for (int64_t r = 0; r < rows; r++) {
         float *dst = o + (m0 + r) * T + i;
-        if (n == 16) {
-            *(v8 *)dst = acc[r][0];
-            *(v8 *)(dst + 8) = acc[r][1];
+        if (n == 32) {
+            *(v16 *)dst = acc[r][0];
+            *(v16 *)(dst + 16) = acc[r][1];
         } else {
-            float tmp[16];
-            *(v8 *)tmp = acc[r][0];
-            *(v8 *)(tmp + 8) = acc[r][1];
+            float tmp[32];
+            *(v16 *)tmp = acc[r][0];
+            *(v16 *)(tmp + 16) = acc[r][1];
             for (int64_t k = 0; k < n; k++) dst[k] = tmp[k];
         }
     }
@@ -183,15 +186,22 @@ static inline __attribute__((always_inline)) void tile_16x4(
 
 /* Scores of query rows x (M, R) against tokens [t0, t0 + len) of R rows quantized along tokens (row j's codes
    at codes + j * nb, its scales at scales + j * G; t0 a multiple of group) -> o[m * os + t - t0]. SUB tokens
-   (whole groups) at a time: the R rows are dequantized into a small (R, SUB) tile, then 16 tokens x 4 query rows
+   (whole groups) at a time: the R rows are dequantized into a small (R, SUB) tile, then 32 tokens x 4 query rows
    of the output are summed over R in registers. */
 static inline __attribute__((always_inline)) void scores_span(
         const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
         const float *restrict x, int64_t M, int64_t R, int64_t nb, int64_t G, int64_t group, int bits, int64_t t0,
         int64_t len, float *restrict o, int64_t os) {
     const int mask = (1 << bits) - 1;
+    /* every row's codes of these tokens lie in its own page (rows are nb bytes apart), beyond what the hardware
+       prefetchers follow: ask for all their cache lines first, so the misses overlap */
+    for (int k = 0; k < 8 / bits; k++) {
+        const int64_t lo = t0 > k * nb ? t0 - k * nb : 0, hi = t0 + len < (k + 1) * nb ? t0 + len - k * nb : nb;
+        for (int64_t j = 0; j < R && lo < hi; j++)
+            for (int64_t at = lo; at < hi; at += 64) __builtin_prefetch(codes + j * nb + at);
+    }
     const int64_t sub = group < SUB ? (SUB / group) * group : group;  /* whole groups: scales index by t / group */
-    const int64_t S = (sub + 15) / 16 * 16;  /* row stride of the tile: whole 16-token steps (the pad is not stored) */
+    const int64_t S = (sub + 31) / 32 * 32;  /* row stride of the tile: whole 32-token steps (the pad is not stored) */
     float *tile = (float *)malloc(sizeof(float) * (R * S + sub));
     float *rb = tile + R * S;
     for (int64_t s0 = t0; s0 < t0 + len; s0 += sub) {
@@ -199,9 +209,9 @@ static inline __attribute__((always_inline)) void scores_span(
         for (int64_t j = 0; j < R; j++)
             dequant_tokens(codes + j * nb, scales + j * G, mins + j * G, s0, cnt, nb, group, bits, mask, rb,
                            tile + j * S);
-        for (int64_t i = 0; i < cnt; i += 16)
+        for (int64_t i = 0; i < cnt; i += 32)
             for (int64_t m0 = 0; m0 < M; m0 += 4)
-                tile_16x4(tile, S, x, R, m0, M - m0 < 4 ? M - m0 : 4, i, o + s0 - t0, os, cnt);
+                tile_32x4(tile, S, x, R, m0, M - m0 < 4 ? M - m0 : 4, i, o + s0 - t0, os, cnt);
     }
     free(tile);
 }

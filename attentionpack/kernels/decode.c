@@ -43,6 +43,57 @@ static inline int64_t own_head(const piece_t *pc, int64_t h) {
 
 #define DBLK 256  /* tokens per work item (rounded to whole key groups) */
 
+typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
+
+static inline v16 select16(i16 mask, v16 yes, v16 no) {  /* lanes of `yes` where mask is set, else of `no` */
+    return (v16)(((i16)yes & mask) | ((i16)no & ~mask));
+}
+
+/* Largest of x[0 .. n), 16 lanes at a time. */
+static inline float row_max(const float *restrict x, int64_t n) {
+    v16 m;
+    for (int i = 0; i < 16; i++) m[i] = -INFINITY;
+    int64_t t = 0;
+    for (; t + 16 <= n; t += 16) {
+        const v16 v = *(const v16 *)(x + t);
+        m = select16(v > m, v, m);
+    }
+    float top = -INFINITY;
+    for (int i = 0; i < 16; i++) top = m[i] > top ? m[i] : top;
+    for (; t < n; t++) top = x[t] > top ? x[t] : top;
+    return top;
+}
+
+/* x[t] = exp(x[t] - top) for t < n, returning their sum; top is finite and >= every x[t]. 16 lanes at a time:
+   exp(y) = 2^k exp(r), k = round(y / ln 2), r = y - k ln 2 (ln 2 split in two for exactness), exp(r) by the
+   Cephes degree-7 polynomial (relative error about 1e-7, as expf); y < -87.3 (an exp below the smallest normal
+   float, a masked token) gives 0. */
+static inline float exp_shifted(float *restrict x, int64_t n, float top) {
+    v16 acc = {0};
+    int64_t t = 0;
+    for (; t + 16 <= n; t += 16) {
+        const v16 y = *(const v16 *)(x + t) - top;
+        const i16 live = y > -87.3f;
+        const v16 yc = select16(live, y, (v16){0} - 87.3f);
+        const v16 kf = (yc * 1.44269504f + 12582912.f) - 12582912.f;  /* round to nearest */
+        const v16 r = (yc - kf * 0.693359375f) - kf * -2.12194440e-4f;
+        v16 p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        p = p * r * r + r + 1.f;
+        const i16 pow2 = (__builtin_convertvector(kf, i16) + 127) << 23;  /* 2^k as float bits */
+        const v16 e = select16(live, p * (v16)pow2, (v16){0});
+        *(v16 *)(x + t) = e;
+        acc += e;
+    }
+    float sum = 0.f;
+    for (int i = 0; i < 16; i++) sum += acc[i];
+    for (; t < n; t++) { x[t] = expf(x[t] - top); sum += x[t]; }
+    return sum;
+}
+
 static inline int64_t item_tokens(const piece_t *pc) {  /* whole groups of every operand quantized along T */
     int64_t g = pc->keys == KEYS_EXACT ? 1 : pc->k_group;
     if (pc->values == VALUES_FACTORS) {
@@ -113,6 +164,33 @@ static void item_scores(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
 #undef SPAN
 }
 
+/* am (M, d) = p (M rows, stride os) x rows v (cnt, d). Per 16 channels, up to 4 weight rows at once: the sums
+   stay in registers while the tokens stream by (one load of each value row per 4 weight rows). */
+static void mix_exact(const float *restrict v, const float *restrict p, int64_t os, float *restrict am, int64_t M,
+                      int64_t cnt, int64_t d) {
+    const int64_t d16 = d / 16 * 16;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t rows = M - m0 < 4 ? M - m0 : 4;
+        const float *p0 = p + m0 * os, *p1 = p0 + (rows > 1 ? os : 0), *p2 = p0 + (rows > 2 ? 2 * os : 0),
+                    *p3 = p0 + (rows > 3 ? 3 * os : 0);
+        for (int64_t c = 0; c < d16; c += 16) {
+            v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int64_t t = 0; t < cnt; t++) {
+                const v16 x = *(const v16 *)(v + t * d + c);
+                a0 += p0[t] * x; a1 += p1[t] * x; a2 += p2[t] * x; a3 += p3[t] * x;
+            }
+            const v16 acc[4] = {a0, a1, a2, a3};
+            for (int64_t r = 0; r < rows; r++) *(v16 *)(am + (m0 + r) * d + c) = acc[r];
+        }
+        for (int64_t r = 0; r < rows; r++)  /* channels past the last 16 */
+            for (int64_t c = d16; c < d; c++) {
+                float sum = 0.f;
+                for (int64_t t = 0; t < cnt; t++) sum += p[(m0 + r) * os + t] * v[t * d + c];
+                am[(m0 + r) * d + c] = sum;
+            }
+    }
+}
+
 /* acc (H * M, d) = unnormalized weights p (H * M rows, stride os) times the values of tokens [t0, t0 + cnt). */
 static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int64_t d, const float *p, int64_t os,
                         int64_t t0, int64_t cnt, float *acc) {
@@ -154,15 +232,7 @@ static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
         }
         if (pc->values == VALUES_EXACT) {
             const float *vb = floats_at(pc->v, (int)pc->v_dt, b * pc->v_sb + lh * pc->v_sh + t0 * d, cnt * d, buf);
-            memset(ah, 0, sizeof(float) * M * d);
-            for (int64_t m = 0; m < M; m++) {
-                float *restrict am = ah + m * d;
-                for (int64_t t = 0; t < cnt; t++) {
-                    const float w = ph[m * os + t];
-                    const float *restrict vt = vb + t * d;
-                    for (int64_t c = 0; c < d; c++) am[c] += w * vt[c];
-                }
-            }
+            mix_exact(vb, ph, os, ah, M, cnt, d);
         } else {
             const int64_t row = (b * pc->Hp + lh) * pc->T + t0;  /* first token's row in (B, Hp, T) */
             mix_range((const uint8_t *)pc->vc + row * pc->v_nb, (const _Float16 *)pc->vs + row * pc->v_G,
@@ -197,13 +267,12 @@ static void decode_item(const piece_t *pc, int64_t b, int64_t t0, int64_t H, int
         }
         if (mk)
             for (int64_t t = 0; t < cnt; t++) if (!mk[t]) sr[t] = -INFINITY;
-        float top = -INFINITY, sum = 0.f;
-        for (int64_t t = 0; t < cnt; t++) top = sr[t] > top ? sr[t] : top;
-        if (top == -INFINITY) {  /* every token of the block masked for this row */
+        const float top = row_max(sr, cnt);
+        float sum = 0.f;
+        if (top == -INFINITY)  /* every token of the block masked for this row */
             memset(sr, 0, sizeof(float) * cnt);
-        } else {
-            for (int64_t t = 0; t < cnt; t++) { sr[t] = expf(sr[t] - top); sum += sr[t]; }
-        }
+        else
+            sum = exp_shifted(sr, cnt, top);
         mx[r] = top;
         sm[r] = sum;
     }
