@@ -7,9 +7,10 @@ one-token step of a layer (every segment's scores, the softmax and the value mix
 `plan.py` builds when segments freeze. Plain C sharing `common.h`, built with the system C compiler into
 ~/.cache/attentionpack/kernels (once per machine and source version) and called through ctypes.
 
-The C code reads float32 activations and writes float32 results; `mix_rows` and `scores_cols` take float32,
-float16 or bfloat16 activations and convert them to float32 at the call (so half-precision models accumulate in
-float32 too). If no compiler is found, the build fails, or ATTENTIONPACK_KERNELS=0, `library()` is None and
+The C code sums in float32 whatever it reads: `mix_rows` and `scores_cols` take float32, float16 or bfloat16
+activations and convert them to float32 at the call; `decode.c` reads a half-precision model's exact rows and
+factor bases as stored (converted block by block, `floats_at` in common.h) and the plan returns its output in the
+queries' dtype. If no compiler is found, the build fails, or ATTENTIONPACK_KERNELS=0, `library()` is None and
 `reason()` says why; callers then take their torch path and record it (tests/test_kernels.py and
 tests/test_fused_decode.py check both paths against float64 references).
 """
