@@ -83,6 +83,7 @@ SMALL = dict(
     speed_contexts=(64, 192),
     speed_steps=3,
     speed_repeats=1,
+    judge_layers=0,
 )
 
 
@@ -105,12 +106,13 @@ def test_end_to_end_artifacts_resume_and_unavailable_kvpress(tiny_folder, tmp_pa
         progress=False,
         configs=["dynamic", "max", "pack:key_energy=0.9,value_energy=0.9", "kvpress-snapkv-0.5"],
         needle_configs=("dynamic", "max"),
-        **SMALL,
+        **{**SMALL, "judge_layers": 2, "judge_budget": 0.5},
     )
     res = runner.evaluate(out, **kw)
     saved = json.loads((out / "results.json").read_text())
     (key,) = saved["models"]
-    for name in ("results.json", "report.md", "index.html", f"pareto-{key}.png", "needle.png", "speed.png"):
+    names = ("results.json", "report.md", "index.html", f"pareto-{key}.png", "needle.png", "speed.png", "judge.png")
+    for name in names:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = {r["config"]: r for r in saved["summary"]}
     assert set(rows) == {"dynamic", "max", "pack:key_energy=0.9,value_energy=0.9", "kvpress-snapkv-0.5"}
@@ -123,6 +125,9 @@ def test_end_to_end_artifacts_resume_and_unavailable_kvpress(tiny_folder, tmp_pa
     assert saved["kvpress_env"]["status"] == "unavailable" and rows["kvpress-snapkv-0.5"]["ppl"] is None
     md = (out / "report.md").read_text()
     assert "unavailable" in md and "cannot create the kvpress environment (test)" in md
+    (judged,) = saved["judge"][key].values()  # the judge: one text, two layers, every candidate installed alone
+    assert len(judged["layers"]) == 2 and judged["control_kl_max"] < 1e-6
+    assert "## The budget's judge vs measured KL" in md and f"{judged['spearman_pooled']:.2f}" in md
     # every number of the summary in report.md is the one in results.json
     assert _summary_from_md(md) == report.summary_table(saved["summary"])
     assert f"{dyn['ppl']:.2f}" in md and f"<img src='pareto-{key}.png'" in (out / "index.html").read_text()

@@ -1,5 +1,6 @@
 """PNG plots of an evaluation run (matplotlib, headless): Pareto of memory vs perplexity change, needle heat maps,
-decode speed vs context length. Each function takes the JSON-normal results of `report.assemble`."""
+decode speed vs context length, the budget's judged error vs measured KL. Each function takes the JSON-normal
+results of `report.assemble`."""
 
 from __future__ import annotations
 
@@ -159,6 +160,33 @@ def speed_plot(res: dict, path: Path) -> bool:
     return True
 
 
+def judge_plot(res: dict, path: Path) -> bool:
+    """Judged error vs measured KL of every judge trial, one panel per model, one colour per text (log-log)."""
+    judge = {m: {k: r for k, r in t.items() if "trials" in r} for m, t in res.get("judge", {}).items()}
+    judge = {m: t for m, t in judge.items() if t}
+    if not judge:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(judge), figsize=(6.5 * len(judge), 5.5), squeeze=False)
+    for ax, (model, by_text) in zip(axes[0], judge.items(), strict=True):
+        for i, (text, r) in enumerate(by_text.items()):
+            pts = [(t["judged"], t["kl"]) for t in r["trials"] if t["label"] != "exact" and t["judged"] > 0 < t["kl"]]
+            if pts:
+                color = plt.get_cmap("tab10")(i)
+                label = f"{text} (Spearman {r['spearman_pooled']:.2f})"
+                ax.scatter(*zip(*pts, strict=True), s=14, color=color, label=label, alpha=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("judged error (relative window-output error x layer weight)")
+        ax.set_ylabel("KL vs DynamicCache on the continuation (nats/token)")
+        ax.set_title(f"{model}: each candidate encoding installed alone")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def make_plots(res: dict, out: Path) -> list[str]:
     """Write every plot that has data; returns the file names (relative to `out`)."""
     made = []
@@ -166,7 +194,7 @@ def make_plots(res: dict, out: Path) -> list[str]:
         name = f"pareto-{model}.png"
         if pareto(res, Path(out) / name, model):
             made.append(name)
-    for name, fn in (("needle.png", needle_maps), ("speed.png", speed_plot)):
+    for name, fn in (("needle.png", needle_maps), ("speed.png", speed_plot), ("judge.png", judge_plot)):
         if fn(res, Path(out) / name):
             made.append(name)
     return made

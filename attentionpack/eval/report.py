@@ -177,6 +177,7 @@ def assemble(run, started: float) -> dict:
                 "speed": run.results_speed,
                 "speed_rounds": run.speed_rounds,
                 "needle": run.results_needle,
+                "judge": getattr(run, "results_judge", {}),
                 "kvpress_env": kv,
                 "notes": run.notes,
             },
@@ -286,6 +287,24 @@ def speed_table(speed: dict) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def judge_table(judge: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per model and text: Spearman correlation of judged error and measured KL (judge.py)."""
+    header = ["model", "text", "layers", "trials", "pooled", "within layer (mean)", "keys", "values", "control KL"]
+    body = []
+    for model, by_text in judge.items():
+        for text, r in by_text.items():
+            if "error" in r:
+                body.append([model, text, "-", "0", f"not measured: {r['error']}", "", "", "", ""])
+                continue
+            body.append(
+                [model, text, ", ".join(map(str, r["layers"])), str(sum(t["label"] != "exact" for t in r["trials"]))]
+                + [fmt(r[k], "ratio") for k in ("spearman_pooled", "spearman_within_layer_mean")]
+                + [fmt(r[k], "ratio") for k in ("spearman_keys", "spearman_values")]
+                + [f"{r['control_kl_max']:.1e}"]
+            )
+    return header, body
+
+
 def needle_table(entry: dict) -> tuple[list[str], list[list[str]]]:
     rates = entry["rates"]  # {"length": {"depth": rate}} (JSON keys)
     lengths = sorted(rates, key=int)
@@ -367,6 +386,21 @@ def report_md(res: dict, images: list[str]) -> str:
                 "",
                 _md_table(h, b),
             ]
+    if any(res.get("judge", {}).values()):
+        h, b = judge_table(res["judge"])
+        out += [
+            "",
+            f"## The budget's judge vs measured KL (budget {s['judge_budget']:g}, first window of each text)",
+            "",
+            _md_table(h, b),
+            "",
+            "Each candidate encoding of the prompt span of the sampled layers, installed alone (every other span "
+            "exact): its judged error (the planner's, window-output error times the layer's weight) and the KL "
+            f"divergence from DynamicCache it causes over the {s['continuation']} continuation tokens. Spearman's rank "
+            "correlation: pooled over all trials (what the budget compares), mean within a layer, and over the key "
+            "or value candidates alone. Control KL: the largest over the sampled layers of the span left exact (the "
+            "comparison's own floor). Every trial is in results.json (`judge`).",
+        ]
     if res["notes"]:
         out += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     out += ["", "## Plots", ""] + [f"![{img}]({img})" for img in images]
@@ -410,6 +444,8 @@ def index_html(res: dict, images: list[str]) -> str:
     for model, speed in res["speed"].items():
         if speed:
             parts += [f"<h2>Speed: {html.escape(model)}</h2>", table(*speed_table(speed))]
+    if any(res.get("judge", {}).values()):
+        parts += ["<h2>The budget's judge vs measured KL (Spearman)</h2>", table(*judge_table(res["judge"]))]
     parts += [f"<h2>{html.escape(img)}</h2><img src='{html.escape(img)}' alt='{html.escape(img)}'>" for img in images]
     if res["notes"]:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in res["notes"]) + "</ul>")

@@ -4,8 +4,10 @@ that an interrupted run keeps what it finished and a rerun with the same output 
 Phases, per model: (1) quality and memory (quality_phase.py): each configuration alone in a child process through
 the continuation protocol on K disjoint windows of every text; kvpress presses in their own environment. (2) speed:
 interleaved rounds of the in-process configurations on the first text. (3) needle retrieval grids on the first text
-(needle_phase.py): pass key and multi-key tasks, the question inside the prompt or asked after compression. Then
-results.json, report.md, plots and index.html (see report.py).
+(needle_phase.py): pass key and multi-key tasks, the question inside the prompt or asked after compression. (4) the
+judge: on the first window of every text, each candidate encoding of a sample of layers installed alone, its judged
+error beside the KL it causes on the continuation, and their rank correlation (judge.py). Then results.json,
+report.md, plots and index.html (see report.py).
 """
 
 from __future__ import annotations
@@ -104,6 +106,11 @@ class Run:
             raise ValueError(f"windows={s.windows!r} must be an integer >= 1")
         if s.continuation < 2 or s.needle_trials < 0 or s.speed_repeats < 0 or s.speed_steps < 1:
             raise ValueError("continuation must be >= 2, needle_trials and speed_repeats >= 0, speed_steps >= 1")
+        if not isinstance(s.judge_layers, int) or s.judge_layers < 0 or not 0 < s.judge_budget <= 1:
+            raise ValueError(
+                f"judge_layers={s.judge_layers!r} must be an integer >= 0 (0 skips the judge phase) and "
+                f"judge_budget={s.judge_budget!r} a fraction in (0, 1]"
+            )
         if not s.needle_tasks or any(t not in needle_mod.TASKS for t in s.needle_tasks):
             raise ValueError(f"needle_tasks={list(s.needle_tasks)} must be among {list(needle_mod.TASKS)}")
         if not s.needle_modes or any(mode not in ("inside", "after") for mode in s.needle_modes):
@@ -227,6 +234,42 @@ class Run:
         progress.close()
         return {"rounds": rounds, "summary": summarize(rounds)}
 
+    # ---- phase 4: the judge ---------------------------------------------------------------------------------------
+    def judge(self, m: ModelRun) -> dict:
+        """{text id: judge.summarize(...)} on each text's first window at the first context (judge.py)."""
+        from .judge import judge_trials, summarize
+
+        s = self.s
+        if not s.judge_layers:
+            return {}
+        context = s.contexts[0]
+        out = {}
+        progress = bar(self.progress, total=len(m.texts), desc=f"judge {m.key}")
+        for text in m.texts:
+            start = text["starts"][str(context)][0]
+            ids = text["ids"][start : start + context + s.continuation][None]  # (1, context + continuation)
+            settings = {
+                "model": m.model_id,
+                "text": text["id"],
+                "text_sha": text["sha"],
+                "start": start,
+                "context": context,
+                "continuation": s.continuation,
+                "layers": s.judge_layers,
+                "budget": s.judge_budget,
+            }
+
+            def measure(ids=ids) -> dict:
+                try:
+                    return summarize(judge_trials(m.model, ids, context, s.judge_layers, s.judge_budget))
+                except ValueError as err:  # e.g. a budget infeasible for this prompt: said in the report
+                    return {"error": str(err)}
+
+            out[text["id"]] = self.cells.cached(f"judge__{m.key}__{text['id']}", settings, measure)
+            progress.update(1)
+        progress.close()
+        return out
+
     # ---- all -----------------------------------------------------------------------------------------------------
     def results(self, started: float) -> dict:
         from .report import assemble
@@ -254,11 +297,13 @@ class Run:
         self.results_quality: dict = {}
         self.results_speed: dict = {}
         self.results_needle: dict = {}
+        self.results_judge: dict = {}
         self.speed_rounds: dict = {}
         phases = {
             "quality": lambda m: self.results_quality.__setitem__(m.key, quality(self, m)),
             "speed": lambda m: self._speed_into(m),
             "needle": lambda m: self.results_needle.__setitem__(m.key, needle(self, m)),
+            "judge": lambda m: self.results_judge.__setitem__(m.key, self.judge(m)),
         }
         try:
             prepare_kvpress(self)

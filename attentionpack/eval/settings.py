@@ -36,6 +36,8 @@ class Settings:
     speed_contexts: tuple = (2048,)
     speed_steps: int = 8
     speed_repeats: int = 2
+    judge_layers: int = 6  # layers whose candidates are each installed alone to measure their KL (0: skip; judge.py)
+    judge_budget: float = 0.125  # the budget whose candidates (and judged errors) are recorded
     threads: int | None = None
     seed: int = 0
     isolate: bool = True  # quality+memory of each in-process configuration in its own child process
