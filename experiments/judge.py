@@ -20,7 +20,6 @@ Usage: python experiments/judge.py [smollm2|gemma3|PATH] [--text britannica|play
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -28,6 +27,7 @@ import torch
 
 from attentionpack import PackConfig, PackedCache, load_model
 from attentionpack.budget.candidates import candidate_config
+from attentionpack.eval.judge import kl, spearman
 from experiments.suite import texts, windows
 
 # uniform (key candidate, value candidate) pairs: from near-exact to the cheapest, several per byte level
@@ -57,20 +57,6 @@ def continuation_logprobs(model, cache, window: torch.Tensor, context: int) -> t
         out = model(input_ids=window[None, i : i + 1], past_key_values=cache, use_cache=True)
         rows.append(torch.log_softmax(out.logits[0, -1].float(), -1))
     return torch.stack(rows)
-
-
-def kl(ref: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean over steps of KL(ref || other), both (M, V) log-probabilities."""
-    return float((ref.exp() * (ref - other)).sum(-1).mean())
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    def ranks(x: Sequence[float]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.float64).argsort().argsort().double()
-
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / math.sqrt(float((ra * ra).sum() * (rb * rb).sum())))
 
 
 def judged(report: dict, key: str, value: str) -> tuple[float, int]:

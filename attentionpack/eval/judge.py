@@ -63,6 +63,11 @@ def _ranks(x: list[float]) -> list[float]:
     return ranks
 
 
+def kl(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over steps of KL(reference || other), both (M, V) log-probabilities, nats."""
+    return float((reference.exp() * (reference - other)).sum(-1).mean())
+
+
 def _log_probs(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
     """Log-probabilities (T, V) of the next token after each of ids (1, T), attending to `cache`."""
     return torch.log_softmax(model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0].float(), dim=-1)
@@ -134,8 +139,7 @@ def judge_trials(model: Any, ids: torch.Tensor, context: int, layers: int = 6, b
                     seg, part if tensor == "keys" else seg.keys, part if tensor == "values" else seg.values
                 )
                 got = _log_probs(model, continuation, trial)
-                kl = float((want.exp() * (want - got)).sum(-1).mean())
-                trials.append(Trial(idx, tensor, label, int(nbytes), float(judged), kl))
+                trials.append(Trial(idx, tensor, label, int(nbytes), float(judged), kl(want, got)))
                 del trial
     return trials
 
