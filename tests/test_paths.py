@@ -99,3 +99,28 @@ def test_layer_update_takes_cache_kwargs():
         cache.layers[0].update(k, k)  # transformers' signature; the step context is missing
     keys, values = cache.update(k, k.clone(), 0, {"cache_position": torch.arange(3)})  # as transformers calls it
     assert keys.shape == (1, 2, 3, 16) and cache.layers[0].get_seq_length() == 3
+
+
+@needs_kernels
+@torch.inference_mode()
+def test_a_deep_copied_cache_decodes_from_its_own_tensors(monkeypatch):
+    """The decode plan holds raw addresses: a deep copy moves them to the copied tensors (DecodePlan.__deepcopy__),
+    so the copy decodes as a fresh cache even when the original's storage has been overwritten."""
+    import copy
+
+    monkeypatch.setenv("ATTENTIONPACK_STRICT", "1")
+    model = build_model("llama")
+    caches = [PackedCache(model, PackConfig(budget=0.25)) for _ in range(2)]
+    for cache in caches:
+        model(input_ids=IDS[:, :180], past_key_values=cache, use_cache=True)
+    original, fresh = caches
+    copied = copy.deepcopy(original, {id(m): m for m in model.modules()})
+    for layer in original.layers:  # what a plan still pointing here would read
+        for seg in layer.segments:
+            for t in seg.tensors():
+                t.zero_()
+    step = IDS[:, 180:181]
+    want = model(input_ids=step, past_key_values=fresh, use_cache=True).logits
+    got = model(input_ids=step, past_key_values=copied, use_cache=True).logits
+    torch.testing.assert_close(got, want)
+    assert copied.stats()["attention_paths"]["fused"] >= model.config.num_hidden_layers

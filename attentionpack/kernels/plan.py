@@ -17,6 +17,7 @@ model's dtype: it accumulates in float32 whatever it reads, and returns the outp
 from __future__ import annotations
 
 import array
+import copy
 
 import torch
 
@@ -49,6 +50,19 @@ class DecodePlan:
         self.batch: int | None = None
         for seg in segments:
             self.add(seg)
+
+    def __deepcopy__(self, memo: dict) -> DecodePlan:
+        """The plan of a deep-copied cache: the tensors it points to are copied through `memo` (so they are the
+        copies the cache's segments hold) and every address in its rows is moved to the copy's; a plain copy would
+        keep reading the original's memory."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.keep = copy.deepcopy(self.keep, memo)
+        new.extra = copy.deepcopy(self.extra, memo)
+        moved = {old.data_ptr(): t.data_ptr() for old, t in zip(self.keep, new.keep, strict=True)}
+        new.rows = [[moved.get(field, field) for field in row] for row in self.rows]
+        new.starts = list(self.starts)
+        return new
 
     def add(self, seg: Segment) -> None:
         """Append the row of a newly frozen segment (the newest: rows stay in cache order). A plan is only ever
