@@ -88,11 +88,11 @@ def eval_command(
     speed_contexts: list[str] | None = typer.Option(None, help="Context lengths of the speed rounds (default: 2048)."),
     speed_steps: int = typer.Option(8, min=1, help="Decode steps timed per speed measurement."),
     speed_repeats: int = typer.Option(2, min=0, help="Interleaved speed rounds (0: skip)."),
-    judge_layers: int = typer.Option(
-        6,
+    judge_layers: int | None = typer.Option(
+        None,
         min=0,
         help="Layers whose budget candidates are each installed alone to compare judged error and measured KL "
-        "(first window of each text; 0: skip).",
+        "(first window of each text; default 3, --full 6; 0: skip).",
     ),
     threads: int | None = typer.Option(
         None, min=1, help="torch threads in every process (default: torch's, or 1 when the machine is already busy)."
@@ -121,6 +121,8 @@ def eval_command(
         settings["windows"] = windows
     if continuation is not None:
         settings["continuation"] = continuation
+    if judge_layers is not None:
+        settings["judge_layers"] = judge_layers
     models, texts, config_names = _words(model), _words(text), _words(configs)
     if full:
         from .settings import FULL_SETTINGS
@@ -156,7 +158,6 @@ def eval_command(
             needle_trials=needle_trials,
             speed_steps=speed_steps,
             speed_repeats=speed_repeats,
-            judge_layers=judge_layers,
             threads=threads,
             seed=seed,
             kvpress=kvpress,

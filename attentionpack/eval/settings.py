@@ -36,7 +36,7 @@ class Settings:
     speed_contexts: tuple = (2048,)
     speed_steps: int = 8
     speed_repeats: int = 2
-    judge_layers: int = 6  # layers whose candidates are each installed alone to measure their KL (0: skip; judge.py)
+    judge_layers: int = 3  # layers whose candidates are each installed alone to measure their KL (0: skip; judge.py)
     judge_budget: float = 0.125  # the budget whose candidates (and judged errors) are recorded
     threads: int | None = None
     seed: int = 0
@@ -57,6 +57,7 @@ FULL_SETTINGS: dict[str, Any] = {
     "needle_depths": (0.0, 0.25, 0.5, 0.75, 1.0),
     "needle_modes": ("inside", "after"),
     "needle_tasks": ("passkey", "multikey"),
+    "judge_layers": 6,
 }
 
 
