@@ -127,7 +127,10 @@ def reason() -> str:
     return _why
 
 
-ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # converted to float32 by the wrappers
+# the float dtypes the C code reads, with their codes (common.h: DT_*); the wrappers and the decode step take
+# activations and states of these dtypes and sum in float32
+FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ACTIVATION_DTYPES = tuple(FLOAT_CODES)
 
 
 def usable(codes: torch.Tensor, *activations: torch.Tensor) -> bool:

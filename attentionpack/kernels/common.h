@@ -18,7 +18,7 @@ static int omp_get_thread_num(void) { return 0; }
 static int omp_get_num_threads(void) { return 1; }
 #endif
 
-enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };  /* dtypes of the float arrays the kernels read (plan.py: DTYPES) */
+enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };  /* dtypes of the float arrays the kernels read (kernels/__init__.py: FLOAT_CODES) */
 
 /* n floats at element `at` of the dt-typed array at address `base`: the array itself for float32, else the
    elements converted into buf (bfloat16 is the top half of a float32; float16 through _Float16). */

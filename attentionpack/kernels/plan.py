@@ -22,11 +22,11 @@ import copy
 import torch
 
 from ..parts import ExactPart, LowRankPart, Part, Quantized, QuantizedLowRankPart, QuantizedPart, Segment, dequantize
-from . import library
+from . import FLOAT_CODES, library
 from . import reason as library_reason
 
 EXACT, QUANTIZED, FACTORS = 0, 1, 2  # operand kinds (decode.c: KEYS_* and VALUES_*)
-DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # float arrays the kernel reads (common.h: DT_*)
+DTYPES = FLOAT_CODES  # float arrays the kernel reads (common.h: DT_*)
 FIELDS = 33  # int64 fields of piece_t in decode.c
 _COLUMN = 3  # index of the mask-column field in a row (filled per step: start - first)
 
