@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .. import PackConfig, PackedCache
+from .agreement import agreement_stats
 
 
 @dataclass
@@ -64,8 +65,8 @@ def _ranks(x: list[float]) -> list[float]:
 
 
 def kl(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean over steps of KL(reference || other), both (M, V) log-probabilities, nats."""
-    return float((reference.exp() * (reference - other)).sum(-1).mean())
+    """Mean over steps of KL(reference || other), both (M, V) log-probabilities, nats (agreement.py's, every step)."""
+    return agreement_stats(reference, other, skip_first=False)["mean_kl"]
 
 
 def _log_probs(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
