@@ -28,6 +28,7 @@ from ..kernels.plan import DecodePlan
 from ..models.registry import LayerSpec
 from ..parts import BatchFn, ExactPart, Kind, Modality, Part, RopeFn, Segment, storage_nbytes
 from .heads import freeze_evicted, freeze_razor, importance
+from .layer_stats import layer_rows
 from .tail import ExactTail
 
 TAIL_GRANULE = 16  # compressing layers grow their exact tail 16 slots at a time once compression pays for them
@@ -264,51 +265,8 @@ class PackedLayer(CacheLayerMixin):
         return out + ([] if self.tail is None else self.tail.tensors())
 
     def stats(self, seen: set | None = None) -> list[dict]:
-        """One row per stored run of tokens: kind, modality, group, tokens (slots per sample), entries (over the
-        batch), codec and rank of K and V, bytes. Storages in `seen` (shared across layers, e.g. a gathered
-        segment's index) are not counted again; the ones counted here are added to it."""
-        seen = set() if seen is None else seen
-        entry = (
-            2 * self.spec.num_kv_heads * self.spec.head_dim * torch.empty((), dtype=self.dtype).element_size()
-            if self.is_initialized
-            else 0
-        )
-        rows = []
-        for seg in self.segments:
-            rows.append(
-                {
-                    "layer": self.layer_idx,
-                    "kind": seg.kind,
-                    "start": seg.start,
-                    "tokens": seg.length,
-                    "entries": seg.tokens(),
-                    "modality": "exact" if seg.kind == "sink" else seg.modality,
-                    "group": seg.group,
-                    "keys": seg.keys.describe(),
-                    "values": seg.values.describe(),
-                    "bytes": _new_bytes(seg.tensors(), seen),
-                    "dynamic_bytes": seg.tokens() * entry,
-                }
-            )
-        if self.tail is not None and self.tail_length:
-            tail = self.tail.tensors()
-            entries = self.tail.keys.shape[0] * self.tail_length
-            rows.append(
-                {
-                    "layer": self.layer_idx,
-                    "kind": "recent",
-                    "start": self.total - self.tail_length,
-                    "tokens": self.tail_length,
-                    "entries": entries,
-                    "modality": "exact",
-                    "group": "",
-                    "keys": {"codec": "exact"},
-                    "values": {"codec": "exact"},
-                    "bytes": _new_bytes(tail, seen),
-                    "dynamic_bytes": entries * entry,
-                }
-            )
-        return rows
+        """One row per stored run of tokens (cache/layer_stats.py); storages in `seen` are not counted again."""
+        return layer_rows(self, set() if seen is None else seen)
 
     def dynamic_equivalent_bytes(self, steady: bool = False) -> int:
         """Bytes a transformers DynamicCache would hold for this layer after the same tokens. A sliding layer's
@@ -516,14 +474,3 @@ def _tail_granule(layer: PackedLayer) -> int:
     slot = 2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()  # keys + values of one token slot
     saved = sum(seg.tokens() * slot // k.shape[0] - storage_nbytes(seg.tensors()) for seg in layer.segments)
     return TAIL_GRANULE if saved >= TAIL_GRANULE * slot else 1
-
-
-def _new_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
-    """Bytes of the storages behind `tensors` not yet in `seen` (which they are added to)."""
-    total = 0
-    for t in tensors:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-    return total
