@@ -168,7 +168,7 @@ class PackedCache(Cache):
             if (name, modality) not in self.groups:
                 self.groups.append((name, modality))
             remap.append(self.groups.index((name, modality)))
-        labels = torch.tensor(remap)[labels]  # (B, q)
+        labels = torch.tensor(remap, device=labels.device)[labels]  # (B, q)
         batch = labels.shape[0]
         old = self._labels if self._labels is not None and self._labels.shape[0] == batch else labels[:, :0]
         old = old[:, :offset]  # earlier labels past the cache length were cropped away
@@ -430,7 +430,7 @@ def _groups_of(labels: torch.Tensor | None, groups: list[tuple[str, str]], start
         counts = mask.sum(dim=1)  # (B,)
         slots = int(counts.max())
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :slots]  # this group's tokens first
-        valid = torch.arange(slots)[None, :] < counts[:, None]  # (B, slots)
+        valid = torch.arange(slots, device=counts.device)[None, :] < counts[:, None]  # (B, slots)
         index = torch.where(valid, order + start, start)  # (B, slots) cache indices
         covered = index[valid]
         name, modality = groups[g]

@@ -44,7 +44,14 @@ def energy_rank(spectrum: torch.Tensor, energy: float) -> int:
         return 1
     captured = torch.cumsum(spectrum, 0) / total
     # tolerance for round-off: a threshold of 1.0 must be reachable
-    return int(torch.searchsorted(captured, torch.tensor(energy, dtype=captured.dtype) - 1e-12).item()) + 1
+    return (
+        int(
+            torch.searchsorted(
+                captured, torch.tensor(energy, dtype=captured.dtype, device=captured.device) - 1e-12
+            ).item()
+        )
+        + 1
+    )
 
 
 def spectrum_and_basis(
@@ -68,8 +75,10 @@ def score_weighting(moments: torch.Tensor) -> torch.Tensor:
     b, h, d, _ = moments.shape
     m = moments.to(torch.float64)
     ridge = 1e-4 * m.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)  # (B, H)
-    chol = torch.linalg.cholesky(m + ridge[..., None, None] * torch.eye(d, dtype=torch.float64))  # (B, H, d, d)
-    out = torch.zeros(b, h * d, h * d, dtype=torch.float64)
+    chol = torch.linalg.cholesky(
+        m + ridge[..., None, None] * torch.eye(d, dtype=torch.float64, device=m.device)
+    )  # (B, H, d, d)
+    out = torch.zeros(b, h * d, h * d, dtype=torch.float64, device=m.device)
     for i in range(h):
         out[:, i * d : (i + 1) * d, i * d : (i + 1) * d] = chol[:, i]
     return out

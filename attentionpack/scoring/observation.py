@@ -59,7 +59,9 @@ def window_queries(
     if cos.shape[-2] != t or sin.shape != cos.shape:
         raise ValueError(f"position_embeddings of shape {tuple(cos.shape)} do not match hidden_states {(b, t)}")
     w = min(window, t)
-    return queries_at(attn_module, hidden_states, position_embeddings, torch.arange(t - w, t))
+    return queries_at(
+        attn_module, hidden_states, position_embeddings, torch.arange(t - w, t, device=hidden_states.device)
+    )
 
 
 @torch.no_grad()
@@ -106,7 +108,7 @@ def query_moments(
         q = q * valid[:, pos].to(q.dtype).view(b, 1, 1, -1, 1)
         count = valid[:, pos].sum(dim=1).clamp_min(1).to(q.dtype).view(b, 1, 1, 1) * (hq // num_kv_heads)
     else:
-        count = torch.full((b, 1, 1, 1), float(len(pos) * (hq // num_kv_heads)), dtype=q.dtype)
+        count = torch.full((b, 1, 1, 1), float(len(pos) * (hq // num_kv_heads)), dtype=q.dtype, device=q.device)
     q = q.flatten(2, 3)  # (B, H, g*n, d)
     return (q.transpose(-1, -2) @ q) / count  # (B, H, d, d)
 
