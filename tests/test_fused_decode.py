@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from decode_cases import B, D, G, H, Piece, keys, layer_pieces, reference, values
 
 from attentionpack import kernels
 from attentionpack.kernels.plan import DecodePlan
-from attentionpack.parts import ExactPart, Factors, LowRankPart, QuantizedLowRankPart, QuantizedPart, Segment
-
-
-def Piece(keys, values, start, end):  # noqa: N802  (a stored run, as the tests below build them)
-    return Segment(start, end, keys, values, "span")
+from attentionpack.parts import Factors, LowRankPart
 
 
 def _decode(pieces, first, query, allowed, scale, softcap):
@@ -27,72 +24,16 @@ def _decode(pieces, first, query, allowed, scale, softcap):
 
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the torch path is used")
-B, H, G, D = 3, 2, 3, 64  # samples, KV heads, query heads per KV head, head dim
-
-
-def _states(gen, t, d=D, dtype=torch.float32):
-    return torch.randn(B, H, t, d, generator=gen).to(dtype)
-
-
-def _keys(kind, gen, t, d=D, dtype=torch.float32):
-    if kind == "exact":  # a slice of a wider buffer, as the exact tail hands it over
-        return ExactPart(_states(gen, t + 10, d, dtype)[:, :, 3 : 3 + t])
-    if kind.startswith("channel"):
-        return QuantizedPart.keys(_states(gen, t, d, dtype), int(kind[7:]), 32)
-    coeffs = torch.randn(B, t, 20, generator=gen).to(dtype)  # factors of keys after RoPE
-    basis = torch.linalg.qr(torch.randn(B, H * d, 20, generator=gen)).Q.transpose(1, 2).contiguous().to(dtype)
-    basis_form, coeff_bits = kind[len("factors") :].split("-")
-    return QuantizedLowRankPart.from_factors(
-        Factors(coeffs, basis), H, coeff_bits=int(coeff_bits), basis_bits={"16": 16, "32": None, "8": 8}[basis_form]
-    )
-
-
-def _values(kind, gen, t, d=D, dtype=torch.float32):
-    if kind == "exact":
-        return ExactPart(_states(gen, t, d, dtype))
-    if kind.startswith("factors"):  # low-rank values: same factor forms as keys after RoPE
-        return _keys(kind, gen, t, d, dtype)
-    return QuantizedPart.values(_states(gen, t, d, dtype), int(kind[5:]), 32)
-
-
-def _pieces(gen, key_kind, value_kind, lengths, d=D, dtype=torch.float32):
-    pieces, at = [], 0
-    for i, t in enumerate(lengths):  # sink and tail exact, the middle in the forms under test
-        middle = 0 < i < len(lengths) - 1
-        pieces.append(
-            Piece(
-                _keys(key_kind if middle else "exact", gen, t, d, dtype),
-                _values(value_kind if middle else "exact", gen, t, d, dtype),
-                at,
-                at + t,
-            )
-        )
-        at += t
-    return pieces
-
-
-def _reference(pieces, query, allowed, scale, softcap):
-    keys = torch.cat([p.keys.materialize(p.start, p.end, None) for p in pieces], 2).double()  # (B, H, N, d)
-    values = torch.cat([p.values.materialize(p.start, p.end, None) for p in pieces], 2).double()
-    b, hq, _, d = query.shape
-    qg = query.double().view(b, H, hq // H, d) * scale
-    s = qg @ keys.transpose(-1, -2)  # (B, H, g, N)
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    if allowed is not None:
-        s = s.masked_fill(~allowed.view(allowed.shape[0], 1, 1, -1), float("-inf"))
-    out = torch.softmax(s, -1) @ values  # (B, H, g, d)
-    return out.reshape(b, 1, hq, d).float()
 
 
 @pytest.mark.parametrize("key_kind", ["exact", "channel4", "channel2", "factors16-4", "factors32-8", "factors8-4"])
 @pytest.mark.parametrize("value_kind", ["exact", "quant4", "quant8", "quant2", "factors16-4", "factors8-8"])
 def test_every_stored_form_matches_dense_attention(key_kind, value_kind):
     gen = torch.Generator().manual_seed(hash((key_kind, value_kind)) % 1000)
-    pieces = _pieces(gen, key_kind, value_kind, [4, 700, 33, 37])  # 700: several work items, a partial one
+    pieces = layer_pieces(gen, key_kind, value_kind, [4, 700, 33, 37])  # 700: several work items, a partial one
     query = torch.randn(B, H * G, 1, D, generator=gen)
     got = _decode(pieces, 0, query, None, D**-0.5, None)
-    torch.testing.assert_close(got, _reference(pieces, query, None, D**-0.5, None), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got, reference(pieces, query, None, D**-0.5, None), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -106,22 +47,22 @@ def test_half_precision_models(dtype, key_kind, value_kind):
     2^-10 for float16) relative, and ulp/4 absolute because the reference rebuilds quantized and factored pieces
     in the model's dtype (each element rounded once) where the kernel keeps them in float32."""
     gen = torch.Generator().manual_seed(11)
-    pieces = _pieces(gen, key_kind, value_kind, [4, 300, 33, 37], dtype=dtype)
+    pieces = layer_pieces(gen, key_kind, value_kind, [4, 300, 33, 37], dtype=dtype)
     query = torch.randn(B, H * G, 1, D, generator=gen).to(dtype)
     allowed = torch.ones(B, 1, 1, 374, dtype=torch.bool)
     allowed[1, ..., :50] = False
     got = _decode(pieces, 0, query, allowed, D**-0.5, None)
     assert got is not None and got.dtype == dtype
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-    want = _reference(pieces, query, allowed, D**-0.5, None)
+    want = reference(pieces, query, allowed, D**-0.5, None)
     torch.testing.assert_close(got.float(), want, atol=ulp / 4, rtol=2 * ulp)
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_padding_mask_and_softcap(softcap):
     gen = torch.Generator().manual_seed(7)
-    pieces = _pieces(gen, "factors16-4", "quant4", [4, 300, 20])
-    pieces.insert(2, Piece(_keys("channel4", gen, 40), _values("factors32-4", gen, 40), 304, 344))
+    pieces = layer_pieces(gen, "factors16-4", "quant4", [4, 300, 20])
+    pieces.insert(2, Piece(keys("channel4", gen, 40), values("factors32-4", gen, 40), 304, 344))
     pieces[-1].start, pieces[-1].end = 344, 364
     for p in pieces:  # the mask covers cache indices from `first` on
         p.start, p.end = p.start + 5, p.end + 5
@@ -130,25 +71,25 @@ def test_padding_mask_and_softcap(softcap):
     allowed[0, ..., :200] = False  # sample 0 left-padded over the sink and into the span
     allowed[2, ..., 100:164] = False  # sample 2: a masked run inside the span
     got = _decode(pieces, 5, query, allowed, 0.2, softcap)
-    torch.testing.assert_close(got, _reference(pieces, query, allowed, 0.2, softcap), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got, reference(pieces, query, allowed, 0.2, softcap), atol=2e-5, rtol=1e-4)
 
 
 def test_odd_head_dim_and_single_sample_mask_row():
     gen = torch.Generator().manual_seed(3)
     pieces = [
-        Piece(_keys("channel4", gen, 90, 40), _values("quant4", gen, 90, 40), 0, 90),
-        Piece(_keys("exact", gen, 5, 40), _values("exact", gen, 5, 40), 90, 95),
+        Piece(keys("channel4", gen, 90, 40), values("quant4", gen, 90, 40), 0, 90),
+        Piece(keys("exact", gen, 5, 40), values("exact", gen, 5, 40), 90, 95),
     ]
     query = torch.randn(B, H * G, 1, 40, generator=gen)
     allowed = torch.ones(1, 1, 1, 95, dtype=torch.bool)  # broadcast over the batch
     allowed[..., 7] = False
     got = _decode(pieces, 0, query, allowed, 0.3, None)
-    torch.testing.assert_close(got, _reference(pieces, query, allowed, 0.3, None), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got, reference(pieces, query, allowed, 0.3, None), atol=2e-5, rtol=1e-4)
 
 
 def test_forms_it_does_not_take_fall_back():
     gen = torch.Generator().manual_seed(1)
-    pieces = _pieces(gen, "exact", "exact", [4, 50, 10])
+    pieces = layer_pieces(gen, "exact", "exact", [4, 50, 10])
     query = torch.randn(B, H * G, 1, D, generator=gen)
     assert _decode(pieces, 0, query.double(), None, 0.1, None) is None  # float64 queries
     assert _decode(pieces, 0, torch.randn(B, H * G, 2, D), None, 0.1, None) is None  # two query tokens

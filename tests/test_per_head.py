@@ -113,9 +113,12 @@ def _reference(segs, tail, query: torch.Tensor, scale: float) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("queries,path", [(1, "fused"), (4, "per_part"), (16, "dense")])
+@pytest.mark.parametrize("queries,path", [(1, "fused"), (1, "triton"), (4, "per_part"), (16, "dense")])
 @pytest.mark.parametrize("form", list(FORMS))
-def test_attention_on_per_head_segments_matches_float64(form, queries, path):
+def test_attention_on_per_head_segments_matches_float64(form, queries, path, monkeypatch):
+    if path == "triton":  # the Triton step (on CPU in its interpreter: tests/conftest.py)
+        pytest.importorskip("triton")
+        monkeypatch.setenv("ATTENTIONPACK_DECODE", "triton")
     segs, tail = _layer(form)
     h, d = 3, 16
     plan = DecodePlan(h, d, segs)

@@ -7,6 +7,8 @@ keys/values, and `attend` computes the attention on it along one of three paths,
 
 - "fused": a one-token step over segments the decode kernel reads — one C call per layer over the table the
   layer planned when its segments froze (`kernels.plan.DecodePlan`);
+- "triton": the same step as Triton kernels (`kernels.triton_decode`), one launch per segment and a merge: the
+  backend for CUDA tensors (`decode_backend`);
 - "dense": a call of at least `DENSE_MIN_QUERIES` query tokens (a prefill chunk after earlier chunks were
   compacted, a second turn's prompt): every segment's states are rebuilt once, (B, H, N, d) per layer, and one
   SDPA call attends (CPU SDPA works in tiles: no (q, N) score matrix per head is built, which the per-part path
@@ -17,7 +19,8 @@ keys/values, and `attend` computes the attention on it along one of three paths,
   segment's values mixed with its share of the weights. Nothing is concatenated and no full-precision copy of the
   history is made.
 
-With ATTENTIONPACK_STRICT=1 a one-token step that cannot take the fused path raises with the reason.
+With ATTENTIONPACK_STRICT=1 a one-token step that cannot take its one-call step (C or Triton) raises with the
+reason.
 
 Anything that is not a view (layers without compressed segments, other caches, the prefill of a fresh cache)
 goes to transformers' SDPA unchanged, so exact paths stay bit-identical to the stock model. The mask function
@@ -35,7 +38,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from ..kernels import ops
+from ..kernels import ops, triton_decode
 from ..parts import Segment
 from .view import LayerView
 
@@ -52,6 +55,21 @@ def strict() -> bool:
     return os.environ.get("ATTENTIONPACK_STRICT", "0") not in ("", "0")
 
 
+BACKENDS = ("auto", "c", "triton")
+
+
+def decode_backend(query: torch.Tensor) -> str:
+    """The one-call step that serves one-token decoding steps: "c" (kernels/decode.c) or "triton"
+    (kernels/triton_decode.py). ATTENTIONPACK_DECODE=c|triton names it; "auto" (the default) takes C for CPU
+    queries and Triton for CUDA queries (on CPU, Triton runs only in its interpreter: tests)."""
+    chosen = os.environ.get("ATTENTIONPACK_DECODE", "auto")
+    if chosen not in BACKENDS:
+        raise ValueError(f"ATTENTIONPACK_DECODE={chosen!r} is not a decoding backend: use one of {', '.join(BACKENDS)}")
+    if chosen == "auto":
+        return "c" if query.device.type == "cpu" else "triton"
+    return chosen
+
+
 def attend(
     view: LayerView, query: torch.Tensor, mask: torch.Tensor | None, scaling: float | None, softcap: float | None
 ) -> torch.Tensor:
@@ -59,13 +77,21 @@ def attend(
     b, hq, q, d = query.shape
     scale = d**-0.5 if scaling is None else scaling
     cache_mask = _cache_mask(view, mask, q, query.device)  # (B|1, 1, q, total - first) bool or None
-    tail_keys = view.tail[0] if view.tail is not None else None
-    why = view.plan.why_not(query, tail_keys, view.plan_count)
-    if not why:
-        view.paths["fused"] += 1
-        return view.plan.run(view.plan_count, view.tail, view.first, query, cache_mask, scale, softcap)
+    backend = decode_backend(query)
+    if backend == "triton":
+        why = triton_decode.why_not(view.segments, query)
+        if not why:
+            view.paths["triton"] += 1
+            segments, heads = view.segments, view.num_kv_heads
+            return triton_decode.decode(segments, heads, view.first, query, cache_mask, scale, softcap)
+    else:
+        tail_keys = view.tail[0] if view.tail is not None else None
+        why = view.plan.why_not(query, tail_keys, view.plan_count)
+        if not why:
+            view.paths["fused"] += 1
+            return view.plan.run(view.plan_count, view.tail, view.first, query, cache_mask, scale, softcap)
     if q == 1 and strict():
-        raise RuntimeError(f"ATTENTIONPACK_STRICT: a decoding step cannot take the fused kernel: {why}")
+        raise RuntimeError(f"ATTENTIONPACK_STRICT: a decoding step cannot take the {backend} one-call step: {why}")
     if q >= DENSE_MIN_QUERIES and softcap is None:
         view.paths["dense"] += 1
         return _dense(view, query, cache_mask, scale)

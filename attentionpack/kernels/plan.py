@@ -77,6 +77,9 @@ class DecodePlan:
     def _row(self, seg: Segment) -> str:
         if seg.index is not None:
             return f"a gathered {seg.modality} segment (vision-language modality group)"
+        device = seg.values.tensors()[0].device
+        if device.type != "cpu":  # (no row, no kernel-side copies held: the Triton step serves these)
+            return f"segments on {device} (the C kernel reads CPU memory)"
         b = _batch(seg.values)
         if self.batch is not None and b != self.batch:
             return f"segments of different batch sizes ({self.batch} and {b})"

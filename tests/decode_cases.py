@@ -1,0 +1,70 @@
+"""Stored pieces of every form the one-call decoding steps take (C: kernels/decode.c, Triton:
+kernels/triton_decode.py) and the float64 dense attention they are checked against."""
+
+from __future__ import annotations
+
+import torch
+
+from attentionpack.parts import ExactPart, Factors, QuantizedLowRankPart, QuantizedPart, Segment
+
+
+def Piece(k, v, start, end):  # noqa: N802  (a stored run, as the tests build them)
+    return Segment(start, end, k, v, "span")
+
+
+B, H, G, D = 3, 2, 3, 64  # samples, KV heads, query heads per KV head, head dim
+
+
+def states(gen, t, d=D, dtype=torch.float32):
+    return torch.randn(B, H, t, d, generator=gen).to(dtype)
+
+
+def keys(kind, gen, t, d=D, dtype=torch.float32):
+    if kind == "exact":  # a slice of a wider buffer, as the exact tail hands it over
+        return ExactPart(states(gen, t + 10, d, dtype)[:, :, 3 : 3 + t])
+    if kind.startswith("channel"):
+        return QuantizedPart.keys(states(gen, t, d, dtype), int(kind[7:]), 32)
+    coeffs = torch.randn(B, t, 20, generator=gen).to(dtype)  # factors of keys after RoPE
+    basis = torch.linalg.qr(torch.randn(B, H * d, 20, generator=gen)).Q.transpose(1, 2).contiguous().to(dtype)
+    basis_form, coeff_bits = kind[len("factors") :].split("-")
+    return QuantizedLowRankPart.from_factors(
+        Factors(coeffs, basis), H, coeff_bits=int(coeff_bits), basis_bits={"16": 16, "32": None, "8": 8}[basis_form]
+    )
+
+
+def values(kind, gen, t, d=D, dtype=torch.float32):
+    if kind == "exact":
+        return ExactPart(states(gen, t, d, dtype))
+    if kind.startswith("factors"):  # low-rank values: same factor forms as keys after RoPE
+        return keys(kind, gen, t, d, dtype)
+    return QuantizedPart.values(states(gen, t, d, dtype), int(kind[5:]), 32)
+
+
+def layer_pieces(gen, key_kind, value_kind, lengths, d=D, dtype=torch.float32):
+    pieces, at = [], 0
+    for i, t in enumerate(lengths):  # sink and tail exact, the middle in the forms under test
+        middle = 0 < i < len(lengths) - 1
+        pieces.append(
+            Piece(
+                keys(key_kind if middle else "exact", gen, t, d, dtype),
+                values(value_kind if middle else "exact", gen, t, d, dtype),
+                at,
+                at + t,
+            )
+        )
+        at += t
+    return pieces
+
+
+def reference(pieces, query, allowed, scale, softcap):
+    keys = torch.cat([p.keys.materialize(p.start, p.end, None) for p in pieces], 2).double()  # (B, H, N, d)
+    values = torch.cat([p.values.materialize(p.start, p.end, None) for p in pieces], 2).double()
+    b, hq, _, d = query.shape
+    qg = query.double().view(b, H, hq // H, d) * scale
+    s = qg @ keys.transpose(-1, -2)  # (B, H, g, N)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if allowed is not None:
+        s = s.masked_fill(~allowed.view(allowed.shape[0], 1, 1, -1), float("-inf"))
+    out = torch.softmax(s, -1) @ values  # (B, H, g, d)
+    return out.reshape(b, 1, hq, d).float()
