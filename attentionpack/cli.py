@@ -178,6 +178,9 @@ def bench_speed(
     dtype: str = typer.Option(
         "float32", help="Model dtype: float32, bfloat16 or float16 (every cache stores that dtype's states)."
     ),
+    device: str = typer.Option(
+        "cpu", help="cpu, or cuda[:N]: the model and caches on a GPU, decoding steps on the Triton kernels."
+    ),
     out: Path | None = typer.Option(None, help="Write every number as JSON here."),
 ):
     """Prefill and decode speed vs DynamicCache and StaticCache (interleaved, one run), and throughput at a fixed KV
@@ -197,6 +200,7 @@ def bench_speed(
             budget_context=budget_context,
             threads=threads,
             out=out,
+            device=device,
         )
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))

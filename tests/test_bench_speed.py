@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 from tiny_models import VOCAB
 
@@ -72,3 +75,34 @@ def test_static_cache_is_a_baseline_in_throughput_and_speed(tiny_model):
     for ctx in (64, 128):
         assert summary["static"][ctx]["decode_ratio_static"] == 1.0
         assert summary["max"][ctx]["decode_ratio_static"] > 0 and summary["max"][ctx]["decode_ratio"] > 0
+
+
+def test_a_device_the_machine_lacks_is_named():
+    from attentionpack.bench.speed import check_device
+
+    check_device("cpu")
+    with pytest.raises(ValueError, match="'tpu'"):
+        check_device("tpu")
+    with pytest.raises(ValueError, match="not a device"):
+        check_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is visible"):
+            check_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@torch.inference_mode()
+def test_throughput_and_speed_run_on_cuda(tiny_model, monkeypatch):
+    """The bench's timing loops on a CUDA model: caches built there, steps timed after synchronizing, the
+    compressed caches' decoding steps on the Triton kernels (strict: no fallback)."""
+    from attentionpack.eval.speed import speed_round
+
+    monkeypatch.setenv("ATTENTIONPACK_STRICT", "1")
+    model, tokenizer, context = copy.deepcopy(tiny_model("llama")).to("cuda"), ByteTokenizer(), 160  # (shared model)
+    specs = [parse_config(n) for n in ("dynamic", "static", "max", "budget-0.25")]
+    rows = throughput_at_budget(model, tokenizer, specs, 2**24, context, steps=2)
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
+    ids = tokenizer("y" * (context + 8)).input_ids.to("cuda")
+    makers = {sp.name: (lambda n, sp=sp: make_cache(model, sp, n)) for sp in specs}
+    out = speed_round(model, ids, makers, (128,), 3)
+    assert set(out["max"][128]["decode_paths"]) == {"triton"}

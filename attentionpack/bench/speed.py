@@ -13,7 +13,6 @@ of that batch are timed, the steps of all caches interleaved. Tokens/s = batch *
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,14 @@ import torch
 from .. import cache_nbytes, load_model
 from ..eval.configs import make_cache, parse_config
 from ..eval.data import britannica_text, token_ids
-from ..eval.speed import measure_speed
+from ..eval.speed import clock, measure_speed
 
 DEFAULT_CONFIGS = ("dynamic", "static", "balanced", "max", "budget-0.125", "quanto-4")
 
 
-def _ids(tokenizer, needed: int, batch: int) -> torch.Tensor:
+def _ids(tokenizer, needed: int, batch: int, device: str = "cpu") -> torch.Tensor:
     ids = token_ids(tokenizer, britannica_text(), needed * batch, source="Britannica")  # (needed * batch,)
-    return ids[: needed * batch].view(batch, needed)  # each row its own stretch of text
+    return ids[: needed * batch].view(batch, needed).to(device)  # each row its own stretch of text
 
 
 @torch.inference_mode()
@@ -41,7 +40,7 @@ def throughput_at_budget(
 
     All caches are built first, then their steps are interleaved (A B C A B C ...), so that a slow spell of a shared
     machine hits every configuration alike; tokens/s = batch * steps / (summed time of that cache's steps)."""
-    ids = _ids(tokenizer, context + steps + 1, 1)
+    ids = _ids(tokenizer, context + steps + 1, 1, str(model.device))
     out: dict[str, dict] = {}
     live: dict[str, tuple] = {}
     for sp in specs:
@@ -63,9 +62,9 @@ def throughput_at_budget(
     for i in range(steps):
         for cache, batch, times in live.values():
             step = ids[:, context + 1 + i : context + 2 + i].expand(batch, 1).contiguous()
-            t0 = time.perf_counter()
+            t0 = clock(step)
             model(input_ids=step, past_key_values=cache, use_cache=True)
-            times.append(time.perf_counter() - t0)
+            times.append(clock(step) - t0)
     for name, (_, batch, times) in live.items():
         out[name]["tokens_per_s"] = batch * steps / sum(times)
     ref = out.get("dynamic", {}).get("tokens_per_s")
@@ -97,6 +96,18 @@ def _repeat(cache, batch: int) -> None:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_device(device: str) -> None:
+    """Raise with the fix when `device` is not "cpu" or a CUDA device this machine has."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a device ({err}); use cpu or cuda[:N]") from None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: bench speed runs on cpu or cuda[:N]")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: no CUDA device is visible here (torch.cuda.is_available() is False)")
+
+
 def run(
     model_path: str | None = None,
     dtype: str = "float32",
@@ -109,9 +120,11 @@ def run(
     budget_context: int = 4096,
     threads: int | None = None,
     out: Path | None = None,
+    device: str = "cpu",
 ) -> dict:
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    check_device(device)
     specs = [parse_config(c) for c in configs]
     if "dynamic" not in [sp.name for sp in specs]:
         raise ValueError("bench speed needs 'dynamic' among the configurations (every ratio is relative to it)")
@@ -124,10 +137,13 @@ def run(
         print(f"note: {note}")
     apply_threads(threads)
     model, tokenizer = load_model(model_path, DTYPES[dtype])
-    result: dict = {"dtype": dtype, "threads": torch.get_num_threads(), "steps": steps, "repeats": repeats, "speed": {}}
-    print(f"model dtype {dtype}, {result['threads']} threads")
+    model.to(device)
+    result: dict = {"dtype": dtype, "device": device, "threads": torch.get_num_threads(), "steps": steps}
+    result.update(repeats=repeats, speed={})
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{result['threads']} threads"
+    print(f"model dtype {dtype}, {device} ({where})")
     for batch in batches:
-        ids = _ids(tokenizer, max(contexts) + steps, batch)
+        ids = _ids(tokenizer, max(contexts) + steps, batch, device)
         makers = {sp.name: (lambda n, sp=sp: make_cache(model, sp, n)) for sp in specs}
         summary = measure_speed(model, ids, makers, contexts=contexts, decode_steps=steps, repeats=repeats)
         result["speed"][batch] = summary

@@ -23,15 +23,15 @@ def time_one(model, ids: torch.Tensor, context: int, decode_steps: int, make_cac
     if ids.shape[1] < context + decode_steps:
         raise ValueError(f"speed at context {context} needs {context + decode_steps} tokens, got {ids.shape[1]}")
     cache = make_cache(context + decode_steps)
-    t0 = time.perf_counter()
+    t0 = clock(ids)
     model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    prefill_s = time.perf_counter() - t0
+    prefill_s = clock(ids) - t0
     before = _paths(cache)
     times = []
     for i in range(decode_steps):
-        t1 = time.perf_counter()
+        t1 = clock(ids)
         model(input_ids=ids[:, context + i : context + i + 1], past_key_values=cache, use_cache=True)
-        times.append(time.perf_counter() - t1)
+        times.append(clock(ids) - t1)
     after = _paths(cache)
     del cache
     gc.collect()
@@ -39,6 +39,13 @@ def time_one(model, ids: torch.Tensor, context: int, decode_steps: int, make_cac
     if after is not None and before is not None:
         out["decode_paths"] = {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)}
     return out
+
+
+def clock(on: torch.Tensor) -> float:
+    """time.perf_counter() once the device of `on` has finished its queued work (CUDA runs asynchronously)."""
+    if on.is_cuda:
+        torch.cuda.synchronize(on.device)
+    return time.perf_counter()
 
 
 def _paths(cache: object) -> dict | None:
