@@ -36,6 +36,7 @@ from ..parts import storage_nbytes
 from ..scoring.observation import attention_scaling, multi_token_inputs, query_moments, window_queries
 from ..scoring.retrieval_heads import load_or_find
 from ..scoring.sensitivity import load_or_probe_sensitivity
+from .growth import decode_growth
 from .layer import STEP, Group, PackedLayer, StepContext
 
 _ATTACHED = "_attentionpack_attached"  # model attribute: {"hooks": [...], "caches": n, "switched": bool}
@@ -283,6 +284,14 @@ class PackedCache(Cache):
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (each storage counted once, whole)."""
         return storage_nbytes(self.tensors())
+
+    def decode_bytes_bound(self, tokens: int) -> int | None:
+        """Most bytes the cache can hold at any step boundary of its next `tokens` one-token decoding steps: what
+        it holds now plus each layer's `cache.growth.decode_growth`; None when a layer cannot bound its growth."""
+        grow = [decode_growth(layer, tokens) for layer in self.layers]
+        if any(g is None for g in grow):
+            return None
+        return self.nbytes() + sum(g for g in grow if g is not None)
 
     def dynamic_nbytes(self, steady: bool = False) -> int:
         """Bytes a transformers DynamicCache would hold for the same tokens now; `steady`: once decoding, when its

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import PackConfig
-from ..parts import ExactPart, LowRankPart, Part, QuantizedLowRankPart, QuantizedPart, storage_nbytes
+from ..parts import ExactPart, Factors, LowRankPart, Part, QuantizedLowRankPart, QuantizedPart, storage_nbytes
 from ..rope import undo_rope
 from .lowrank import RankRule, factorize, score_weighting
 
@@ -86,3 +86,36 @@ def _encode(
     if cfg.fallback_exact and storage_nbytes(part.tensors()) >= x.numel() * x.element_size():
         return ExactPart(x.clone())
     return part
+
+
+def nbytes_bound(cfg: PackConfig, shape: tuple[int, int, int, int], dtype: torch.dtype, is_key: bool) -> int:
+    """The most bytes `encode_keys` / `encode_values` can store for states of `shape` (B, H, T, d) and `dtype`
+    under `cfg`'s codec fields: quantized storages are fixed by the shape; factors are counted at full rank
+    min(T, H*d) (no rank rule exceeds it), with their positions when keys are factored before RoPE; never more
+    than the exact states when `fallback_exact` holds. Built from the same part constructors, on zeros."""
+    b, h, t, d = shape
+    exact = b * h * t * d * torch.empty((), dtype=dtype).element_size()
+    codec, bits = (cfg.key_codec, cfg.key_bits) if is_key else (cfg.value_codec, cfg.value_bits)
+    if codec == "exact":
+        return exact
+    part: Part
+    if codec == "quant":
+        assert bits is not None
+        zeros = torch.zeros(shape, dtype=dtype)
+        part = (
+            QuantizedPart.keys(zeros, bits, cfg.quant_group)
+            if is_key
+            else QuantizedPart.values(zeros, bits, cfg.quant_group)
+        )
+    else:
+        r = min(t, h * d)
+        factors = Factors(torch.zeros(b, t, r, dtype=dtype), torch.zeros(b, r, h * d, dtype=dtype))
+        pos = torch.zeros(b, t, 3, dtype=torch.int32) if is_key and cfg.key_pre_rope else None  # (B, T[, 3])
+        if bits is None:
+            part = LowRankPart(factors, h, pos)
+        else:
+            part = QuantizedLowRankPart.from_factors(
+                factors, h, pos, coeff_bits=bits, basis_bits=16, coeff_group=cfg.quant_group
+            )
+    stored = storage_nbytes(part.tensors())
+    return min(stored, exact) if cfg.fallback_exact else stored

@@ -11,11 +11,10 @@ import torch
 from transformers import Cache
 
 from ..cache import cache_nbytes
+from ..cache.growth import META_BYTES
+from ..cache.layer import TAIL_GRANULE as GRANULE
 from ..config import PackConfig
 from ..generation import check_cache_choice, pack_config
-
-GRANULE = 16  # spare token slots a compressing layer's exact tail may hold (cache/tail.py, cache/layer.py)
-META_BYTES = 13  # per token per layer besides K/V in a compressing layer's tail: int32 positions (up to 3) + bool
 
 
 class KVAccounting:
@@ -63,6 +62,18 @@ class KVAccounting:
         if not self.compressing:
             return self.per_token * (prompt + max_tokens)
         return self.slot * (prompt + max_tokens + GRANULE)
+
+    def after_prefill(self, cache: Cache, held: int, remaining: int) -> int:
+        """Reservation once the prompt is stored and holds `held` bytes, for `remaining` more decoded tokens: held
+        plus `growth(remaining)`, or the cache's own tighter bound (`PackedCache.decode_bytes_bound`: its decode
+        chunks at their encodings' size, its exact tail at most window + chunk tokens) when it has one."""
+        bound = held + self.growth(remaining)
+        own = getattr(cache, "decode_bytes_bound", None)
+        if callable(own):
+            tighter = own(remaining)
+            if tighter is not None:
+                bound = min(bound, int(tighter))
+        return bound
 
     def dynamic_equivalent(self, cache: Cache) -> int:
         return int(cache.dynamic_nbytes()) if hasattr(cache, "dynamic_nbytes") else cache_nbytes(cache)

@@ -306,7 +306,7 @@ class Engine:
             held = cache_nbytes(seq.cache)
             remaining = seq.params.max_tokens - 1
             self._check_reservation(seq, held)
-            shrunk = held + self.accounting.growth(remaining)
+            shrunk = self.accounting.after_prefill(seq.cache, held, remaining)
             if shrunk < seq.reserved:
                 self.reserved -= seq.reserved - shrunk
                 seq.reserved = shrunk
