@@ -32,7 +32,7 @@ _BAD_VALUES = {
     "quant_group": [0, 7, -1, 8.5, "32", True, None],
     "sink": [-1, 2.0, "4", None, True],
     "window": [-1, 8.0, "8", None, False],
-    "chunk": [0, -3, 16.0, None, True],
+    "chunk": [0, -3, 16.0, True, "64"],  # None is the default (64 with a budget, 256 without)
     "min_span": [0, -3, 4.5, None, True],
     "compress_sliding_layers": [1, 0, "yes", None],
     "fallback_exact": [1, 0, "no", None],

@@ -30,7 +30,7 @@ def decode_growth(layer: PackedLayer, tokens: int) -> int | None:
     live = len(layer.tail)
     if not layer.compress:  # every token stays exact (a sliding-window layer drops its oldest: counted anyway)
         return slot * (tokens + TAIL_GRANULE)
-    window, chunk = layer.config.window, layer.config.chunk
+    window, chunk = layer.config.window, layer.config.decode_chunk
     held = min(live + tokens, window + chunk - 1) + TAIL_GRANULE  # tail slots at a step boundary
     chunks = max(0, live + tokens - window) // chunk  # decode chunks compacted on the way
     cfg = layer.codecs["text"]

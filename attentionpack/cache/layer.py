@@ -350,7 +350,8 @@ class PackedLayer(CacheLayerMixin):
             if self.sink_end > 0:
                 self._freeze(tail_start, self.sink_end, kind="sink", compress=False, ctx=ctx)
             tail_start = self.sink_end
-        if stop - tail_start < (self.config.min_span if prefill else self.config.chunk):
+        chunk = self.config.decode_chunk
+        if stop - tail_start < (self.config.min_span if prefill else chunk):
             if self._live.capacity > len(self._live):  # frozen sinks: release their tail slots (no bytes twice)
                 self._live.shrink()
             return
@@ -369,9 +370,9 @@ class PackedLayer(CacheLayerMixin):
                     stop, self.total, kind="window", compress=self.total - stop >= self.config.min_span, ctx=ctx
                 )
         else:
-            while stop - tail_start >= self.config.chunk:
-                self._freeze(tail_start, tail_start + self.config.chunk, kind="chunk", compress=True, ctx=ctx)
-                tail_start += self.config.chunk
+            while stop - tail_start >= chunk:
+                self._freeze(tail_start, tail_start + chunk, kind="chunk", compress=True, ctx=ctx)
+                tail_start += chunk
         self._live.granule = _tail_granule(self)
         self._live.shrink()  # release the slots of the frozen tokens (the whole prompt's buffer after a prefill)
 
