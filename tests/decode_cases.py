@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from attentionpack.kernels.plan import DecodePlan
 from attentionpack.parts import ExactPart, Factors, QuantizedLowRankPart, QuantizedPart, Segment
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton's device (CPU: its interpreter, tests/conftest.py)
 
 
 def Piece(k, v, start, end):  # noqa: N802  (a stored run, as the tests build them)
@@ -68,3 +71,27 @@ def reference(pieces, query, allowed, scale, softcap):
         s = s.masked_fill(~allowed.view(allowed.shape[0], 1, 1, -1), float("-inf"))
     out = torch.softmax(s, -1) @ values  # (B, H, g, d)
     return out.reshape(b, 1, hq, d).float()
+
+
+def c_step(pieces, first, query, allowed, scale, softcap):
+    """The C one-call step over `pieces`: all but the last planned as frozen segments, the last as the exact tail;
+    None when the plan says the kernel cannot take it."""
+    plan = DecodePlan(H, query.shape[-1], pieces[:-1])
+    tail = pieces[-1]
+    t = (tail.keys.data, tail.values.data, tail.start)
+    if plan.why_not(query, t[0], plan.count):
+        return None
+    return plan.run(plan.count, t, first, query, allowed, scale, softcap)
+
+
+def triton_step(pieces, first, query, allowed, scale, softcap):
+    """The Triton step over `pieces` on DEVICE (every tensor moved there), the output back on CPU."""
+    from attentionpack.kernels import triton_decode
+
+    for p in pieces:
+        p.map_batch(lambda t: t.to(DEVICE))
+    query = query.to(DEVICE)
+    allowed = None if allowed is None else allowed.to(DEVICE)
+    why = triton_decode.why_not(pieces, query)
+    assert why == "", why
+    return triton_decode.decode(pieces, H, first, query, allowed, scale, softcap).cpu()

@@ -1,38 +1,39 @@
-"""One-call decoding steps (kernels/plan.py, kernels/decode.c) against dense attention over the materialized
-pieces: every stored form the kernel takes, padding masks, softcap, batches, pieces longer than a work item."""
+"""One-call decoding steps, C (kernels/plan.py, kernels/decode.c) and Triton (kernels/triton_decode.py), against
+dense attention over the materialized pieces: every stored form they take, half-precision models, padding masks,
+softcap, batches, pieces longer than a work item or block."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from decode_cases import B, D, G, H, Piece, keys, layer_pieces, reference, values
+from decode_cases import B, D, G, H, Piece, c_step, keys, layer_pieces, reference, triton_step, values
 
 from attentionpack import kernels
 from attentionpack.kernels.plan import DecodePlan
 from attentionpack.parts import Factors, LowRankPart
 
 
-def _decode(pieces, first, query, allowed, scale, softcap):
-    """The one-call step over `pieces`: all but the last planned as frozen segments, the last as the exact tail;
-    None when the plan says the kernel cannot take it."""
-    plan = DecodePlan(H, query.shape[-1], pieces[:-1])
-    tail = pieces[-1]
-    t = (tail.keys.data, tail.values.data, tail.start)
-    if plan.why_not(query, t[0], plan.count):
-        return None
-    return plan.run(plan.count, t, first, query, allowed, scale, softcap)
-
-
-pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the torch path is used")
+@pytest.fixture(params=["c", "triton"])
+def step(request):
+    """One backend's one-call decoding step (see decode_cases): C (kernels/decode.c) or Triton
+    (kernels/triton_decode.py, in its interpreter without a GPU)."""
+    if request.param == "c":
+        if kernels.library() is None:
+            pytest.skip("no C compiler: the torch path is used")
+        return c_step
+    pytest.importorskip("triton", reason="Triton is not installed (pip install 'attentionpack[gpu]')")
+    return triton_step
 
 
 @pytest.mark.parametrize("key_kind", ["exact", "channel4", "channel2", "factors16-4", "factors32-8", "factors8-4"])
 @pytest.mark.parametrize("value_kind", ["exact", "quant4", "quant8", "quant2", "factors16-4", "factors8-8"])
-def test_every_stored_form_matches_dense_attention(key_kind, value_kind):
+def test_every_stored_form_matches_dense_attention(key_kind, value_kind, step):
     gen = torch.Generator().manual_seed(hash((key_kind, value_kind)) % 1000)
-    pieces = layer_pieces(gen, key_kind, value_kind, [4, 700, 33, 37])  # 700: several work items, a partial one
+    pieces = layer_pieces(
+        gen, key_kind, value_kind, [4, 600, 33, 37]
+    )  # 600: several work items and blocks, a partial one
     query = torch.randn(B, H * G, 1, D, generator=gen)
-    got = _decode(pieces, 0, query, None, D**-0.5, None)
+    got = step(pieces, 0, query, None, D**-0.5, None)
     torch.testing.assert_close(got, reference(pieces, query, None, D**-0.5, None), atol=2e-5, rtol=1e-4)
 
 
@@ -41,7 +42,7 @@ def test_every_stored_form_matches_dense_attention(key_kind, value_kind):
     "key_kind, value_kind",
     [("exact", "exact"), ("channel4", "quant4"), ("factors32-4", "factors32-8"), ("factors8-4", "factors16-4")],
 )
-def test_half_precision_models(dtype, key_kind, value_kind):
+def test_half_precision_models(dtype, key_kind, value_kind, step):
     """bfloat16/float16 models: the kernel reads their exact rows, factor bases and queries as they are, sums in
     float32 and returns the query's dtype. Tolerance: 2 units in the last place of the output (2^-7 for bfloat16,
     2^-10 for float16) relative, and ulp/4 absolute because the reference rebuilds quantized and factored pieces
@@ -51,7 +52,7 @@ def test_half_precision_models(dtype, key_kind, value_kind):
     query = torch.randn(B, H * G, 1, D, generator=gen).to(dtype)
     allowed = torch.ones(B, 1, 1, 374, dtype=torch.bool)
     allowed[1, ..., :50] = False
-    got = _decode(pieces, 0, query, allowed, D**-0.5, None)
+    got = step(pieces, 0, query, allowed, D**-0.5, None)
     assert got is not None and got.dtype == dtype
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
     want = reference(pieces, query, allowed, D**-0.5, None)
@@ -59,7 +60,7 @@ def test_half_precision_models(dtype, key_kind, value_kind):
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_padding_mask_and_softcap(softcap):
+def test_padding_mask_and_softcap(softcap, step):
     gen = torch.Generator().manual_seed(7)
     pieces = layer_pieces(gen, "factors16-4", "quant4", [4, 300, 20])
     pieces.insert(2, Piece(keys("channel4", gen, 40), values("factors32-4", gen, 40), 304, 344))
@@ -70,11 +71,14 @@ def test_padding_mask_and_softcap(softcap):
     allowed = torch.ones(B, 1, 1, 364, dtype=torch.bool)
     allowed[0, ..., :200] = False  # sample 0 left-padded over the sink and into the span
     allowed[2, ..., 100:164] = False  # sample 2: a masked run inside the span
-    got = _decode(pieces, 5, query, allowed, 0.2, softcap)
-    torch.testing.assert_close(got, reference(pieces, query, allowed, 0.2, softcap), atol=2e-5, rtol=1e-4)
+    want = reference(pieces, query, allowed, 0.2, softcap)
+    allowed[1] = False  # sample 1 may attend to nothing: zeros
+    want[1] = 0
+    got = step(pieces, 5, query, allowed, 0.2, softcap)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-def test_odd_head_dim_and_single_sample_mask_row():
+def test_odd_head_dim_and_single_sample_mask_row(step):
     gen = torch.Generator().manual_seed(3)
     pieces = [
         Piece(keys("channel4", gen, 90, 40), values("quant4", gen, 90, 40), 0, 90),
@@ -83,23 +87,24 @@ def test_odd_head_dim_and_single_sample_mask_row():
     query = torch.randn(B, H * G, 1, 40, generator=gen)
     allowed = torch.ones(1, 1, 1, 95, dtype=torch.bool)  # broadcast over the batch
     allowed[..., 7] = False
-    got = _decode(pieces, 0, query, allowed, 0.3, None)
+    got = step(pieces, 0, query, allowed, 0.3, None)
     torch.testing.assert_close(got, reference(pieces, query, allowed, 0.3, None), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the torch path is used")
 def test_forms_it_does_not_take_fall_back():
     gen = torch.Generator().manual_seed(1)
     pieces = layer_pieces(gen, "exact", "exact", [4, 50, 10])
     query = torch.randn(B, H * G, 1, D, generator=gen)
-    assert _decode(pieces, 0, query.double(), None, 0.1, None) is None  # float64 queries
-    assert _decode(pieces, 0, torch.randn(B, H * G, 2, D), None, 0.1, None) is None  # two query tokens
+    assert c_step(pieces, 0, query.double(), None, 0.1, None) is None  # float64 queries
+    assert c_step(pieces, 0, torch.randn(B, H * G, 2, D), None, 0.1, None) is None  # two query tokens
     pre_rope = LowRankPart(
         Factors(torch.randn(B, 50, 8), torch.randn(B, 8, H * D)),
         H,
         positions=torch.arange(50, dtype=torch.int32).expand(B, -1),
     )
     pieces[1] = Piece(pre_rope, pieces[1].values, 4, 54)  # keys that must be rotated per token
-    assert _decode(pieces, 0, query, None, 0.1, None) is None
+    assert c_step(pieces, 0, query, None, 0.1, None) is None
     plan = DecodePlan(H, D, pieces[:-1])
     assert "before RoPE" in plan.why_not(query, pieces[-1].keys.data, plan.count)
     assert plan.why_not(query, pieces[-1].keys.data, 1) == ""  # a snapshot taken before the segment froze

@@ -1,98 +1,20 @@
-"""The Triton decoding step (kernels/triton_decode.py) against float64 dense attention over the materialized
-pieces: every stored form, half-precision models, padding masks and softcap, per-head segments with slots, odd
-head dims. Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, which
-tests/conftest.py sets before anything imports Triton); with one, on CUDA tensors."""
+"""The Triton decoding step (kernels/triton_decode.py): per-head segments with slots against float64, the merge of
+blocks, the forms it names as not taken, a model decoding through it as through the C step, and on a GPU a model
+and its caches on CUDA (every stored form, dtypes, masks and softcap: tests/test_fused_decode.py, both backends).
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, which tests/conftest.py sets before
+anything imports Triton); with one, on CUDA tensors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from decode_cases import B, D, G, H, Piece, keys, layer_pieces, reference, values
+from decode_cases import DEVICE, B, D, G, H, Piece, keys, layer_pieces, triton_step, values
 
 from attentionpack.config import PRESETS
 from attentionpack.kernels import triton_decode
 from attentionpack.parts import ExactPart, Segment
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install 'attentionpack[gpu]')")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py sets it)
-
-
-def _to(pieces: list[Segment]) -> list[Segment]:
-    """The pieces on the test's device (Segment.map_batch moves every tensor; slots too)."""
-    for p in pieces:
-        p.map_batch(lambda t: t.to(DEVICE))
-    return pieces
-
-
-def _decode(pieces, first, query, allowed, scale, softcap):
-    pieces = _to(pieces)
-    query = query.to(DEVICE)
-    allowed = None if allowed is None else allowed.to(DEVICE)
-    why = triton_decode.why_not(pieces, query)
-    assert why == "", why
-    return triton_decode.decode(pieces, H, first, query, allowed, scale, softcap).cpu()
-
-
-@pytest.mark.parametrize("key_kind", ["exact", "channel4", "channel2", "factors16-4", "factors32-8", "factors8-4"])
-@pytest.mark.parametrize("value_kind", ["exact", "quant4", "quant8", "quant2", "factors16-4", "factors8-8"])
-def test_every_stored_form_matches_dense_attention(key_kind, value_kind):
-    gen = torch.Generator().manual_seed(len(key_kind) * 31 + len(value_kind))
-    pieces = layer_pieces(gen, key_kind, value_kind, [4, 150, 33, 37])  # 150: several blocks, a partial one
-    query = torch.randn(B, H * G, 1, D, generator=gen)
-    want = reference(pieces, query, None, D**-0.5, None)
-    got = _decode(pieces, 0, query, None, D**-0.5, None)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(
-    "key_kind, value_kind", [("exact", "exact"), ("channel4", "quant4"), ("factors8-4", "factors16-4")]
-)
-def test_half_precision_models(dtype, key_kind, value_kind):
-    """Same tolerance as the C kernel's test (tests/test_fused_decode.py): 2 units in the last place relative,
-    a quarter absolute (the reference rounds rebuilt pieces to the model's dtype once)."""
-    gen = torch.Generator().manual_seed(11)
-    pieces = layer_pieces(gen, key_kind, value_kind, [4, 100, 33, 37], dtype=dtype)
-    query = torch.randn(B, H * G, 1, D, generator=gen).to(dtype)
-    allowed = torch.ones(B, 1, 1, 174, dtype=torch.bool)
-    allowed[1, ..., :50] = False
-    want = reference(pieces, query, allowed, D**-0.5, None)
-    got = _decode(pieces, 0, query, allowed, D**-0.5, None)
-    assert got.dtype == dtype
-    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-    torch.testing.assert_close(got.float(), want, atol=ulp / 4, rtol=2 * ulp)
-
-
-@pytest.mark.parametrize("softcap", [None, 5.0])
-def test_padding_mask_and_softcap(softcap):
-    gen = torch.Generator().manual_seed(7)
-    pieces = layer_pieces(gen, "factors16-4", "quant4", [4, 130, 20])
-    pieces.insert(2, Piece(keys("channel4", gen, 40), values("factors32-4", gen, 40), 134, 174))
-    pieces[-1].start, pieces[-1].end = 174, 194
-    for p in pieces:  # the mask covers cache indices from `first` on
-        p.start, p.end = p.start + 5, p.end + 5
-    query = torch.randn(B, H * G, 1, D, generator=gen)
-    allowed = torch.ones(B, 1, 1, 194, dtype=torch.bool)
-    allowed[0, ..., :100] = False  # sample 0 left-padded over the sink and into the span
-    allowed[2, ..., 60:90] = False  # sample 2: a masked run inside the span
-    allowed[1] = False  # sample 1 may attend to nothing: zeros, as the C kernel gives
-    want = reference(pieces, query, allowed, 0.2, softcap)
-    want[1] = 0
-    got = _decode(pieces, 5, query, allowed, 0.2, softcap)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-
-
-def test_odd_head_dim_and_single_sample_mask_row():
-    gen = torch.Generator().manual_seed(3)
-    pieces = [
-        Piece(keys("channel4", gen, 90, 40), values("quant4", gen, 90, 40), 0, 90),
-        Piece(keys("exact", gen, 5, 40), values("exact", gen, 5, 40), 90, 95),
-    ]
-    query = torch.randn(B, H * G, 1, 40, generator=gen)
-    allowed = torch.ones(1, 1, 1, 95, dtype=torch.bool)  # broadcast over the batch
-    allowed[..., 7] = False
-    want = reference(pieces, query, allowed, 0.3, None)
-    torch.testing.assert_close(_decode(pieces, 0, query, allowed, 0.3, None), want, atol=2e-5, rtol=1e-4)
 
 
 def test_per_head_segment_with_slots():
@@ -108,7 +30,7 @@ def test_per_head_segment_with_slots():
     query = torch.randn(B, H * G, 1, D, generator=gen)
     allowed = torch.ones(B, 1, 1, 83, dtype=torch.bool)
     allowed[2, ..., 20:40] = False  # inside the slot segment's cache range: not read for it
-    got = _decode([sink, held, tail], 0, query, allowed, 0.25, None)
+    got = triton_step([sink, held, tail], 0, query, allowed, 0.25, None)
 
     qg = query.double().view(B, H, G, D) * 0.25
     for h in range(H):

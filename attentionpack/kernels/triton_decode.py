@@ -209,10 +209,28 @@ def _tile(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+_dequant: Any = None  # the jitted `_dequant_tile`, which the kernel calls by this name
+
+
 @functools.cache
 def _kernel() -> Any:
     """The jitted kernel, made on first use (Triton reads TRITON_INTERPRET when a function is jitted)."""
+    global _dequant
+    _dequant = triton.jit(_dequant_tile)
     return triton.jit(_segment_partials)
+
+
+def _dequant_tile(codes_ptr, scales_ptr, mins_ptr, rows, at, ok, nb, G, group, bits):  # type: ignore[no-untyped-def]
+    """A tile of rows quantized along their length (`pack`'s planar layout: element i of a row sits in byte
+    i % nb, bits [(i // nb) * bits, ...)): elements `at` (A,) of rows `rows` (R,) -> (A, R) float32,
+    code * scale + min with scales/mins (.., G) float16 per group of `group` elements; 0 where `ok` (A, R) is
+    False."""
+    byte = tl.load(codes_ptr + rows[None, :] * nb + (at % nb)[:, None], mask=ok, other=0).to(tl.int32)
+    code = (byte >> ((at // nb) * bits)[:, None]) & ((1 << bits) - 1)
+    g = rows[None, :] * G + (at // group)[:, None]
+    scale = tl.load(scales_ptr + g, mask=ok, other=0.0).to(tl.float32)
+    low = tl.load(mins_ptr + g, mask=ok, other=0.0).to(tl.float32)
+    return code.to(tl.float32) * scale + low
 
 
 # (a Triton kernel: Triton types its arguments at launch; it is jitted in `_kernel`)
@@ -284,27 +302,15 @@ def _segment_partials(  # type: ignore[no-untyped-def]
             k_ptr + b * k_sb + h * k_sh + t[:, None] * d + ch[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0
         ).to(tl.float32)  # (BT, DP)
         s = tl.dot(q, tl.trans(keys), input_precision="ieee")
-    elif KEYS == 1:  # per channel: channel c's codes along T, token t in plane t // nb, byte t % nb
-        row = bh * d + ch  # (DP,)
+    elif KEYS == 1:  # per channel: row bh * d + c holds channel c's codes along T
         ok = t_ok[:, None] & c_ok[None, :]
-        byte = tl.load(kc_ptr + row[None, :] * k_nb + (t % k_nb)[:, None], mask=ok, other=0).to(tl.int32)
-        code = (byte >> ((t // k_nb) * k_bits)[:, None]) & ((1 << k_bits) - 1)
-        g = row[None, :] * k_G + (t // k_group)[:, None]
-        scale = tl.load(ks_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        low = tl.load(km_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        keys = code.to(tl.float32) * scale + low  # (BT, DP)
+        keys = _dequant(kc_ptr, ks_ptr, km_ptr, bh * d + ch, t, ok, k_nb, k_G, k_group, k_bits)  # (BT, DP)
         s = tl.dot(q, tl.trans(keys), input_precision="ieee")
     else:  # keys = coefficients (BT, R) x basis rows of head h (R, d): score in the basis
         j = tl.arange(0, RKP)
         j_ok = j < k_R
-        crow = b * k_R + j  # (RKP,)
         ok = t_ok[:, None] & j_ok[None, :]
-        byte = tl.load(kc_ptr + crow[None, :] * k_nb + (t % k_nb)[:, None], mask=ok, other=0).to(tl.int32)
-        code = (byte >> ((t // k_nb) * k_bits)[:, None]) & ((1 << k_bits) - 1)
-        g = crow[None, :] * k_G + (t // k_group)[:, None]
-        scale = tl.load(ks_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        low = tl.load(km_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        coef = code.to(tl.float32) * scale + low  # (BT, RKP)
+        coef = _dequant(kc_ptr, ks_ptr, km_ptr, b * k_R + j, t, ok, k_nb, k_G, k_group, k_bits)  # (BT, RKP)
         basis = tl.load(
             kb_ptr + (b * k_R + j[:, None]) * (Hp * d) + h * d + ch[None, :],
             mask=j_ok[:, None] & c_ok[None, :],
@@ -332,27 +338,15 @@ def _segment_partials(  # type: ignore[no-untyped-def]
             v_ptr + b * v_sb + h * v_sh + t[:, None] * d + ch[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0
         ).to(tl.float32)
         mixed = tl.dot(p, vals, input_precision="ieee")
-    elif VALUES == 1:  # per token: token t's codes along d, channel c in plane c // nb, byte c % nb
-        row = bh * T + t  # (BT,)
-        ok = t_ok[:, None] & c_ok[None, :]
-        byte = tl.load(vc_ptr + row[:, None] * v_nb + (ch % v_nb)[None, :], mask=ok, other=0).to(tl.int32)
-        code = (byte >> ((ch // v_nb) * v_bits)[None, :]) & ((1 << v_bits) - 1)
-        g = row[:, None] * v_G + (ch // v_group)[None, :]
-        scale = tl.load(vs_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        low = tl.load(vm_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        vals = code.to(tl.float32) * scale + low  # (BT, DP)
-        mixed = tl.dot(p, vals, input_precision="ieee")
+    elif VALUES == 1:  # per token: row bh * T + t holds token t's codes along d
+        ok = c_ok[:, None] & t_ok[None, :]
+        vals = _dequant(vc_ptr, vs_ptr, vm_ptr, bh * T + t, ch, ok, v_nb, v_G, v_group, v_bits)  # (DP, BT)
+        mixed = tl.dot(p, tl.trans(vals), input_precision="ieee")
     else:  # weights times coefficients (MP, R), then times the basis rows of head h
         j = tl.arange(0, RVP)
         j_ok = j < v_R
-        crow = b * v_R + j
         ok = t_ok[:, None] & j_ok[None, :]
-        byte = tl.load(vc_ptr + crow[None, :] * v_nb + (t % v_nb)[:, None], mask=ok, other=0).to(tl.int32)
-        code = (byte >> ((t // v_nb) * v_bits)[:, None]) & ((1 << v_bits) - 1)
-        g = crow[None, :] * v_G + (t // v_group)[:, None]
-        scale = tl.load(vs_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        low = tl.load(vm_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        coef = code.to(tl.float32) * scale + low  # (BT, RVP)
+        coef = _dequant(vc_ptr, vs_ptr, vm_ptr, b * v_R + j, t, ok, v_nb, v_G, v_group, v_bits)  # (BT, RVP)
         basis = tl.load(
             vb_ptr + (b * v_R + j[:, None]) * (Hp * d) + h * d + ch[None, :],
             mask=j_ok[:, None] & c_ok[None, :],
