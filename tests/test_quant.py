@@ -387,3 +387,18 @@ def test_quantize_widths_equal_one_width_at_a_time():
         assert both[bits].bits == bits and both[bits].shape == one.shape
         for a, b in zip(both[bits].tensors(), one.tensors()):
             assert torch.equal(a, b)
+
+
+def test_group_range_keeps_the_bits_of_aminmax():
+    """amin/amax stand in for torch.aminmax (faster on CPU); where a group's extreme is a zero, the sign of zero
+    aminmax picks is kept, so the stored minimums and scales do not change (padding rows: zeros of both signs)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 3, 96, 32, generator=g)
+    plain_lo, plain_hi = Q._group_range(x[:1])  # no zero extreme: amin/amax
+    x[1] *= 0  # a padded sample: +0 and -0
+    x[2] = (x[2] * (torch.rand(3, 96, 32, generator=g) < 0.5)).abs()  # groups with zero minimums
+    x[3] = -x[2]  # and zero maximums
+    for xs, (lo, hi) in ((x[:1], (plain_lo, plain_hi)), (x, Q._group_range(x))):
+        ref_lo, ref_hi = torch.aminmax(xs, dim=-1)
+        assert torch.equal(lo.view(torch.int32), ref_lo.view(torch.int32))
+        assert torch.equal(hi.view(torch.int32), ref_hi.view(torch.int32))

@@ -258,12 +258,14 @@ class BudgetPlanner:
         c = self.contexts[layer.layer_idx]
         a, b = start - c.first, end - c.first
         cfg = layer.config
-        mask = valid[:, None, :, None]
+        # padding rows zeroed (a batch without padding: k and v as they are, multiplying by ones would copy them)
+        k, v = (k, v) if bool(valid.all()) else (k * valid[:, None, :, None], v * valid[:, None, :, None])
         moments = layer.query_moments if cfg.key_objective == "scores" else None
-        keys = encode_candidates(k * mask, True, KEY_CANDIDATES, cfg, moments)
-        values = encode_candidates(v * mask, False, VALUE_CANDIDATES, cfg)
+        keys = encode_candidates(k, True, KEY_CANDIDATES, cfg, moments)
+        values = encode_candidates(v, False, VALUE_CANDIDATES, cfg)
         pend = _Pending(layer)
-        masked = torch.isinf(c.logits[..., a:b])  # (B, H, G*w, n) keys of the span a query cannot see
+        hidden = torch.isinf(c.logits[..., a:b])  # (B, H, G*w, n) keys of the span a query cannot see
+        masked = hidden if bool(hidden.any()) else None  # None: every judge query sees the whole span
         # only the span's logits change: the softmax's sum and weighted values over the other keys are computed
         # once, and each candidate adds its span's share (so a short span costs little, whatever the prompt)
         w_out, v_out = (c.weights[..., :a], c.weights[..., b:]), (c.values[..., :a, :], c.values[..., b:, :])
@@ -274,16 +276,18 @@ class BudgetPlanner:
             err = 0.0
             if label != "exact":
                 span = ops.scores(part, c.queries, start, end, None)  # (B, H, G*w, n) on the stored form
-                span = span.float().mul_(c.scaling).masked_fill_(masked, float("-inf"))
+                span = span.float().mul_(c.scaling)  # a new tensor of this candidate's: changed in place below
+                if masked is not None:
+                    span.masked_fill_(masked, float("-inf"))
                 top = torch.maximum(c.top, span.amax(-1, keepdim=True))  # the new row maximum
-                e = torch.exp(span - top)
+                e = span.sub_(top).exp_()
                 shrink = torch.exp(c.top - top)  # rescales the other keys' share to the new maximum
                 total = total_out * shrink + e.sum(-1, keepdim=True)
                 out = (mixed_out * shrink + e @ v_span) / total.clamp_min(1e-30)
                 err = self._error(out - c.out, c)
             pend.keys.append((label, part, storage_nbytes(part.tensors()), err))
         probs_span = c.weights[..., a:b] / c.total.clamp_min(1e-30)  # (B, H, G*w, n)
-        exact_mix = probs_span @ (v.float() * mask)  # (B, H, G*w, d)
+        exact_mix = probs_span @ v.float()  # (B, H, G*w, d)
         for label, part in values:
             err = 0.0
             if label != "exact":  # padding rows are zero in every encoding's input and get no weight
@@ -294,8 +298,8 @@ class BudgetPlanner:
                 c,
                 a,
                 b,
-                k * mask,
-                v * mask,
+                k,
+                v,
                 valid,
                 self.shares,
                 lambda x, is_key: encode_candidates(
