@@ -1,7 +1,7 @@
 """AttentionPack: memory-efficient transformer decoding with a compacted, attention-aware KV cache.
 
 The public API: `PackedCache` (a transformers `Cache`), `PackConfig` and its presets, `load_model` / `load_vlm`
-(offline), `cache_nbytes` (bytes really held by any cache), `BudgetError`.
+(offline), `check_device`, `cache_nbytes` (bytes really held by any cache), `BudgetError`.
 
 The public names are imported on first use (module `__getattr__`), so `import attentionpack` and the command line's
 `--help` do not pay for torch and transformers until a model or a cache is needed."""
@@ -15,7 +15,14 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
     from .budget import BudgetError
     from .cache import PackedCache, cache_nbytes
     from .config import PRESETS, PackConfig
-    from .models import SUPPORTED_MODEL_TYPES, SUPPORTED_VLM_TYPES, UnsupportedModelError, load_model, load_vlm
+    from .models import (
+        SUPPORTED_MODEL_TYPES,
+        SUPPORTED_VLM_TYPES,
+        UnsupportedModelError,
+        check_device,
+        load_model,
+        load_vlm,
+    )
 
 # public name -> module (relative to this package) that defines it
 _LAZY = {
@@ -25,6 +32,7 @@ _LAZY = {
     "PackConfig": ".config",
     "PRESETS": ".config",
     "load_model": ".models",
+    "check_device": ".models",
     "load_vlm": ".models",
     "SUPPORTED_MODEL_TYPES": ".models.registry",
     "SUPPORTED_VLM_TYPES": ".models.registry",
@@ -54,6 +62,7 @@ __all__ = [  # the evaluation harness: attentionpack.eval.evaluate; the command 
     "PackedCache",
     "UnsupportedModelError",
     "cache_nbytes",
+    "check_device",
     "load_model",
     "load_vlm",
 ]

@@ -64,6 +64,9 @@ def generate(
         help="Prefill a longer prompt in chunks of this many tokens, each compressed before the next, so peak "
         "memory follows the compressed cache (0: one call).",
     ),
+    device: str = typer.Option(
+        "cpu", help="cpu, or cuda[:N]: the model and cache on a GPU, decoding steps on the Triton kernels."
+    ),
 ):
     """Answer a (long) prompt with a compressed KV cache, then show the bytes held vs DynamicCache."""
     from .generation import check_cache_choice, run_generate
@@ -93,6 +96,7 @@ def generate(
             threads=threads,
             prefix_store=prefix_store,
             prefill_chunk=prefill_chunk,
+            device=device,
         )
     except (ValueError, FileNotFoundError, TypeError) as err:
         _fail(str(err))

@@ -12,7 +12,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .cache import PackedCache
 from .config import PackConfig
-from .models import SUPPORTED_VLM_TYPES, is_vlm_folder, load_model, load_vlm
+from .models import SUPPORTED_VLM_TYPES, check_device, is_vlm_folder, load_model, load_vlm
 from .models.loading import folder_model_type
 from .models.registry import language_model_of
 
@@ -177,6 +177,7 @@ def run_generate(
     threads: int | None = None,
     prefix_store=None,
     prefill_chunk: int = 4096,
+    device: str = "cpu",
 ) -> dict:
     """Generate an answer with a PackedCache; print it and a memory table. Returns the numbers printed.
 
@@ -184,7 +185,8 @@ def run_generate(
     `threads`: torch's and the kernels' threads (default: torch's, or 1 on a busy machine; attentionpack/threads.py).
     `images` (file paths) need `model_path` to be a local vision-language model folder (see SUPPORTED_VLM_TYPES);
     a VLM folder also works without images. `prefix_store`: a folder (attentionpack/store/prefix.py) whose longest
-    stored prefix of the prompt is reused; on a miss the prompt's reusable prefix is stored there.
+    stored prefix of the prompt is reused; on a miss the prompt's reusable prefix is stored there. `device`: "cpu"
+    or "cuda[:N]" (the model, its inputs and the cache there; decoding steps on the Triton kernels).
     `prefill_chunk`: a text prompt longer than this is prefilled in chunks of this many tokens, each compacted
     before the next (`prefill_chunks`); 0 prefills it in one call."""
     from .threads import apply_threads, choose_threads
@@ -208,14 +210,19 @@ def run_generate(
             )
         )
     pictures = read_images(images)  # before loading: a bad file fails fast
+    dev = check_device(device)
+    if prefix_store is not None and dev.type != "cpu":
+        raise ValueError("--prefix-store keeps its caches on CPU: run it with --device cpu")
     with console.status("loading model"):
         model, tokenizer = load_vlm(model_path) if vlm and model_path is not None else load_model(model_path)
+        model.to(dev)
     if vlm:
         processor, tokenizer = tokenizer, getattr(tokenizer, "tokenizer", tokenizer)
         inputs = encode_vlm_prompt(processor, text, pictures, chat)
     else:
         ids = encode_prompt(tokenizer, text, chat)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     ids = inputs["input_ids"]
     check_length(model, ids.shape[1], max_new_tokens)
     if prefix_store is not None and not vlm:

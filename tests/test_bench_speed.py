@@ -78,7 +78,7 @@ def test_static_cache_is_a_baseline_in_throughput_and_speed(tiny_model):
 
 
 def test_a_device_the_machine_lacks_is_named():
-    from attentionpack.bench.speed import check_device
+    from attentionpack import check_device
 
     check_device("cpu")
     with pytest.raises(ValueError, match="'tpu'"):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from rich.markup import render
 from typer.main import get_command
 from typer.testing import CliRunner
@@ -47,7 +48,10 @@ def prompt(tmp_path):
         (["--budget", "0"], ["--budget 0 is invalid", "(0, 1]"]),
         (["--budget", "1.5"], ["--budget 1.5 is invalid"]),
         (["--threads", "0"], ["Usage"]),  # typer rejects it (min=1)
-    ],
+        (["--device", "tpu"], ["--device 'tpu'", "cpu or cuda"]),
+        (["--device", "gpu0"], ["is not a device", "cpu or cuda"]),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], ["no CUDA device is visible"])]),
 )
 def test_generate_rejects_bad_budget_and_threads(prompt, args, words):
     result = CliRunner().invoke(app, ["generate", "-f", str(prompt), *args])
@@ -89,3 +93,20 @@ def test_generate_with_budget_and_threads_on_a_tiny_model(tmp_path, tiny_model):
     )
     assert result.exit_code == 0, result.output
     assert "budget=0.5" in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_generate_on_cuda_answers_as_on_cpu(tmp_path, tiny_model):
+    """generate --device cuda: the model, its inputs and the cache on the GPU (decoding steps on Triton); greedy
+    tokens as on CPU."""
+    from test_broken_models import _tokenizer
+
+    from attentionpack.generation import run_generate
+
+    folder = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    text = " ".join(f"t{3 + i % 90}" for i in range(300))
+    args = dict(model_path=str(folder), max_new_tokens=4, chat=False, budget=0.5, threads=1)
+    on_cpu, on_gpu = run_generate(text, **args), run_generate(text, device="cuda", **args)
+    assert on_gpu["answer"] == on_cpu["answer"]

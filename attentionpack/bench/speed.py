@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .. import cache_nbytes, load_model
+from .. import cache_nbytes, check_device, load_model
 from ..eval.configs import make_cache, parse_config
 from ..eval.data import britannica_text, token_ids
 from ..eval.speed import clock, measure_speed
@@ -94,18 +94,6 @@ def _repeat(cache, batch: int) -> None:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_device(device: str) -> None:
-    """Raise with the fix when `device` is not "cpu" or a CUDA device this machine has."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as err:
-        raise ValueError(f"--device {device!r} is not a device ({err}); use cpu or cuda[:N]") from None
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: bench speed runs on cpu or cuda[:N]")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: no CUDA device is visible here (torch.cuda.is_available() is False)")
 
 
 def run(

@@ -92,6 +92,25 @@ def _read(folder: Path, what: str, load):
         ) from None
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device named by `device` ("cpu", "cuda", "cuda:N"), or a ValueError naming the fix when it is
+    not one or this machine has no such device (models and caches run on CPU or CUDA)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {device!r} is not a device ({err}); use cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: models and caches run on cpu or cuda[:N]")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {device!r}: no CUDA device is visible here (torch.cuda.is_available() is False)"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer) offline.
 
