@@ -80,7 +80,7 @@ def test_forms_it_does_not_take_are_named():
         positions=torch.arange(50, dtype=torch.int32).expand(B, -1),
     )
     pieces[1] = Piece(pre_rope, pieces[1].values, 4, 54)
-    assert "LowRankPart" in triton_decode.why_not(pieces, query)
+    assert "before RoPE" in triton_decode.why_not(pieces, query)  # the reason the C plan gives (plan.form_reason)
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):

@@ -211,31 +211,45 @@ def _codes(q: Quantized, keep: list[torch.Tensor], extra: list[torch.Tensor]) ->
     return [*out, q.codes.shape[-1], q.scales.shape[-1], q.group_size, q.bits]
 
 
+def form_reason(part: Part, axis: int, d: int) -> str:
+    """ "" when a one-call decoding step (this C kernel or `triton_decode`) reads `part`'s stored form — keys
+    (axis 2) or values (axis 3) of head dim d — else why not. Both backends read the same forms: exact rows of a
+    float dtype the kernels read, keys quantized per channel and values per token, factors after RoPE with
+    4/8-bit coefficients."""
+    if isinstance(part, ExactPart):
+        return "" if part.data.dtype in DTYPES else f"exact {part.data.dtype} states (the kernels read {list(DTYPES)})"
+    if isinstance(part, QuantizedPart):
+        if part.q.axis != axis or part.q.shape[3] != d:
+            return f"quantized along axis {part.q.axis} (the kernels read keys per channel, values per token)"
+        return ""
+    if isinstance(part, (QuantizedLowRankPart, LowRankPart)) and part.positions is not None:
+        return "low-rank keys stored before RoPE (rotated per token when read)"
+    if isinstance(part, QuantizedLowRankPart):
+        return ""
+    if isinstance(part, LowRankPart):
+        return "low-rank factors with unquantized coefficients (the kernels read 4/8-bit coefficients)"
+    return f"{type(part).__name__} (no kernel reads this form)"
+
+
 def _operand(
     part: Part, axis: int, b: int, d: int, keep: list[torch.Tensor], extra: list[torch.Tensor]
 ) -> tuple[int, list[int]] | str:
     """(kind, 13 fields) of keys or values — exact address, batch and head strides | codes, scales, mins, bytes per
     row, groups per row, group size, bits, rows R | basis address | dtype code of the exact rows or basis — or
     why the kernel cannot read the part."""
+    why = form_reason(part, axis, d)
+    if why:
+        return why
     if isinstance(part, ExactPart):
         ex = _exact(part.data, b, d)
         if ex is None:
-            return f"exact {part.data.dtype} states with strides {part.data.stride()} (the kernel reads rows of d)"
+            return f"exact states with strides {part.data.stride()} (the kernel reads rows of d)"
         keep.append(part.data)
         return EXACT, _exact_fields(ex)
     if isinstance(part, QuantizedPart):
-        if part.q.axis != axis or part.q.shape[3] != d:
-            return f"quantized along axis {part.q.axis} (the kernel reads keys per channel, values per token)"
         return QUANTIZED, [0, 0, 0, *_codes(part.q, keep, extra), d, 0, 0]
-    if isinstance(part, QuantizedLowRankPart):
-        if part.positions is not None:
-            return "low-rank keys stored before RoPE (rotated per token when read)"
-        return FACTORS, [0, 0, 0, *_codes(part.coeffs, keep, extra), part.coeffs.shape[2], *_basis(part, keep, extra)]
-    if isinstance(part, LowRankPart):
-        if part.positions is not None:
-            return "low-rank keys stored before RoPE (rotated per token when read)"
-        return "low-rank factors with unquantized coefficients (the kernel reads 4/8-bit coefficients)"
-    return f"{type(part).__name__} (no kernel reads this form)"
+    assert isinstance(part, QuantizedLowRankPart)  # (form_reason took every other form)
+    return FACTORS, [0, 0, 0, *_codes(part.coeffs, keep, extra), part.coeffs.shape[2], *_basis(part, keep, extra)]
 
 
 def _basis(part: QuantizedLowRankPart, keep: list[torch.Tensor], extra: list[torch.Tensor]) -> list[int]:

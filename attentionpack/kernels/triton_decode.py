@@ -9,7 +9,7 @@ times a basis) mixed with those weights. Nothing is dequantized to memory. The p
 segments — (max, sum, weighted values) per query row — are then merged in torch (rescaled to the common maximum,
 normalized), as `decode.c` merges its work items.
 
-Forms taken: those the C kernel takes (see `why_not`). Runs on CUDA tensors; on CPU only under Triton's
+Forms taken: those the C kernel takes (`plan.form_reason`, shared). Runs on CUDA tensors; on CPU only under Triton's
 interpreter (`TRITON_INTERPRET=1`, how the tests check it against a float64 reference). `attention/packed.py`
 calls it for CUDA queries (or any, with ATTENTIONPACK_DECODE=triton) and records the path as "triton".
 
@@ -27,14 +27,14 @@ from typing import Any
 import torch
 
 from ..parts import ExactPart, Part, Quantized, QuantizedLowRankPart, QuantizedPart, Segment
+from . import ACTIVATION_DTYPES
+from .plan import EXACT, FACTORS, QUANTIZED, form_reason  # operand kinds and forms: the C step's
 
 triton: Any = None  # imported on first use (optional: pip install 'attentionpack[gpu]'); the kernel reads `tl`
 tl: Any = None
 _import_error = ""
 
-EXACT, QUANTIZED, FACTORS = 0, 1, 2  # operand kinds, as in plan.py
 BLOCK_T = 64  # tokens per program
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def interpreted() -> bool:
@@ -72,7 +72,7 @@ def why_not(segments: Sequence[Segment], query: torch.Tensor) -> str:
     b, _, q, d = query.shape
     if q != 1:
         return f"{q} query tokens (the Triton step serves one-token decoding steps)"
-    if query.dtype not in FLOAT_DTYPES:
+    if query.dtype not in ACTIVATION_DTYPES:
         return f"queries are {query.dtype} (the Triton step takes float32, float16 or bfloat16)"
     why = reason(query.device)
     if why:
@@ -81,23 +81,12 @@ def why_not(segments: Sequence[Segment], query: torch.Tensor) -> str:
         if seg.index is not None:
             return f"a gathered {seg.modality} segment (vision-language modality group)"
         for name, part, axis in (("keys", seg.keys, 2), ("values", seg.values, 3)):
-            why = _form(part, axis, d)
+            why = form_reason(part, axis, d)
             if why:
                 return f"{seg.kind} segment [{seg.start}, {seg.end}) {name}: {why}"
             if part.tensors()[0].device != query.device:
                 return f"{seg.kind} segment [{seg.start}, {seg.end}) is on {part.tensors()[0].device}"
     return ""
-
-
-def _form(part: Part, axis: int, d: int) -> str:
-    if isinstance(part, ExactPart):
-        return "" if part.data.dtype in FLOAT_DTYPES else f"exact {part.data.dtype} states"
-    if isinstance(part, QuantizedPart):
-        ok = part.q.axis == axis and part.q.shape[3] == d
-        return "" if ok else f"quantized along axis {part.q.axis} (keys are read per channel, values per token)"
-    if isinstance(part, QuantizedLowRankPart):
-        return "" if part.positions is None else "low-rank keys stored before RoPE (rotated per token when read)"
-    return f"{type(part).__name__} (no Triton kernel reads this form)"
 
 
 def decode(
@@ -297,14 +286,13 @@ def _segment_partials(  # type: ignore[no-untyped-def]
     q = tl.load(q_ptr + (bh * M + rows[:, None]) * d + ch[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
 
     # scores (MP, BT)
+    tile = t_ok[:, None] & c_ok[None, :]  # (BT, DP) real tokens x real channels
+    exact_at = t[:, None] * d + ch[None, :]  # (BT, DP) offsets in exact rows, d apart
     if KEYS == 0:
-        keys = tl.load(
-            k_ptr + b * k_sb + h * k_sh + t[:, None] * d + ch[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0
-        ).to(tl.float32)  # (BT, DP)
+        keys = tl.load(k_ptr + b * k_sb + h * k_sh + exact_at, mask=tile, other=0.0).to(tl.float32)  # (BT, DP)
         s = tl.dot(q, tl.trans(keys), input_precision="ieee")
     elif KEYS == 1:  # per channel: row bh * d + c holds channel c's codes along T
-        ok = t_ok[:, None] & c_ok[None, :]
-        keys = _dequant(kc_ptr, ks_ptr, km_ptr, bh * d + ch, t, ok, k_nb, k_G, k_group, k_bits)  # (BT, DP)
+        keys = _dequant(kc_ptr, ks_ptr, km_ptr, bh * d + ch, t, tile, k_nb, k_G, k_group, k_bits)  # (BT, DP)
         s = tl.dot(q, tl.trans(keys), input_precision="ieee")
     else:  # keys = coefficients (BT, R) x basis rows of head h (R, d): score in the basis
         j = tl.arange(0, RKP)
@@ -334,13 +322,10 @@ def _segment_partials(  # type: ignore[no-untyped-def]
 
     # weighted values (MP, DP)
     if VALUES == 0:
-        vals = tl.load(
-            v_ptr + b * v_sb + h * v_sh + t[:, None] * d + ch[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0
-        ).to(tl.float32)
+        vals = tl.load(v_ptr + b * v_sb + h * v_sh + exact_at, mask=tile, other=0.0).to(tl.float32)  # (BT, DP)
         mixed = tl.dot(p, vals, input_precision="ieee")
     elif VALUES == 1:  # per token: row bh * T + t holds token t's codes along d
-        ok = c_ok[:, None] & t_ok[None, :]
-        vals = _dequant(vc_ptr, vs_ptr, vm_ptr, bh * T + t, ch, ok, v_nb, v_G, v_group, v_bits)  # (DP, BT)
+        vals = _dequant(vc_ptr, vs_ptr, vm_ptr, bh * T + t, ch, tl.trans(tile), v_nb, v_G, v_group, v_bits)  # (DP, BT)
         mixed = tl.dot(p, tl.trans(vals), input_precision="ieee")
     else:  # weights times coefficients (MP, R), then times the basis rows of head h
         j = tl.arange(0, RVP)
