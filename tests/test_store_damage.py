@@ -19,7 +19,8 @@ from store_helpers import prefill
 from tiny_models import build_model
 
 from attentionpack import PackConfig, PackedCache
-from attentionpack.cache.files import MANIFEST, TENSORS, _sha, canonical_json, tensor_checksums
+from attentionpack.cache.file_checks import MANIFEST, TENSORS, tensor_checksums
+from attentionpack.cache.tree import _sha, canonical_json
 from attentionpack.store import CacheFileError, load_cache
 
 ALL_REASONS = {"missing", "format", "damaged", "truncated", "model", "tokenizer", "config", "tokens", "malformed"}

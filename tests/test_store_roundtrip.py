@@ -11,7 +11,7 @@ from store_helpers import decode_both, folder_bytes, gemma3_path, prefill
 from tiny_models import MODEL_NAMES
 
 from attentionpack import PackConfig, PackedCache
-from attentionpack.cache.files import tensor_checksums
+from attentionpack.cache.file_checks import tensor_checksums
 from attentionpack.store import load_cache, read_manifest
 
 CONFIGS = {

@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
-from ..cache.files import FORMAT_VERSION, TENSORS, CacheFileError, LoadedCache, read_manifest, save_cache
+from ..cache.file_checks import FORMAT_VERSION, TENSORS, read_manifest
+from ..cache.files import LoadedCache, save_cache
 from ..cache.fingerprint import model_fingerprint, tokenizer_fingerprint
+from ..cache.tree import CacheFileError
 from .prefix import PrefixStore, load_cache, reusable_prefix
 
 __all__ = [

@@ -39,15 +39,10 @@ import torch
 from filelock import FileLock
 
 from ..cache import PackedCache, files
-from ..cache.files import (
-    CacheFileError,
-    LoadedCache,
-    build_files,
-    canonical_json,
-    read_manifest,
-    write_files,
-)
+from ..cache.file_checks import read_manifest
+from ..cache.files import LoadedCache, build_files, write_files
 from ..cache.fingerprint import config_sha256, model_fingerprint, tokenizer_fingerprint
+from ..cache.tree import CacheFileError, canonical_json
 
 if TYPE_CHECKING:
     from ..config import PackConfig
