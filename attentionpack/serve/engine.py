@@ -182,24 +182,7 @@ class Engine:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {
-                "running": len(self.active) + (self.prefilling is not None),
-                "queued": len(self.waiting),
-                "kv_bytes_held": self.held,
-                "kv_bytes_held_max": self.held_max,
-                "kv_bytes_reserved": self.reserved,
-                "kv_bytes_limit": self.kv_memory,
-                "kv_bytes_dynamic_equivalent": self.dynamic_equivalent,
-                "max_running": self.max_active,
-                "reservation_violations": self.reservation_violations,
-                "exact_fallbacks": self.exact_fallbacks,
-                "decode_steps": self.decode_steps,
-                "decode_seconds": self.decode_seconds,
-                "decode_tokens": self.decode_tokens,
-                "prefix_hits": self.prefix_hits,
-                "prefix_misses": self.prefix_misses,
-                "prefix_stored": self.prefix_stored,
-            }
+            return self.snapshot_unlocked()
 
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -446,6 +429,7 @@ class Engine:
             self.metrics.update(self.snapshot_unlocked())
 
     def snapshot_unlocked(self) -> dict:
+        """The engine's counters (call under the lock; `snapshot` takes it)."""
         return {
             "running": len(self.active) + (self.prefilling is not None),
             "queued": len(self.waiting),
@@ -454,7 +438,15 @@ class Engine:
             "kv_bytes_reserved": self.reserved,
             "kv_bytes_limit": self.kv_memory,
             "kv_bytes_dynamic_equivalent": self.dynamic_equivalent,
+            "max_running": self.max_active,
             "reservation_violations": self.reservation_violations,
+            "exact_fallbacks": self.exact_fallbacks,
+            "decode_steps": self.decode_steps,
+            "decode_seconds": self.decode_seconds,
+            "decode_tokens": self.decode_tokens,
+            "prefix_hits": self.prefix_hits,
+            "prefix_misses": self.prefix_misses,
+            "prefix_stored": self.prefix_stored,
         }
 
     @staticmethod
