@@ -198,14 +198,15 @@ def _tile(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-_dequant: Any = None  # the jitted `_dequant_tile`, which the kernel calls by this name
+_dequant: Any = None  # the jitted helpers, which the kernel calls by these names
+_factors: Any = None
 
 
 @functools.cache
 def _kernel() -> Any:
     """The jitted kernel, made on first use (Triton reads TRITON_INTERPRET when a function is jitted)."""
-    global _dequant
-    _dequant = triton.jit(_dequant_tile)
+    global _dequant, _factors
+    _dequant, _factors = triton.jit(_dequant_tile), triton.jit(_factor_tiles)
     return triton.jit(_segment_partials)
 
 
@@ -220,6 +221,20 @@ def _dequant_tile(codes_ptr, scales_ptr, mins_ptr, rows, at, ok, nb, G, group, b
     scale = tl.load(scales_ptr + g, mask=ok, other=0.0).to(tl.float32)
     low = tl.load(mins_ptr + g, mask=ok, other=0.0).to(tl.float32)
     return code.to(tl.float32) * scale + low
+
+
+def _factor_tiles(  # type: ignore[no-untyped-def]
+    codes_ptr, scales_ptr, mins_ptr, nb, G, group, bits, basis_ptr, R, b, h, Hp, d, t, t_ok, ch, c_ok, RP: tl.constexpr
+):
+    """The factors of sample b, head h over tokens t (BT,): coefficients (BT, RP) quantized along T (codes of
+    (B, R, nb), `_dequant_tile`) and the basis rows of head h (RP, DP) of the basis (B, R, Hp * d); zero past R."""
+    j = tl.arange(0, RP)
+    j_ok = j < R
+    coef = _dequant(codes_ptr, scales_ptr, mins_ptr, b * R + j, t, t_ok[:, None] & j_ok[None, :], nb, G, group, bits)
+    basis = tl.load(
+        basis_ptr + (b * R + j[:, None]) * (Hp * d) + h * d + ch[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0.0
+    ).to(tl.float32)
+    return coef, basis
 
 
 # (a Triton kernel: Triton types its arguments at launch; it is jitted in `_kernel`)
@@ -295,15 +310,9 @@ def _segment_partials(  # type: ignore[no-untyped-def]
         keys = _dequant(kc_ptr, ks_ptr, km_ptr, bh * d + ch, t, tile, k_nb, k_G, k_group, k_bits)  # (BT, DP)
         s = tl.dot(q, tl.trans(keys), input_precision="ieee")
     else:  # keys = coefficients (BT, R) x basis rows of head h (R, d): score in the basis
-        j = tl.arange(0, RKP)
-        j_ok = j < k_R
-        ok = t_ok[:, None] & j_ok[None, :]
-        coef = _dequant(kc_ptr, ks_ptr, km_ptr, b * k_R + j, t, ok, k_nb, k_G, k_group, k_bits)  # (BT, RKP)
-        basis = tl.load(
-            kb_ptr + (b * k_R + j[:, None]) * (Hp * d) + h * d + ch[None, :],
-            mask=j_ok[:, None] & c_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)  # (RKP, DP)
+        coef, basis = _factors(
+            kc_ptr, ks_ptr, km_ptr, k_nb, k_G, k_group, k_bits, kb_ptr, k_R, b, h, Hp, d, t, t_ok, ch, c_ok, RKP
+        )
         q_in_basis = tl.dot(q, tl.trans(basis), input_precision="ieee")  # (MP, RKP)
         s = tl.dot(q_in_basis, tl.trans(coef), input_precision="ieee")
 
@@ -328,15 +337,9 @@ def _segment_partials(  # type: ignore[no-untyped-def]
         vals = _dequant(vc_ptr, vs_ptr, vm_ptr, bh * T + t, ch, tl.trans(tile), v_nb, v_G, v_group, v_bits)  # (DP, BT)
         mixed = tl.dot(p, tl.trans(vals), input_precision="ieee")
     else:  # weights times coefficients (MP, R), then times the basis rows of head h
-        j = tl.arange(0, RVP)
-        j_ok = j < v_R
-        ok = t_ok[:, None] & j_ok[None, :]
-        coef = _dequant(vc_ptr, vs_ptr, vm_ptr, b * v_R + j, t, ok, v_nb, v_G, v_group, v_bits)  # (BT, RVP)
-        basis = tl.load(
-            vb_ptr + (b * v_R + j[:, None]) * (Hp * d) + h * d + ch[None, :],
-            mask=j_ok[:, None] & c_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)  # (RVP, DP)
+        coef, basis = _factors(
+            vc_ptr, vs_ptr, vm_ptr, v_nb, v_G, v_group, v_bits, vb_ptr, v_R, b, h, Hp, d, t, t_ok, ch, c_ok, RVP
+        )
         w = tl.dot(p, coef, input_precision="ieee")  # (MP, RVP)
         mixed = tl.dot(w, basis, input_precision="ieee")
 
