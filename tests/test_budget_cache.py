@@ -119,6 +119,24 @@ def test_first_components_equal_a_lower_rank_encoding():
     )
 
 
+def test_candidate_mixes_equal_each_candidates_own_mix():
+    """The planner mixes the low-rank value candidates through one product with the shared coefficients; each
+    equals that candidate's own mix (and the quantized ones are the kernels' mixes)."""
+    from attentionpack.budget.candidates import VALUE_CANDIDATES, candidate_mixes, encode_candidates
+    from attentionpack.kernels import ops
+
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(2, 3, 400, 64, generator=g)  # (B, H, T, d): long enough for low-rank candidates
+    values = encode_candidates(v, False, VALUE_CANDIDATES, PackConfig())
+    assert sum(label.startswith("lr") for label, _ in values) >= 2
+    p = torch.softmax(torch.randn(2, 3, 5, 400, generator=g), -1)
+    mixes = candidate_mixes(values, p)
+    assert set(mixes) == {label for label, _ in values if label != "exact"}
+    for label, part in values:
+        if label != "exact":
+            torch.testing.assert_close(mixes[label], ops.mix(part, p).float(), atol=1e-5, rtol=1e-5)
+
+
 def test_budget_config_names():
     from attentionpack.eval.configs import parse_config
 

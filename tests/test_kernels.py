@@ -53,6 +53,49 @@ def test_parts_agree_with_and_without_kernels(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape,axis,group",
+    [
+        ((2, 3, 300, 64), 2, 32),  # keys per channel
+        ((2, 3, 300, 64), 3, 32),  # values per token
+        ((1, 3, 77, 64), 3, 24),  # a group that does not divide the row
+        ((1, 2, 45, 80), 2, 32),  # the last group padded by repeating the last element
+        ((1, 530, 98), 1, 32),  # low-rank coefficients along tokens
+        ((3, 5, 7), -1, 8),  # a row shorter than the group
+        ((1, 3, 40, 64), 2, 16),
+    ],
+)
+def test_quantize_widths_equals_the_torch_reference_bit_for_bit(dtype, shape, axis, group):
+    g = torch.Generator().manual_seed(sum(shape) + group)
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    x.view(-1)[::7] = 0.0  # zero extremes in some groups (the sign of zero the reference keeps)
+    fast, ref = ops.quantize_widths(x, (8, 4, 2), group, axis), Q.quantize_widths(x, (8, 4, 2), group, axis)
+    for bits in (8, 4, 2):
+        a, b = fast[bits], ref[bits]
+        assert (a.shape, a.dtype, a.axis, a.group_size, a.bits) == (b.shape, b.dtype, b.axis, b.group_size, b.bits)
+        assert torch.equal(a.codes, b.codes)
+        for t, u in ((a.scales, b.scales), (a.mins, b.mins)):
+            assert torch.equal(t.view(torch.int16), u.view(torch.int16))  # the stored float16 bits
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e6])
+def test_quantize_widths_refuses_what_float16_cannot_hold(bad):
+    x = torch.randn(2, 3, 64, 64)
+    x[1, 2, 5, 7] = bad
+    with pytest.raises(ValueError, match="finite, with groups inside the float16 range"):
+        ops.quantize_widths(x, (4,), 32, 2)
+    with pytest.raises(ValueError, match="bits"):
+        ops.quantize_widths(torch.randn(4, 64), (3,), 32, -1)
+
+
+def test_quantize_widths_without_kernels_is_the_reference(monkeypatch):
+    x = torch.randn(2, 3, 50, 64)
+    monkeypatch.setattr(ops, "library", lambda: None)
+    got, ref = ops.quantize_widths(x, (4, 2), 32, 3), Q.quantize_widths(x, (4, 2), 32, 3)
+    assert all(torch.equal(got[b].codes, ref[b].codes) and torch.equal(got[b].scales, ref[b].scales) for b in (4, 2))
+
+
 def test_disabled_kernels_fall_back(monkeypatch):
     monkeypatch.setenv("ATTENTIONPACK_KERNELS", "0")
     monkeypatch.setattr(kernels, "_tried", False)

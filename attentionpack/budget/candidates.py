@@ -12,6 +12,8 @@ import torch
 from ..codecs import energy_rank, spectrum_and_basis
 from ..codecs.lowrank import score_weighting
 from ..config import PackConfig
+from ..kernels import ops
+from ..kernels.ops import quantize_widths
 from ..parts import (
     ExactPart,
     Factors,
@@ -20,7 +22,7 @@ from ..parts import (
     QuantizedLowRankPart,
     QuantizedPart,
     Segment,
-    quantize_widths,
+    dequantize_native,
     storage_nbytes,
 )
 
@@ -87,12 +89,9 @@ def encode_candidates(
         f = Factors(seen @ basis, right.contiguous())  # (B, T, top), (B, top, D)
         # coefficients are quantized per column (groups along T): the first r columns of the top-rank
         # encoding are exactly the rank-r encoding, so each bit width is quantized once
-        full = {
-            bits: QuantizedLowRankPart.from_factors(
-                f, h, None, (), coeff_bits=bits, basis_bits=16, coeff_group=cfg.quant_group
-            )
-            for bits in {s["bits"] for _, s in lowrank}
-        }
+        coeffs = quantize_widths(f.coeffs, tuple({s["bits"] for _, s in lowrank}), cfg.quant_group, axis=1)
+        basis16 = f.basis.to(torch.float16)  # as QuantizedLowRankPart.from_factors(..., basis_bits=16) stores it
+        full = {bits: QuantizedLowRankPart(q, basis16, h, None, ()) for bits, q in coeffs.items()}
     widths = tuple(s["bits"] for s in table.values() if s["codec"] == "quant")
     quantized = quantize_widths(x, widths, cfg.quant_group, axis=2 if is_key else 3)  # keys per channel
     for label, spec in table.items():
@@ -137,3 +136,31 @@ def first_components(part: QuantizedLowRankPart, r: int, sample_ranks: tuple[int
     basis = part.basis
     assert not isinstance(basis, Quantized), "budget candidates keep a float16 basis"
     return QuantizedLowRankPart(coeffs, basis[:, :r].clone(), part.num_heads, None, sample_ranks)
+
+
+def candidate_mixes(values: list[tuple[str, Part]], p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The weights' mix p (B, H, M, T) of every value candidate but exact -> {label: (B, H, M, d) float32}. The
+    low-rank candidates of one coefficient width are the first components of one factorization
+    (`encode_candidates`), so p meets their coefficients once: y = p @ C (B, H, M, R) with the largest's R, then
+    candidate r is y[..., :r] @ its basis rows (`ops.mix` would read the T coefficients once per candidate)."""
+    out: dict[str, torch.Tensor] = {}
+    families: dict[int, list[tuple[str, QuantizedLowRankPart]]] = {}
+    for label, part in values:
+        if label == "exact":
+            continue
+        if isinstance(part, QuantizedLowRankPart) and part.positions is None and not isinstance(part.basis, Quantized):
+            families.setdefault(part.coeffs.bits, []).append((label, part))
+        else:
+            out[label] = ops.mix(part, p).float()
+    for family in families.values():
+        top = max((part for _, part in family), key=lambda part: part.coeffs.shape[2])
+        coeffs = dequantize_native(top.coeffs, torch.float32)  # (B, R, T): the shared prefix of every candidate
+        y = p.float() @ coeffs.transpose(1, 2).unsqueeze(1)  # (B, H, M, R)
+        basis = top.basis
+        assert isinstance(basis, torch.Tensor), "a family keeps a float basis (filtered above)"
+        b, r, _ = basis.shape
+        per_head = basis.float().view(b, r, top.num_heads, -1).transpose(1, 2)  # (B, H, R, d)
+        for label, part in family:
+            rank = part.coeffs.shape[2]
+            out[label] = y[..., :rank] @ per_head[:, :, :rank]
+    return out

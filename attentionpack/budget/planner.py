@@ -50,6 +50,7 @@ from .candidates import (
     KEY_CANDIDATES,
     VALUE_CANDIDATES,
     candidate_config,
+    candidate_mixes,
     codec_labels,
     encode_candidates,
 )
@@ -59,6 +60,7 @@ from .knapsack import BudgetError, Option, allocate
 QUERIES = 16  # observation-window queries per layer that measure errors
 SELECT = 32  # with eviction candidates: the prompt queries before those, which choose the tokens kept
 SPREAD = 16  # with eviction candidates: more judge queries, spread over the prompt's second half (read far back)
+CANDIDATE_BLOCK = 1 << 22  # logits (floats) of the key candidates scored in one batch of operations
 
 
 class BudgetLayer(Protocol):
@@ -272,26 +274,29 @@ class BudgetPlanner:
         total_out = sum(w.sum(-1, keepdim=True) for w in w_out)  # (B, H, G*w, 1)
         mixed_out = sum(w @ v for w, v in zip(w_out, v_out, strict=False))  # (B, H, G*w, d)
         v_span = c.values[..., a:b, :]
+        scored = [part for label, part in keys if label != "exact"]
+        errors: list[float] = []
+        per = max(1, CANDIDATE_BLOCK // max(1, c.logits[..., a:b].numel()))  # candidates scored together
+        for i in range(0, len(scored), per):  # several candidates' softmax in one set of operations
+            spans = torch.stack([ops.scores(part, c.queries, start, end, None) for part in scored[i : i + per]])
+            span = spans.float().mul_(c.scaling)  # (K, B, H, G*w, n) logits on the stored forms
+            if masked is not None:
+                span.masked_fill_(masked, float("-inf"))
+            top = torch.maximum(c.top, span.amax(-1, keepdim=True))  # the new row maximum
+            e = span.sub_(top).exp_()
+            shrink = torch.exp(c.top - top)  # rescales the other keys' share to the new maximum
+            total = total_out * shrink + e.sum(-1, keepdim=True)
+            out = (mixed_out * shrink + e @ v_span) / total.clamp_min(1e-30)
+            errors += self._errors(out - c.out, c)
+        judged = iter(errors)  # in the order of `scored`
         for label, part in keys:
-            err = 0.0
-            if label != "exact":
-                span = ops.scores(part, c.queries, start, end, None)  # (B, H, G*w, n) on the stored form
-                span = span.float().mul_(c.scaling)  # a new tensor of this candidate's: changed in place below
-                if masked is not None:
-                    span.masked_fill_(masked, float("-inf"))
-                top = torch.maximum(c.top, span.amax(-1, keepdim=True))  # the new row maximum
-                e = span.sub_(top).exp_()
-                shrink = torch.exp(c.top - top)  # rescales the other keys' share to the new maximum
-                total = total_out * shrink + e.sum(-1, keepdim=True)
-                out = (mixed_out * shrink + e @ v_span) / total.clamp_min(1e-30)
-                err = self._error(out - c.out, c)
+            err = 0.0 if label == "exact" else next(judged)
             pend.keys.append((label, part, storage_nbytes(part.tensors()), err))
         probs_span = c.weights[..., a:b] / c.total.clamp_min(1e-30)  # (B, H, G*w, n)
         exact_mix = probs_span @ v.float()  # (B, H, G*w, d)
+        mixes = candidate_mixes(values, probs_span)  # padding rows are zero in every encoding and get no weight
         for label, part in values:
-            err = 0.0
-            if label != "exact":  # padding rows are zero in every encoding's input and get no weight
-                err = self._error(ops.mix(part, probs_span).float() - exact_mix, c)
+            err = 0.0 if label == "exact" else self._error(mixes[label] - exact_mix, c)
             pend.values.append((label, part, storage_nbytes(part.tensors()), err))
         if kind == "span" and c.importance is not None and not layer.sliding_window:  # sliding layers: never
             pend.evictions = evictions(
@@ -389,6 +394,12 @@ class BudgetPlanner:
     def _error(diff: torch.Tensor, c: _Context) -> float:
         """Squared output error relative to the window output's energy, times the layer's weight."""
         return c.weight * float(diff.square().sum()) / max(c.energy, 1e-30)
+
+    @staticmethod
+    def _errors(diffs: torch.Tensor, c: _Context) -> list[float]:
+        """`_error` of each of K candidates' output differences diffs (K, ...)."""
+        sums = diffs.square().flatten(1).sum(1).tolist()
+        return [c.weight * s / max(c.energy, 1e-30) for s in sums]
 
 
 def _codec_bytes(config: PackConfig, pending: _Pending) -> int:

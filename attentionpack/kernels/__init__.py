@@ -4,7 +4,8 @@ Eager PyTorch spends most of a decoding step on quantized parts turning codes in
 unpack, one to scale, one to read them again in a matmul). `part_ops.c` reads each code once and accumulates the
 attention output (or the scores) of one part directly (`ops.py` picks it per part); `decode.c` runs a whole
 one-token step of a layer (every segment's scores, the softmax and the value mix) in one call over a table that
-`plan.py` builds when segments freeze. Plain C sharing `common.h`, built with the system C compiler into
+`plan.py` builds when segments freeze; `quantize.c` group-quantizes rows at several bit widths in one pass (the
+budget's candidates, `ops.quantize_widths`). Plain C sharing `common.h`, built with the system C compiler into
 ~/.cache/attentionpack/kernels (once per machine and source version) and called through ctypes.
 
 The C code sums in float32 whatever it reads: `mix_rows` and `scores_cols` take float32, float16 or bfloat16
@@ -32,7 +33,7 @@ import torch
 from ..resources import cache_root
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "part_ops.c", HERE / "decode.c"]  # both include common.h
+SOURCES = [HERE / "part_ops.c", HERE / "decode.c", HERE / "quantize.c"]  # each includes common.h
 # -mtune=haswell: gcc tunes some AMD cores (znver1) for 128-bit vectors, which halves the speed of these loops
 FLAGS = [
     "-O3",
@@ -88,7 +89,8 @@ def _build() -> ctypes.CDLL | None:
     lib.ap_mix_rows.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int, i64]
     lib.ap_scores_cols.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int]
     lib.ap_decode.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_float, ctypes.c_float, ptr, i64, i64, i64, i64]
-    lib.ap_mix_rows.restype = lib.ap_scores_cols.restype = lib.ap_decode.restype = None
+    lib.ap_quantize.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr]
+    lib.ap_mix_rows.restype = lib.ap_scores_cols.restype = lib.ap_decode.restype = lib.ap_quantize.restype = None
     return lib
 
 
@@ -190,3 +192,34 @@ def scores_cols(
     assert lib is not None, reason()
     lib.ap_scores_cols(_ptr(codes), _ptr(scales), _ptr(mins), _ptr(x), _ptr(out), n, m, r, tokens, nb, g, group, bits)
     return out
+
+
+def quantize_rows(
+    x: torch.Tensor, widths: tuple[int, ...], group: int
+) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor] | None:
+    """Group-quantize contiguous float32 rows x (*N, L) at every width of `widths` in one pass (quantize.c, the
+    arithmetic of `parts.quant.quantize_widths`): ({bits: (codes (*N, nb) uint8 in `pack`'s layout, scales (*N, G)
+    float16)}, mins (*N, G) float16), G = ceil(L / group); None when a minimum or a scale is not finite (the torch
+    reference then raises its error)."""
+    lead, length = x.shape[:-1], x.shape[-1]
+    g = min(group, length)
+    n_groups = -(-length // g)
+    rows = x.numel() // length
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for bits in widths:
+        per = 8 // bits
+        out[bits] = (
+            torch.empty(*lead, -(-(n_groups * g) // per), dtype=torch.uint8),
+            torch.empty(*lead, n_groups, dtype=torch.float16),
+        )
+    mins = torch.empty(*lead, n_groups, dtype=torch.float16)
+    table = torch.tensor(
+        [list(widths), [out[b][0].data_ptr() for b in widths], [out[b][1].data_ptr() for b in widths]],
+        dtype=torch.int64,
+    )  # (3, widths): bits, codes and scales addresses
+    bad = torch.zeros(1, dtype=torch.int64)
+    lib = library()
+    assert lib is not None, reason()
+    bits, codes, scales = (_ptr(row) for row in table)
+    lib.ap_quantize(_ptr(x), rows, length, g, n_groups, bits, len(widths), codes, scales, _ptr(mins), _ptr(bad))
+    return None if int(bad) else (out, mins)

@@ -132,6 +132,11 @@ static void mix_range(const uint8_t *restrict codes, const _Float16 *restrict sc
 #define SUB 64  /* tokens per dequantized tile of rows quantized along tokens */
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
+
+static inline v16 select16(i16 mask, v16 yes, v16 no) {  /* lanes of `yes` where mask is set, else of `no` */
+    return (v16)(((i16)yes & mask) | ((i16)no & ~mask));
+}
 
 /* Tokens [t0, t0 + len) of one row quantized along tokens, as floats: codes -> rb -> db = code * scale + min. */
 static inline __attribute__((always_inline)) void dequant_tokens(

@@ -43,12 +43,6 @@ static inline int64_t own_head(const piece_t *pc, int64_t h) {
 
 #define DBLK 256  /* tokens per work item (rounded to whole key groups) */
 
-typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
-
-static inline v16 select16(i16 mask, v16 yes, v16 no) {  /* lanes of `yes` where mask is set, else of `no` */
-    return (v16)(((i16)yes & mask) | ((i16)no & ~mask));
-}
-
 /* Largest of x[0 .. n), 16 lanes at a time. */
 static inline float row_max(const float *restrict x, int64_t n) {
     v16 m;

@@ -12,6 +12,7 @@ from .lowrank_quant import QuantizedLowRankPart
 from .quant import (
     Quantized,
     QuantizedPart,
+    check_quantize,
     dequantize,
     dequantize_native,
     error_bound,
@@ -42,6 +43,7 @@ __all__ = [
     "quantize",
     "quantize_keys",
     "quantize_values",
+    "check_quantize",
     "quantize_widths",
     "storage_nbytes",
 ]

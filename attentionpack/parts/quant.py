@@ -134,9 +134,8 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int = -1) -> Qua
     return quantize_widths(x, (bits,), group_size, axis)[bits]
 
 
-def quantize_widths(x: torch.Tensor, widths: tuple[int, ...], group_size: int, axis: int = -1) -> dict[int, Quantized]:
-    """`quantize` at several bit widths at once: the groups, their ranges and their offsets from the minimum are
-    found once (a budget weighs every width of the same tensor); each width then only divides by its scale."""
+def check_quantize(x: torch.Tensor, widths: tuple[int, ...], group_size: int, axis: int) -> int:
+    """Validate `quantize_widths`'s arguments (a ValueError naming the problem); returns the axis made positive."""
     where = "quantize"
     for bits in widths:
         _check_bits_group(where, bits, group_size)
@@ -146,7 +145,15 @@ def quantize_widths(x: torch.Tensor, widths: tuple[int, ...], group_size: int, a
         _bad(where, "x.shape", tuple(x.shape), "non-empty with at least one dim")
     if isinstance(axis, bool) or not isinstance(axis, int) or not -x.ndim <= axis < x.ndim:
         _bad(where, "axis", axis, f"an integer in [{-x.ndim}, {x.ndim - 1}] for a {x.ndim}-dim tensor")
-    axis %= x.ndim
+    return axis % x.ndim
+
+
+def quantize_widths(x: torch.Tensor, widths: tuple[int, ...], group_size: int, axis: int = -1) -> dict[int, Quantized]:
+    """`quantize` at several bit widths at once: the groups, their ranges and their offsets from the minimum are
+    found once (a budget weighs every width of the same tensor); each width then only divides by its scale.
+    The torch reference; `kernels.ops.quantize_widths` computes the same in one C pass where it can."""
+    where = "quantize"
+    axis = check_quantize(x, widths, group_size, axis)
     length = x.shape[axis]
     g = min(group_size, length)
     n_groups = -(-length // g)
