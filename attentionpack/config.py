@@ -19,6 +19,8 @@ MODALITY_FIELDS = tuple(
     for p in ("key", "value")
     for n in ("codec", "rank", "rank_fraction", "energy", "max_rank_fraction", "bits")
 )
+# and what image and video tokens may set besides: eviction per image (or group of frames)
+VISUAL_FIELDS = ("keep", "evicted_bits")
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,11 @@ class PackConfig:
     modality groups — text, each image (or all images of a sample, `image_basis="shared"`), each group of
     `video_group_frames` video frames — each with its own basis. `text`, `image` and `video` override the codec
     fields above for that modality's tokens, e.g. `image={"key_energy": 0.9, "value_bits": 2}` or
-    `text={"key_codec": "exact", "value_codec": "exact"}` (only images compressed). Allowed keys: MODALITY_FIELDS.
+    `text={"key_codec": "exact", "value_codec": "exact"}` (only images compressed). Allowed keys: MODALITY_FIELDS,
+    and for image and video tokens VISUAL_FIELDS: `image={"keep": 0.25}` keeps, per sample, KV head and image
+    (group of frames), the quarter of its tokens the prompt's last `observation` queries (its text, after the
+    image) attend to most, in the image codec fields' form; `evicted_bits` demotes the rest instead of dropping
+    them (as `keep` / `evicted_bits` do for text spans; not on sliding-window layers).
     """
 
     key_codec: Codec = "lowrank"
@@ -209,8 +215,9 @@ class PackConfig:
             overrides = getattr(self, modality)
             if overrides is None:
                 continue
-            if not isinstance(overrides, dict) or any(k not in MODALITY_FIELDS for k in overrides):
-                _bad(modality, overrides, f"None or a dict with keys among {MODALITY_FIELDS}")
+            allowed = MODALITY_FIELDS + (VISUAL_FIELDS if modality != "text" else ())
+            if not isinstance(overrides, dict) or any(k not in allowed for k in overrides):
+                _bad(modality, overrides, f"None or a dict with keys among {allowed}")
             object.__setattr__(self, modality, dict(overrides))  # a private copy: later edits cannot bypass checks
             try:
                 self.for_modality(modality)
@@ -222,7 +229,9 @@ class PackConfig:
         overrides = getattr(self, modality) if modality in ("text", "image", "video") else None
         if not overrides:
             return self
-        return dataclasses.replace(self, text=None, image=None, video=None, **overrides)
+        # a budget never chooses image or video encodings (it declines those prompts or refuses them)
+        budget = self.budget if modality == "text" else None
+        return dataclasses.replace(self, text=None, image=None, video=None, budget=budget, **overrides)
 
     @property
     def decode_chunk(self) -> int:
@@ -238,8 +247,18 @@ class PackConfig:
 
     @property
     def per_head(self) -> bool:
-        """Heads or tokens are treated apart: retrieval heads, eviction."""
-        return self.retrieval_heads is not None or self.keep is not None
+        """Heads or tokens are treated apart: retrieval heads, eviction (of text, images or video frames)."""
+        return self.retrieval_heads is not None or self.evicts
+
+    @property
+    def evicts(self) -> bool:
+        """Some tokens are kept by importance: `keep` (text spans) or an image/video override's `keep`."""
+        return self.keep is not None or self.evicts_visual
+
+    @property
+    def evicts_visual(self) -> bool:
+        """An image or video override sets `keep`: those tokens are kept by the attention the prompt gives them."""
+        return any(isinstance(o, dict) and o.get("keep") is not None for o in (self.image, self.video))
 
     @property
     def is_lossless(self) -> bool:

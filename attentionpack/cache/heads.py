@@ -7,7 +7,9 @@ score-based eviction (SnapKV), stored as per-head segments (`parts.Segment.heads
   tokens' weight is n exp(q k̂)).
 - `freeze_evicted` (SnapKV, arXiv 2404.14469; "demote, don't drop" as an option): per sample and KV head the
   `keep` share of the span's tokens that the prompt's last queries attend to most (`importance`), the rest dropped
-  or stored at `evicted_bits`.
+  or stored at `evicted_bits`. `evicted_pieces` is the selection itself; the layer also applies it to each image
+  (or video frame group) of a vision-language prompt whose modality sets `keep`, ranked by the attention the
+  prompt's last (text) queries give its tokens.
 
 Shapes: B batch, H KV heads, n tokens of the span, d head dim.
 """
@@ -24,6 +26,7 @@ from ..parts import ExactPart, Kind, Part, QuantizedPart, Segment
 from ..scoring.observation import token_importance
 
 if TYPE_CHECKING:  # the layer calls these functions
+    from ..config import PackConfig
     from .layer import PackedLayer, StepContext
 
 
@@ -77,17 +80,38 @@ def freeze_evicted(
     `evicted_bits` (demote). k, v (B, H, n, d), valid (B, n); scored: (cache index of column 0, (B, H, N)
     importance of the tokens from there on)."""
     first, scores = scored
+    cfg = layer.codecs["text"]
+    pieces = evicted_pieces(k, v, valid, scores[:, :, start - first : end - first], cfg, layer.query_moments)
+    for i, (keys, values, log) in enumerate(pieces):
+        layer.add_segment(
+            Segment(start, end, keys, values, "span", slots=log), k.shape[2] if i == len(pieces) - 1 else 0
+        )
+
+
+def evicted_pieces(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    score: torch.Tensor,
+    cfg: PackConfig,
+    query_moments: torch.Tensor | None,
+) -> list[tuple[Part, Part, torch.Tensor]]:
+    """The slot parts of one evicted run of tokens: k, v (B, H, n, d) (keys after RoPE), valid (B, n), score
+    (B, H, n) each token's importance. Per sample and head the `cfg.keep` share of the real tokens with the highest
+    scores, in cache order, in `cfg`'s codec form; then, with `cfg.evicted_bits`, the rest at that many bits.
+    Returns [(keys, values, slots (B, H, m) float16: 0 for a token, -inf for an empty slot)]."""
     b, h, n, d = k.shape
-    score = scores[:, :, start - first : end - first].masked_fill(~valid[:, None, :], float("-inf"))  # (B, H, n)
-    share = layer.config.keep
+    score = score.masked_fill(~valid[:, None, :], float("-inf"))  # (B, H, n)
+    share = cfg.keep
     assert share is not None
     kept = min(n, max(1, math.ceil(share * int(valid.sum(dim=1).max()))))
     order = score.argsort(dim=-1, descending=True, stable=True)
-    cfg = layer.codecs["text"].replace(key_pre_rope=False)  # one slot, different tokens per head: no positions
-    pieces: list[tuple[torch.Tensor, int | None]] = [(order[..., :kept], None)]
-    if layer.config.evicted_bits is not None and kept < n:  # demote, don't drop
-        pieces.append((order[..., kept:], layer.config.evicted_bits))
-    for i, (rows, bits) in enumerate(pieces):
+    cfg = cfg.replace(key_pre_rope=False)  # one slot, different tokens per head: no positions
+    rows_bits: list[tuple[torch.Tensor, int | None]] = [(order[..., :kept], None)]
+    if cfg.evicted_bits is not None and kept < n:  # demote, don't drop
+        rows_bits.append((order[..., kept:], cfg.evicted_bits))
+    out: list[tuple[Part, Part, torch.Tensor]] = []
+    for rows, bits in rows_bits:
         rows = rows.sort(dim=-1).values  # (B, H, m) in cache order
         real = score.gather(-1, rows) > float("-inf")  # (B, H, m): False for the empty slots of short samples
         log = torch.zeros(real.shape, dtype=torch.float16, device=k.device).masked_fill_(~real, float("-inf"))
@@ -98,14 +122,13 @@ def freeze_evicted(
         values: Part
         if bits is None:
             every = torch.ones(b, rows.shape[-1], dtype=torch.bool, device=k.device)
-            keys, values = (
-                encode_keys(ks, every, cfg, None, None, layer.query_moments),
-                encode_values(vs, every, cfg),
-            )
+            keys = encode_keys(ks, every, cfg, None, None, query_moments)
+            values = encode_values(vs, every, cfg)
         else:
             keys = QuantizedPart.keys(ks, bits, cfg.quant_group)
             values = QuantizedPart.values(vs, bits, cfg.quant_group)
-        layer.add_segment(Segment(start, end, keys, values, "span", slots=log), n if i == len(pieces) - 1 else 0)
+        out.append((keys, values, log))
+    return out
 
 
 def importance(keys: torch.Tensor, valid: torch.Tensor, observation: tuple[torch.Tensor, float]) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ..config import PackConfig
 from ..kernels.plan import DecodePlan
 from ..models.registry import LayerSpec
 from ..parts import BatchFn, ExactPart, Kind, Modality, Part, RopeFn, Segment, storage_nbytes
-from .heads import freeze_evicted, freeze_razor, importance
+from .heads import evicted_pieces, freeze_evicted, freeze_razor, importance
 from .layer_stats import layer_rows
 from .tail import ExactTail
 
@@ -335,7 +335,8 @@ class PackedLayer(CacheLayerMixin):
         # them), unless it declines the prompt (a target budget on image/video tokens): then the codec fields do
         self._budgeted = prefill and self.planner is not None and self.planner.begin(self, ctx)
         self._importance = None
-        if prefill and self.config.keep is not None and ctx.observation is not None and not self.is_sliding:
+        evicts = self.config.keep is not None or ctx.layout is not None and self.config.evicts_visual
+        if prefill and evicts and ctx.observation is not None and not self.is_sliding:
             keys, _, _, valid = self._compress_view()
             self._importance = (tail_start, importance(keys, valid, ctx.observation))
         if self.sink_end is None:  # first call: the tail starts at token 0
@@ -388,7 +389,7 @@ class PackedLayer(CacheLayerMixin):
         elif compress and self.retrieval is not None and len(self.retrieval) < self.spec.num_kv_heads:
             freeze_razor(self, start, end, kind, k, v, pos, valid, ctx)
             return
-        elif compress and kind == "span" and self._importance is not None:
+        elif compress and kind == "span" and self._importance is not None and self.config.keep is not None:
             freeze_evicted(self, start, end, k, v, valid, self._importance)
             return
         elif compress:
@@ -423,6 +424,18 @@ class PackedLayer(CacheLayerMixin):
             gvalid = valid.gather(1, local) & g.valid  # real tokens only: padding slots and padding tokens are zeroed
             cfg = self.codecs[g.modality]
             slots = int(g.valid.sum(dim=1).max())
+            kind: Kind = "span" if g.modality == "text" else g.modality
+            modality: Modality = g.modality
+            if cfg.keep is not None and g.modality != "text" and self._importance is not None:
+                # the image's (frames') tokens the prompt's last queries attend to most: slot segments per head
+                first, scores = self._importance
+                score = scores.gather(2, (local + start - first)[:, None, :].expand(-1, h, -1))  # (B, H, m)
+                pieces = evicted_pieces(gk, gv, gvalid, score, cfg, self.query_moments)
+                for keys, values, log in pieces:
+                    seg = Segment(g.start, g.end, keys, values, kind, modality=modality, group=g.name, slots=log)
+                    self.segments.append(seg)
+                    self.plan.add(seg)
+                continue
             key_part: Part
             value_part: Part
             if slots >= self.config.min_span:
@@ -430,8 +443,6 @@ class PackedLayer(CacheLayerMixin):
                 value_part = encode_values(gv, gvalid, cfg)
             else:
                 key_part, value_part = ExactPart(gk), ExactPart(gv)
-            kind: Kind = "span" if g.modality == "text" else g.modality
-            modality: Modality = g.modality
             self.segments.append(
                 Segment(
                     g.start,

@@ -398,6 +398,12 @@ class PackedCache(Cache):
         heads = self.adapter.layers[layer_idx].num_kv_heads
         self._moments[layer_idx] = query_moments(module, hidden, pe, heads, valid)
 
+    @property
+    def observes(self) -> bool:
+        """A prompt's last queries are kept for eviction: `keep` without a budget (a budget's own eviction
+        candidates are chosen by its planner), or image/video tokens kept by importance."""
+        return self.config.keep is not None and self.planner is None or self.config.evicts_visual
+
     def _note_observation(self, layer_idx: int, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Attention pre-hook of a multi-token call: its last `PackConfig.observation` queries (eviction)."""
         inputs = multi_token_inputs(args, kwargs)
@@ -486,7 +492,7 @@ def _install_hooks(model: Any, adapter: ModelAdapter) -> list[Any]:
                 cache.planner.note_attention(idx, module, args, kwargs)
             if isinstance(cache, PackedCache) and cache.wants_query_moments:
                 cache._note_queries(idx, module, args, kwargs)
-            if isinstance(cache, PackedCache) and cache.config.keep is not None and cache.planner is None:
+            if isinstance(cache, PackedCache) and cache.observes:
                 cache._note_observation(idx, module, args, kwargs)
 
         handles.append(attn.register_forward_pre_hook(on_attention, with_kwargs=True))
