@@ -171,3 +171,49 @@ def test_a_preset_with_image_eviction_evicts_images():
     assert any(s.slots is not None for layer in kept.layers for s in _image_segments(layer))
     assert not any(s.slots is not None for layer in whole.layers for s in layer.segments)
     assert kept.nbytes() < whole.nbytes()
+
+
+QUANT = PackConfig(
+    key_codec="quant", key_bits=4, value_codec="quant", value_bits=4, key_energy=None, value_energy=None,
+    sink=2, window=6, chunk=8, min_span=1,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("image", [None, {"keep": 0.5}])
+def test_gathered_groups_decode_on_the_fused_step(family, image, monkeypatch):
+    """Vision-language modality groups (per sample their own cache indices, padding slots for samples with fewer
+    or smaller images, left padding) are read by the one-call C step, their mask passed as slots: the same logits
+    as the per-part torch path."""
+    from attentionpack.kernels.plan import DecodePlan
+
+    model, inputs = tiny_vlm(family), vlm_inputs(family, IMAGES[family], seed=18)
+    config = QUANT.replace(image=image)
+    fused = PackedCache(model, config)
+    out = _generate(model, fused, inputs, new=6)
+    paths = fused.stats()["attention_paths"]
+    assert paths.get("fused", 0) > 0 and not paths.get("per_part", 0), paths
+    assert any(s.index is not None for layer in fused.layers for s in layer.segments)
+    monkeypatch.setattr(DecodePlan, "why_not", lambda *a: "the per-part path, for comparison")
+    ref_cache = PackedCache(model, config)
+    ref = _generate(model, ref_cache, inputs, new=6)
+    assert ref_cache.stats()["attention_paths"].get("fused", 0) == 0
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=0, atol=1e-4)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_gathered_groups_decode_on_the_triton_step_as_on_the_c_step(monkeypatch):
+    """The Triton step reads the same gathered groups (their mask as slots) with the C step's logits (Triton's
+    interpreter on CPU, tests/conftest.py)."""
+    pytest.importorskip("triton")
+    model, inputs = tiny_vlm("qwen2_vl"), vlm_inputs("qwen2_vl", IMAGES["qwen2_vl"], seed=19)
+    config = QUANT.replace(image={"keep": 0.5})
+    monkeypatch.setenv("ATTENTIONPACK_STRICT", "1")
+    runs = {}
+    for backend in ("c", "triton"):
+        monkeypatch.setenv("ATTENTIONPACK_DECODE", backend)
+        cache = PackedCache(model, config)
+        runs[backend] = (_generate(model, cache, inputs, new=3), cache.stats()["attention_paths"])
+    (c_out, c_paths), (t_out, t_paths) = runs["c"], runs["triton"]
+    assert c_paths.get("fused", 0) > 0 and t_paths.get("triton", 0) == c_paths["fused"], (c_paths, t_paths)
+    torch.testing.assert_close(torch.stack(t_out.logits), torch.stack(c_out.logits), rtol=0, atol=1e-4)

@@ -8,7 +8,10 @@ across blocks with a running max, flash-decoding style) and value mix in one pas
 `DecodePlan` holds that table for a layer's frozen segments: a row is built when a segment is added (the layer
 calls `add` when it freezes one, `reset` when segments are replaced, dropped or reordered); per step only the row
 of the exact tail is made. When a segment cannot be read by the kernel, `why_not` names the reason, and the
-attention takes its per-part path and records it (no silent fallback).
+attention takes its per-part path and records it (no silent fallback). A gathered segment (a vision-language
+modality group: per sample its own cache indices, padding slots) is read like a contiguous one, its layout and
+the step's mask at its indices handed over as per-slot log weights (`gathered_slots`), the form per-head
+segments use.
 
 Every float the kernel reads (queries, exact rows, factor bases) may be float32, float16 or bfloat16, the
 model's dtype: it accumulates in float32 whatever it reads, and returns the output in the queries' dtype.
@@ -48,6 +51,7 @@ class DecodePlan:
         self.blocked_at: int | None = None  # index of the first segment the kernel cannot read
         self.blocker = ""  # why it cannot
         self.batch: int | None = None
+        self.gathered: dict[int, Segment] = {}  # row -> gathered segment (its mask goes through the slots field)
         for seg in segments:
             self.add(seg)
 
@@ -62,6 +66,7 @@ class DecodePlan:
         moved = {old.data_ptr(): t.data_ptr() for old, t in zip(self.keep, new.keep, strict=True)}
         new.rows = [[moved.get(field, field) for field in row] for row in self.rows]
         new.starts = list(self.starts)
+        new.gathered = copy.deepcopy(self.gathered, memo)
         return new
 
     def add(self, seg: Segment) -> None:
@@ -75,8 +80,8 @@ class DecodePlan:
                 self.blocked_at, self.blocker = self.count - 1, why
 
     def _row(self, seg: Segment) -> str:
-        if seg.index is not None:
-            return f"a gathered {seg.modality} segment (vision-language modality group)"
+        if seg.index is not None and seg.slots is not None:
+            return f"a gathered {seg.modality} segment with per-head slots"
         device = seg.values.tensors()[0].device
         if device.type != "cpu":  # (no row, no kernel-side copies held: the Triton step serves these)
             return f"segments on {device} (the C kernel reads CPU memory)"
@@ -90,6 +95,8 @@ class DecodePlan:
         if isinstance(values, str):
             return f"{seg.kind} segment [{seg.start}, {seg.end}) values: {values}"
         self.batch = b
+        if seg.index is not None:  # a vision-language modality group: per sample its own cache indices
+            self.gathered[len(self.rows)] = seg
         self.rows.append([keys[0], values[0], seg.length, 0, *keys[1], *values[1], *self._heads(seg)])
         self.starts.append(seg.start)
         return ""
@@ -153,6 +160,11 @@ class DecodePlan:
             table += row
         keep: list[torch.Tensor] = []  # temporaries whose addresses the table holds
         h = self.heads
+        for at, seg in self.gathered.items():  # gathered tokens: padding slots and the step's mask as slots
+            if at < count:
+                log = gathered_slots(seg, allowed, first, h)
+                keep.append(log)
+                table[at * FIELDS + FIELDS - 1] = log.data_ptr()
         if tail is not None and tail[0].shape[2]:
             tk, tv, tail_start = tail
             ek, ev = _exact(tk, b, d), _exact(tv, b, d)
@@ -175,6 +187,21 @@ class DecodePlan:
             addr, len(table) // FIELDS, query.data_ptr(), mask, mask_sb, scale, cap, out.data_ptr(), b, h, hq // h, d
         )
         return out if dtype == torch.float32 else out.to(dtype)
+
+
+def gathered_slots(seg: Segment, allowed: torch.Tensor | None, first: int, heads: int) -> torch.Tensor:
+    """(B, H, n) float16 log mask of a gathered segment's n slots for one step: 0 where the slot holds a token the
+    step may attend to, -inf for a padding slot (`seg.valid` False: a sample with fewer or smaller images) and for
+    a token the mask `allowed` (B|1, 1, 1, N) over cache indices [first, ...) excludes. The kernel adds it to the
+    slots' logits, as it does for per-head slot segments, instead of reading the mask by column."""
+    ok = seg.valid
+    assert ok is not None and seg.index is not None, "a gathered segment has index and valid"
+    if allowed is not None:
+        rows = allowed.reshape(allowed.shape[0], -1)  # (B|1, N)
+        at = (seg.index - first).clamp(0, rows.shape[1] - 1)  # (B, n) columns, as Segment.columns maps them
+        ok = ok & rows.expand(ok.shape[0], -1).gather(1, at)
+    log = torch.zeros(ok.shape, dtype=torch.float16, device=ok.device).masked_fill_(~ok, float("-inf"))
+    return log[:, None, :].expand(-1, heads, -1).contiguous()
 
 
 def _batch(part: Part) -> int:

@@ -28,7 +28,7 @@ import torch
 
 from ..parts import ExactPart, Part, Quantized, QuantizedLowRankPart, QuantizedPart, Segment
 from . import ACTIVATION_DTYPES
-from .plan import EXACT, FACTORS, QUANTIZED, form_reason  # operand kinds and forms: the C step's
+from .plan import EXACT, FACTORS, QUANTIZED, form_reason, gathered_slots  # operand kinds and forms: the C step's
 
 triton: Any = None  # imported on first use (optional: pip install 'attentionpack[gpu]'); the kernel reads `tl`
 tl: Any = None
@@ -78,8 +78,8 @@ def why_not(segments: Sequence[Segment], query: torch.Tensor) -> str:
     if why:
         return why
     for seg in segments:
-        if seg.index is not None:
-            return f"a gathered {seg.modality} segment (vision-language modality group)"
+        if seg.index is not None and seg.slots is not None:
+            return f"a gathered {seg.modality} segment with per-head slots"
         for name, part, axis in (("keys", seg.keys, 2), ("values", seg.values, 3)):
             why = form_reason(part, axis, d)
             if why:
@@ -111,7 +111,9 @@ def decode(
     for seg in segments:
         held = None if seg.heads is None else torch.tensor(seg.heads, device=query.device)
         q_held = (qs if held is None else qs.index_select(1, held)).contiguous()  # (B, Hp, M, d)
-        top, total, mixed = _partials(seg, q_held, first, mask, softcap)  # (B, Hp, M, n), ..., (B, Hp, M, n, d)
+        # a gathered group (per sample its own cache indices): its padding slots and the step's mask as slots
+        slots = gathered_slots(seg, allowed, first, h) if seg.index is not None else seg.slots
+        top, total, mixed = _partials(seg, q_held, first, mask, slots, softcap)  # (B, Hp, M, n), ..., (B, Hp, M, n, d)
         if held is not None:  # heads the segment does not hold: no token (maximum -inf, nothing summed)
             top = top.new_full((b, h, *top.shape[2:]), float("-inf")).index_copy_(1, held, top)
             total = total.new_zeros((b, h, *total.shape[2:])).index_copy_(1, held, total)
@@ -152,10 +154,16 @@ def _operand(part: Part, d: int) -> dict[str, Any]:
 
 
 def _partials(
-    seg: Segment, qs: torch.Tensor, first: int, mask: torch.Tensor | None, softcap: float | None
+    seg: Segment,
+    qs: torch.Tensor,
+    first: int,
+    mask: torch.Tensor | None,
+    slots: torch.Tensor | None,
+    softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One launch over a segment: qs (B, Hp, M, d) scaled queries of its held heads -> per block of BLOCK_T tokens
-    (B, Hp, M, n) maxima and sums, (B, Hp, M, n, d) weighted values."""
+    """One launch over a segment: qs (B, Hp, M, d) scaled queries of its held heads, slots (B, Hp, T) log
+    multiplicities or None (the mask is then read by column) -> per block of BLOCK_T tokens (B, Hp, M, n) maxima
+    and sums, (B, Hp, M, n, d) weighted values."""
     b, hp, m, d = qs.shape
     t = seg.length
     n = triton.cdiv(t, BLOCK_T)
@@ -171,17 +179,17 @@ def _partials(
             codes = [c.codes.contiguous(), c.scales.contiguous(), c.mins.contiguous(), c.codes.shape[-1]]
             codes += [c.scales.shape[-1], c.group_size, c.bits]
         args += [op["x"], op["sb"], op["sh"], *codes, op["basis"], op["rank"]]
-    slots = seg.slots.to(torch.float16).contiguous() if seg.slots is not None else qs
-    use_mask = mask is not None and seg.slots is None
+    log = slots.to(torch.float16).contiguous() if slots is not None else qs
+    use_mask = mask is not None and slots is None
     mask_t = mask if mask is not None else qs
     mask_sb = mask.shape[1] if mask is not None and mask.shape[0] > 1 else 0
-    args += [slots, mask_t, mask_sb, seg.start - first, top, total, mixed, t, m, hp, d, n]
+    args += [log, mask_t, mask_sb, seg.start - first, top, total, mixed, t, m, hp, d, n]
     args += [0.0 if softcap is None else float(softcap)]
     _kernel()[(b * hp, n)](
         *args,
         KEYS=k["kind"],
         VALUES=v["kind"],
-        HAS_SLOTS=seg.slots is not None,
+        HAS_SLOTS=slots is not None,
         HAS_MASK=use_mask,
         HAS_SOFTCAP=softcap is not None,
         BLOCK_T=BLOCK_T,
