@@ -42,13 +42,14 @@ class StepContext:
     """What one forward call tells every layer: new tokens' positions and padding, and how to get RoPE. Travels
     to `PackedLayer.update` in `cache_kwargs[STEP]`."""
 
-    positions: torch.Tensor  # (B, q) long, or (B, q, 3) multimodal positions
+    positions: torch.Tensor  # (B, q) int32, or (B, q, 3) multimodal positions
     valid: torch.Tensor  # (B, q) bool, False for padding
     rope: RopeFn
     span_boundaries: Sequence[int]
     layout: Callable[[int, int], list[Group] | None] | None = None  # modality groups of cache indices [a, b)
     query_moments: torch.Tensor | None = None  # (B, H, d, d) of this call's queries (multi-token calls, "scores")
     observation: tuple[torch.Tensor, float] | None = None  # the call's last queries (B, Hq, w, d) and scaling (keep)
+    checked: dict | None = None  # the exact tails' padding-rule answers for these positions (shared by the layers)
 
 
 @dataclass
@@ -120,7 +121,7 @@ class PackedLayer(CacheLayerMixin):
             self.query_moments = ctx.query_moments
         q = key_states.shape[-2]
         if self.compress:  # positions and padding flags are needed only to compress later
-            self._append(key_states, value_states, ctx.positions.to(torch.int32), ctx.valid)
+            self._append(key_states, value_states, ctx.positions, ctx.valid, ctx.checked)
         else:
             self._append(key_states, value_states, None, None)
         keys: Any
@@ -300,12 +301,17 @@ class PackedLayer(CacheLayerMixin):
         return k, v, pos, valid
 
     def _append(
-        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor | None
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor | None,
+        valid: torch.Tensor | None,
+        checked: dict | None = None,
     ) -> None:
         if self.tail is None:
             self.tail = ExactTail(k, v, positions, valid)  # granule 1 until compression pays for spare slots
         else:
-            self.tail.append(k, v, positions, valid)
+            self.tail.append(k, v, positions, valid, checked)
         self.total += k.shape[-2]
 
     def _materialize(self, part_of: Callable[[Segment], Part], tail: torch.Tensor, rope: RopeFn) -> torch.Tensor:

@@ -84,6 +84,7 @@ class PackedCache(Cache):
         self._attention_mask: torch.Tensor | None = None  # 2D (B, kv) mask of the current call
         self._positions: dict[int, torch.Tensor] = {}  # layer -> (B, q) position ids of the current call
         self._rope_memo: dict = {}
+        self._step_memo: dict = {}  # this call's new tokens' (positions, padding flags): the same for every layer
         self._mrope_positions: torch.Tensor | None = None  # (B, q, 3) multimodal positions of the current call
         self._moments: dict[int, torch.Tensor] = {}  # layer -> (B, H, d, d) query moments of the current call
         self._observations: dict[int, tuple[torch.Tensor, float]] = {}  # layer -> last queries, scaling (keep)
@@ -203,9 +204,11 @@ class PackedCache(Cache):
         `LayerView` of the stored form, see `PackedLayer.update`)."""
         if key_states.dtype != value_states.dtype or not key_states.dtype.is_floating_point:
             raise TypeError(f"keys/values must share a floating dtype, got {key_states.dtype} / {value_states.dtype}")
+        positions, valid, checked = self._step(layer_idx, key_states)
         ctx = StepContext(
-            positions=self._step_positions(layer_idx, key_states),
-            valid=self._step_valid(key_states),
+            positions=positions,
+            valid=valid,
+            checked=checked,
             rope=lambda start, end, pos: self._rope(layer_idx, start, end, pos, key_states.dtype),
             span_boundaries=self.span_boundaries,
             layout=(lambda a, b: self._layout(a, b, key_states.device)) if self._labels is not None else None,
@@ -217,6 +220,7 @@ class PackedCache(Cache):
             if self.planner is not None:  # every layer has proposed its candidates: choose within the budget
                 self.planner.finish()
             self._rope_memo.clear()
+            self._step_memo.clear()
             self._positions.clear()
             self._layout_memo.clear()
             self._moments.clear()
@@ -335,6 +339,20 @@ class PackedCache(Cache):
     # ---- per-call context -----------------------------------------------------------------------------------
     def _begin_call(self, attention_mask: torch.Tensor | None) -> None:
         self._attention_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        self._step_memo.clear()
+
+    def _step(self, layer_idx: int, key_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The call's new tokens' positions (B, q[, 3]) int32, as the exact tail stores them, padding flags (B, q)
+        and the exact tails' padding-rule answers for them: made by the first layer of a call and shared by the
+        others (every layer sees the same tokens at the same cache indices; the key also names the position ids
+        the model passed, if any)."""
+        start, given = self.layers[layer_idx].get_seq_length(), self._positions.get(layer_idx)
+        key = (start, key_states.shape[0], key_states.shape[-2], None if given is None else id(given))
+        hit = self._step_memo.get(key)
+        if hit is None:
+            hit = (self._step_positions(layer_idx, key_states).to(torch.int32), self._step_valid(key_states), {})
+            self._step_memo[key] = hit
+        return hit
 
     def _step_positions(self, layer_idx: int, key_states: torch.Tensor) -> torch.Tensor:
         b, q = key_states.shape[0], key_states.shape[-2]

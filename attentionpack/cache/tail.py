@@ -104,14 +104,21 @@ class ExactTail:
         v: torch.Tensor,
         positions: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
+        checked: dict | None = None,
     ) -> None:
+        """Append k, v (B, H, q, d) with their positions and padding flags. `checked`: answers of the padding rule
+        for these same positions and flags, shared by the layers of one call (they all check the same tokens at
+        the same cache indices)."""
         q = k.shape[-2]
         if self.pad is not None:
-            if (
-                positions is not None
-                and valid is not None
-                and _leading_padding(positions, valid, self.dropped + len(self), self.pad) == self.pad
-            ):
+            follows = False
+            if positions is not None and valid is not None:
+                key = (self.dropped + len(self), tuple(self.pad))
+                hit = None if checked is None else checked.get(key)
+                follows = hit if hit is not None else _leading_padding(positions, valid, key[0], self.pad) == self.pad
+                if checked is not None:
+                    checked[key] = follows
+            if follows:
                 positions = valid = None  # still derived
             else:
                 self._materialize_flags()
