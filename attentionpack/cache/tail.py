@@ -123,7 +123,12 @@ class ExactTail:
             else:
                 self._materialize_flags()
         if self.end + q > self.capacity:
-            self._regrow(self._rounded(len(self) + q))
+            cap = self._rounded(len(self) + q)
+            flags_match = (self.positions is None) == (positions is None) and (self.valid is None) == (valid is None)
+            if cap == len(self) + q and flags_match:  # no spare slot (granule 1): one copy per tensor
+                self._concat(k, v, positions, valid)
+                return
+            self._regrow(cap)
         self._write(self.end, k, v, positions, valid)
         self.end += q
 
@@ -174,10 +179,30 @@ class ExactTail:
     def _rounded(self, n: int) -> int:
         return -(-n // self.granule) * self.granule
 
+    def _concat(
+        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None, valid: torch.Tensor | None
+    ) -> None:
+        """The live tokens followed by the new ones in buffers of exactly that many slots (as DynamicCache grows):
+        one concatenation per tensor instead of a new buffer, a copy of the live tokens and a write."""
+        sl = slice(self.begin, self.end)
+        self.keys = torch.cat([self.keys[..., sl, :], k.to(self.keys.dtype)], dim=-2)
+        self.values = torch.cat([self.values[..., sl, :], v.to(self.values.dtype)], dim=-2)
+        if self.positions is not None and positions is not None:
+            self.positions = torch.cat([self.positions[:, sl], positions.to(self.positions.dtype)], dim=1)
+        if self.valid is not None and valid is not None:
+            self.valid = torch.cat([self.valid[:, sl], valid.to(self.valid.dtype)], dim=1)
+        self.begin, self.end = 0, self.end - self.begin + k.shape[-2]
+
     def _regrow(self, cap: int) -> None:
-        """Move the live tokens to the front of a new buffer of `cap` slots."""
+        """Move the live tokens to the front of a new buffer of `cap` slots (the stored flags, not derived ones)."""
         n = len(self)
-        live = self.view()
+        sl = slice(self.begin, self.end)
+        live = (
+            self.keys[..., sl, :],
+            self.values[..., sl, :],
+            None if self.positions is None else self.positions[:, sl],
+            None if self.valid is None else self.valid[:, sl],
+        )
         self.keys, self.values = _alloc_like(self.keys, cap), _alloc_like(self.values, cap)
         self.positions = None if self.positions is None else _alloc_like(self.positions, cap)
         self.valid = None if self.valid is None else _alloc_like(self.valid, cap)
