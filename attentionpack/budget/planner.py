@@ -391,15 +391,16 @@ class BudgetPlanner:
 
     # ---- internals -------------------------------------------------------------------------------------------
     @staticmethod
-    def _error(diff: torch.Tensor, c: _Context) -> float:
-        """Squared output error relative to the window output's energy, times the layer's weight."""
-        return c.weight * float(diff.square().sum()) / max(c.energy, 1e-30)
-
-    @staticmethod
     def _errors(diffs: torch.Tensor, c: _Context) -> list[float]:
-        """`_error` of each of K candidates' output differences diffs (K, ...)."""
+        """Of each of K candidates' output differences diffs (K, ...): the squared error relative to the window
+        output's energy, times the layer's weight."""
         sums = diffs.square().flatten(1).sum(1).tolist()
         return [c.weight * s / max(c.energy, 1e-30) for s in sums]
+
+    @classmethod
+    def _error(cls, diff: torch.Tensor, c: _Context) -> float:
+        """`_errors` of one candidate's difference."""
+        return cls._errors(diff.unsqueeze(0), c)[0]
 
 
 def _codec_bytes(config: PackConfig, pending: _Pending) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -27,6 +27,7 @@ from ..config import PackConfig
 from ..kernels.plan import DecodePlan
 from ..models.registry import LayerSpec
 from ..parts import BatchFn, ExactPart, Kind, Modality, Part, RopeFn, Segment, storage_nbytes
+from .groups import Group
 from .heads import evicted_pieces, freeze_evicted, freeze_razor, importance
 from .layer_stats import layer_rows
 from .tail import ExactTail
@@ -50,18 +51,6 @@ class StepContext:
     query_moments: torch.Tensor | None = None  # (B, H, d, d) of this call's queries (multi-token calls, "scores")
     observation: tuple[torch.Tensor, float] | None = None  # the call's last queries (B, Hq, w, d) and scaling (keep)
     checked: dict | None = None  # the exact tails' padding-rule answers for these positions (shared by the layers)
-
-
-@dataclass
-class Group:
-    """One modality group of a prompt span: per sample the cache indices of its tokens (see `Segment`)."""
-
-    name: str  # "text", "image 0", "images", "video 0 frames 1"
-    modality: Literal["text", "image", "video"]
-    index: torch.Tensor  # (B, n) long, ascending per sample; padding slots hold any index of the span
-    valid: torch.Tensor  # (B, n) bool, False for padding slots
-    start: int  # smallest cache index covered
-    end: int  # largest cache index covered + 1
 
 
 class PackedLayer(CacheLayerMixin):
@@ -438,9 +427,9 @@ class PackedLayer(CacheLayerMixin):
                 score = scores.gather(2, (local + start - first)[:, None, :].expand(-1, h, -1))  # (B, H, m)
                 pieces = evicted_pieces(gk, gv, gvalid, score, cfg, self.query_moments)
                 for keys, values, log in pieces:
-                    seg = Segment(g.start, g.end, keys, values, kind, modality=modality, group=g.name, slots=log)
-                    self.segments.append(seg)
-                    self.plan.add(seg)
+                    self.add_segment(
+                        Segment(g.start, g.end, keys, values, kind, modality=modality, group=g.name, slots=log), 0
+                    )
                 continue
             key_part: Part
             value_part: Part
@@ -449,20 +438,18 @@ class PackedLayer(CacheLayerMixin):
                 value_part = encode_values(gv, gvalid, cfg)
             else:
                 key_part, value_part = ExactPart(gk), ExactPart(gv)
-            self.segments.append(
-                Segment(
-                    g.start,
-                    g.end,
-                    key_part,
-                    value_part,
-                    kind,
-                    index=g.index,
-                    valid=g.valid,
-                    modality=modality,
-                    group=g.name,
-                )
+            segment = Segment(
+                g.start,
+                g.end,
+                key_part,
+                value_part,
+                kind,
+                index=g.index,
+                valid=g.valid,
+                modality=modality,
+                group=g.name,
             )
-            self.plan.add(self.segments[-1])
+            self.add_segment(segment, 0)
         self._live.drop_oldest(n)
 
     def _drop_outside_window(self) -> None:

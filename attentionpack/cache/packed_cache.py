@@ -36,8 +36,9 @@ from ..parts import storage_nbytes
 from ..scoring.observation import attention_scaling, multi_token_inputs, query_moments, window_queries
 from ..scoring.retrieval_heads import load_or_find
 from ..scoring.sensitivity import load_or_probe_sensitivity
+from .groups import Group, groups_of
 from .growth import decode_growth
-from .layer import STEP, Group, PackedLayer, StepContext
+from .layer import STEP, PackedLayer, StepContext
 
 _ATTACHED = "_attentionpack_attached"  # model attribute: {"hooks": [...], "caches": n, "switched": bool}
 
@@ -397,7 +398,7 @@ class PackedCache(Cache):
         """Modality groups of cache indices [start, end) (None when they are all text); shared by the layers."""
         key = (start, end, str(device))
         if key not in self._layout_memo:
-            groups = _groups_of(self._labels, self.groups, start, end)
+            groups = groups_of(self._labels, self.groups, start, end)
             self._layout_memo[key] = (
                 None
                 if groups is None
@@ -447,30 +448,6 @@ class PackedCache(Cache):
         self._mrope_positions = position_ids.permute(1, 2, 0)
 
 
-def _groups_of(labels: torch.Tensor | None, groups: list[tuple[str, str]], start: int, end: int) -> list[Group] | None:
-    """Per modality group present in [start, end): per sample the cache indices of its tokens, padded."""
-    if labels is None or start >= labels.shape[1]:
-        return None
-    lab = labels[:, start:end]  # (B, n); indices past the labelled tokens are text (generated tokens)
-    if lab.shape[1] < end - start:
-        lab = torch.cat([lab, lab.new_zeros(lab.shape[0], end - start - lab.shape[1])], dim=1)
-    present = torch.unique(lab).tolist()
-    if present == [0]:
-        return None
-    out = []
-    for g in present:
-        mask = lab == g  # (B, n)
-        counts = mask.sum(dim=1)  # (B,)
-        slots = int(counts.max())
-        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :slots]  # this group's tokens first
-        valid = torch.arange(slots, device=counts.device)[None, :] < counts[:, None]  # (B, slots)
-        index = torch.where(valid, order + start, start)  # (B, slots) cache indices
-        covered = index[valid]
-        name, modality = groups[g]
-        out.append(Group(name, modality, index, valid, int(covered.min()), int(covered.max()) + 1))
-    return out
-
-
 def _install_hooks(model: Any, adapter: ModelAdapter) -> list[Any]:
     """Forward pre-hooks that hand a PackedCache the 2D padding mask and each layer's position ids; returns their
     handles."""
@@ -504,13 +481,15 @@ def _install_hooks(model: Any, adapter: ModelAdapter) -> list[Any]:
 
         def on_attention(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], idx: int = idx) -> None:
             cache = kwargs.get("past_key_values")
-            if isinstance(cache, PackedCache) and kwargs.get("position_ids") is not None:
+            if not isinstance(cache, PackedCache):
+                return
+            if kwargs.get("position_ids") is not None:
                 cache._positions[idx] = kwargs["position_ids"]
-            if isinstance(cache, PackedCache) and cache.planner is not None:
+            if cache.planner is not None:
                 cache.planner.note_attention(idx, module, args, kwargs)
-            if isinstance(cache, PackedCache) and cache.wants_query_moments:
+            if cache.wants_query_moments:
                 cache._note_queries(idx, module, args, kwargs)
-            if isinstance(cache, PackedCache) and cache.observes:
+            if cache.observes:
                 cache._note_observation(idx, module, args, kwargs)
 
         handles.append(attn.register_forward_pre_hook(on_attention, with_kwargs=True))
