@@ -27,8 +27,9 @@ def keys(kind, gen, t, d=D, dtype=torch.float32):
         return ExactPart(states(gen, t + 10, d, dtype)[:, :, 3 : 3 + t])
     if kind.startswith("channel"):
         return QuantizedPart.keys(states(gen, t, d, dtype), int(kind[7:]), 32)
-    coeffs = torch.randn(B, t, 20, generator=gen).to(dtype)  # factors of keys after RoPE
-    basis = torch.linalg.qr(torch.randn(B, H * d, 20, generator=gen)).Q.transpose(1, 2).contiguous().to(dtype)
+    # factors of keys after RoPE, of a rank no vector width or register block divides
+    coeffs = torch.randn(B, t, 19, generator=gen).to(dtype)
+    basis = torch.linalg.qr(torch.randn(B, H * d, 19, generator=gen)).Q.transpose(1, 2).contiguous().to(dtype)
     basis_form, coeff_bits = kind[len("factors") :].split("-")
     return QuantizedLowRankPart.from_factors(
         Factors(coeffs, basis), H, coeff_bits=int(coeff_bits), basis_bits={"16": 16, "32": None, "8": 8}[basis_form]

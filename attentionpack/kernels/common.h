@@ -24,9 +24,13 @@ enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };  /* dtypes of the float arrays the
    elements converted into buf (bfloat16 is the top half of a float32; float16 through _Float16). */
 static inline const float *floats_at(int64_t base, int dt, int64_t at, int64_t n, float *restrict buf) {
     if (dt == DT_F32) return (const float *)base + at;
-    if (dt == DT_F16) {
+    if (dt == DT_F16) {  /* 16 at a time: one vector conversion instead of 16 scalar ones */
+        typedef _Float16 h16 __attribute__((vector_size(32), aligned(2)));
+        typedef float f16v __attribute__((vector_size(64), aligned(4)));
         const _Float16 *restrict src = (const _Float16 *)base + at;
-        for (int64_t i = 0; i < n; i++) buf[i] = (float)src[i];
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) *(f16v *)(buf + i) = __builtin_convertvector(*(const h16 *)(src + i), f16v);
+        for (; i < n; i++) buf[i] = (float)src[i];
     } else {
         const uint16_t *restrict src = (const uint16_t *)base + at;
         for (int64_t i = 0; i < n; i++) {
@@ -35,6 +39,21 @@ static inline const float *floats_at(int64_t base, int dt, int64_t at, int64_t n
         }
     }
     return buf;
+}
+
+/* Per-thread scratch memory, one buffer per call site (`slot`), so that nested users never share one: grown when a
+   call needs more, kept for the thread's next call instead of a malloc and free per work item (at 4k tokens those
+   were ~8% of a decoding step's attention). Contents are not preserved between calls. */
+enum { SCR_ITEM, SCR_KEYS, SCR_TILE, SCR_COEF, SCR_VALS, SCR_BUF, SCR_ACC, SCR_MACC, SCR_SLOTS };
+static __thread void *scratch_at[SCR_SLOTS];
+static __thread size_t scratch_cap[SCR_SLOTS];
+static inline void *scratch(int slot, size_t bytes) {
+    if (bytes > scratch_cap[slot]) {
+        free(scratch_at[slot]);
+        scratch_cap[slot] = bytes + bytes / 4 + 256;
+        scratch_at[slot] = malloc(scratch_cap[slot]);
+    }
+    return scratch_at[slot];
 }
 
 #define MIN_PARALLEL 1024  /* tokens x rows below which a call stays on one thread */
@@ -110,9 +129,9 @@ static void mix_range(const uint8_t *restrict codes, const _Float16 *restrict sc
                       const float *restrict p, float *restrict dst, int64_t N, int64_t M, int64_t T, int64_t nb,
                       int64_t G, int64_t group, int64_t L, int bits, int64_t ps, int64_t t_lo, int64_t t_hi) {
     const int64_t W = G * group;
-    float *buf = (float *)malloc(sizeof(float) * TU * (8 * nb > W ? 8 * nb : W));
-    float *acc = (float *)malloc(sizeof(float) * M * W);
-    float *macc = (float *)malloc(sizeof(float) * M * G);
+    float *buf = (float *)scratch(SCR_BUF, sizeof(float) * TU * (8 * nb > W ? 8 * nb : W));
+    float *acc = (float *)scratch(SCR_ACC, sizeof(float) * M * W);
+    float *macc = (float *)scratch(SCR_MACC, sizeof(float) * M * G);
     float *out = dst;
 #define MIX(NB, GG, GR, BITS) \
     mix_core(codes, scales, mins, p, out, N, M, T, NB, GG, GR, L, BITS, ps, t_lo, t_hi, buf, acc, macc)
@@ -126,7 +145,6 @@ static void mix_range(const uint8_t *restrict codes, const _Float16 *restrict sc
     else if (bits == 2 && W == 128 && group == 32 && nb == 32) MIX(32, 4, 32, 2);
     else MIX(nb, G, group, bits);
 #undef MIX
-    free(buf); free(acc); free(macc);
 }
 
 #define SUB 64  /* tokens per dequantized tile of rows quantized along tokens */
@@ -207,7 +225,7 @@ static inline __attribute__((always_inline)) void scores_span(
     }
     const int64_t sub = group < SUB ? (SUB / group) * group : group;  /* whole groups: scales index by t / group */
     const int64_t S = (sub + 31) / 32 * 32;  /* row stride of the tile: whole 32-token steps (the pad is not stored) */
-    float *tile = (float *)malloc(sizeof(float) * (R * S + sub));
+    float *tile = (float *)scratch(SCR_TILE, sizeof(float) * (R * S + sub));
     float *rb = tile + R * S;
     for (int64_t s0 = t0; s0 < t0 + len; s0 += sub) {
         const int64_t cnt = s0 + sub < t0 + len ? sub : t0 + len - s0;
@@ -218,5 +236,4 @@ static inline __attribute__((always_inline)) void scores_span(
             for (int64_t m0 = 0; m0 < M; m0 += 4)
                 tile_32x4(tile, S, x, R, m0, M - m0 < 4 ? M - m0 : 4, i, o + s0 - t0, os, cnt);
     }
-    free(tile);
 }

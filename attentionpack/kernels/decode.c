@@ -119,7 +119,7 @@ static void item_scores(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
                         const float *qt, int64_t t0, int64_t cnt, float *s, int64_t os) {
     const int64_t Hp = pc->Hp;
     if (pc->keys == KEYS_EXACT) {
-        float *buf = pc->k_dt == DT_F32 ? NULL : (float *)malloc(sizeof(float) * cnt * d);
+        float *buf = pc->k_dt == DT_F32 ? NULL : (float *)scratch(SCR_KEYS, sizeof(float) * cnt * d);
         for (int64_t h = 0; h < H; h++) {
             const int64_t lh = own_head(pc, h);
             if (lh < 0) continue;
@@ -130,7 +130,6 @@ static void item_scores(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
                 for (int64_t t = 0; t < cnt; t++) o[t] = dot(x, kb + t * d, d);
             }
         }
-        free(buf);
         return;
     }
     const uint8_t *codes = (const uint8_t *)pc->kc;
@@ -185,20 +184,55 @@ static void mix_exact(const float *restrict v, const float *restrict p, int64_t 
     }
 }
 
+/* w (HM, R) = p (HM rows, stride os) x the R rows of tile (R, n) over their n tokens: 3 weight rows x 4 tile rows
+   at a time, so each load feeds several multiply-adds and the 12 sums stay in registers. */
+static void weights_x_rows(const float *restrict p, int64_t os, int64_t HM, const float *restrict tile, int64_t n,
+                           int64_t R, float *restrict w) {
+    const int64_t n16 = n / 16 * 16;
+    for (int64_t r0 = 0; r0 < HM; r0 += 3) {
+        const int64_t nr = HM - r0 < 3 ? HM - r0 : 3;
+        const float *p0 = p + r0 * os, *p1 = p0 + (nr > 1 ? os : 0), *p2 = p0 + (nr > 2 ? 2 * os : 0);
+        for (int64_t j0 = 0; j0 < R; j0 += 4) {
+            const int64_t nj = R - j0 < 4 ? R - j0 : 4;
+            const float *c0 = tile + j0 * n, *c1 = c0 + (nj > 1 ? n : 0), *c2 = c0 + (nj > 2 ? 2 * n : 0),
+                        *c3 = c0 + (nj > 3 ? 3 * n : 0);
+            v16 a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0}, a20 = {0},
+                a21 = {0}, a22 = {0}, a23 = {0};
+            for (int64_t t = 0; t < n16; t += 16) {
+                const v16 x0 = *(const v16 *)(p0 + t), x1 = *(const v16 *)(p1 + t), x2 = *(const v16 *)(p2 + t);
+                const v16 y0 = *(const v16 *)(c0 + t), y1 = *(const v16 *)(c1 + t), y2 = *(const v16 *)(c2 + t),
+                          y3 = *(const v16 *)(c3 + t);
+                a00 += x0 * y0; a01 += x0 * y1; a02 += x0 * y2; a03 += x0 * y3;
+                a10 += x1 * y0; a11 += x1 * y1; a12 += x1 * y2; a13 += x1 * y3;
+                a20 += x2 * y0; a21 += x2 * y1; a22 += x2 * y2; a23 += x2 * y3;
+            }
+            const v16 acc[3][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}};
+            const float *pr[3] = {p0, p1, p2}, *cj[4] = {c0, c1, c2, c3};
+            for (int64_t r = 0; r < nr; r++)
+                for (int64_t j = 0; j < nj; j++) {
+                    float s = 0.f;
+                    for (int k = 0; k < 16; k++) s += acc[r][j][k];
+                    for (int64_t t = n16; t < n; t++) s += pr[r][t] * cj[j][t];
+                    w[(r0 + r) * R + j0 + j] = s;
+                }
+        }
+    }
+}
+
 /* acc (H * M, d) = unnormalized weights p (H * M rows, stride os) times the values of tokens [t0, t0 + cnt). */
 static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int64_t d, const float *p, int64_t os,
                         int64_t t0, int64_t cnt, float *acc) {
     if (pc->values == VALUES_FACTORS) {  /* weights times the coefficients (HM, R), then times the basis */
         const int64_t R = pc->v_R, HM = H * M, D = pc->Hp * d, nb = pc->v_nb, G = pc->v_G;
-        float *tile = (float *)malloc(sizeof(float) * (2 * cnt + HM * R + D));
-        float *rb = tile + cnt, *w = rb + cnt, *row = w + HM * R;
+        float *tile = (float *)scratch(SCR_COEF, sizeof(float) * (R * cnt + cnt + HM * R + D));  /* (R, cnt) coefficients */
+        float *rb = tile + R * cnt, *w = rb + cnt, *row = w + HM * R;
         for (int64_t j = 0; j < R; j++) {
             const int64_t at = b * R + j;
             dequant_tokens((const uint8_t *)pc->vc + at * nb, (const _Float16 *)pc->vs + at * G,
                            (const _Float16 *)pc->vm + at * G, t0, cnt, nb, pc->v_group, (int)pc->v_bits,
-                           (1 << pc->v_bits) - 1, rb, tile);
-            for (int64_t r = 0; r < HM; r++) w[r * R + j] = dot(p + r * os, tile, cnt);
+                           (1 << pc->v_bits) - 1, rb, tile + j * cnt);
         }
+        weights_x_rows(p, os, HM, tile, cnt, R, w);
         memset(acc, 0, sizeof(float) * HM * d);
         for (int64_t j = 0; j < R; j++) {
             const float *bj = basis_row(pc->v_basis, pc->v_dt, b, R, j, D, row);
@@ -212,10 +246,11 @@ static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
                 }
             }
         }
-        free(tile);
         return;
     }
-    float *buf = pc->values == VALUES_EXACT && pc->v_dt != DT_F32 ? (float *)malloc(sizeof(float) * cnt * d) : NULL;
+    float *buf = pc->values == VALUES_EXACT && pc->v_dt != DT_F32
+                     ? (float *)scratch(SCR_VALS, sizeof(float) * cnt * d)
+                     : NULL;
     for (int64_t h = 0; h < H; h++) {
         const float *ph = p + h * M * os;
         float *ah = acc + h * M * d;
@@ -234,7 +269,6 @@ static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
                       d, (int)pc->v_bits, os, 0, cnt);
         }
     }
-    free(buf);
 }
 
 /* One work item: res = [max (HM), sum (HM), acc (HM, d)] of its block. */
@@ -242,7 +276,7 @@ static void decode_item(const piece_t *pc, int64_t b, int64_t t0, int64_t H, int
                         const float *qt, const uint8_t *mask, int64_t mask_sb, float softcap, float *res) {
     const int64_t HM = H * M, blk = item_tokens(pc);
     const int64_t cnt = t0 + blk < pc->T ? blk : pc->T - t0;
-    float *s = (float *)malloc(sizeof(float) * HM * blk);
+    float *s = (float *)scratch(SCR_ITEM, sizeof(float) * HM * blk);
     item_scores(pc, b, H, M, d, qs, qt, t0, cnt, s, blk);
     const uint8_t *mk = mask && !pc->slots ? mask + b * mask_sb + pc->col0 + t0 : NULL;
     float *mx = res, *sm = res + HM;
@@ -271,7 +305,6 @@ static void decode_item(const piece_t *pc, int64_t b, int64_t t0, int64_t H, int
         sm[r] = sum;
     }
     item_values(pc, b, H, M, d, s, blk, t0, cnt, res + 2 * HM);
-    free(s);
 }
 
 /* query (B, H, M, d) rotated, not scaled; mask NULL or (B, columns) uint8 with rows mask_sb apart (1 = attend);
