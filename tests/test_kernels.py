@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
-@pytest.mark.parametrize("d,group", [(64, 32), (64, 64), (128, 32), (80, 32), (64, 16)])
+@pytest.mark.parametrize("d,group", [(64, 32), (64, 64), (128, 32), (256, 32), (80, 32), (64, 16)])
 @pytest.mark.parametrize("tokens", [1, 37, 256])
 def test_mix_rows_equals_dequantized_matmul(bits, d, group, tokens):
     g = torch.Generator().manual_seed(bits * 1000 + d + tokens)
@@ -29,11 +29,12 @@ def test_mix_rows_equals_dequantized_matmul(bits, d, group, tokens):
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("tokens", [1, 33, 1000, 1024, 1100])
 @pytest.mark.parametrize("group", [32, 16])
-def test_scores_cols_equals_dequantized_matmul(bits, tokens, group):
-    g = torch.Generator().manual_seed(bits * 7 + tokens + group)
-    coeffs = torch.randn(2, tokens, 20, generator=g)  # (B, T, r), quantized along T as the cache does
+@pytest.mark.parametrize("rows", [20, 256])  # 256: a tile of fewer tokens (Gemma 3's per-channel keys)
+def test_scores_cols_equals_dequantized_matmul(bits, tokens, group, rows):
+    g = torch.Generator().manual_seed(bits * 7 + tokens + group + rows)
+    coeffs = torch.randn(2, tokens, rows, generator=g)  # (B, T, r), quantized along T as the cache does
     q = Q.quantize(coeffs, bits, group, axis=1)
-    x = torch.randn(2, 5, 20, generator=g)
+    x = torch.randn(2, 5, rows, generator=g)
     got = kernels.scores_cols(q.codes, q.scales, q.mins, x, bits, q.group_size, tokens)
     torch.testing.assert_close(got, x @ Q.dequantize_native(q), atol=1e-4, rtol=1e-5)
 

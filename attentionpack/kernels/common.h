@@ -143,11 +143,15 @@ static void mix_range(const uint8_t *restrict codes, const _Float16 *restrict sc
     else if (bits == 8 && W == 128 && group == 32 && nb == 128) MIX(128, 4, 32, 8);
     else if (bits == 2 && W == 64 && group == 32 && nb == 16) MIX(16, 2, 32, 2);
     else if (bits == 2 && W == 128 && group == 32 && nb == 32) MIX(32, 4, 32, 2);
+    else if (bits == 4 && W == 256 && group == 32 && nb == 128) MIX(128, 8, 32, 4);  /* Gemma 3's 256-wide head */
+    else if (bits == 8 && W == 256 && group == 32 && nb == 256) MIX(256, 8, 32, 8);
+    else if (bits == 2 && W == 256 && group == 32 && nb == 64) MIX(64, 8, 32, 2);
     else MIX(nb, G, group, bits);
 #undef MIX
 }
 
-#define SUB 64  /* tokens per dequantized tile of rows quantized along tokens */
+#define SUB 256  /* tokens per dequantized tile of rows quantized along tokens */
+#define TILE_BYTES 131072  /* the most a tile takes, when that leaves 32 tokens or more */
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
@@ -223,7 +227,10 @@ static inline __attribute__((always_inline)) void scores_span(
         for (int64_t j = 0; j < R && lo < hi; j++)
             for (int64_t at = lo; at < hi; at += 64) __builtin_prefetch(codes + j * nb + at);
     }
-    const int64_t sub = group < SUB ? (SUB / group) * group : group;  /* whole groups: scales index by t / group */
+    /* whole groups (scales index by t / group); long enough that each row's unpacking loop runs long, short enough
+       that the tile stays in the L2 cache */
+    const int64_t span = R * SUB * 4 > TILE_BYTES && TILE_BYTES / (4 * R) >= 32 ? TILE_BYTES / (4 * R) / 32 * 32 : SUB;
+    const int64_t sub = group < span ? (span / group) * group : group;
     const int64_t S = (sub + 31) / 32 * 32;  /* row stride of the tile: whole 32-token steps (the pad is not stored) */
     float *tile = (float *)scratch(SCR_TILE, sizeof(float) * (R * S + sub));
     float *rb = tile + R * S;
