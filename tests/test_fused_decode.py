@@ -108,3 +108,32 @@ def test_forms_it_does_not_take_fall_back():
     plan = DecodePlan(H, D, pieces[:-1])
     assert "before RoPE" in plan.why_not(query, pieces[-1].keys.data, plan.count)
     assert plan.why_not(query, pieces[-1].keys.data, 1) == ""  # a snapshot taken before the segment froze
+
+
+def test_many_sequences_in_one_call_equal_each_alone():
+    """`DecodePlan.run_many` (a serving step: one C call, the threads sharing the sequences) returns exactly what
+    each sequence's own `run` returns: sequences of different forms, lengths, masks, dtypes."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler: the torch path is used")
+    gen = torch.Generator().manual_seed(5)
+    forms = [("channel4", "quant4", 600), ("factors16-4", "factors8-8", 300), ("exact", "quant2", 90)]
+    steps = []
+    for i, (key_kind, value_kind, n) in enumerate(forms * 2):
+        dtype = torch.bfloat16 if i == 4 else torch.float32
+        pieces = layer_pieces(gen, key_kind, value_kind, [4, n, 33, 37 + i], dtype=dtype)
+        for p in pieces:  # one sample per sequence
+            p.map_batch(lambda t: t[:1].clone())
+        plan = DecodePlan(H, D, pieces[:-1])
+        tail = pieces[-1]
+        query = torch.randn(1, H * G, 1, D, generator=gen).to(dtype)
+        allowed = None
+        if i % 2:
+            allowed = torch.ones(1, 1, 1, tail.end, dtype=torch.bool)
+            allowed[..., 10 : 20 + i] = False
+        steps.append((plan, plan.count, (tail.keys.data, tail.values.data, tail.start), 0, query, allowed))
+    for softcap in (None, 30.0):
+        together = DecodePlan.run_many(steps, D**-0.5, softcap)
+        for got, (plan, count, tail, first, query, allowed) in zip(together, steps, strict=True):
+            alone = plan.run(count, tail, first, query, allowed, D**-0.5, softcap)
+            assert got.dtype == query.dtype
+            assert torch.equal(got, alone)

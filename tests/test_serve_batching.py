@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 from attentionpack import PackConfig, PackedCache
 from attentionpack.attention.packed import enable
+from attentionpack.serve import batch_cache
 from attentionpack.serve.batch_cache import RowsView, SequenceBatchCache, layer_windows
 from attentionpack.serve.engine import Engine, SamplingParams, generate
 
@@ -44,7 +45,18 @@ def _solo(model, spec, prompt: list[int], steps: int) -> list[int]:
 @pytest.mark.parametrize("name", tiny_models.MODEL_NAMES)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_batched_rows_equal_solo_decoding(name, config, monkeypatch):
-    """SequenceBatchCache directly: 3 prompts of different lengths, 40 greedy steps."""
+    """SequenceBatchCache directly: 3 prompts of different lengths, 40 greedy steps; the rows over stored pieces
+    attend in one call (`attend_many`)."""
+    _check_batched_rows(name, config, False, monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_rows_attend_one_by_one_when_the_shared_call_fails(name, monkeypatch):
+    """When the one call for every row raises, each row attends on its own: the same tokens, no failed row."""
+    _check_batched_rows(name, "budget", True, monkeypatch)
+
+
+def _check_batched_rows(name, config, together_fails, monkeypatch):
     model = tiny_models.build_model(name)
     enable(model)
     spec = CONFIGS[config]
@@ -53,12 +65,20 @@ def test_batched_rows_equal_solo_decoding(name, config, monkeypatch):
     alone = [_solo(model, spec, p, 40) for p in prompts]
 
     views = []
-    original = RowsView._attend_row
-    monkeypatch.setattr(
-        RowsView,
-        "_attend_row",
-        lambda self, q, k, v, s, c: (views.append(not isinstance(k, torch.Tensor)), original(self, q, k, v, s, c))[1],
-    )
+    original_row, original_many = RowsView._attend_row, batch_cache.attend_many
+
+    def many(steps, scaling, softcap):
+        if together_fails:
+            raise RuntimeError("one call for every row failed")
+        views.extend(True for _ in steps)
+        return original_many(steps, scaling, softcap)
+
+    def row(self, q, k, v, scaling, softcap):
+        views.append(not isinstance(k, torch.Tensor))
+        return original_row(self, q, k, v, scaling, softcap)
+
+    monkeypatch.setattr(batch_cache, "attend_many", many)
+    monkeypatch.setattr(RowsView, "_attend_row", row)
     caches, tokens = [], []
     with torch.no_grad():
         for p in prompts:

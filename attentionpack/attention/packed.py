@@ -39,6 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from ..kernels import ops, triton_decode
+from ..kernels.plan import DecodePlan
 from ..parts import Segment
 from .view import LayerView
 
@@ -97,6 +98,34 @@ def attend(
         return _dense(view, query, cache_mask, scale)
     view.paths["per_part"] += 1
     return _per_part(view, query, cache_mask, scale, softcap)
+
+
+def attend_many(
+    steps: list[tuple[LayerView, torch.Tensor, torch.Tensor | None]], scaling: float | None, softcap: float | None
+) -> list[torch.Tensor]:
+    """Independent steps of several sequences (a serving step's rows, each over its own cache's view): per
+    sequence (view, query (1, Hq, q, d) rotated, mask or None). The one-token steps the C one-call step takes run
+    in one call, the threads sharing the sequences (`DecodePlan.run_many`); every other step through `attend`.
+    -> each step's output (1, q, Hq, d), in order."""
+    outs: list[torch.Tensor | None] = [None] * len(steps)
+    fused: list[tuple[int, tuple]] = []
+    for i, (view, query, mask) in enumerate(steps):
+        if query.shape[2] == 1 and decode_backend(query) == "c":
+            tail_keys = view.tail[0] if view.tail is not None else None
+            if not view.plan.why_not(query, tail_keys, view.plan_count):
+                view.paths["fused"] += 1
+                allowed = _cache_mask(view, mask, 1, query.device)
+                fused.append((i, (view.plan, view.plan_count, view.tail, view.first, query, allowed)))
+                continue
+        outs[i] = attend(view, query, mask, scaling, softcap)
+    if fused:
+        d = steps[fused[0][0]][1].shape[-1]
+        scale = d**-0.5 if scaling is None else scaling
+        for (i, _), out in zip(fused, DecodePlan.run_many([f for _, f in fused], scale, softcap), strict=True):
+            outs[i] = out
+    done = [out for out in outs if out is not None]
+    assert len(done) == len(steps), "every step has its output"
+    return done
 
 
 def _per_part(

@@ -89,8 +89,10 @@ def _build() -> ctypes.CDLL | None:
     lib.ap_mix_rows.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int, i64]
     lib.ap_scores_cols.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int]
     lib.ap_decode.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_float, ctypes.c_float, ptr, i64, i64, i64, i64]
+    lib.ap_decode_rows.argtypes = [i64, *[ptr] * 5, ctypes.c_float, ctypes.c_float, ptr, i64, i64, i64]
     lib.ap_quantize.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr]
-    lib.ap_mix_rows.restype = lib.ap_scores_cols.restype = lib.ap_decode.restype = lib.ap_quantize.restype = None
+    lib.ap_mix_rows.restype = lib.ap_scores_cols.restype = lib.ap_decode.restype = None
+    lib.ap_decode_rows.restype = lib.ap_quantize.restype = None
     return lib
 
 

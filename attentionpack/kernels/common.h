@@ -16,6 +16,7 @@
 static int omp_get_max_threads(void) { return 1; }
 static int omp_get_thread_num(void) { return 0; }
 static int omp_get_num_threads(void) { return 1; }
+static int omp_in_parallel(void) { return 0; }
 #endif
 
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };  /* dtypes of the float arrays the kernels read (kernels/__init__.py: FLOAT_CODES) */

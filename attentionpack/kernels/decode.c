@@ -324,7 +324,7 @@ void ap_decode(const int64_t *desc, int64_t P, const float *restrict query, cons
         tokens += pieces[p].T;
     }
     float *qt = (float *)malloc(sizeof(float) * (B * per_sample + 1));
-    const int parallel = B * tokens >= MIN_PARALLEL;
+    const int parallel = B * tokens >= MIN_PARALLEL && !omp_in_parallel();  /* ap_decode_rows: one thread a row */
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t i = 0; i < B * P; i++) {
         const int64_t b = i / P, p = i % P;
@@ -390,4 +390,16 @@ void ap_decode(const int64_t *desc, int64_t P, const float *restrict query, cons
         }
     }
     free(qs); free(qt_at); free(qt); free(item_p); free(item_t); free(res);
+}
+
+/* n independent one-sample steps (a serving step's sequences, each over its own pieces): step i is
+   ap_decode(descs[i], Ps[i], queries[i], masks[i], mask_sbs[i], scale, softcap, outs[i], 1, H, M, d). The threads
+   share the steps, one step per thread at a time (no fork and join per sequence). */
+void ap_decode_rows(int64_t n, const int64_t *descs, const int64_t *Ps, const int64_t *queries, const int64_t *masks,
+                    const int64_t *mask_sbs, float scale, float softcap, const int64_t *outs, int64_t H, int64_t M,
+                    int64_t d) {
+#pragma omp parallel for schedule(dynamic, 1) if (n > 1)
+    for (int64_t i = 0; i < n; i++)
+        ap_decode((const int64_t *)descs[i], Ps[i], (const float *)queries[i], (const uint8_t *)masks[i], mask_sbs[i],
+                  scale, softcap, (float *)outs[i], 1, H, M, d);
 }

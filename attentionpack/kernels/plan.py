@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -153,6 +154,62 @@ class DecodePlan:
         """One decoding step over the first `count` segments (call only when `why_not` is ""). tail: (keys,
         values (B, H, n, d), cache index of the first) or None; query (B, Hq, 1, d) rotated; allowed None
         or (B|1, 1, 1, N) bool over cache indices [first, ...). -> (B, 1, Hq, d) in the query's dtype."""
+        step = self._step(count, tail, first, query, allowed)
+        lib = library()
+        assert lib is not None
+        b, hq, _, d = query.shape
+        addr, _ = step.table.buffer_info()
+        lib.ap_decode(
+            addr, step.pieces, step.query.data_ptr(), step.mask, step.mask_sb, scale, _cap(softcap),
+            step.out.data_ptr(), b, self.heads, hq // self.heads, d,
+        )  # fmt: skip
+        return step.result()
+
+    @staticmethod
+    def run_many(
+        steps: list[
+            tuple[
+                DecodePlan, int, tuple[torch.Tensor, torch.Tensor, int] | None, int, torch.Tensor, torch.Tensor | None
+            ]
+        ],
+        scale: float,
+        softcap: float | None,
+    ) -> list[torch.Tensor]:
+        """Several independent one-sample steps in one C call (a serving step's sequences, each over its own
+        layer): each entry is `run`'s (plan, count, tail, first, query (1, Hq, 1, d), allowed), every plan of the
+        same heads and dim; the threads share the sequences instead of splitting each one's tokens. -> each
+        step's output, as `run` returns it."""
+        lib = library()
+        assert lib is not None and steps
+        plan0, query0 = steps[0][0], steps[0][4]
+        _, hq, _, d = query0.shape
+        prepared = [
+            plan._step(count, tail, first, query, allowed) for plan, count, tail, first, query, allowed in steps
+        ]
+        tables = [step.table for step in prepared]  # the arrays stay alive until the call returns
+        column = lambda values: array.array("q", values)  # noqa: E731
+        descs = column([t.buffer_info()[0] for t in tables])
+        pieces = column([step.pieces for step in prepared])
+        queries = column([step.query.data_ptr() for step in prepared])
+        masks = column([step.mask for step in prepared])
+        mask_sbs = column([step.mask_sb for step in prepared])
+        outs = column([step.out.data_ptr() for step in prepared])
+        lib.ap_decode_rows(
+            len(prepared), *(c.buffer_info()[0] for c in (descs, pieces, queries, masks, mask_sbs)), scale,
+            _cap(softcap), outs.buffer_info()[0], plan0.heads, hq // plan0.heads, d,
+        )  # fmt: skip
+        return [step.result() for step in prepared]
+
+    def _step(
+        self,
+        count: int,
+        tail: tuple[torch.Tensor, torch.Tensor, int] | None,
+        first: int,
+        query: torch.Tensor,
+        allowed: torch.Tensor | None,
+    ) -> _Step:
+        """The kernel's arguments for one step (see `run`): the table of the first `count` segments and the tail,
+        the float32 queries, the mask and the output buffer, with every temporary they point to."""
         b, hq, _, d = query.shape
         table: list[int] = []
         for row, start in zip(self.rows[:count], self.starts[:count], strict=True):
@@ -178,15 +235,29 @@ class DecodePlan:
             keep.append(m)
             mask, mask_sb = m.data_ptr(), (m.shape[1] if m.shape[0] > 1 else 0)
         out = torch.empty(b, 1, hq, d, dtype=torch.float32)
-        desc = array.array("q", table)
-        addr, _ = desc.buffer_info()
-        lib = library()
-        assert lib is not None
-        cap = 0.0 if softcap is None else float(softcap)
-        lib.ap_decode(
-            addr, len(table) // FIELDS, query.data_ptr(), mask, mask_sb, scale, cap, out.data_ptr(), b, h, hq // h, d
-        )
-        return out if dtype == torch.float32 else out.to(dtype)
+        return _Step(array.array("q", table), len(table) // FIELDS, query, mask, mask_sb, out, dtype, keep)
+
+
+@dataclass(slots=True)
+class _Step:
+    """One step's kernel arguments (`DecodePlan._step`); `keep` holds the temporaries the table and mask point to."""
+
+    table: array.array
+    pieces: int
+    query: torch.Tensor  # (B, Hq, 1, d) float32
+    mask: int  # address of (B|1, N) uint8, or 0
+    mask_sb: int
+    out: torch.Tensor  # (B, 1, Hq, d) float32
+    dtype: torch.dtype  # the queries' dtype
+    keep: list[torch.Tensor]
+
+    def result(self) -> torch.Tensor:
+        """(B, 1, Hq, d) in the queries' dtype."""
+        return self.out if self.dtype == torch.float32 else self.out.to(self.dtype)
+
+
+def _cap(softcap: float | None) -> float:
+    return 0.0 if softcap is None else float(softcap)
 
 
 def gathered_slots(seg: Segment, allowed: torch.Tensor | None, first: int, heads: int) -> torch.Tensor:

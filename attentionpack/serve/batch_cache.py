@@ -31,7 +31,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..attention.packed import packed_attention_forward
+from ..attention.packed import attend_many, packed_attention_forward
 
 
 def layer_windows(model: Any) -> list[int | None]:
@@ -140,27 +140,44 @@ class RowsView:
     def attend(
         self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float | None, softcap: float | None = None
     ) -> torch.Tensor:
-        """query (N, Hq, 1, d) rotated -> output (N, 1, Hq, d); `mask` (built for the whole batch) is ignored."""
-        outs = []
+        """query (N, Hq, 1, d) rotated -> output (N, 1, Hq, d); `mask` (built for the whole batch) is ignored.
+        The rows over stored pieces attend in one call (`attend_many`: the threads share the sequences); if that
+        raises, each row again on its own, so that a fault fails its sequence only."""
+        outs: list[torch.Tensor | None] = [None] * len(self.rows)
+        views = {  # row -> its view of stored pieces
+            i: row[0]
+            for i, row in enumerate(self.rows)
+            if row is not None and i not in self.failed and not isinstance(row[0], torch.Tensor)
+        }
+        try:
+            steps = [(view, query[i : i + 1], self._window_mask(view, query)) for i, view in views.items()]
+            for i, out in zip(views, attend_many(steps, scaling, softcap), strict=True):
+                outs[i] = out
+        except Exception:  # noqa: BLE001 - found again row by row below
+            outs = [None] * len(self.rows)
         for i, row in enumerate(self.rows):
             q = query[i : i + 1]
-            out = None
-            if row is not None and i not in self.failed:
+            if outs[i] is None and row is not None and i not in self.failed:
                 try:
-                    out = self._attend_row(q, row[0], row[1], scaling, softcap)
+                    outs[i] = self._attend_row(q, row[0], row[1], scaling, softcap)
                 except Exception as err:  # noqa: BLE001 - see the module docstring
                     self.failed[i] = err
-            outs.append(q.new_zeros(1, q.shape[2], q.shape[1], q.shape[3]) if out is None else out)
-        return torch.cat(outs, dim=0)
+        zeros = query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3])
+        return torch.cat([zeros if out is None else out for out in outs], dim=0)
+
+    def _window_mask(self, view: Any, q: torch.Tensor) -> torch.Tensor | None:
+        """(1, 1, 1, held) bool: the sliding window over a view's cache indices [first, total), None when the
+        view holds no more than the window."""
+        if self.window is None or view.total - view.first <= self.window:
+            return None
+        cols = torch.arange(view.first, view.total, device=q.device)
+        return (cols >= view.total - self.window)[None, None, None, :]
 
     def _attend_row(
         self, q: torch.Tensor, keys: Any, values: Any, scaling: float | None, softcap: float | None
     ) -> torch.Tensor:
         if not isinstance(keys, torch.Tensor):  # a view of stored pieces over cache indices [first, total)
-            row_mask = None
-            if self.window is not None and keys.total - keys.first > self.window:
-                cols = torch.arange(keys.first, keys.total, device=q.device)
-                row_mask = (cols >= keys.total - self.window)[None, None, None, :]  # (1, 1, 1, held)
+            row_mask = self._window_mask(keys, q)
             module = SimpleNamespace(
                 num_key_value_groups=q.shape[1] // keys.num_kv_heads, is_causal=True, training=False
             )
