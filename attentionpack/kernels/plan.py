@@ -33,6 +33,7 @@ EXACT, QUANTIZED, FACTORS = 0, 1, 2  # operand kinds (decode.c: KEYS_* and VALUE
 DTYPES = FLOAT_CODES  # float arrays the kernel reads (common.h: DT_*)
 FIELDS = 33  # int64 fields of piece_t in decode.c
 _COLUMN = 3  # index of the mask-column field in a row (filled per step: start - first)
+Tail = tuple[torch.Tensor, torch.Tensor, int]  # the exact tail's keys, values (B, H, n, d) and first cache index
 
 
 class DecodePlan:
@@ -144,7 +145,7 @@ class DecodePlan:
     def run(
         self,
         count: int,
-        tail: tuple[torch.Tensor, torch.Tensor, int] | None,
+        tail: Tail | None,
         first: int,
         query: torch.Tensor,
         allowed: torch.Tensor | None,
@@ -167,11 +168,7 @@ class DecodePlan:
 
     @staticmethod
     def run_many(
-        steps: list[
-            tuple[
-                DecodePlan, int, tuple[torch.Tensor, torch.Tensor, int] | None, int, torch.Tensor, torch.Tensor | None
-            ]
-        ],
+        steps: list[tuple[DecodePlan, int, Tail | None, int, torch.Tensor, torch.Tensor | None]],
         scale: float,
         softcap: float | None,
     ) -> list[torch.Tensor]:
@@ -201,12 +198,7 @@ class DecodePlan:
         return [step.result() for step in prepared]
 
     def _step(
-        self,
-        count: int,
-        tail: tuple[torch.Tensor, torch.Tensor, int] | None,
-        first: int,
-        query: torch.Tensor,
-        allowed: torch.Tensor | None,
+        self, count: int, tail: Tail | None, first: int, query: torch.Tensor, allowed: torch.Tensor | None
     ) -> _Step:
         """The kernel's arguments for one step (see `run`): the table of the first `count` segments and the tail,
         the float32 queries, the mask and the output buffer, with every temporary they point to."""
