@@ -9,42 +9,19 @@ Usage: python -m experiments.independent_check smollm2|gemma3|PATH 'PackConfig(b
 
 from __future__ import annotations
 
-import argparse
-import math
 import pydoc_data
-import time
 from pathlib import Path
 
-import torch
-
-from attentionpack import PackConfig, load_model
-from experiments.suite import mean_nll, windows
+from experiments.suite import arguments, print_windows, setup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model")
-    parser.add_argument("configs", nargs="+")
-    parser.add_argument("--windows", type=int, default=4)
-    parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--continuation", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1)
-    a = parser.parse_args()
-    torch.set_num_threads(a.threads)
-    configs = [eval(c, {"PackConfig": PackConfig}) for c in a.configs]  # noqa: S307 - a research script's CLI
-    model, tokenizer = load_model(a.model)
+    a = arguments(__doc__, windows=4).parse_args()
+    model, tokenizer, configs = setup(a)
     text = (Path(pydoc_data.__file__).parent / "topics.py").read_text(encoding="utf-8")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     print(f"{a.model}: pydoc_data/topics.py {ids.numel()} tokens", flush=True)
-    for i, w in enumerate(windows(ids, a.windows, a.context + a.continuation)):
-        base, _ = mean_nll(model, None, w, a.context)
-        row = [f"{a.model} pydoc w{i} base ppl {math.exp(base):.3f}"]
-        for label, config in zip(a.configs, configs, strict=True):
-            start = time.time()
-            nll, fraction = mean_nll(model, config, w, a.context)
-            change = 100 * (math.exp(nll - base) - 1)
-            row.append(f"{label}: {change:+.2f}% ({1 / fraction:.1f}x, {time.time() - start:.0f}s)")
-        print(" | ".join(row), flush=True)
+    print_windows(model, f"{a.model} pydoc", ids, configs, a)
 
 
 if __name__ == "__main__":

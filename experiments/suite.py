@@ -19,6 +19,7 @@ import os
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -66,32 +67,50 @@ def mean_nll(model, config: PackConfig | str | None, window: torch.Tensor, conte
     return total / steps, fraction
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str | None, windows: int) -> argparse.ArgumentParser:
+    """The command line of a windows-of-a-text run (this script, `independent_check.py`)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
     parser.add_argument("configs", nargs="+")
-    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=windows)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--continuation", type=int, default=256)
-    parser.add_argument("--text", action="append", help="britannica, play, code (default: all)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")))
-    a = parser.parse_args()
+    return parser
+
+
+def setup(a: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, tokenizer, {label: configuration}) of parsed `arguments`, torch's threads set."""
     torch.set_num_threads(a.threads)
-    configs = [eval(c, {"PackConfig": PackConfig}) for c in a.configs]  # noqa: S307 - a research script's CLI
+    configs = {c: eval(c, {"PackConfig": PackConfig}) for c in a.configs}  # noqa: S307 - a research script's CLI
     model, tokenizer = load_model(a.model)
+    return model, tokenizer, configs
+
+
+def main() -> None:
+    parser = arguments(__doc__, windows=2)
+    parser.add_argument("--text", action="append", help="britannica, play, code (default: all)")
+    a = parser.parse_args()
+    model, tokenizer, configs = setup(a)
     for name, text in texts().items():
         if a.text and name not in a.text:
             continue
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-        for i, w in enumerate(windows(ids, a.windows, a.context + a.continuation)):
-            base, _ = mean_nll(model, None, w, a.context)
-            row = [f"{a.model} {name} w{i} base ppl {math.exp(base):.3f}"]
-            for label, config in zip(a.configs, configs, strict=True):
-                start = time.time()
-                nll, fraction = mean_nll(model, config, w, a.context)
-                change = 100 * (math.exp(nll - base) - 1)
-                row.append(f"{label}: {change:+.2f}% ({1 / fraction:.1f}x, {time.time() - start:.0f}s)")
-            print(" | ".join(row), flush=True)
+        print_windows(model, f"{a.model} {name}", ids, configs, a)
+
+
+def print_windows(model, title: str, ids: torch.Tensor, configs: dict, a: argparse.Namespace) -> None:
+    """One line per window of `ids` (a.windows of a.context + a.continuation tokens): DynamicCache's perplexity,
+    then per labelled configuration its change and its size against DynamicCache after the continuation."""
+    for i, w in enumerate(windows(ids, a.windows, a.context + a.continuation)):
+        base, _ = mean_nll(model, None, w, a.context)
+        row = [f"{title} w{i} base ppl {math.exp(base):.3f}"]
+        for label, config in configs.items():
+            start = time.time()
+            nll, fraction = mean_nll(model, config, w, a.context)
+            change = 100 * (math.exp(nll - base) - 1)
+            row.append(f"{label}: {change:+.2f}% ({1 / fraction:.1f}x, {time.time() - start:.0f}s)")
+        print(" | ".join(row), flush=True)
 
 
 if __name__ == "__main__":
