@@ -39,7 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from ..kernels import ops, triton_decode
-from ..kernels.plan import DecodePlan
+from ..kernels.plan import DecodePlan, Tail
 from ..parts import Segment
 from .view import LayerView
 
@@ -86,11 +86,10 @@ def attend(
             segments, heads = view.segments, view.num_kv_heads
             return triton_decode.decode(segments, heads, view.first, query, cache_mask, scale, softcap)
     else:
-        tail_keys = view.tail[0] if view.tail is not None else None
-        why = view.plan.why_not(query, tail_keys, view.plan_count)
+        why = _c_why_not(view, query)
         if not why:
             view.paths["fused"] += 1
-            return view.plan.run(view.plan_count, view.tail, view.first, query, cache_mask, scale, softcap)
+            return view.plan.run(*_c_step(view, query, cache_mask), scale, softcap)
     if q == 1 and strict():
         raise RuntimeError(f"ATTENTIONPACK_STRICT: a decoding step cannot take the {backend} one-call step: {why}")
     if q >= DENSE_MIN_QUERIES and softcap is None:
@@ -108,24 +107,36 @@ def attend_many(
     in one call, the threads sharing the sequences (`DecodePlan.run_many`); every other step through `attend`.
     -> each step's output (1, q, Hq, d), in order."""
     outs: list[torch.Tensor | None] = [None] * len(steps)
-    fused: list[tuple[int, tuple]] = []
-    for i, (view, query, mask) in enumerate(steps):
-        if query.shape[2] == 1 and decode_backend(query) == "c":
-            tail_keys = view.tail[0] if view.tail is not None else None
-            if not view.plan.why_not(query, tail_keys, view.plan_count):
-                view.paths["fused"] += 1
-                allowed = _cache_mask(view, mask, 1, query.device)
-                fused.append((i, (view.plan, view.plan_count, view.tail, view.first, query, allowed)))
-                continue
-        outs[i] = attend(view, query, mask, scaling, softcap)
+    fused = [
+        i for i, (view, query, _) in enumerate(steps) if decode_backend(query) == "c" and not _c_why_not(view, query)
+    ]
     if fused:
-        d = steps[fused[0][0]][1].shape[-1]
-        scale = d**-0.5 if scaling is None else scaling
-        for (i, _), out in zip(fused, DecodePlan.run_many([f for _, f in fused], scale, softcap), strict=True):
+        d = steps[fused[0]][1].shape[-1]
+        args = [
+            (view.plan, *_c_step(view, query, _cache_mask(view, mask, 1, query.device)))
+            for view, query, mask in (steps[i] for i in fused)
+        ]
+        results = DecodePlan.run_many(args, d**-0.5 if scaling is None else scaling, softcap)
+        for i, out in zip(fused, results, strict=True):
+            steps[i][0].paths["fused"] += 1
             outs[i] = out
-    done = [out for out in outs if out is not None]
-    assert len(done) == len(steps), "every step has its output"
-    return done
+    for i, (view, query, mask) in enumerate(steps):
+        if outs[i] is None:
+            outs[i] = attend(view, query, mask, scaling, softcap)
+    return [out for out in outs if out is not None]
+
+
+def _c_why_not(view: LayerView, query: torch.Tensor) -> str:
+    """Why the C one-call step cannot serve this call over the view; empty when it can."""
+    tail_keys = view.tail[0] if view.tail is not None else None
+    return view.plan.why_not(query, tail_keys, view.plan_count)
+
+
+def _c_step(
+    view: LayerView, query: torch.Tensor, cache_mask: torch.Tensor | None
+) -> tuple[int, Tail | None, int, torch.Tensor, torch.Tensor | None]:
+    """`DecodePlan.run`'s step arguments over the view (`run_many` takes them after the plan)."""
+    return view.plan_count, view.tail, view.first, query, cache_mask
 
 
 def _per_part(

@@ -183,9 +183,8 @@ class DecodePlan:
         prepared = [
             plan._step(count, tail, first, query, allowed) for plan, count, tail, first, query, allowed in steps
         ]
-        tables = [step.table for step in prepared]  # the arrays stay alive until the call returns
         column = lambda values: array.array("q", values)  # noqa: E731
-        descs = column([t.buffer_info()[0] for t in tables])
+        descs = column([step.table.buffer_info()[0] for step in prepared])  # the steps keep their tables alive
         pieces = column([step.pieces for step in prepared])
         queries = column([step.query.data_ptr() for step in prepared])
         masks = column([step.mask for step in prepared])
