@@ -351,6 +351,13 @@ def load_cache(
                 "malformed",
                 f"{where}: rebuilt {cache.get_seq_length()} tokens, the manifest says {manifest['seq_length']}",
             )
+        for layer in cache.layers:  # every layer has seen every token (get_seq_length reads the first only)
+            if layer.total != manifest["seq_length"]:
+                raise CacheFileError(
+                    "malformed",
+                    f"{where}: layer {layer.layer_idx} counts {layer.total} tokens, the manifest says "
+                    f"{manifest['seq_length']}",
+                )
     except CacheFileError:
         raise
     except Exception as err:  # noqa: BLE001 - any inconsistency of a checksummed file is a writer bug or an edit
