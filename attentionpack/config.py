@@ -34,7 +34,8 @@ class PackConfig:
 
     Codecs per tensor: "exact"; "lowrank" (truncated SVD of all KV heads side by side; `*_bits` 8 or 4 also
     quantizes the factors); "quant" (KIVI-style: keys per channel, values per token, `*_bits` 8/4/2, groups of
-    `quant_group`). Rank rule for "lowrank", first set wins: `*_rank` (fixed), `*_rank_fraction` (of H_kv*d),
+    `*_group` elements, `quant_group` when None; low-rank coefficients are grouped along the tokens likewise).
+    Rank rule for "lowrank", first set wins: `*_rank` (fixed), `*_rank_fraction` (of H_kv*d),
     `*_energy` (smallest rank capturing that share of the squared singular values). `*_max_rank_fraction`
     caps the energy rule. `key_pre_rope`: factor low-rank keys before RoPE (the most compressible form; keys are
     rebuilt and rotated when attended) or after it (attention runs on the factors without rebuilding keys: faster
@@ -47,7 +48,7 @@ class PackConfig:
     DynamicCache holds for the same tokens while decoding (every storage counted; its sliding-window layers keep
     their last W-1 tokens). The prompt's spans then ignore the codec
     fields above: per layer and for keys and values separately, the cache picks among exact, 8/4/2-bit
-    quantization and post-RoPE low-rank encodings the mix with the least attention-output error of the last
+    quantization (in groups of `quant_group` and of 128) and post-RoPE low-rank encodings the mix with the least attention-output error of the last
     prompt queries that fits (cache/budgeted.py); each layer's decode chunks use its chosen encoding. Text
     prompts only. The prompt's last `window` tokens are weighed like the other spans (any candidate, as the
     error decides); only the sinks stay exact, so a very small f needs a long enough prompt (a BudgetError
@@ -93,6 +94,7 @@ class PackConfig:
     key_energy: float | None = 0.99
     key_max_rank_fraction: float = 1.0
     key_bits: int | None = None
+    key_group: int | None = None
     key_pre_rope: bool = True
     key_objective: Literal["keys", "scores"] = "keys"
 
@@ -102,6 +104,7 @@ class PackConfig:
     value_energy: float | None = 0.99
     value_max_rank_fraction: float = 1.0
     value_bits: int | None = None
+    value_group: int | None = None
     quant_group: int = 32
 
     compressed_attention: bool = True
@@ -153,6 +156,9 @@ class PackConfig:
                 _bad(f"{prefix}_bits", bits, f"None or one of {FACTOR_BITS} when {prefix}_codec='lowrank'")
             if codec == "exact" and bits is not None:
                 _bad(f"{prefix}_bits", bits, f"None when {prefix}_codec='exact'")
+            group = getattr(self, f"{prefix}_group")
+            if group is not None and (not _is_int(group) or group < 8):
+                _bad(f"{prefix}_group", group, "an integer >= 8 (or None: quant_group)")
         for name, low in (("sink", 0), ("window", 0), ("chunk", 1), ("min_span", 1), ("quant_group", 8)):
             value = getattr(self, name)
             if name == "chunk" and value is None:
@@ -232,6 +238,11 @@ class PackConfig:
         # a budget never chooses image or video encodings (it declines those prompts or refuses them)
         budget = self.budget if modality == "text" else None
         return dataclasses.replace(self, text=None, image=None, video=None, budget=budget, **overrides)
+
+    def group(self, is_key: bool) -> int:
+        """Quantization group size of keys (or values, and their low-rank coefficients): `*_group` or quant_group."""
+        group = self.key_group if is_key else self.value_group
+        return self.quant_group if group is None else group
 
     @property
     def decode_chunk(self) -> int:

@@ -25,8 +25,9 @@ def states(gen, t, d=D, dtype=torch.float32):
 def keys(kind, gen, t, d=D, dtype=torch.float32):
     if kind == "exact":  # a slice of a wider buffer, as the exact tail hands it over
         return ExactPart(states(gen, t + 10, d, dtype)[:, :, 3 : 3 + t])
-    if kind.startswith("channel"):
-        return QuantizedPart.keys(states(gen, t, d, dtype), int(kind[7:]), 32)
+    if kind.startswith("channel"):  # "channel4": 4 bits in groups of 32 tokens; "channel2g128": of 128
+        bits, _, group = kind[7:].partition("g")
+        return QuantizedPart.keys(states(gen, t, d, dtype), int(bits), int(group or 32))
     # factors of keys after RoPE, of a rank no vector width or register block divides
     coeffs = torch.randn(B, t, 19, generator=gen).to(dtype)
     basis = torch.linalg.qr(torch.randn(B, H * d, 19, generator=gen)).Q.transpose(1, 2).contiguous().to(dtype)
@@ -41,7 +42,8 @@ def values(kind, gen, t, d=D, dtype=torch.float32):
         return ExactPart(states(gen, t, d, dtype))
     if kind.startswith("factors"):  # low-rank values: same factor forms as keys after RoPE
         return keys(kind, gen, t, d, dtype)
-    return QuantizedPart.values(states(gen, t, d, dtype), int(kind[5:]), 32)
+    bits, _, group = kind[5:].partition("g")  # "quant4": groups of 32 channels; "quant2g64": of 64
+    return QuantizedPart.values(states(gen, t, d, dtype), int(bits), int(group or 32))
 
 
 def layer_pieces(gen, key_kind, value_kind, lengths, d=D, dtype=torch.float32):

@@ -30,6 +30,8 @@ _BAD_VALUES = {
     "key_bits": [3, 2, 16, -4, 0, "8", True, 8.0],
     "value_bits": [3, 2, 16, -4, 0, "4", False, 4.0],
     "quant_group": [0, 7, -1, 8.5, "32", True, None],
+    "key_group": [0, 7, -1, 8.5, "32", True],  # None is the default (quant_group)
+    "value_group": [4, 16.0, "64", False],
     "sink": [-1, 2.0, "4", None, True],
     "window": [-1, 8.0, "8", None, False],
     "chunk": [0, -3, 16.0, True, "64"],  # None is the default (64 with a budget, 256 without)

@@ -120,3 +120,18 @@ def test_attention_output_error():
     assert (e_best < e_worst).all() and (e_best > 0).all()
     with pytest.raises(ValueError, match="share one"):
         attention_output_error(q, k, v, k[:, :, :-1], v, valid)
+
+
+def test_a_wide_group_choice_reaches_the_decode_chunks():
+    """A choice of 4-bit keys in groups of 128 configures the layer's decode chunks so (key_group), and reads back
+    as the same candidate labels (what the planner reports for fixed codecs)."""
+    from attentionpack import PackConfig
+    from attentionpack.budget.candidates import WIDE_GROUP, candidate_config, codec_labels
+    from attentionpack.parts import ExactPart, Segment
+
+    cfg = candidate_config(PackConfig(budget=0.125), "q4g128", "q2")
+    assert (cfg.key_codec, cfg.key_bits, cfg.key_group) == ("quant", 4, WIDE_GROUP)
+    assert (cfg.value_codec, cfg.value_bits, cfg.value_group, cfg.group(False)) == ("quant", 2, None, 32)
+    span = Segment(4, 100, ExactPart(torch.zeros(1, 1, 96, 8)), ExactPart(torch.zeros(1, 1, 96, 8)), "span")
+    assert codec_labels(cfg, span) == ("q4g128", "q2")
+    assert codec_labels(candidate_config(cfg, "q2", "q8g128"), span) == ("q2", "q8g128")

@@ -166,6 +166,7 @@ def test_shared_needle_prefill_prefills_a_budget_cache_itself(tiny_model):
 
 def test_errors_match_the_attention_output_error(tiny_model):
     """The planner's value error of a span is attention_output_error² of the window queries, computed apart."""
+    from attentionpack.budget.candidates import WIDE_GROUP
     from attentionpack.budget.planner import QUERIES
     from attentionpack.models.registry import ModelAdapter
     from attentionpack.parts import QuantizedPart
@@ -202,10 +203,14 @@ def test_errors_match_the_attention_output_error(tiny_model):
     k_hat[:, :, start:end] = QuantizedPart.keys(keys[:, :, start:end], 2, cfg.quant_group).materialize(0, 0, None)
     ref = attention_output_error(seen["q"], keys, values, k_hat, values, valid, scaling=attention_scaling(attn))
     assert key_errors["q2"] == pytest.approx(float(ref) ** 2, rel=1e-3)
+    k_hat[:, :, start:end] = QuantizedPart.keys(keys[:, :, start:end], 2, WIDE_GROUP).materialize(0, 0, None)
+    ref = attention_output_error(seen["q"], keys, values, k_hat, values, valid, scaling=attention_scaling(attn))
+    assert key_errors["q2g128"] == pytest.approx(float(ref) ** 2, rel=1e-3)  # a wider group: a candidate of its own
     # the recent window is a candidate span too: its key error, from the softmax's span share only, is the same
     window = cache.planner.report[1, end]
-    assert window["keys"][0][0] == "exact"  # shorter than H*d: quantization candidates only
-    assert {label for label, _, _ in window["keys"]} == {"exact", "q8", "q4", "q2"}
+    assert window["keys"][0][0] == "exact"
+    # shorter than H*d: quantization candidates only; no wider groups than quant_group along its tokens either
+    assert cfg.window <= cfg.quant_group and {label for label, _, _ in window["keys"]} == {"exact", "q8", "q4", "q2"}
     k_hat = keys.clone()
     k_hat[:, :, end:] = QuantizedPart.keys(keys[:, :, end:], 4, cfg.quant_group).materialize(0, 0, None)
     ref = attention_output_error(seen["q"], keys, values, k_hat, values, valid, scaling=attention_scaling(attn))

@@ -57,6 +57,7 @@ def test_bytes_held_never_exceed_the_bound(name, config, batch):
     [
         dict(key_codec="quant", key_bits=4, value_codec="quant", value_bits=8),
         dict(key_codec="quant", key_bits=2, value_codec="quant", value_bits=4, quant_group=16),
+        dict(key_codec="quant", key_bits=2, value_codec="quant", value_bits=4, key_group=24, value_group=8),
         dict(key_energy=0.999, value_energy=0.999),  # low-rank, keys before RoPE, float coefficients
         dict(key_bits=4, value_bits=4, key_pre_rope=False, key_energy=1.0, value_energy=1.0),
         dict(key_bits=4, value_bits=4, fallback_exact=False, key_energy=1.0, value_energy=1.0),
@@ -76,6 +77,9 @@ def test_codec_bound_covers_full_rank_encodings(fields):
     assert k <= kb and v <= vb
     if cfg.key_codec == "quant":
         assert (k, v) == (kb, vb)
+        keys, values = encode_keys(x, valid, cfg, cos_sin, pos), encode_values(x, valid, cfg)
+        # each tensor in its own groups (`key_group` / `value_group`), quant_group where unset
+        assert (keys.q.group_size, values.q.group_size) == (cfg.group(True), min(cfg.group(False), 16))
 
 
 def test_razor_has_no_tighter_bound(cache_root):

@@ -25,8 +25,12 @@ def step(request):
     return triton_step
 
 
-@pytest.mark.parametrize("key_kind", ["exact", "channel4", "channel2", "factors16-4", "factors32-8", "factors8-4"])
-@pytest.mark.parametrize("value_kind", ["exact", "quant4", "quant8", "quant2", "factors16-4", "factors8-8"])
+@pytest.mark.parametrize(
+    "key_kind", ["exact", "channel4", "channel2", "channel2g128", "factors16-4", "factors32-8", "factors8-4"]
+)
+@pytest.mark.parametrize(
+    "value_kind", ["exact", "quant4", "quant8", "quant2", "quant2g64", "factors16-4", "factors8-8"]
+)
 def test_every_stored_form_matches_dense_attention(key_kind, value_kind, step):
     gen = torch.Generator().manual_seed(hash((key_kind, value_kind)) % 1000)
     pieces = layer_pieces(

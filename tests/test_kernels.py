@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
-@pytest.mark.parametrize("d,group", [(64, 32), (64, 64), (128, 32), (256, 32), (80, 32), (64, 16)])
+@pytest.mark.parametrize("d,group", [(64, 32), (64, 64), (128, 32), (256, 32), (256, 128), (80, 32), (64, 16)])
 @pytest.mark.parametrize("tokens", [1, 37, 256])
 def test_mix_rows_equals_dequantized_matmul(bits, d, group, tokens):
     g = torch.Generator().manual_seed(bits * 1000 + d + tokens)
@@ -28,7 +28,7 @@ def test_mix_rows_equals_dequantized_matmul(bits, d, group, tokens):
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("tokens", [1, 33, 1000, 1024, 1100])
-@pytest.mark.parametrize("group", [32, 16])
+@pytest.mark.parametrize("group", [32, 16, 128])
 @pytest.mark.parametrize("rows", [20, 256])  # 256: a tile of fewer tokens (Gemma 3's per-channel keys)
 def test_scores_cols_equals_dequantized_matmul(bits, tokens, group, rows):
     g = torch.Generator().manual_seed(bits * 7 + tokens + group + rows)

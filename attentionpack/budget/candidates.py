@@ -26,8 +26,15 @@ from ..parts import (
     storage_nbytes,
 )
 
-# candidate encodings: label -> codec fields for one tensor ("{p}" is "key" or "value"); low-rank keys post-RoPE
-_QUANT = {f"q{b}": dict(codec="quant", bits=b) for b in (8, 4, 2)}
+# candidate encodings: label -> codec fields for one tensor; low-rank keys post-RoPE. Quantization at the config's
+# group size (`quant_group`, "q4") and in groups of WIDE_GROUP ("q4g128"): a group's float16 scale and minimum cost
+# 1 bit per element at 32 (a 2-bit code costs 3) and 0.25 at 128, where a wider group's range costs error instead
+WIDE_GROUP = 128
+_QUANT = {
+    f"q{b}{'' if g is None else f'g{g}'}": dict(codec="quant", bits=b, group=g)
+    for b in (8, 4, 2)
+    for g in (None, WIDE_GROUP)
+}
 _LOWRANK = {
     f"lr{e:g}c{b}": dict(codec="lowrank", energy=e, bits=b)
     for e, b in ((0.98, 4), (0.95, 4), (0.9, 4), (0.8, 4), (0.6, 4))
@@ -48,6 +55,7 @@ def candidate_config(base: PackConfig, key: str, value: str) -> PackConfig:
             {
                 f"{prefix}_codec": spec["codec"],
                 f"{prefix}_bits": spec.get("bits"),
+                f"{prefix}_group": spec.get("group"),
                 f"{prefix}_energy": spec.get("energy"),
                 f"{prefix}_rank": None,
                 f"{prefix}_rank_fraction": None,
@@ -89,15 +97,23 @@ def encode_candidates(
         f = Factors(seen @ basis, right.contiguous())  # (B, T, top), (B, top, D)
         # coefficients are quantized per column (groups along T): the first r columns of the top-rank
         # encoding are exactly the rank-r encoding, so each bit width is quantized once
-        coeffs = quantize_widths(f.coeffs, tuple({s["bits"] for _, s in lowrank}), cfg.quant_group, axis=1)
+        coeffs = quantize_widths(f.coeffs, tuple({s["bits"] for _, s in lowrank}), cfg.group(is_key), axis=1)
         basis16 = f.basis.to(torch.float16)  # as QuantizedLowRankPart.from_factors(..., basis_bits=16) stores it
         full = {bits: QuantizedLowRankPart(q, basis16, h, None, ()) for bits, q in coeffs.items()}
-    widths = tuple(s["bits"] for s in table.values() if s["codec"] == "quant")
-    quantized = quantize_widths(x, widths, cfg.quant_group, axis=2 if is_key else 3)  # keys per channel
+    own, length = cfg.group(is_key), n if is_key else d  # keys' groups run along the tokens, values' along d
+    quant = {  # a wide group that is no wider than the config's own here repeats it: left out
+        lab: s
+        for lab, s in table.items()
+        if s["codec"] == "quant" and (s["group"] is None or min(s["group"], length) > min(own, length))
+    }
+    quantized: dict[int | None, dict[int, Quantized]] = {}  # group (None: own) -> bits -> x quantized
+    for group in {s["group"] for s in quant.values()}:
+        widths = tuple({s["bits"] for s in quant.values() if s["group"] == group})
+        quantized[group] = quantize_widths(x, widths, own if group is None else group, axis=2 if is_key else 3)
     for label, spec in table.items():
         part: Part
-        if spec["codec"] == "quant":
-            part = QuantizedPart(quantized[spec["bits"]])
+        if label in quant:
+            part = QuantizedPart(quantized[spec["group"]][spec["bits"]])  # keys per channel, values per token
         elif spec["codec"] == "lowrank" and lowrank:
             part = first_components(full[spec["bits"]], max(ranks[label]), tuple(ranks[label]))
         else:
@@ -114,10 +130,10 @@ def codec_labels(config: PackConfig, segment: Segment | None) -> tuple[str, str]
         return "exact", "exact"
     labels = []
     for prefix, table in (("key", KEY_CANDIDATES), ("value", VALUE_CANDIDATES)):
-        codec, bits, energy = (getattr(config, f"{prefix}_{n}") for n in ("codec", "bits", "energy"))
+        codec, bits, energy, group = (getattr(config, f"{prefix}_{n}") for n in ("codec", "bits", "energy", "group"))
         if prefix == "key" and codec == "lowrank" and config.key_pre_rope:
             codec = "pre-rope"  # not among the candidates (they factor rotated keys)
-        want = {"codec": codec, "bits": bits} | ({"energy": energy} if codec == "lowrank" else {})
+        want = {"codec": codec, "bits": bits} | ({"energy": energy} if codec == "lowrank" else {"group": group})
         match = [lab for lab, spec in table.items() if all(spec.get(k) == v for k, v in want.items())]
         labels.append(match[0] if match and codec != "exact" else "exact")
     return labels[0], labels[1]

@@ -125,8 +125,8 @@ def evicted_pieces(
             keys = encode_keys(ks, every, cfg, None, None, query_moments)
             values = encode_values(vs, every, cfg)
         else:
-            keys = QuantizedPart.keys(ks, bits, cfg.quant_group)
-            values = QuantizedPart.values(vs, bits, cfg.quant_group)
+            keys = QuantizedPart.keys(ks, bits, cfg.group(True))
+            values = QuantizedPart.values(vs, bits, cfg.group(False))
         out.append((keys, values, log))
     return out
 

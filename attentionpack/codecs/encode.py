@@ -60,7 +60,7 @@ def _encode(
     if codec == "quant":
         assert bits is not None  # PackConfig validates: the quant codec has bits
         part = (
-            QuantizedPart.keys(x, bits, cfg.quant_group) if is_key else QuantizedPart.values(x, bits, cfg.quant_group)
+            QuantizedPart.keys(x, bits, cfg.group(True)) if is_key else QuantizedPart.values(x, bits, cfg.group(False))
         )
     else:
         pre_rope = is_key and cfg.key_pre_rope
@@ -81,7 +81,7 @@ def _encode(
             part = LowRankPart(factors, h, pos, tuple(ranks))
         else:
             part = QuantizedLowRankPart.from_factors(
-                factors, h, pos, tuple(ranks), coeff_bits=bits, basis_bits=16, coeff_group=cfg.quant_group
+                factors, h, pos, tuple(ranks), coeff_bits=bits, basis_bits=16, coeff_group=cfg.group(is_key)
             )
     if cfg.fallback_exact and storage_nbytes(part.tensors()) >= x.numel() * x.element_size():
         return ExactPart(x.clone())
@@ -103,9 +103,9 @@ def nbytes_bound(cfg: PackConfig, shape: tuple[int, int, int, int], dtype: torch
         assert bits is not None
         zeros = torch.zeros(shape, dtype=dtype)
         part = (
-            QuantizedPart.keys(zeros, bits, cfg.quant_group)
+            QuantizedPart.keys(zeros, bits, cfg.group(True))
             if is_key
-            else QuantizedPart.values(zeros, bits, cfg.quant_group)
+            else QuantizedPart.values(zeros, bits, cfg.group(False))
         )
     else:
         r = min(t, h * d)
@@ -115,7 +115,7 @@ def nbytes_bound(cfg: PackConfig, shape: tuple[int, int, int, int], dtype: torch
             part = LowRankPart(factors, h, pos)
         else:
             part = QuantizedLowRankPart.from_factors(
-                factors, h, pos, coeff_bits=bits, basis_bits=16, coeff_group=cfg.quant_group
+                factors, h, pos, coeff_bits=bits, basis_bits=16, coeff_group=cfg.group(is_key)
             )
     stored = storage_nbytes(part.tensors())
     return min(stored, exact) if cfg.fallback_exact else stored

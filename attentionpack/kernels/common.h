@@ -147,6 +147,12 @@ static void mix_range(const uint8_t *restrict codes, const _Float16 *restrict sc
     else if (bits == 4 && W == 256 && group == 32 && nb == 128) MIX(128, 8, 32, 4);  /* Gemma 3's 256-wide head */
     else if (bits == 8 && W == 256 && group == 32 && nb == 256) MIX(256, 8, 32, 8);
     else if (bits == 2 && W == 256 && group == 32 && nb == 64) MIX(64, 8, 32, 2);
+    /* the budget's wide groups (budget/candidates.py WIDE_GROUP): one group per 64-wide head, two per 256-wide */
+    else if (bits == 2 && W == 64 && group == 64 && nb == 16) MIX(16, 1, 64, 2);
+    else if (bits == 8 && W == 64 && group == 64 && nb == 64) MIX(64, 1, 64, 8);
+    else if (bits == 4 && W == 256 && group == 128 && nb == 128) MIX(128, 2, 128, 4);
+    else if (bits == 2 && W == 256 && group == 128 && nb == 64) MIX(64, 2, 128, 2);
+    else if (bits == 8 && W == 256 && group == 128 && nb == 256) MIX(256, 2, 128, 8);
     else MIX(nb, G, group, bits);
 #undef MIX
 }

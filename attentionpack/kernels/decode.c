@@ -141,6 +141,9 @@ static void item_scores(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
 #define SPANS(X, ROWS, OUT) do { \
         if (bits == 4 && group == 32) SPAN(X, ROWS, OUT, 32, 4); \
         else if (bits == 8 && group == 32) SPAN(X, ROWS, OUT, 32, 8); \
+        else if (bits == 2 && group == 32) SPAN(X, ROWS, OUT, 32, 2); \
+        else if (bits == 4 && group == 128) SPAN(X, ROWS, OUT, 128, 4); \
+        else if (bits == 2 && group == 128) SPAN(X, ROWS, OUT, 128, 2); \
         else SPAN(X, ROWS, OUT, group, bits); } while (0)
     if (pc->keys == KEYS_FACTORS) {  /* coefficients shared by all heads: one tile for the H * M rows */
         const int64_t n = b;
