@@ -46,10 +46,10 @@ class PackConfig:
 
     `budget`: None, or a fraction f in (0, 1]: after every prefill the cache holds at most f x the bytes a
     DynamicCache holds for the same tokens while decoding (every storage counted; its sliding-window layers keep
-    their last W-1 tokens). The prompt's spans then ignore the codec
-    fields above: per layer and for keys and values separately, the cache picks among exact, 8/4/2-bit
-    quantization (in groups of `quant_group` and of 128) and post-RoPE low-rank encodings the mix with the least attention-output error of the last
-    prompt queries that fits (cache/budgeted.py); each layer's decode chunks use its chosen encoding. Text
+    their last W-1 tokens). The prompt's spans then ignore the codec fields above: per layer and for keys and
+    values separately, the cache picks among exact, 8/4/2-bit quantization (in groups of `quant_group` and of 128)
+    and post-RoPE low-rank encodings the mix with the least attention-output error of the last prompt queries
+    that fits (budget/planner.py); each layer's decode chunks use its chosen encoding (`*_group` included). Text
     prompts only. The prompt's last `window` tokens are weighed like the other spans (any candidate, as the
     error decides); only the sinks stay exact, so a very small f needs a long enough prompt (a BudgetError
     names the smallest feasible fraction). `budget_strict=False` makes f a target (the presets `balanced` and
