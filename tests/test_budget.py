@@ -134,4 +134,7 @@ def test_a_wide_group_choice_reaches_the_decode_chunks():
     assert (cfg.value_codec, cfg.value_bits, cfg.value_group, cfg.group(False)) == ("quant", 2, None, 32)
     span = Segment(4, 100, ExactPart(torch.zeros(1, 1, 96, 8)), ExactPart(torch.zeros(1, 1, 96, 8)), "span")
     assert codec_labels(cfg, span) == ("q4g128", "q2")
-    assert codec_labels(candidate_config(cfg, "q2", "q8g128"), span) == ("q2", "q8g128")
+    assert codec_labels(candidate_config(PackConfig(budget=0.125), "q2", "q8g128"), span) == ("q2", "q8g128")
+    # a user's own group is what "q4" was quantized in: decode chunks keep it
+    own = candidate_config(PackConfig(budget=0.125, key_group=64), "q4", "lr0.9c4")
+    assert (own.key_group, own.group(True)) == (64, 64) and codec_labels(own, span) == ("q4", "lr0.9c4")

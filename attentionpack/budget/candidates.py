@@ -57,7 +57,8 @@ def candidate_config(base: PackConfig, key: str, value: str) -> PackConfig:
             {
                 f"{prefix}_codec": spec["codec"],
                 f"{prefix}_bits": spec.get("bits"),
-                f"{prefix}_group": spec.get("group"),
+                # None: the config's own group, which the candidate was quantized in (a user's *_group kept)
+                f"{prefix}_group": spec.get("group") or getattr(base, f"{prefix}_group"),
                 f"{prefix}_energy": spec.get("energy"),
                 f"{prefix}_rank": None,
                 f"{prefix}_rank_fraction": None,
@@ -135,7 +136,9 @@ def codec_labels(config: PackConfig, segment: Segment | None) -> tuple[str, str]
         codec, bits, energy, group = (getattr(config, f"{prefix}_{n}") for n in ("codec", "bits", "energy", "group"))
         if prefix == "key" and codec == "lowrank" and config.key_pre_rope:
             codec = "pre-rope"  # not among the candidates (they factor rotated keys)
-        want = {"codec": codec, "bits": bits} | ({"energy": energy} if codec == "lowrank" else {"group": group})
+        want = {"codec": codec, "bits": bits} | (
+            {"energy": energy} if codec == "lowrank" else {"group": group if group == WIDE_GROUP else None}
+        )
         match = [lab for lab, spec in table.items() if all(spec.get(k) == v for k, v in want.items())]
         labels.append(match[0] if match and codec != "exact" else "exact")
     return labels[0], labels[1]
