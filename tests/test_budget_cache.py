@@ -137,6 +137,26 @@ def test_candidate_mixes_equal_each_candidates_own_mix():
             torch.testing.assert_close(mixes[label], ops.mix(part, p).float(), atol=1e-5, rtol=1e-5)
 
 
+def test_candidate_scores_equal_each_candidates_own_scores():
+    """The planner scores the low-rank key candidates of one width component by component over one projection of
+    the queries; each candidate's logits equal its own (`ops.scores`), every candidate but exact once, in any
+    order of ranks (with distinct ranks, so a family that reused one candidate's logits for the next fails)."""
+    from attentionpack.budget.candidates import KEY_CANDIDATES, candidate_scores, encode_candidates
+    from attentionpack.kernels import ops
+
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(2, 3, 400, 32, generator=g) * torch.linspace(3, 0.1, 32)  # (B, H, T, d): a decaying spectrum
+    keys = encode_candidates(k, True, KEY_CANDIDATES, PackConfig())
+    ranks = [part.coeffs.shape[2] for label, part in keys if label.startswith("lr")]
+    assert len(set(ranks)) >= 3, ranks
+    q = torch.randn(2, 3, 7, 32, generator=g)
+    scored = list(candidate_scores(keys[::-1], q, 0, 400))
+    assert sorted(label for label, _ in scored) == sorted(label for label, _ in keys if label != "exact")
+    parts = dict(keys)
+    for label, logits in scored:
+        torch.testing.assert_close(logits, ops.scores(parts[label], q, 0, 400, None).float(), atol=1e-4, rtol=1e-4)
+
+
 def test_budget_config_names():
     from attentionpack.eval.configs import parse_config
 

@@ -5,11 +5,12 @@ energies (values: 95% and below); each encoded for real, so its bytes are those 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from ..codecs import energy_rank, spectrum_and_basis
+from ..codecs import energy_ranks, spectrum_and_basis
 from ..codecs.lowrank import score_weighting
 from ..config import PackConfig
 from ..kernels import ops
@@ -85,13 +86,17 @@ def encode_candidates(
     if lowrank:
         block = x.transpose(1, 2).reshape(b, n, h * d)  # (B, T, H*d)
         weighting = score_weighting(query_moments).to(x.dtype) if query_moments is not None else None
-        # float32 Gram: the candidates keep <= 98% of the energy, far above its round-off (~1e-7 of the total)
-        spectrum, vecs = spectrum_and_basis(block, torch.float32)  # ranks from the keys' own energy
+        # float32 Gram and eigenvectors: the candidates keep <= 98% of the energy, far above their round-off
+        # (~1e-7 of the total); a float64 solve took 1.8 ms instead of 1.3 per 192-wide block here (SmolLM2's
+        # 60 per prefill)
+        f32 = torch.float32
+        spectrum, vecs = spectrum_and_basis(block, f32, f32)  # ranks from the keys' own energy
         seen = block
         if weighting is not None:  # which directions: those the prompt's queries see (codecs.lowrank.factorize)
             seen = block @ weighting
-            _, vecs = spectrum_and_basis(seen, torch.float32)
-        ranks = {lab: [energy_rank(spectrum[i], s["energy"]) for i in range(b)] for lab, s in lowrank}
+            _, vecs = spectrum_and_basis(seen, f32, f32)
+        per_sample = [energy_ranks(spectrum[i], [s["energy"] for _, s in lowrank]) for i in range(b)]
+        ranks = {lab: [r[j] for r in per_sample] for j, (lab, _) in enumerate(lowrank)}
         top = max(max(r) for r in ranks.values())
         basis = vecs[:, :, :top].to(x.dtype)  # (B, D, top)
         right = basis.transpose(1, 2)  # (B, top, D)
@@ -159,28 +164,63 @@ def first_components(part: QuantizedLowRankPart, r: int, sample_ranks: tuple[int
     return QuantizedLowRankPart(coeffs, basis[:, :r].clone(), part.num_heads, None, sample_ranks)
 
 
-def candidate_mixes(values: list[tuple[str, Part]], p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The weights' mix p (B, H, M, T) of every value candidate but exact -> {label: (B, H, M, d) float32}. The
-    low-rank candidates of one coefficient width are the first components of one factorization
-    (`encode_candidates`), so p meets their coefficients once: y = p @ C (B, H, M, R) with the largest's R, then
-    candidate r is y[..., :r] @ its basis rows (`ops.mix` would read the T coefficients once per candidate)."""
-    out: dict[str, torch.Tensor] = {}
-    families: dict[int, list[tuple[str, QuantizedLowRankPart]]] = {}
-    for label, part in values:
-        if label == "exact":
-            continue
+Family = list[tuple[str, QuantizedLowRankPart]]  # low-rank candidates of one coefficient width, by rank
+
+
+def _families(parts: list[tuple[str, Part]]) -> tuple[list[tuple[str, Part]], list[Family]]:
+    """Split candidates into (the others, low-rank families): the low-rank candidates of one coefficient width are
+    the first components of one factorization (`encode_candidates`), each family sorted by rank."""
+    others: list[tuple[str, Part]] = []
+    families: dict[int, Family] = {}
+    for label, part in parts:
         if isinstance(part, QuantizedLowRankPart) and part.positions is None and not isinstance(part.basis, Quantized):
             families.setdefault(part.coeffs.bits, []).append((label, part))
         else:
-            out[label] = ops.mix(part, p).float()
-    for family in families.values():
-        top = max((part for _, part in family), key=lambda part: part.coeffs.shape[2])
-        coeffs = dequantize_native(top.coeffs, torch.float32)  # (B, R, T): the shared prefix of every candidate
+            others.append((label, part))
+    return others, [sorted(f, key=lambda lp: lp[1].coeffs.shape[2]) for f in families.values()]
+
+
+def _family_top(family: Family) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest member's coefficients (B, R, T) and basis per head (B, H, R, d), float32: every member's are
+    their first rows."""
+    top = family[-1][1]
+    coeffs = dequantize_native(top.coeffs, torch.float32)  # (B, R, T)
+    basis = top.basis
+    assert isinstance(basis, torch.Tensor), "a family keeps a float basis (`_families`)"
+    b, r, _ = basis.shape
+    return coeffs, basis.float().view(b, r, top.num_heads, -1).transpose(1, 2)  # (B, H, R, d)
+
+
+def candidate_scores(
+    keys: list[tuple[str, Part]], q: torch.Tensor, start: int, end: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(label, logits (B, H, M, n) float32) of the query rows q (B, H, M, d) against every key candidate but
+    exact, one at a time (the caller scores them in blocks). A low-rank family meets q once: qt = q @ basis
+    (B, H, M, R) with the largest's R, then the logits grow component by component, rank r's being the sum of
+    the first r components' (`ops.scores` would read the T coefficients once per candidate)."""
+    others, families = _families([(label, part) for label, part in keys if label != "exact"])
+    for label, part in others:
+        yield label, ops.scores(part, q, start, end, None).float()
+    for family in families:
+        coeffs, per_head = _family_top(family)
+        qt = q.float() @ per_head.transpose(-1, -2)  # (B, H, M, R)
+        logits, done = qt.new_zeros(*qt.shape[:-1], coeffs.shape[-1]), 0  # (B, H, M, n)
+        for label, part in family:
+            rank = part.coeffs.shape[2]
+            if rank > done:  # the next components (a new tensor: the ones yielded stay as they are)
+                logits, done = logits + qt[..., done:rank] @ coeffs[:, None, done:rank], rank
+            yield label, logits
+
+
+def candidate_mixes(values: list[tuple[str, Part]], p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The weights' mix p (B, H, M, T) of every value candidate but exact -> {label: (B, H, M, d) float32}. A
+    low-rank family (`candidate_scores`) meets p once: y = p @ C (B, H, M, R) with the largest's R, then candidate r
+    is y[..., :r] @ its basis rows (`ops.mix` would read the T coefficients once per candidate)."""
+    others, families = _families([(label, part) for label, part in values if label != "exact"])
+    out = {label: ops.mix(part, p).float() for label, part in others}
+    for family in families:
+        coeffs, per_head = _family_top(family)
         y = p.float() @ coeffs.transpose(1, 2).unsqueeze(1)  # (B, H, M, R)
-        basis = top.basis
-        assert isinstance(basis, torch.Tensor), "a family keeps a float basis (filtered above)"
-        b, r, _ = basis.shape
-        per_head = basis.float().view(b, r, top.num_heads, -1).transpose(1, 2)  # (B, H, R, d)
         for label, part in family:
             rank = part.coeffs.shape[2]
             out[label] = y[..., :rank] @ per_head[:, :, :rank]

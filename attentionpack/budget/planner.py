@@ -22,6 +22,7 @@ Not supported (clear errors): vision-language prompts (modality groups) and `Pac
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections.abc import Sequence
@@ -31,7 +32,6 @@ from typing import Any, Protocol
 import torch
 
 from ..config import PackConfig
-from ..kernels import ops
 from ..parts import (
     Part,
     RopeFn,
@@ -51,6 +51,7 @@ from .candidates import (
     VALUE_CANDIDATES,
     candidate_config,
     candidate_mixes,
+    candidate_scores,
     codec_labels,
     encode_candidates,
 )
@@ -271,26 +272,27 @@ class BudgetPlanner:
         # only the span's logits change: the softmax's sum and weighted values over the other keys are computed
         # once, and each candidate adds its span's share (so a short span costs little, whatever the prompt)
         w_out, v_out = (c.weights[..., :a], c.weights[..., b:]), (c.values[..., :a, :], c.values[..., b:, :])
-        total_out = sum(w.sum(-1, keepdim=True) for w in w_out)  # (B, H, G*w, 1)
-        mixed_out = sum(w @ v for w, v in zip(w_out, v_out, strict=False))  # (B, H, G*w, d)
+        total_out = (w_out[0].sum(-1, keepdim=True) + w_out[1].sum(-1, keepdim=True)).unsqueeze(2)  # (B,H,1,G*w,1)
+        mixed_out = (w_out[0] @ v_out[0] + w_out[1] @ v_out[1]).unsqueeze(2)  # (B, H, 1, G*w, d)
         v_span = c.values[..., a:b, :]
-        scored = [part for label, part in keys if label != "exact"]
-        errors: list[float] = []
+        judged: dict[str, float] = {}
+        stream = candidate_scores(keys, c.queries, start, end)  # (label, (B, H, G*w, n) logits on the stored form)
         per = max(1, CANDIDATE_BLOCK // max(1, c.logits[..., a:b].numel()))  # candidates scored together
-        for i in range(0, len(scored), per):  # several candidates' softmax in one set of operations
-            spans = torch.stack([ops.scores(part, c.queries, start, end, None) for part in scored[i : i + per]])
-            span = spans.float().mul_(c.scaling)  # (K, B, H, G*w, n) logits on the stored forms
+        while block := list(itertools.islice(stream, per)):  # several candidates' softmax in one set of operations
+            span = torch.stack([s for _, s in block], dim=2).mul_(c.scaling)  # (B, H, K, G*w, n)
             if masked is not None:
-                span.masked_fill_(masked, float("-inf"))
-            top = torch.maximum(c.top, span.amax(-1, keepdim=True))  # the new row maximum
+                span.masked_fill_(masked.unsqueeze(2), float("-inf"))
+            top = torch.maximum(c.top.unsqueeze(2), span.amax(-1, keepdim=True))  # the new row maximum
             e = span.sub_(top).exp_()
-            shrink = torch.exp(c.top - top)  # rescales the other keys' share to the new maximum
+            shrink = torch.exp(c.top.unsqueeze(2) - top)  # rescales the other keys' share to the new maximum
             total = total_out * shrink + e.sum(-1, keepdim=True)
-            out = (mixed_out * shrink + e @ v_span) / total.clamp_min(1e-30)
-            errors += self._errors(out - c.out, c)
-        judged = iter(errors)  # in the order of `scored`
+            nb, nh, nk, nm, n = e.shape  # the K candidates' rows as one matrix: one product with the span's values
+            mixed = (e.view(nb, nh, nk * nm, n) @ v_span).view(nb, nh, nk, nm, -1)
+            out = (mixed_out * shrink + mixed) / total.clamp_min(1e-30)
+            errors = self._errors((out - c.out.unsqueeze(2)).transpose(0, 2), c)  # (K, H, B, G*w, d)
+            judged.update(zip((label for label, _ in block), errors, strict=True))
         for label, part in keys:
-            err = 0.0 if label == "exact" else next(judged)
+            err = 0.0 if label == "exact" else judged[label]
             pend.keys.append((label, part, storage_nbytes(part.tensors()), err))
         probs_span = c.weights[..., a:b] / c.total.clamp_min(1e-30)  # (B, H, G*w, n)
         exact_mix = probs_span @ v.float()  # (B, H, G*w, d)
@@ -394,7 +396,7 @@ class BudgetPlanner:
     def _errors(diffs: torch.Tensor, c: _Context) -> list[float]:
         """Of each of K candidates' output differences diffs (K, ...): the squared error relative to the window
         output's energy, times the layer's weight."""
-        sums = diffs.square().flatten(1).sum(1).tolist()
+        sums = diffs.square().sum(tuple(range(1, diffs.dim()))).tolist()
         return [c.weight * s / max(c.energy, 1e-30) for s in sums]
 
     @classmethod

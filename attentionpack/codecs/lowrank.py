@@ -8,6 +8,7 @@ float64 so small singular values keep their accuracy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,28 +40,28 @@ class RankRule:
 
 def energy_rank(spectrum: torch.Tensor, energy: float) -> int:
     """Smallest r with Σ_{i<r} σ_i² >= energy · Σ σ_i² (at least 1). `spectrum` holds σ² descending."""
+    return energy_ranks(spectrum, (energy,))[0]
+
+
+def energy_ranks(spectrum: torch.Tensor, energies: Sequence[float]) -> list[int]:
+    """`energy_rank` of every energy, the spectrum's cumulative sum formed once."""
     total = spectrum.sum()
     if total <= 0:
-        return 1
+        return [1] * len(energies)
     captured = torch.cumsum(spectrum, 0) / total
     # tolerance for round-off: a threshold of 1.0 must be reachable
-    return (
-        int(
-            torch.searchsorted(
-                captured, torch.tensor(energy, dtype=captured.dtype, device=captured.device) - 1e-12
-            ).item()
-        )
-        + 1
-    )
+    wanted = torch.tensor(energies, dtype=captured.dtype, device=captured.device) - 1e-12
+    return [min(int(i) + 1, spectrum.numel()) for i in torch.searchsorted(captured, wanted).tolist()]
 
 
 def spectrum_and_basis(
-    blocks: torch.Tensor, gram_dtype: torch.dtype = torch.float64
+    blocks: torch.Tensor, gram_dtype: torch.dtype = torch.float64, solve_dtype: torch.dtype = torch.float64
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared singular values (B, D) descending and right singular vectors (B, D, D) of blocks (B, T, D).
-    The Gram matrix is formed in `gram_dtype` (float64: small singular values stay accurate), solved in float64."""
+    The Gram matrix is formed in `gram_dtype` (float64: small singular values stay accurate) and its eigenvectors
+    solved in `solve_dtype` (float32 only where the components kept hold far more energy than its round-off)."""
     m = blocks.to(gram_dtype)
-    gram = (m.transpose(1, 2) @ m).to(torch.float64)  # (B, D, D)
+    gram = (m.transpose(1, 2) @ m).to(solve_dtype)  # (B, D, D)
     eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending
     return eigvals.flip(-1).clamp_min(0), eigvecs.flip(-1)
 
