@@ -226,6 +226,15 @@ def test_errors_match_the_attention_output_error(tiny_model):
     k_hat[:, :, start:end] = QuantizedPart.keys(keys[:, :, start:end], 2, WIDE_GROUP).materialize(0, 0, None)
     ref = attention_output_error(seen["q"], keys, values, k_hat, values, valid, scaling=attention_scaling(attn))
     assert key_errors["q2g128"] == pytest.approx(float(ref) ** 2, rel=1e-3)  # a wider group: a candidate of its own
+    # low-rank keys (scored as one family, component by component): each the error of its own stored keys
+    from attentionpack.budget.candidates import KEY_CANDIDATES, encode_candidates
+
+    parts = dict(encode_candidates(keys[:, :, start:end], True, KEY_CANDIDATES, cfg))
+    assert {"lr0.98c4", "lr0.8c4"} <= set(parts) and set(parts) == set(key_errors)
+    for label in ("lr0.98c4", "lr0.8c4"):
+        k_hat[:, :, start:end] = parts[label].materialize(start, end, None)
+        ref = attention_output_error(seen["q"], keys, values, k_hat, values, valid, scaling=attention_scaling(attn))
+        assert key_errors[label] == pytest.approx(float(ref) ** 2, rel=1e-3)
     # the recent window is a candidate span too: its key error, from the softmax's span share only, is the same
     window = cache.planner.report[1, end]
     assert window["keys"][0][0] == "exact"

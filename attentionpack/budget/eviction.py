@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..kernels import ops
 from ..parts import Part, Segment, storage_nbytes
+from .errors import Errors, Rest, key_errors, value_errors
 
 SHARES = (0.5, 0.25, 0.125, 0.0625)  # keep shares offered, down to PackConfig.keep
 
@@ -59,11 +59,13 @@ def evictions(
     valid: torch.Tensor,
     shares: tuple[float, ...],
     candidates: Callable[[torch.Tensor, bool], list[tuple[str, Part]]],
-    error: Callable[[torch.Tensor], float],
+    errors: Errors,
+    block: int,
 ) -> list[Eviction]:
     """Eviction candidates of the span at columns [a, b) of the planner's context `ctx` (`planner._Context`):
     k, v (B, H, n, d) the span's states, valid (B, n); `candidates(x, is_key)` encodes kept states every candidate
-    way, `error(diff)` the planner's relative squared error of an output difference (B, H, M, d)."""
+    way, `errors(diffs)` the planner's relative squared errors of K output differences (K, B, H, M, d) (`errors`
+    module); `block` key candidates are scored together."""
     scores = ctx.importance[..., a:b].masked_fill(~valid[:, None, :], float("-inf"))  # (B, H, n)
     bsz, h, n, d = k.shape
     order = scores.argsort(dim=-1, descending=True, stable=True)
@@ -72,6 +74,7 @@ def evictions(
     weights = ctx.weights[..., a:b]
     outside_w = ctx.weights.sum(-1, keepdim=True) - weights.sum(-1, keepdim=True)  # (B, H, M, 1)
     outside_mix = ctx.weights @ ctx.values - weights @ ctx.values[..., a:b, :]  # (B, H, M, d)
+    outside = Rest(ctx.top, outside_w, outside_mix)  # every row's softmax over the keys outside the span
     out: list[Eviction] = []
     for share in shares:
         m = min(n, max(1, math.ceil(share * real_count)))
@@ -88,25 +91,21 @@ def evictions(
         v_kept = vs.float()
         total = outside_w + e.sum(-1, keepdim=True)
         dropped = (outside_mix + e @ v_kept) / total.clamp_min(1e-30)  # the judge's output, rest dropped
-        drop_error = error(dropped - ctx.out)
-        key_opts: list[Candidate] = []
-        for label, part in candidates(ks, True):
-            err = 0.0
-            if label != "exact":
-                span = ops.scores(part, ctx.queries, 0, m, None).float().mul_(ctx.scaling)  # (B, H, M, m)
-                span = span.masked_fill_(~real[:, :, None, :] | torch.isinf(kept_logits), float("-inf"))
-                top = torch.maximum(ctx.top, span.amax(-1, keepdim=True))
-                ee = torch.exp(span - top)
-                shrink = torch.exp(ctx.top - top)
-                approx = (outside_mix * shrink + ee @ v_kept) / (outside_w * shrink + ee.sum(-1, keepdim=True))
-                err = error(approx - dropped)
-            key_opts.append((label, part, storage_nbytes(part.tensors()), err))
+        drop_error = errors((dropped - ctx.out).unsqueeze(0))[0]
+        hidden = ~real[:, :, None, :] | torch.isinf(kept_logits)  # (B, H, M, m)
+        encoded = candidates(ks, True)
+        key_err = key_errors(encoded, ctx.queries, (0, m), ctx.scaling, outside, v_kept, hidden, dropped, errors, block)
+        key_opts = [
+            (lab, part, storage_nbytes(part.tensors()), 0.0 if lab == "exact" else key_err[lab])
+            for lab, part in encoded
+        ]
         probs = e / total.clamp_min(1e-30)  # (B, H, M, m) the kept tokens' weights
-        exact_mix = probs @ v_kept
-        value_opts: list[Candidate] = []
-        for label, part in candidates(vs, False):
-            err = 0.0 if label == "exact" else error(ops.mix(part, probs).float() - exact_mix)
-            value_opts.append((label, part, storage_nbytes(part.tensors()), err))
+        encoded = candidates(vs, False)
+        value_err = value_errors(encoded, probs, v_kept, errors)
+        value_opts = [
+            (lab, part, storage_nbytes(part.tensors()), 0.0 if lab == "exact" else value_err[lab])
+            for lab, part in encoded
+        ]
         slots = torch.zeros(real.shape, dtype=torch.float16, device=k.device).masked_fill_(~real, float("-inf"))
         out.append(Eviction(share, slots, drop_error, key_opts, value_opts))
     return out

@@ -22,7 +22,6 @@ Not supported (clear errors): vision-language prompts (modality groups) and `Pac
 
 from __future__ import annotations
 
-import itertools
 import math
 import weakref
 from collections.abc import Sequence
@@ -50,11 +49,10 @@ from .candidates import (
     KEY_CANDIDATES,
     VALUE_CANDIDATES,
     candidate_config,
-    candidate_mixes,
-    candidate_scores,
     codec_labels,
     encode_candidates,
 )
+from .errors import Rest, key_errors, value_errors
 from .eviction import Eviction, evictions, joint_options, shares_for
 from .knapsack import BudgetError, Option, allocate
 
@@ -266,40 +264,33 @@ class BudgetPlanner:
         moments = layer.query_moments if cfg.key_objective == "scores" else None
         keys = encode_candidates(k, True, KEY_CANDIDATES, cfg, moments)
         values = encode_candidates(v, False, VALUE_CANDIDATES, cfg)
-        pend = _Pending(layer)
         hidden = torch.isinf(c.logits[..., a:b])  # (B, H, G*w, n) keys of the span a query cannot see
-        masked = hidden if bool(hidden.any()) else None  # None: every judge query sees the whole span
-        # only the span's logits change: the softmax's sum and weighted values over the other keys are computed
-        # once, and each candidate adds its span's share (so a short span costs little, whatever the prompt)
         w_out, v_out = (c.weights[..., :a], c.weights[..., b:]), (c.values[..., :a, :], c.values[..., b:, :])
-        total_out = (w_out[0].sum(-1, keepdim=True) + w_out[1].sum(-1, keepdim=True)).unsqueeze(2)  # (B,H,1,G*w,1)
-        mixed_out = (w_out[0] @ v_out[0] + w_out[1] @ v_out[1]).unsqueeze(2)  # (B, H, 1, G*w, d)
-        v_span = c.values[..., a:b, :]
-        judged: dict[str, float] = {}
-        stream = candidate_scores(keys, c.queries, start, end)  # (label, (B, H, G*w, n) logits on the stored form)
-        per = max(1, CANDIDATE_BLOCK // max(1, c.logits[..., a:b].numel()))  # candidates scored together
-        while block := list(itertools.islice(stream, per)):  # several candidates' softmax in one set of operations
-            span = torch.stack([s for _, s in block], dim=2).mul_(c.scaling)  # (B, H, K, G*w, n)
-            if masked is not None:
-                span.masked_fill_(masked.unsqueeze(2), float("-inf"))
-            top = torch.maximum(c.top.unsqueeze(2), span.amax(-1, keepdim=True))  # the new row maximum
-            e = span.sub_(top).exp_()
-            shrink = torch.exp(c.top.unsqueeze(2) - top)  # rescales the other keys' share to the new maximum
-            total = total_out * shrink + e.sum(-1, keepdim=True)
-            nb, nh, nk, nm, n = e.shape  # the K candidates' rows as one matrix: one product with the span's values
-            mixed = (e.view(nb, nh, nk * nm, n) @ v_span).view(nb, nh, nk, nm, -1)
-            out = (mixed_out * shrink + mixed) / total.clamp_min(1e-30)
-            errors = self._errors((out - c.out.unsqueeze(2)).transpose(0, 2), c)  # (K, H, B, G*w, d)
-            judged.update(zip((label for label, _ in block), errors, strict=True))
-        for label, part in keys:
-            err = 0.0 if label == "exact" else judged[label]
-            pend.keys.append((label, part, storage_nbytes(part.tensors()), err))
-        probs_span = c.weights[..., a:b] / c.total.clamp_min(1e-30)  # (B, H, G*w, n)
-        exact_mix = probs_span @ v.float()  # (B, H, G*w, d)
-        mixes = candidate_mixes(values, probs_span)  # padding rows are zero in every encoding and get no weight
-        for label, part in values:
-            err = 0.0 if label == "exact" else self._error(mixes[label] - exact_mix, c)
-            pend.values.append((label, part, storage_nbytes(part.tensors()), err))
+        rest = Rest(  # each judge row's softmax over the other keys, computed once for every candidate
+            c.top,
+            w_out[0].sum(-1, keepdim=True) + w_out[1].sum(-1, keepdim=True),
+            w_out[0] @ v_out[0] + w_out[1] @ v_out[1],
+        )
+        errors = lambda diffs: self._errors(diffs, c)  # noqa: E731
+        block = max(1, CANDIDATE_BLOCK // max(1, hidden.numel()))  # candidates scored together
+        key_err = key_errors(
+            keys,
+            c.queries,
+            (start, end),
+            c.scaling,
+            rest,
+            c.values[..., a:b, :],
+            hidden if bool(hidden.any()) else None,  # None: every judge query sees the whole span
+            c.out,
+            errors,
+            block,
+        )
+        probs = c.weights[..., a:b] / c.total.clamp_min(1e-30)  # (B, H, G*w, n)
+        value_err = value_errors(values, probs, v.float(), errors)
+        pend = _Pending(layer)
+        for found, err, opts in ((keys, key_err, pend.keys), (values, value_err, pend.values)):
+            for label, part in found:
+                opts.append((label, part, storage_nbytes(part.tensors()), err[label] if label != "exact" else 0.0))
         if kind == "span" and c.importance is not None and not layer.sliding_window:  # sliding layers: never
             pend.evictions = evictions(
                 c,
@@ -312,7 +303,8 @@ class BudgetPlanner:
                 lambda x, is_key: encode_candidates(
                     x, is_key, KEY_CANDIDATES if is_key else VALUE_CANDIDATES, cfg, moments if is_key else None
                 ),
-                lambda diff: self._error(diff, c),
+                errors,
+                block,
             )
         self.pending.append(pend)
         cheap = lambda opts: min(opts, key=lambda o: o[2])[1]  # noqa: E731
