@@ -138,3 +138,39 @@ def test_a_wide_group_choice_reaches_the_decode_chunks():
     # a user's own group is what "q4" was quantized in: decode chunks keep it
     own = candidate_config(PackConfig(budget=0.125, key_group=64), "q4", "lr0.9c4")
     assert (own.key_group, own.group(True)) == (64, 64) and codec_labels(own, span) == ("q4", "lr0.9c4")
+
+
+def test_judged_errors_equal_a_direct_softmax():
+    """`budget.errors`: a key candidate's judged output (only the span's share of each softmax recomputed, on the
+    stored form, with hidden keys) and a value candidate's mix equal a softmax over every key computed directly."""
+    from attentionpack.budget.candidates import KEY_CANDIDATES, VALUE_CANDIDATES, encode_candidates
+    from attentionpack.budget.errors import Rest, key_errors, value_errors
+    from attentionpack.config import PackConfig
+
+    g = torch.Generator().manual_seed(5)
+    b, h, m, t, d, lo, hi = 2, 2, 6, 300, 16, 40, 260  # the span: keys [lo, hi) of t
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for n in (m, t, t))
+    hidden = torch.rand(b, h, m, t, generator=g) < 0.1  # keys some rows cannot see
+    logits = (q @ k.transpose(-1, -2) / d**0.5).masked_fill(hidden, float("-inf"))
+    exact = torch.softmax(logits, -1) @ v  # (B, H, M, d)
+    top = logits.amax(-1, keepdim=True)
+    w = torch.exp(logits - top)
+    outside = torch.cat([w[..., :lo], w[..., hi:]], -1), torch.cat([v[..., :lo, :], v[..., hi:, :]], -2)
+    rest = Rest(top, outside[0].sum(-1, keepdim=True), outside[0] @ outside[1])
+    sq = lambda diffs: diffs.square().sum(tuple(range(1, diffs.dim()))).tolist()  # noqa: E731
+    keys = encode_candidates(k[..., lo:hi, :], True, KEY_CANDIDATES, PackConfig())
+    found = key_errors(keys, q, (lo, hi), d**-0.5, rest, v[..., lo:hi, :], hidden[..., lo:hi], exact, sq, block=3)
+    assert set(found) == {label for label, _ in keys} - {"exact"} and any(lab.startswith("lr") for lab in found)
+    for label, part in keys:
+        if label != "exact":
+            k_hat = torch.cat([k[..., :lo, :], part.materialize(lo, hi, None), k[..., hi:, :]], -2)
+            out = torch.softmax((q @ k_hat.transpose(-1, -2) / d**0.5).masked_fill(hidden, float("-inf")), -1) @ v
+            assert found[label] == pytest.approx((out - exact).square().sum().item(), rel=1e-3, abs=1e-9), label
+    values = encode_candidates(v[..., lo:hi, :], False, VALUE_CANDIDATES, PackConfig())
+    probs = torch.softmax(logits, -1)[..., lo:hi]
+    found = value_errors(values, probs, v[..., lo:hi, :], sq)
+    for label, part in values:
+        if label != "exact":
+            v_hat = torch.cat([v[..., :lo, :], part.materialize(lo, hi, None), v[..., hi:, :]], -2)
+            out = torch.softmax(logits, -1) @ v_hat
+            assert found[label] == pytest.approx((out - exact).square().sum().item(), rel=1e-3, abs=1e-9), label
