@@ -32,6 +32,13 @@ class Rest:
     total: torch.Tensor
     mix: torch.Tensor
 
+    @classmethod
+    def outside(cls, top: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, a: int, b: int) -> Rest:
+        """The rest of rows whose weights (B, H, M, T) over values (B, H, T, d) leave out the span's columns
+        [a, b) (summed from the two sides, not subtracted from the whole: no cancellation)."""
+        w, v = (weights[..., :a], weights[..., b:]), (values[..., :a, :], values[..., b:, :])
+        return cls(top, w[0].sum(-1, keepdim=True) + w[1].sum(-1, keepdim=True), w[0] @ v[0] + w[1] @ v[1])
+
 
 def key_errors(
     keys: list[tuple[str, Part]],

@@ -71,10 +71,7 @@ def evictions(
     order = scores.argsort(dim=-1, descending=True, stable=True)
     real_count = int(valid.sum(dim=1).max())
     logits = ctx.logits[..., a:b]  # (B, H, M, n) exact scaled logits of the judge's rows, -inf where masked
-    weights = ctx.weights[..., a:b]
-    outside_w = ctx.weights.sum(-1, keepdim=True) - weights.sum(-1, keepdim=True)  # (B, H, M, 1)
-    outside_mix = ctx.weights @ ctx.values - weights @ ctx.values[..., a:b, :]  # (B, H, M, d)
-    outside = Rest(ctx.top, outside_w, outside_mix)  # every row's softmax over the keys outside the span
+    outside = Rest.outside(ctx.top, ctx.weights, ctx.values, a, b)  # every row's softmax outside the span
     out: list[Eviction] = []
     for share in shares:
         m = min(n, max(1, math.ceil(share * real_count)))
@@ -89,8 +86,8 @@ def evictions(
         kept_logits = logits.gather(-1, cols).masked_fill(~real[:, :, None, :], float("-inf"))
         e = torch.exp(kept_logits - ctx.top)  # (B, H, M, m) on the exact maximum's scale
         v_kept = vs.float()
-        total = outside_w + e.sum(-1, keepdim=True)
-        dropped = (outside_mix + e @ v_kept) / total.clamp_min(1e-30)  # the judge's output, rest dropped
+        total = outside.total + e.sum(-1, keepdim=True)
+        dropped = (outside.mix + e @ v_kept) / total.clamp_min(1e-30)  # the judge's output, rest dropped
         drop_error = errors((dropped - ctx.out).unsqueeze(0))[0]
         hidden = ~real[:, :, None, :] | torch.isinf(kept_logits)  # (B, H, M, m)
         encoded = candidates(ks, True)

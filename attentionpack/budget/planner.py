@@ -265,12 +265,7 @@ class BudgetPlanner:
         keys = encode_candidates(k, True, KEY_CANDIDATES, cfg, moments)
         values = encode_candidates(v, False, VALUE_CANDIDATES, cfg)
         hidden = torch.isinf(c.logits[..., a:b])  # (B, H, G*w, n) keys of the span a query cannot see
-        w_out, v_out = (c.weights[..., :a], c.weights[..., b:]), (c.values[..., :a, :], c.values[..., b:, :])
-        rest = Rest(  # each judge row's softmax over the other keys, computed once for every candidate
-            c.top,
-            w_out[0].sum(-1, keepdim=True) + w_out[1].sum(-1, keepdim=True),
-            w_out[0] @ v_out[0] + w_out[1] @ v_out[1],
-        )
+        rest = Rest.outside(c.top, c.weights, c.values, a, b)  # the other keys' share, once for every candidate
         errors = lambda diffs: self._errors(diffs, c)  # noqa: E731
         block = max(1, CANDIDATE_BLOCK // max(1, hidden.numel()))  # candidates scored together
         key_err = key_errors(
@@ -390,11 +385,6 @@ class BudgetPlanner:
         output's energy, times the layer's weight."""
         sums = diffs.square().sum(tuple(range(1, diffs.dim()))).tolist()
         return [c.weight * s / max(c.energy, 1e-30) for s in sums]
-
-    @classmethod
-    def _error(cls, diff: torch.Tensor, c: _Context) -> float:
-        """`_errors` of one candidate's difference."""
-        return cls._errors(diff.unsqueeze(0), c)[0]
 
 
 def _codec_bytes(config: PackConfig, pending: _Pending) -> int:
