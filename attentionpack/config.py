@@ -13,6 +13,7 @@ BUDGET_CHUNK = 64  # generated tokens per decode chunk of a budget cache (`PackC
 FACTOR_BITS = (4, 8)  # codec "lowrank": optional bits of the coefficients (basis then 8-bit)
 IMAGE_BASES = ("per_image", "shared")
 KEY_OBJECTIVES = ("keys", "scores")
+TAIL_DTYPES = ("model", "float16")  # `PackConfig.tail_dtype`: how the exact tail stores the newest tokens
 # fields a modality (text, image, video tokens of a vision-language prompt) may set for itself
 MODALITY_FIELDS = tuple(
     f"{p}_{n}"
@@ -74,6 +75,14 @@ class PackConfig:
     stored at that many bits (keys per channel, values per token) instead of dropped. Sliding-window layers are
     not evicted (they hold their window only).
 
+    `tail_dtype`: how the newest tokens (the exact tail, at most `window + chunk - 1` of them while decoding) are
+    stored once the call that brought them has been compacted: "model" keeps the model's dtype; "float16" stores
+    them, and every token later calls append, in half precision (a relative rounding of 2^-11; tokens beyond
+    float16's range switch that tail to bfloat16, the same bytes) — half the tail's bytes for a float32 model, no
+    change for a half-precision one. None (the default): "float16" for a compressing budget cache (a budget or
+    the presets `balanced`/`max`), "model" otherwise, so `lossless` stays bit-exact. The first call's tokens are
+    compressed from the model's own values either way (sinks stay exact).
+
     `compressed_attention`: compute attention directly on the stored form (attention/packed.py) when the model
     uses SDPA; otherwise keys/values are materialized for the model's own attention at every step.
 
@@ -108,6 +117,7 @@ class PackConfig:
     quant_group: int = 32
 
     compressed_attention: bool = True
+    tail_dtype: Literal["model", "float16"] | None = None
     sink: int = 4
     window: int = 64
     chunk: int | None = None
@@ -174,6 +184,8 @@ class PackConfig:
         ):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, getattr(self, name), "True or False")
+        if self.tail_dtype is not None and self.tail_dtype not in TAIL_DTYPES:
+            _bad("tail_dtype", self.tail_dtype, f"None or one of {TAIL_DTYPES}")
         if self.key_objective not in KEY_OBJECTIVES:
             _bad("key_objective", self.key_objective, f"one of {KEY_OBJECTIVES}")
         if self.image_basis not in IMAGE_BASES:
@@ -229,6 +241,8 @@ class PackConfig:
                 self.for_modality(modality)
             except ValueError as err:
                 _bad(modality, overrides, f"valid codec settings for {modality} tokens ({err})")
+        if self.tail_dtype == "float16" and self.is_lossless:
+            _bad("tail_dtype", self.tail_dtype, "None or 'model' when nothing is compressed (lossless stays exact)")
 
     def for_modality(self, modality: str) -> PackConfig:
         """The codec settings for `modality` ("text", "image", "video") tokens: this config with its overrides."""
@@ -255,6 +269,13 @@ class PackConfig:
         if self.chunk is not None:
             return self.chunk
         return BUDGET_CHUNK if self.budget is not None else 256
+
+    @property
+    def half_tail(self) -> bool:
+        """The exact tail stores its tokens in half precision after their first call (`tail_dtype`)."""
+        if self.tail_dtype is not None:
+            return self.tail_dtype == "float16"
+        return self.budget is not None
 
     @property
     def per_head(self) -> bool:

@@ -34,6 +34,7 @@ _BAD_VALUES = {
     "value_group": [4, 16.0, "64", False],
     "sink": [-1, 2.0, "4", None, True],
     "window": [-1, 8.0, "8", None, False],
+    "tail_dtype": ["float32", "fp16", "bfloat16", 16, True, torch.float16],
     "chunk": [0, -3, 16.0, True, "64"],  # None is the default (64 with a budget, 256 without)
     "min_span": [0, -3, 4.5, None, True],
     "compress_sliding_layers": [1, 0, "yes", None],

@@ -10,7 +10,7 @@ from decode_cases import B, D, G, H, Piece, c_step, keys, layer_pieces, referenc
 
 from attentionpack import kernels
 from attentionpack.kernels.plan import DecodePlan
-from attentionpack.parts import Factors, LowRankPart
+from attentionpack.parts import ExactPart, Factors, LowRankPart
 
 
 @pytest.fixture(params=["c", "triton"])
@@ -38,6 +38,22 @@ def test_every_stored_form_matches_dense_attention(key_kind, value_kind, step):
     )  # 600: several work items and blocks, a partial one
     query = torch.randn(B, H * G, 1, D, generator=gen)
     got = step(pieces, 0, query, None, D**-0.5, None)
+    torch.testing.assert_close(got, reference(pieces, query, None, D**-0.5, None), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tail_dtype", [torch.float16, torch.bfloat16])
+def test_float32_model_with_a_half_precision_tail(tail_dtype, step):
+    """A float32 model whose exact tail is stored in 16 bits (`PackConfig.tail_dtype`): the step reads the tail's
+    rows as stored, beside float32 queries and pieces."""
+    gen = torch.Generator().manual_seed(7)
+    pieces = layer_pieces(gen, "channel4", "quant4", [4, 300, 37])
+    tail = pieces[-1]
+    assert isinstance(tail.keys, ExactPart) and isinstance(tail.values, ExactPart)
+    half = ExactPart(tail.keys.data.to(tail_dtype)), ExactPart(tail.values.data.to(tail_dtype))
+    pieces[-1] = Piece(*half, tail.start, tail.end)
+    query = torch.randn(B, H * G, 1, D, generator=gen)
+    got = step(pieces, 0, query, None, D**-0.5, None)
+    assert got.dtype == torch.float32
     torch.testing.assert_close(got, reference(pieces, query, None, D**-0.5, None), atol=2e-5, rtol=1e-4)
 
 

@@ -65,14 +65,16 @@ def test_never_larger_than_dynamic_cache(tiny_model, config, batch, prompt):
 
 @pytest.mark.parametrize("prompt", [5, 42])
 def test_short_prompt_is_exactly_dynamic_cache_bytes(tiny_model, prompt):
-    """Nothing compressed yet: the same bytes as DynamicCache, not a byte more (no spare slots, no flags)."""
+    """Nothing compressed yet: the same bytes as DynamicCache, not a byte more (no spare slots, no flags); half of
+    them once the budget's tail holds them in float16 (`tail_dtype`, the preset's default)."""
     model = tiny_model("llama")
     ids, mask = padded_batch(prompt, pad=2, seed=1, batch=2)
-    cache = PackedCache(model, "max")
     pos = (mask.cumsum(-1) - 1).clamp_min(0)  # as `generate` computes them for a left-padded batch
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
-    assert cache.nbytes() == cache.dynamic_nbytes()
+    for config, share in ((PackConfig.preset("max").replace(tail_dtype="model"), 1), (PackConfig.preset("max"), 2)):
+        cache = PackedCache(model, config)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+        assert cache.nbytes() * share == cache.dynamic_nbytes()
 
 
 def test_irregular_positions_fall_back_to_stored_flags(tiny_model):

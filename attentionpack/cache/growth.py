@@ -4,7 +4,9 @@
 A compressing layer keeps decoded tokens in its exact tail until `window + chunk` of them wait there, then
 compacts `chunk` of them into a segment in its text codec (`PackedLayer._compact`; a budget's chosen encoding).
 So at any step boundary its tail holds at most `window + chunk - 1` tokens (in a buffer of at most TAIL_GRANULE
-spare slots), and the decode chunks compacted so far are each at most `codecs.nbytes_bound` of their codec.
+spare slots, at the tail's element size: a half-precision tail, `PackConfig.tail_dtype`, stays 2 bytes an element
+even where it turns bfloat16), and the decode chunks compacted so far are each at most `codecs.nbytes_bound` of
+their codec.
 """
 
 from __future__ import annotations

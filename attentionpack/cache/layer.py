@@ -129,6 +129,8 @@ class PackedLayer(CacheLayerMixin):
             self._compact(prefill=q > 1, ctx=ctx)
         if self.is_sliding and not self.record_past:
             self._drop_outside_window()
+        if self.compress and self.config.half_tail and self.tail is not None and not self.tail.half:
+            self.tail.store_half()  # this call's tokens were compressed exact; from now on the tail holds 16 bits
         self._last_call_tokens = q
         return keys, values
 
@@ -216,7 +218,7 @@ class PackedLayer(CacheLayerMixin):
                 "the model's own attention cannot read: load the model with attn_implementation='sdpa' so the "
                 "cache attends on its stored form"
             )
-        keys, values = self._live.states()  # (B, H, n, d) each
+        keys, values = (x.to(self.dtype) for x in self._live.states())  # (B, H, n, d) each
         return (self._materialize(lambda s: s.keys, keys, rope), self._materialize(lambda s: s.values, values, rope))
 
     def _dense_fallback(self) -> None:
@@ -287,7 +289,7 @@ class PackedLayer(CacheLayerMixin):
         k, v, pos, valid = self._live.view(start, stop)
         if pos is None or valid is None:
             raise RuntimeError(f"layer {self.layer_idx} does not compress: it keeps no positions")
-        return k, v, pos, valid
+        return k.to(self.dtype), v.to(self.dtype), pos, valid  # a half-precision tail is encoded at the model dtype
 
     def _append(
         self,
@@ -476,6 +478,7 @@ def _tail_granule(layer: PackedLayer) -> int:
     """TAIL_GRANULE when the layer's segments hold at least that many token slots' bytes less than DynamicCache
     would for their tokens (so the tail's spare slots never make the layer larger than DynamicCache), else 1."""
     k = layer._live.keys
-    slot = 2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()  # keys + values of one token slot
-    saved = sum(seg.tokens() * slot // k.shape[0] - storage_nbytes(seg.tensors()) for seg in layer.segments)
+    per_token = 2 * k.shape[1] * k.shape[3] * torch.empty((), dtype=layer.dtype).element_size()  # DynamicCache's
+    slot = 2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()  # keys + values of one tail slot
+    saved = sum(seg.tokens() * per_token - storage_nbytes(seg.tensors()) for seg in layer.segments)
     return TAIL_GRANULE if saved >= TAIL_GRANULE * slot else 1

@@ -49,8 +49,8 @@ def layer_rows(layer: PackedLayer, seen: set) -> list[dict]:
                 "entries": entries,
                 "modality": "exact",
                 "group": "",
-                "keys": {"codec": "exact"},
-                "values": {"codec": "exact"},
+                "keys": {"codec": "exact", "dtype": str(layer.tail.keys.dtype).removeprefix("torch.")},
+                "values": {"codec": "exact", "dtype": str(layer.tail.values.dtype).removeprefix("torch.")},
                 "bytes": _new_bytes(tail, seen),
                 "dynamic_bytes": entries * entry,
             }

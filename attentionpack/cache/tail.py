@@ -16,6 +16,11 @@ and has position i - pad[b] otherwise. `view` derives them; the first call that 
 multimodal positions, a reordered batch) turns them into stored arrays. So an exact tail holds the bytes of its
 keys and values only, like a DynamicCache.
 
+Half precision (`PackConfig.tail_dtype`): `store_half()` moves the live tokens into float16 buffers, and every later
+append is written there (rounded); a token outside float16's range turns the tail into bfloat16 (same bytes, the
+range of float32), so nothing overflows. Readers get the stored dtype: the decode kernels read float16/bfloat16
+rows as they are; the layer casts what it compresses or materializes back to the model's dtype.
+
 Shapes: keys/values (B, H, cap, d); positions (B, cap[, 3]) int32 and valid (B, cap) bool, or None when unneeded
 or derived.
 """
@@ -25,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+HALF_MAX = torch.finfo(torch.float16).max
 
 
 class ExactTail:
@@ -41,6 +48,7 @@ class ExactTail:
         self.begin, self.end = 0, n
         self.dropped = 0  # tokens dropped from the old end since creation (absolute index of the oldest = dropped)
         self.pad: list[int] | None = None  # per-sample leading padding while positions/valid are derived
+        self.half = False  # store_half() was called: later appends are stored in half precision
         if positions is not None and valid is not None:
             self.pad = _leading_padding(positions, valid, 0)
             if self.pad is not None:
@@ -110,6 +118,8 @@ class ExactTail:
         for these same positions and flags, shared by the layers of one call (they all check the same tokens at
         the same cache indices)."""
         q = k.shape[-2]
+        if self.half and self.keys.dtype == torch.float16 and k.dtype != torch.float16 and not _fits_half(k, v):
+            self._regrow(self.capacity, torch.bfloat16)  # float16 would overflow: same bytes, float32's range
         if self.pad is not None:
             follows = False
             if positions is not None and valid is not None:
@@ -131,6 +141,16 @@ class ExactTail:
             self._regrow(cap)
         self._write(self.end, k, v, positions, valid)
         self.end += q
+
+    def store_half(self) -> None:
+        """Keep the live tokens, and every later one, in float16 (bfloat16 where float16's range is too small).
+        No-op when the buffers already hold a 16-bit float dtype."""
+        self.half = True
+        if self.keys.element_size() == 2:
+            return
+        keys, values = self.states()
+        dtype = torch.float16 if _fits_half(keys, values) else torch.bfloat16
+        self._regrow(self.capacity, dtype)
 
     def drop_oldest(self, n: int) -> None:
         """Forget the n oldest tokens (no copy; their storage is reused by later appends)."""
@@ -155,6 +175,7 @@ class ExactTail:
         self._materialize_flags()  # a reordered or selected batch keeps explicit flags
         keys, values, positions, valid = self.view()
         mapped = ExactTail(fn(keys.contiguous()), fn(values.contiguous()), None, None, self.granule)
+        mapped.half = self.half
         self.__dict__.update(mapped.__dict__)
         if positions is not None and valid is not None:
             positions, valid = fn(positions.contiguous()), fn(valid.contiguous())
@@ -193,8 +214,9 @@ class ExactTail:
             self.valid = torch.cat([self.valid[:, sl], valid.to(self.valid.dtype)], dim=1)
         self.begin, self.end = 0, self.end - self.begin + k.shape[-2]
 
-    def _regrow(self, cap: int) -> None:
-        """Move the live tokens to the front of a new buffer of `cap` slots (the stored flags, not derived ones)."""
+    def _regrow(self, cap: int, dtype: torch.dtype | None = None) -> None:
+        """Move the live tokens to the front of a new buffer of `cap` slots (the stored flags, not derived ones),
+        of another float dtype if given."""
         n = len(self)
         sl = slice(self.begin, self.end)
         live = (
@@ -203,7 +225,7 @@ class ExactTail:
             None if self.positions is None else self.positions[:, sl],
             None if self.valid is None else self.valid[:, sl],
         )
-        self.keys, self.values = _alloc_like(self.keys, cap), _alloc_like(self.values, cap)
+        self.keys, self.values = _alloc_like(self.keys, cap, dtype), _alloc_like(self.values, cap, dtype)
         self.positions = None if self.positions is None else _alloc_like(self.positions, cap)
         self.valid = None if self.valid is None else _alloc_like(self.valid, cap)
         self.begin, self.end = 0, n
@@ -244,9 +266,19 @@ def _leading_padding(
     return pad
 
 
-def _alloc_like(t: torch.Tensor, cap: int) -> torch.Tensor:
-    """An empty tensor like `t` with `cap` slots on its token axis: 2 for (B, H, T, d) states, 1 for (B, T[, 3])
-    positions and flags (multimodal RoPE positions carry 3 components per token)."""
+def _alloc_like(t: torch.Tensor, cap: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty tensor like `t` (of `dtype` if given) with `cap` slots on its token axis: 2 for (B, H, T, d) states,
+    1 for (B, T[, 3]) positions and flags (multimodal RoPE positions carry 3 components per token)."""
     shape = list(t.shape)
     shape[2 if t.dim() == 4 else 1] = cap
-    return torch.empty(shape, dtype=t.dtype, device=t.device)
+    return torch.empty(shape, dtype=t.dtype if dtype is None else dtype, device=t.device)
+
+
+def _fits_half(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Every element of k and v rounds to a finite float16 (|x| <= 65504; NaN counts as fitting: it stays NaN)."""
+    for x in (k, v):
+        if x.numel():
+            lo, hi = torch.aminmax(x)  # one pass (a decoding step checks every layer's new token)
+            if float(lo) < -HALF_MAX or float(hi) > HALF_MAX:
+                return False
+    return True

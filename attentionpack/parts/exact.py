@@ -1,4 +1,5 @@
-"""Exact states: what the model produced (keys already rotated), kept at the cache dtype."""
+"""Exact states: what the model produced (keys already rotated), kept at the cache dtype (or the half-precision
+dtype of an exact tail, `PackConfig.tail_dtype`: scores and mixes are then computed in the query's dtype)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ class ExactPart:
         return self.data
 
     def scores(self, q: torch.Tensor, start: int, end: int, rope: RopeFn | None) -> torch.Tensor:
-        return q @ self.data.transpose(-1, -2)  # (B, H, M, T)
+        return q @ self.data.to(q.dtype).transpose(-1, -2)  # (B, H, M, T)
 
     def mix(self, p: torch.Tensor) -> torch.Tensor:
-        return p @ self.data  # (B, H, M, d)
+        return p @ self.data.to(p.dtype)  # (B, H, M, d)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.data]
