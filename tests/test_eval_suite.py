@@ -140,11 +140,13 @@ def test_two_models_two_texts_two_windows_table_and_resume(tiny_folder, tmp_path
         assert r["windows"] == 2 and len(r["window_changes_pct"]) == 2
         assert r["worst_change_pct"] == max(r["window_changes_pct"])
         assert r["ppl_change_pct"] == pytest.approx(sum(r["window_changes_pct"]) / 2)
+        q = saved["quality"][r["model"]][r["text"]]["192"]
         if r["config"] == "dynamic":
-            assert r["ppl_change_pct"] == 0 and r["compression_x"] == 1
+            assert r["ppl_change_pct"] == 0 and r["compression_x"] == 1 and r["compression_end_x"] == 1
         else:
             assert r["compression_x"] > 1
-        q = saved["quality"][r["model"]][r["text"]]["192"]
+            ends = [(q[w]["dynamic"]["bytes_at_end"], q[w][r["config"]]["bytes_at_end"]) for w in q]
+            assert r["compression_end_x"] == pytest.approx(sum(d for d, _ in ends) / sum(b for _, b in ends))
         assert set(q) == {"0", "1"} and all(q[w][r["config"]]["ppl"] > 1 for w in q)  # per-window numbers kept
     for m in models:
         assert (out / f"pareto-{m}.png").stat().st_size > 0

@@ -53,7 +53,8 @@ def _change(r: dict, dyn: dict) -> float | None:
 def table_rows(run) -> list[dict]:
     """The main table: one row per model x text x configuration at the first context. ppl_change_pct is the mean
     over windows of each window's change vs DynamicCache on that window, worst_change_pct the largest one;
-    bytes_fraction / compression_x compare the mean bytes held after prefill."""
+    bytes_fraction / compression_x compare the mean bytes held after prefill, compression_end_x the bytes held
+    after the continuation (the decoded tokens included)."""
     rows = []
     for m in run.models:
         for text in m.texts:
@@ -67,6 +68,10 @@ def table_rows(run) -> list[dict]:
                 known = [c for c in changes if c is not None]
                 held = _mean([r.get("bytes_after_prefill") for _, r, _ in per_w])
                 ref = _mean([dyn.get("bytes_after_prefill") for _, _, dyn in per_w])
+                end = _ratio(
+                    _mean([dyn.get("bytes_at_end") for _, _, dyn in per_w]),
+                    _mean([r.get("bytes_at_end") for _, r, _ in per_w]),
+                )
                 rows.append(
                     {
                         "model": m.key,
@@ -80,6 +85,7 @@ def table_rows(run) -> list[dict]:
                         "bytes_after_prefill": held,
                         "bytes_fraction": _ratio(held, ref),
                         "compression_x": _ratio(ref, held),
+                        "compression_end_x": end,
                         "error": next((r["error"] for _, r, _ in per_w if r.get("error")), None),
                     }
                 )
@@ -239,6 +245,7 @@ TABLE_COLUMNS = [  # the main table: model x text x configuration
     ("cache MiB", "bytes_after_prefill", "mib"),
     ("bytes held", "bytes_fraction", "share"),
     ("smaller by", "compression_x", "x"),
+    ("after decoding", "compression_end_x", "x"),
 ]
 
 
