@@ -279,13 +279,18 @@ def _cache_mask(view: LayerView, mask: torch.Tensor | None, q: int, device: torc
         rows = torch.arange(view.total - q, view.total, device=device)[:, None]
         cols = torch.arange(view.first, view.total, device=device)[None, :]
         return (cols <= rows)[None, None]
-    if mask.shape[-1] != n:
+    if mask.dtype != torch.bool:  # additive float mask (0 = attend)
+        mask = mask == 0
+    extra = mask.shape[-1] - n  # masks end at the newest token; sliding layers may have freed different old ones
+    if extra > 0 and view.sliding and not bool(mask[..., :extra].any()):
+        return mask[..., extra:]  # it reaches back to tokens this layer freed: none of them visible
+    if extra < 0 and view.sliding:
+        return torch.nn.functional.pad(mask, (-extra, 0), value=False)  # older held tokens, out of the window
+    if extra:
         raise RuntimeError(
             f"attention mask covers {mask.shape[-1]} keys but the layer holds {n} (cache indices "
             f"{view.first}..{view.total}); the model built its mask for a different cache"
         )
-    if mask.dtype != torch.bool:  # additive float mask (0 = attend)
-        mask = mask == 0
     return mask
 
 

@@ -22,7 +22,9 @@ class LayerView:
     """segments: the frozen segments in cache order, then the exact tail as a "recent" segment; cache indices
     [first, total) are covered. plan / plan_count: the layer's decode plan and how many of its segments this call
     may read; tail: (keys, values (B, H, n, d), cache index of the first) of the exact tail, or None. paths: the
-    cache's counter of which attention path ran (`PackedCache.stats()["attention_paths"]`)."""
+    cache's counter of which attention path ran (`PackedCache.stats()["attention_paths"]`). sliding: a
+    sliding-window layer, whose oldest held tokens may be older than what the model's mask reaches (see
+    `packed._cache_mask`)."""
 
     segments: list[Segment]
     first: int
@@ -33,6 +35,7 @@ class LayerView:
     plan_count: int
     tail: tuple[torch.Tensor, torch.Tensor, int] | None
     paths: Counter[str]
+    sliding: bool = False
 
     @classmethod
     def of(
@@ -45,12 +48,13 @@ class LayerView:
         rope: RopeFn,
         plan: DecodePlan,
         paths: Counter[str],
+        sliding: bool = False,
     ) -> LayerView:
         pieces = list(segments)
         if tail is not None and tail[0].shape[2]:
             k, v, start = tail
             pieces.append(Segment(start, total, ExactPart(k), ExactPart(v), "recent"))
-        return cls(pieces, first, total, num_kv_heads, rope, plan, plan.count, tail, paths)
+        return cls(pieces, first, total, num_kv_heads, rope, plan, plan.count, tail, paths, sliding)
 
     @property
     def gathered(self) -> bool:

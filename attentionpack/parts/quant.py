@@ -57,6 +57,26 @@ class Quantized:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def drop_front(self, n: int, dim: int) -> Quantized:
+        """A copy without the first n entries along `dim` of the original shape (not the batch), its tensors new so
+        the dropped bytes are freed. Along the quantized axis only whole groups go (n a multiple of the group size;
+        the planar codes are unpacked and packed again)."""
+        if dim <= 0 or dim >= len(self.shape) or not 0 < n < self.shape[dim]:
+            raise ValueError(f"Quantized.drop_front: cannot drop {n} of {self.shape} along dim {dim}")
+        shape = list(self.shape)
+        shape[dim] -= n
+        if dim == self.axis:
+            if n % self.group_size:
+                raise ValueError(f"Quantized.drop_front: {n} is not a multiple of the group size {self.group_size}")
+            padded = -(-self.shape[dim] // self.group_size) * self.group_size
+            codes = pack(unpack(self.codes, self.bits, padded)[..., n:], self.bits)
+            k = n // self.group_size
+            scales, mins = self.scales[..., k:].clone(), self.mins[..., k:].clone()
+        else:
+            at = dim if dim < self.axis else dim - 1  # the quantized axis was moved last, the others keep their order
+            codes, scales, mins = (t.narrow(at, n, t.shape[at] - n).clone() for t in self.tensors())
+        return replace(self, codes=codes, scales=scales, mins=mins, shape=tuple(shape))
+
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Quantized:
         """A copy with `fn` (index_select / repeat_interleave / indexing on dim 0) applied to every tensor."""
         if self.axis == 0:
