@@ -86,3 +86,55 @@ def test_sliding_layers_free_out_of_window_tokens(monkeypatch, fields):
             assert a.first_index >= a.total - (model.config.sliding_window - 1) - 7  # within a group of 8
         else:
             assert a.first_index == b.first_index
+
+
+def test_generate_with_padding_aligns_every_sliding_layers_mask(monkeypatch):
+    """`generate` with a padded batch builds one sliding mask from the first sliding layer; a layer that trimmed
+    at another point reads it aligned to the newest token: the same tokens and logits as without trimming."""
+    from helpers import greedy, padded_batch
+    from transformers import LogitsProcessor
+
+    model = build_model("gemma3_text")  # layers 0 and 2 slide over 16 tokens
+    config = PackConfig(
+        key_codec="quant",
+        key_bits=4,
+        value_codec="quant",
+        value_bits=4,
+        quant_group=8,
+        sink=0,
+        window=4,
+        chunk=8,
+        min_span=4,
+    )
+    ids, mask = padded_batch(60, pad=5, seed=3)
+    drop = layer_module.PackedLayer._drop_outside_window
+
+    def only_layer_0_trims(self):  # the two sliding layers then hold different oldest tokens
+        keep = layer_module.TRIM_MIN
+        if self.layer_idx != 0:
+            layer_module.TRIM_MIN = 10**9
+        try:
+            drop(self)
+        finally:
+            layer_module.TRIM_MIN = keep
+
+    class Firsts(LogitsProcessor):  # after every forward call: each sliding layer's oldest held token
+        def __init__(self, cache):
+            self.cache, self.seen = cache, []
+
+        def __call__(self, input_ids, scores):
+            self.seen.append(tuple(x.first_index for x in self.cache.layers if x.is_sliding))
+            return scores
+
+    monkeypatch.setattr(layer_module.PackedLayer, "_drop_outside_window", only_layer_0_trims)
+    runs = {}
+    for trim in (10**9, 8):
+        monkeypatch.setattr(layer_module, "TRIM_MIN", trim)
+        cache = PackedCache(model, config)
+        firsts = Firsts(cache)
+        runs[trim] = greedy(model, cache, ids, mask, new_tokens=40, recorder=firsts), firsts.seen
+    (whole, _), (cut, seen) = runs[10**9], runs[8]
+    assert any(a > b for a, b in seen), seen  # the first sliding layer (the mask's sizes) held fewer tokens
+    assert torch.equal(whole.sequences, cut.sequences)
+    for a, b in zip(whole.logits, cut.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
