@@ -105,7 +105,6 @@ def _encode_cache(cache: PackedCache, w: _Writer) -> dict:
                 "granule": tail.granule,
                 "pad": tail.pad,
                 "dropped": tail.dropped,
-                "half": tail.half,
             }
         layers.append(entry)
     return {
@@ -144,7 +143,6 @@ def _restore_tail(layer: PackedLayer, t: dict, r: _Reader) -> ExactTail:
     if pad is None and (positions is None) != (valid is None):
         raise CacheFileError("malformed", f"layer {i}: the exact tail holds positions or padding flags, not both")
     tail.pad, tail.dropped = pad, dropped
-    tail.half = bool(t.get("half", False))  # files written before tails could be half precision: False
 
     # the original capacity, live tokens at their original slots (same strides as before)
     def buffer(live: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,7 @@ class PackedLayer(CacheLayerMixin):
             self._compact(prefill=q > 1, ctx=ctx)
         if self.is_sliding and not self.record_past:
             self._drop_outside_window()
-        if self.compress and self.config.half_tail and self.tail is not None and not self.tail.half:
+        if self.compress and self.config.half_tail and self.tail is not None and self.tail.keys.element_size() > 2:
             self.tail.store_half()  # this call's tokens were compressed exact; from now on the tail holds 16 bits
         self._last_call_tokens = q
         return keys, values

@@ -48,7 +48,6 @@ class ExactTail:
         self.begin, self.end = 0, n
         self.dropped = 0  # tokens dropped from the old end since creation (absolute index of the oldest = dropped)
         self.pad: list[int] | None = None  # per-sample leading padding while positions/valid are derived
-        self.half = False  # store_half() was called: later appends are stored in half precision
         if positions is not None and valid is not None:
             self.pad = _leading_padding(positions, valid, 0)
             if self.pad is not None:
@@ -118,7 +117,7 @@ class ExactTail:
         for these same positions and flags, shared by the layers of one call (they all check the same tokens at
         the same cache indices)."""
         q = k.shape[-2]
-        if self.half and self.keys.dtype == torch.float16 and k.dtype != torch.float16 and not _fits_half(k, v):
+        if self.keys.dtype == torch.float16 and k.dtype != torch.float16 and not _fits_half(k, v):
             self._regrow(self.capacity, torch.bfloat16)  # float16 would overflow: same bytes, float32's range
         if self.pad is not None:
             follows = False
@@ -145,7 +144,6 @@ class ExactTail:
     def store_half(self) -> None:
         """Keep the live tokens, and every later one, in float16 (bfloat16 where float16's range is too small).
         No-op when the buffers already hold a 16-bit float dtype."""
-        self.half = True
         if self.keys.element_size() == 2:
             return
         keys, values = self.states()
@@ -175,7 +173,6 @@ class ExactTail:
         self._materialize_flags()  # a reordered or selected batch keeps explicit flags
         keys, values, positions, valid = self.view()
         mapped = ExactTail(fn(keys.contiguous()), fn(values.contiguous()), None, None, self.granule)
-        mapped.half = self.half
         self.__dict__.update(mapped.__dict__)
         if positions is not None and valid is not None:
             positions, valid = fn(positions.contiguous()), fn(valid.contiguous())
