@@ -13,8 +13,6 @@ its modality's codec settings (`PackConfig.for_modality`). Sliding-window layers
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,13 +27,14 @@ from ..config import PackConfig
 from ..kernels.plan import DecodePlan
 from ..models.registry import LayerSpec
 from ..parts import BatchFn, ExactPart, Kind, Modality, Part, RopeFn, Segment, storage_nbytes
-from ..parts.trim import drop_front, front_granule
+from ..parts.trim import trim_segment
 from .groups import Group
 from .heads import evicted_pieces, freeze_evicted, freeze_razor, importance
 from .layer_stats import layer_rows
 from .tail import ExactTail
 
 TAIL_GRANULE = 16  # compressing layers grow their exact tail 16 slots at a time once compression pays for them
+TRIM_MIN = 64  # a sliding layer drops a segment's out-of-window tokens once this many can go (one copy per 64 steps)
 
 
 STEP = "attentionpack_step"  # the key of the `StepContext` in `cache_kwargs`
@@ -471,7 +470,7 @@ class PackedLayer(CacheLayerMixin):
         horizon = self.total - (self.spec.sliding_window - 1)
         kept = [s for s in self.segments if s.end > horizon]
         # (only on the stored form: the model's own attention needs every sliding layer to hold the same tokens)
-        trimmed = _trimmed(kept[0], horizon) if kept and self.attend_packed else None
+        trimmed = trim_segment(kept[0], horizon, TRIM_MIN) if kept and self.attend_packed else None
         if trimmed is not None:  # the oldest segment's out-of-window tokens, in whole groups, freed
             kept[0] = trimmed
         if len(kept) != len(self.segments) or trimmed is not None:
@@ -487,25 +486,6 @@ class PackedLayer(CacheLayerMixin):
         self.plan = DecodePlan(self.spec.num_kv_heads, self.spec.head_dim, self.segments)
         if self.tail is not None:
             self.tail.map_batch(fn)
-
-
-TRIM_MIN = 64  # a sliding layer drops a segment's out-of-window tokens once this many can go (one copy per 64 steps)
-
-
-def _trimmed(segment: Segment, horizon: int) -> Segment | None:
-    """`segment` without its tokens before cache index `horizon` (whole groups of its parts, at least TRIM_MIN
-    tokens), or None when none can go: a contiguous segment of every head whose parts can drop tokens."""
-    if segment.index is not None or segment.per_head or segment.start >= horizon:
-        return None
-    granules = [front_granule(p) for p in (segment.keys, segment.values)]
-    if None in granules:
-        return None
-    step = math.lcm(*(g for g in granules if g is not None))
-    n = (horizon - segment.start) // step * step
-    if n < TRIM_MIN or n >= segment.length:
-        return None
-    keys, values = drop_front(segment.keys, n), drop_front(segment.values, n)
-    return dataclasses.replace(segment, start=segment.start + n, keys=keys, values=values)
 
 
 def _tail_granule(layer: PackedLayer) -> int:

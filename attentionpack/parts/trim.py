@@ -5,14 +5,17 @@ out-of-window tokens are masked but held. `drop_front(part, n)` stores the same 
 (new tensors, so the bytes are freed), and `front_granule(part)` says in steps of how many tokens a part can drop
 them: 1 for exact rows, per-token values and factor coefficients at the cache dtype; a quantization group for keys
 quantized per channel and for quantized factor coefficients (whole groups go). None: a form that cannot drop
-tokens (the layer keeps it whole).
+tokens (the layer keeps it whole). `trim_segment` applies it to a whole `Segment` (keys and values alike).
 
 Shapes: parts hold (B, H, T, d) states, or factors with coefficients (B, T, r) and positions (B, T[, 3]).
 """
 
 from __future__ import annotations
 
-from .base import Part
+import dataclasses
+import math
+
+from .base import Part, Segment
 from .exact import ExactPart
 from .lowrank import Factors, LowRankPart
 from .lowrank_quant import QuantizedLowRankPart
@@ -47,3 +50,20 @@ def drop_front(part: Part, n: int) -> Part:
         quantized = part.coeffs.drop_front(n, 1)
         return QuantizedLowRankPart(quantized, part.basis, part.num_heads, positions, part.sample_ranks)
     raise TypeError(f"{type(part).__name__} cannot drop tokens (front_granule is None)")
+
+
+def trim_segment(segment: Segment, horizon: int, minimum: int) -> Segment | None:
+    """`segment` without its tokens before cache index `horizon` (whole granules of its parts, at least `minimum`
+    tokens), or None when none can go: a contiguous segment of every head whose parts can drop tokens. Called at
+    every decoding step of a sliding layer: the common case (fewer than `minimum` to drop) returns at once."""
+    if segment.start + minimum > horizon or segment.index is not None or segment.per_head:
+        return None
+    granules = [front_granule(p) for p in (segment.keys, segment.values)]
+    if None in granules:
+        return None
+    step = math.lcm(*(g for g in granules if g is not None))
+    n = (horizon - segment.start) // step * step
+    if n < minimum or n >= segment.length:
+        return None
+    keys, values = drop_front(segment.keys, n), drop_front(segment.values, n)
+    return dataclasses.replace(segment, start=segment.start + n, keys=keys, values=values)
