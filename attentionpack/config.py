@@ -63,8 +63,9 @@ class PackConfig:
 
     Per-head treatment (attention on the stored form only; text prompts). With `budget`, `keep` is the smallest
     share the budget may keep: every prompt span is also offered with 1/2, 1/4, ... of its tokens down to `keep`,
-    chosen per (sample, head) by the prompt queries before the budget's judge (`budget/eviction.py`);
-    `retrieval_heads` and `evicted_bits` do not combine with a budget yet. Without a budget:
+    chosen per (sample, head) by the prompt queries before the budget's judge (`budget/eviction.py`), and with
+    `evicted_bits` the rest of such a span is demoted (stored at that many bits) instead of dropped;
+    `retrieval_heads` does not combine with a budget yet. Without a budget:
     `retrieval_heads`: RazorAttention (arXiv 2407.15891): the share of (layer, KV head) pairs, found once per model
     by a repeated random-token probe (`scoring.retrieval_heads`), that keep every token in the codec fields' form;
     every other head keeps the sinks and the recent `window`, and each prompt span and decode chunk that leaves its
@@ -218,12 +219,12 @@ class PackConfig:
             _bad("layer_weights", self.layer_weights, "True or False")
         if not _is_int(self.observation) or self.observation < 1:
             _bad("observation", self.observation, "an integer >= 1")
-        if self.budget is not None and (self.retrieval_heads is not None or self.evicted_bits is not None):
+        if self.budget is not None and self.retrieval_heads is not None:
             _bad(
                 "budget",
                 self.budget,
-                "None when retrieval_heads or evicted_bits is set: a budget chooses eviction (keep: the smallest "
-                "share it may keep) but not yet retrieval-head splits or demotion",
+                "None when retrieval_heads is set: a budget chooses eviction and demotion (keep: the smallest "
+                "share it may keep, evicted_bits: the demoted tokens' bits) but not yet retrieval-head splits",
             )
         if self.per_head and not self.compressed_attention:
             _bad(

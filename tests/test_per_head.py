@@ -282,7 +282,6 @@ def test_models_without_packed_attention_are_refused(cache_root):
         (dict(evicted_bits=2), "unless keep"),
         (dict(keep=0.5, evicted_bits=3), "evicted_bits"),
         (dict(retrieval_heads=0.2, budget=0.25), "budget"),
-        (dict(keep=0.5, evicted_bits=2, budget=0.25), "budget"),
         (dict(retrieval_heads=0.2, compressed_attention=False), "compressed_attention"),
     ],
 )

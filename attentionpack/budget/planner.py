@@ -48,6 +48,7 @@ from ..scoring.observation import (
 from .candidates import (
     KEY_CANDIDATES,
     VALUE_CANDIDATES,
+    WIDE_GROUP,
     candidate_config,
     codec_labels,
     encode_candidates,
@@ -85,7 +86,7 @@ class BudgetLayer(Protocol):
 
     def replace_parts(self, segment: Segment, keys: Part, values: Part) -> None: ...
 
-    def replace_segment(self, segment: Segment, new: Segment) -> None: ...
+    def replace_segment(self, segment: Segment, new: list[Segment]) -> None: ...
 
     def set_text_codec(self, cfg: PackConfig) -> None: ...
 
@@ -300,6 +301,7 @@ class BudgetPlanner:
                 ),
                 errors,
                 block,
+                None if cfg.evicted_bits is None else (cfg.evicted_bits, WIDE_GROUP, WIDE_GROUP),
             )
         self.pending.append(pend)
         cheap = lambda opts: min(opts, key=lambda o: o[2])[1]  # noqa: E731
@@ -370,7 +372,7 @@ class BudgetPlanner:
             if chosen is None:
                 p.layer.replace_parts(seg, keys[ki][1], values[vi][1])
             else:
-                p.layer.replace_segment(seg, chosen.segment(seg.start, seg.end, ki, vi))
+                p.layer.replace_segment(seg, chosen.segments(seg.start, seg.end, ki, vi))
             longest = guide.get(p.layer.layer_idx)
             if longest is None or seg.kind != "window" and seg.length > longest[1]:
                 guide[p.layer.layer_idx] = (p.layer, seg.length, choice)

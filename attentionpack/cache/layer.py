@@ -193,12 +193,12 @@ class PackedLayer(CacheLayerMixin):
         segment.keys, segment.values = keys, values
         self.plan = DecodePlan(self.spec.num_kv_heads, self.spec.head_dim, self.segments)
 
-    def replace_segment(self, segment: Segment, new: Segment) -> None:
-        """Put `new` in `segment`'s place (a budget's eviction choice: a slot segment); the decode plan follows."""
+    def replace_segment(self, segment: Segment, new: list[Segment]) -> None:
+        """Put `new` in `segment`'s place (a budget's eviction choice: slot segments); the decode plan follows."""
         at = next((i for i, s in enumerate(self.segments) if s is segment), None)
         if at is None:
             raise ValueError(f"segment [{segment.start}, {segment.end}) is not one of layer {self.layer_idx}'s")
-        self.segments[at] = new
+        self.segments[at : at + 1] = new
         self.plan = DecodePlan(self.spec.num_kv_heads, self.spec.head_dim, self.segments)
 
     def view(self, rope: RopeFn) -> LayerView:
