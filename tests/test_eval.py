@@ -128,6 +128,8 @@ def test_end_to_end_artifacts_resume_and_unavailable_kvpress(tiny_folder, tmp_pa
     (judged,) = saved["judge"][key].values()  # the judge: one text, two layers, every candidate installed alone
     assert len(judged["layers"]) == 2 and judged["control_kl_max"] < 1e-6
     assert "## The budget's judge vs measured KL" in md and f"{judged['spearman_pooled']:.2f}" in md
+    (target,) = saved["targets"]["quality"]  # `max` has a target; one window is fewer than the protocol's 4
+    assert target["config"] == "max" and target["holds"] is None and "## Targets" in md
     # every number of the summary in report.md is the one in results.json
     assert _summary_from_md(md) == report.summary_table(saved["summary"])
     assert f"{dyn['ppl']:.2f}" in md and f"<img src='pareto-{key}.png'" in (out / "index.html").read_text()

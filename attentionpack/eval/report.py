@@ -10,9 +10,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ..threads import plural
+from .formatting import fmt, md_table
 from .settings import machine_info, settings_dict
-
-MIB = 1024 * 1024
+from .targets import needle_targets, quality_targets, targets_md
 
 
 def _load(load) -> str:
@@ -177,7 +177,8 @@ def assemble(run, started: float) -> dict:
                     for m in run.models
                 },
                 "configs": {sp.name: sp.describe() for sp in run.specs},
-                "table": table_rows(run),
+                "table": (table := table_rows(run)),
+                "targets": {"quality": quality_targets(table), "needle": needle_targets(run.results_needle)},
                 "summary": summary_rows(run),
                 "quality": run.results_quality,
                 "speed": run.results_speed,
@@ -193,29 +194,6 @@ def assemble(run, started: float) -> dict:
 
 
 # ---- formatting (report.md and index.html show exactly these strings) ------------------------------------------
-FORMATS = {  # kind -> (scale, format)
-    "mib": (1 / MIB, "{:.1f}"),
-    "x": (1, "{:.2f}x"),
-    "pct": (1, "{:+.1f}%"),
-    "pct2": (1, "{:+.2f}%"),
-    "ppl": (1, "{:.2f}"),
-    "share": (100, "{:.1f}%"),
-    "kl": (1, "{:.4f}"),
-    "ms": (1, "{:.1f}"),
-    "s": (1, "{:.2f}"),
-    "ratio": (1, "{:.2f}"),
-}
-
-
-def fmt(value: float | None, kind: str) -> str:
-    if value is None:
-        return "-"
-    if kind not in FORMATS:
-        return str(value)
-    scale, form = FORMATS[kind]
-    return form.format(value * scale)
-
-
 COLUMNS = [  # (header, key, kind)
     ("model", "model", "str"),
     ("config", "config", "str"),
@@ -269,11 +247,6 @@ def summary_table(rows: list[dict]) -> list[list[str]]:
             ]
         )
     return out
-
-
-def _md_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
 def speed_table(speed: dict) -> tuple[list[str], list[list[str]]]:
@@ -346,7 +319,7 @@ def report_md(res: dict, images: list[str]) -> str:
         "",
         "## Perplexity change by model, text and configuration",
         "",
-        _md_table([c[0] for c in TABLE_COLUMNS], main_table(res["table"])),
+        md_table([c[0] for c in TABLE_COLUMNS], main_table(res["table"])),
         "",
         "PPL change: each window's perplexity vs DynamicCache's on the same window, then the mean over the windows "
         "(worst window: the largest); per-window numbers are in results.json (`table[].window_changes_pct`, "
@@ -361,7 +334,7 @@ def report_md(res: dict, images: list[str]) -> str:
         "",
         "## Summary (first text, mean over its windows)",
         "",
-        _md_table([c[0] for c in COLUMNS], summary_table(res["summary"])),
+        md_table([c[0] for c in COLUMNS], summary_table(res["summary"])),
         "",
         "Speed: from interleaved rounds (A B C A B C ...) at this context where the configuration was timed there; "
         "numbers marked * come from its quality run instead, compared with DynamicCache's quality run (kvpress: "
@@ -383,7 +356,7 @@ def report_md(res: dict, images: list[str]) -> str:
     for model, speed in res["speed"].items():
         if speed:
             h, b = speed_table(speed)
-            out += ["", f"## Speed: {model} (interleaved rounds, median)", "", _md_table(h, b)]
+            out += ["", f"## Speed: {model} (interleaved rounds, median)", "", md_table(h, b)]
     for model, by_config in res["needle"].items():
         for name, entry in by_config.items():
             h, b = needle_table(entry)
@@ -391,7 +364,7 @@ def report_md(res: dict, images: list[str]) -> str:
                 "",
                 f"## Needle retrieval: {model} {name} (overall {fmt(entry['rate'], 'share')})",
                 "",
-                _md_table(h, b),
+                md_table(h, b),
             ]
     if any(res.get("judge", {}).values()):
         h, b = judge_table(res["judge"])
@@ -399,7 +372,7 @@ def report_md(res: dict, images: list[str]) -> str:
             "",
             f"## The budget's judge vs measured KL (budget {s['judge_budget']:g}, first window of each text)",
             "",
-            _md_table(h, b),
+            md_table(h, b),
             "",
             "Each candidate encoding of the prompt span of the sampled layers, installed alone (every other span "
             "exact): its judged error (the planner's, window-output error times the layer's weight) and the KL "
@@ -408,6 +381,7 @@ def report_md(res: dict, images: list[str]) -> str:
             "or value candidates alone. Control KL: the largest over the sampled layers of the span left exact (the "
             "comparison's own floor). Every trial is in results.json (`judge`).",
         ]
+    out += targets_md(res.get("targets", {}))
     if res["notes"]:
         out += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     out += ["", "## Plots", ""] + [f"![{img}]({img})" for img in images]
