@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..parts import Part, QuantizedPart, Segment, storage_nbytes
+from ..parts import Part, QuantizedPart, Segment, gather_slots, slot_log, storage_nbytes
 from .errors import Errors, Rest, key_errors, value_errors
 
 SHARES = (0.5, 0.25, 0.125, 0.0625)  # keep shares offered, down to PackConfig.keep
@@ -84,7 +84,7 @@ def evictions(
     module); `block` key candidates are scored together; `demote` (bits, key group, value group): the tokens not
     kept are stored at that many bits instead of dropped."""
     scores = ctx.importance[..., a:b].masked_fill(~valid[:, None, :], float("-inf"))  # (B, H, n)
-    bsz, h, n, d = k.shape
+    n = k.shape[2]
     order = scores.argsort(dim=-1, descending=True, stable=True)
     real_count = int(valid.sum(dim=1).max())
     logits = ctx.logits[..., a:b]  # (B, H, M, n) exact scaled logits of the judge's rows, -inf where masked
@@ -96,9 +96,7 @@ def evictions(
             continue
         rows = order[..., :m].sort(dim=-1).values  # (B, H, m) kept, in cache order
         real = scores.gather(-1, rows) > float("-inf")
-        zero = real[..., None].to(k.dtype)
-        pick = rows[..., None].expand(bsz, h, m, d)
-        ks, vs = k.gather(2, pick) * zero, v.gather(2, pick) * zero  # (B, H, m, d)
+        ks, vs = gather_slots(k, rows, real), gather_slots(v, rows, real)  # (B, H, m, d)
         cols = rows[:, :, None, :].expand(-1, -1, logits.shape[2], -1)  # (B, H, M, m)
         kept_logits = logits.gather(-1, cols).masked_fill(~real[:, :, None, :], float("-inf"))
         e = torch.exp(kept_logits - ctx.top)  # (B, H, M, m) on the exact maximum's scale
@@ -123,13 +121,8 @@ def evictions(
             (lab, part, storage_nbytes(part.tensors()), 0.0 if lab == "exact" else value_err[lab])
             for lab, part in encoded
         ]
-        out.append(Eviction(share, _slots(real), drop_error, key_opts, value_opts, demoted))
+        out.append(Eviction(share, slot_log(real), drop_error, key_opts, value_opts, demoted))
     return out
-
-
-def _slots(real: torch.Tensor) -> torch.Tensor:
-    """(B, H, m) float16 slot log multiplicities of (B, H, m) bool: 0 for a token, -inf for an empty slot."""
-    return torch.zeros(real.shape, dtype=torch.float16, device=real.device).masked_fill_(~real, float("-inf"))
 
 
 def _demoted(
@@ -148,16 +141,17 @@ def _demoted(
     bits, key_group, value_group = demote
     rows = rest.sort(dim=-1).values  # (B, H, r) in cache order
     real = scores.gather(-1, rows) > float("-inf")
-    bsz, h, r = rows.shape
-    pick, zero = rows[..., None].expand(bsz, h, r, k.shape[-1]), real[..., None].to(k.dtype)
-    keys = QuantizedPart.keys(k.gather(2, pick) * zero, bits, key_group)
-    values = QuantizedPart.values(v.gather(2, pick) * zero, bits, value_group)
+    r = rows.shape[-1]
+    keys = QuantizedPart.keys(gather_slots(k, rows, real), bits, key_group)
+    values = QuantizedPart.values(gather_slots(v, rows, real), bits, value_group)
     cols = rows[:, :, None, :].expand(-1, -1, logits.shape[2], -1)  # (B, H, M, r)
     unseen = ~real[:, :, None, :] | torch.isinf(logits.gather(-1, cols))
     stored = keys.scores(ctx.queries, 0, r, None).float().mul_(ctx.scaling).masked_fill_(unseen, float("-inf"))
     e = torch.exp(stored - ctx.top)  # (B, H, M, r)
     mix = outside.mix + e @ values.materialize(0, r, None).float()
-    return Segment(0, 0, keys, values, "span", slots=_slots(real)), Rest(ctx.top, outside.total + e.sum(-1, True), mix)
+    return Segment(0, 0, keys, values, "span", slots=slot_log(real)), Rest(
+        ctx.top, outside.total + e.sum(-1, True), mix
+    )
 
 
 def joint_options(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..codecs import encode_keys, encode_values
-from ..parts import ExactPart, Kind, Part, QuantizedPart, Segment
+from ..parts import ExactPart, Kind, Part, QuantizedPart, Segment, gather_slots, slot_log
 from ..scoring.observation import token_importance
 
 if TYPE_CHECKING:  # the layer calls these functions
@@ -100,7 +100,7 @@ def evicted_pieces(
     (B, H, n) each token's importance. Per sample and head the `cfg.keep` share of the real tokens with the highest
     scores, in cache order, in `cfg`'s codec form; then, with `cfg.evicted_bits`, the rest at that many bits.
     Returns [(keys, values, slots (B, H, m) float16: 0 for a token, -inf for an empty slot)]."""
-    b, h, n, d = k.shape
+    b, _, n, _ = k.shape
     score = score.masked_fill(~valid[:, None, :], float("-inf"))  # (B, H, n)
     share = cfg.keep
     assert share is not None
@@ -114,10 +114,8 @@ def evicted_pieces(
     for rows, bits in rows_bits:
         rows = rows.sort(dim=-1).values  # (B, H, m) in cache order
         real = score.gather(-1, rows) > float("-inf")  # (B, H, m): False for the empty slots of short samples
-        log = torch.zeros(real.shape, dtype=torch.float16, device=k.device).masked_fill_(~real, float("-inf"))
-        pick = rows[..., None].expand(b, h, -1, d)
-        zero = real[..., None].to(k.dtype)
-        ks, vs = k.gather(2, pick) * zero, v.gather(2, pick) * zero  # (B, H, m, d), empty slots zero
+        log = slot_log(real)
+        ks, vs = gather_slots(k, rows, real), gather_slots(v, rows, real)  # (B, H, m, d), empty slots zero
         keys: Part
         values: Part
         if bits is None:

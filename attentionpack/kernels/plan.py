@@ -25,7 +25,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..parts import ExactPart, LowRankPart, Part, Quantized, QuantizedLowRankPart, QuantizedPart, Segment, dequantize
+from ..parts import (
+    ExactPart,
+    LowRankPart,
+    Part,
+    Quantized,
+    QuantizedLowRankPart,
+    QuantizedPart,
+    Segment,
+    dequantize,
+    slot_log,
+)
 from . import FLOAT_CODES, library
 from . import reason as library_reason
 
@@ -262,8 +272,7 @@ def gathered_slots(seg: Segment, allowed: torch.Tensor | None, first: int, heads
         rows = allowed.reshape(allowed.shape[0], -1)  # (B|1, N)
         at = (seg.index - first).clamp(0, rows.shape[1] - 1)  # (B, n) columns, as Segment.columns maps them
         ok = ok & rows.expand(ok.shape[0], -1).gather(1, at)
-    log = torch.zeros(ok.shape, dtype=torch.float16, device=ok.device).masked_fill_(~ok, float("-inf"))
-    return log[:, None, :].expand(-1, heads, -1).contiguous()
+    return slot_log(ok)[:, None, :].expand(-1, heads, -1).contiguous()
 
 
 def _batch(part: Part) -> int:

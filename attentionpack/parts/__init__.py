@@ -5,7 +5,7 @@ A `Segment` is one stored run of tokens of one layer; its `keys` and `values` ar
 with quantized coefficients). Imports nothing from the rest of the package but `rope`.
 """
 
-from .base import BatchFn, Kind, Modality, Part, RopeFn, Segment, storage_nbytes
+from .base import BatchFn, Kind, Modality, Part, RopeFn, Segment, gather_slots, slot_log, storage_nbytes
 from .exact import ExactPart
 from .lowrank import Factors, LowRankPart, factor_mix, factor_scores
 from .lowrank_quant import QuantizedLowRankPart
@@ -38,6 +38,7 @@ __all__ = [
     "dequantize",
     "dequantize_native",
     "error_bound",
+    "gather_slots",
     "factor_mix",
     "factor_scores",
     "quantize",
@@ -45,5 +46,6 @@ __all__ = [
     "quantize_values",
     "check_quantize",
     "quantize_widths",
+    "slot_log",
     "storage_nbytes",
 ]

@@ -117,6 +117,19 @@ class Segment:
             self.slots = fn(self.slots)
 
 
+def slot_log(real: torch.Tensor) -> torch.Tensor:
+    """A slot segment's `slots` for real (B, h, m) bool: float16 log multiplicity 0 for a token, -inf for an empty
+    slot."""
+    return torch.zeros(real.shape, dtype=torch.float16, device=real.device).masked_fill_(~real, float("-inf"))
+
+
+def gather_slots(x: torch.Tensor, rows: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The slots of x (B, H, n, d) at rows (B, H, m) (per sample and head its own tokens), (B, H, m, d), zero where
+    real (B, H, m) is False (an empty slot)."""
+    b, h, m = rows.shape
+    return x.gather(2, rows[..., None].expand(b, h, m, x.shape[-1])) * real[..., None].to(x.dtype)
+
+
 def storage_nbytes(tensors: list[torch.Tensor]) -> int:
     """Bytes of the storages behind `tensors`, each storage counted once and whole (a view costs its storage)."""
     seen, total = set(), 0
