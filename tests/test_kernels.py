@@ -16,11 +16,12 @@ pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("d,group", [(64, 32), (64, 64), (128, 32), (256, 32), (256, 128), (80, 32), (64, 16)])
 @pytest.mark.parametrize("tokens", [1, 37, 256])
-def test_mix_rows_equals_dequantized_matmul(bits, d, group, tokens):
+@pytest.mark.parametrize("rows", [3, 4, 6])  # weight rows per head: one register pass (3, 4) or two (6 = 4 + 2)
+def test_mix_rows_equals_dequantized_matmul(bits, d, group, tokens, rows):
     g = torch.Generator().manual_seed(bits * 1000 + d + tokens)
     v = torch.randn(2, 3, tokens, d, generator=g)
     q = Q.quantize_values(v, bits, group)
-    probs = torch.softmax(torch.randn(2, 3, 4, tokens + 9, generator=g), -1)
+    probs = torch.softmax(torch.randn(2, 3, rows, tokens + 9, generator=g), -1)
     p = probs[..., 5 : 5 + tokens]  # a strided column slice, as attention hands it over
     got = kernels.mix_rows(q.codes, q.scales, q.mins, p, bits, q.group_size, d)
     torch.testing.assert_close(got, p @ Q.dequantize(q), atol=1e-5, rtol=1e-5)
@@ -30,11 +31,12 @@ def test_mix_rows_equals_dequantized_matmul(bits, d, group, tokens):
 @pytest.mark.parametrize("tokens", [1, 33, 1000, 1024, 1100])
 @pytest.mark.parametrize("group", [32, 16, 128])
 @pytest.mark.parametrize("rows", [20, 256])  # 256: a tile of fewer tokens (Gemma 3's per-channel keys)
-def test_scores_cols_equals_dequantized_matmul(bits, tokens, group, rows):
+@pytest.mark.parametrize("queries", [3, 5, 9])  # query rows: one register pass, or two (9 = 5 + 4)
+def test_scores_cols_equals_dequantized_matmul(bits, tokens, group, rows, queries):
     g = torch.Generator().manual_seed(bits * 7 + tokens + group + rows)
     coeffs = torch.randn(2, tokens, rows, generator=g)  # (B, T, r), quantized along T as the cache does
     q = Q.quantize(coeffs, bits, group, axis=1)
-    x = torch.randn(2, 5, rows, generator=g)
+    x = torch.randn(2, queries, rows, generator=g)
     got = kernels.scores_cols(q.codes, q.scales, q.mins, x, bits, q.group_size, tokens)
     torch.testing.assert_close(got, x @ Q.dequantize_native(q), atol=1e-4, rtol=1e-5)
 

@@ -10,6 +10,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #else
@@ -45,7 +48,7 @@ static inline const float *floats_at(int64_t base, int dt, int64_t at, int64_t n
 /* Per-thread scratch memory, one buffer per call site (`slot`), so that nested users never share one: grown when a
    call needs more, kept for the thread's next call instead of a malloc and free per work item (at 4k tokens those
    were ~8% of a decoding step's attention). Contents are not preserved between calls. */
-enum { SCR_ITEM, SCR_KEYS, SCR_TILE, SCR_COEF, SCR_VALS, SCR_BUF, SCR_ACC, SCR_MACC, SCR_SLOTS };
+enum { SCR_ITEM, SCR_KEYS, SCR_TILE, SCR_COEF, SCR_VALS, SCR_BUF, SCR_ACC, SCR_MACC, SCR_XS, SCR_SLOTS };
 static __thread void *scratch_at[SCR_SLOTS];
 static __thread size_t scratch_cap[SCR_SLOTS];
 static inline void *scratch(int slot, size_t bytes) {
@@ -58,6 +61,233 @@ static inline void *scratch(int slot, size_t bytes) {
 }
 
 #define MIN_PARALLEL 1024  /* tokens x rows below which a call stays on one thread */
+
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
+
+static inline v16 select16(i16 mask, v16 yes, v16 no) {  /* lanes of `yes` where mask is set, else of `no` */
+    return (v16)(((i16)yes & mask) | ((i16)no & ~mask));
+}
+
+/* ---- Register-blocked paths (the common case: groups and planes in whole 16-lane vectors) ----
+   The codes are converted to floats in registers and used at once; nothing is written to a float tile. */
+
+/* Codes are used centred, code - MID(bits) in [-MID, MID], with each group's minimum moved to its midpoint
+   (min + MID * scale): the two sums a score or a value splits into are then as small as the dequantized terms,
+   and so are their rounding errors (uncentred, they cancel each other by up to 2x the result). */
+#define MID(bits) (0.5f * (float)((1 << (bits)) - 1))
+
+/* 16 codes at byte `at` of a packed row, plane shift `shift`, as centred floats. Intrinsics where the target has
+   them: gcc's generic vector conversion from bytes to floats goes one lane at a time. */
+static inline __attribute__((always_inline)) v16 codes16(const uint8_t *restrict at, int shift, int bits) {
+#if defined(__AVX512F__)
+    if (bits == 4 || bits == 2) {  /* a table lookup on the low 4 bits replaces the mask, conversion and centring */
+        const __m512i i = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)at)),
+                                           _mm_cvtsi32_si128(shift));
+        const __m512 table = bits == 4 ? _mm512_setr_ps(-7.5f, -6.5f, -5.5f, -4.5f, -3.5f, -2.5f, -1.5f, -0.5f, 0.5f,
+                                                        1.5f, 2.5f, 3.5f, 4.5f, 5.5f, 6.5f, 7.5f)
+                                       : _mm512_setr_ps(-1.5f, -0.5f, 0.5f, 1.5f, -1.5f, -0.5f, 0.5f, 1.5f, -1.5f,
+                                                        -0.5f, 0.5f, 1.5f, -1.5f, -0.5f, 0.5f, 1.5f);
+        return (v16)_mm512_permutexvar_ps(i, table);
+    }
+    const __m512i w = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)at)),
+                                                        _mm_cvtsi32_si128(shift)),
+                                       _mm512_set1_epi32((1 << bits) - 1));
+    return (v16)_mm512_cvtepi32_ps(w) - MID(bits);
+#elif defined(__AVX2__)
+    const __m128i raw = _mm_loadu_si128((const __m128i *)at), cnt = _mm_cvtsi32_si128(shift);
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    const v8 lo = (v8)_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(_mm256_cvtepu8_epi32(raw), cnt), mask));
+    const v8 hi = (v8)_mm256_cvtepi32_ps(
+        _mm256_and_si256(_mm256_srl_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(raw, 8)), cnt), mask));
+    v16 out;
+    for (int i = 0; i < 8; i++) { out[i] = lo[i]; out[8 + i] = hi[i]; }
+    return out - MID(bits);
+#else
+    v16 out;
+    for (int i = 0; i < 16; i++) out[i] = (float)((at[i] >> shift) & ((1 << bits) - 1));
+    return out - MID(bits);
+#endif
+}
+
+/* Every row's codes of tokens [t0, t0 + len) (R rows quantized along tokens, nb bytes apart) lie in its own page,
+   beyond what the hardware prefetchers follow: ask for all their cache lines first, so the misses overlap. */
+static inline void prefetch_span(const uint8_t *codes, int64_t R, int64_t nb, int bits, int64_t t0, int64_t len) {
+    for (int k = 0; k < 8 / bits; k++) {
+        const int64_t lo = t0 > k * nb ? t0 - k * nb : 0, hi = t0 + len < (k + 1) * nb ? t0 + len - k * nb : nb;
+        for (int64_t j = 0; j < R && lo < hi; j++)
+            for (int64_t at = lo; at < hi; at += 64) __builtin_prefetch(codes + j * nb + at);
+    }
+}
+
+#define RR_MAX 8  /* query rows summed at once in scores_rows */
+
+/* Scores of `rows` query rows for tokens [t, t + n), n <= 16 * NV, of R rows quantized along tokens, all in one
+   group: o[r * os + i] = cm[r] + sum_j xs[r * R + j] * (code[j, t + i] - MID), where xs already holds this
+   group's scales and cm its (centred) minimums. When the tokens lie in one plane, each row of codes is NV vector
+   loads from one stretch of memory (the rows are pages apart: the longer the stretch, the fewer pages per
+   token). */
+static inline __attribute__((always_inline)) void scores_rows(
+        const uint8_t *restrict codes, const float *restrict xs, const float *restrict cm, const int rows,
+        const int NV, int64_t R, int64_t nb, const int bits, int64_t t, int64_t n, float *restrict o, int64_t os) {
+    v16 acc[RR_MAX][4];
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = (v16){0} + cm[r];
+    const int64_t k = t / nb;
+    if (n == 16 * NV && t + n <= (k + 1) * nb) {
+        const uint8_t *at = codes + (t - k * nb);
+        const int shift = (int)k * bits;
+        for (int64_t j = 0; j < R; j++) {
+            v16 c[4];
+            for (int v = 0; v < NV; v++) c[v] = codes16(at + j * nb + 16 * v, shift, bits);
+            for (int r = 0; r < rows; r++) {
+                const float x = xs[r * R + j];
+                for (int v = 0; v < NV; v++) acc[r][v] += x * c[v];
+            }
+        }
+    } else {  /* across a plane boundary, or the last tokens of the row */
+        const int mask = (1 << bits) - 1;
+        for (int64_t j = 0; j < R; j++) {
+            float tmp[64] __attribute__((aligned(64))) = {0};
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t tt = t + i, kk = tt / nb;
+                tmp[i] = (float)((codes[j * nb + tt - kk * nb] >> (kk * bits)) & mask) - MID(bits);
+            }
+            for (int r = 0; r < rows; r++) {
+                const float x = xs[r * R + j];
+                for (int v = 0; v < NV; v++) acc[r][v] += x * *(const v16 *)(tmp + 16 * v);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < NV; v++) {
+            const int64_t m = n - 16 * v;
+            if (m >= 16) {
+                *(v16 *)(o + r * os + 16 * v) = acc[r][v];
+            } else if (m > 0) {
+                float tmp[16] __attribute__((aligned(64)));
+                *(v16 *)tmp = acc[r][v];
+                for (int64_t i = 0; i < m; i++) o[r * os + 16 * v + i] = tmp[i];
+            }
+        }
+}
+
+/* scores_span for groups of whole 64-token stretches (group % 64 == 0): per group, each query row times the group's
+   scales (xs) and minimums (cm), then 64 tokens x up to 4 rows (32 x up to RR_MAX) at a time straight from the
+   codes. Smaller groups take scores_span's tile: there the scaled queries cost more than the tile saves. */
+static inline __attribute__((always_inline)) void scores_span_reg(
+        const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
+        const float *restrict x, int64_t M, int64_t R, int64_t nb, int64_t G, int64_t group, const int bits,
+        int64_t t0, int64_t len, float *restrict o, int64_t os) {
+    prefetch_span(codes, R, nb, bits, t0, len);
+    const int64_t chunks = (M + RR_MAX - 1) / RR_MAX;
+    float *xs = (float *)scratch(SCR_XS, sizeof(float) * (M * R + M));
+    float *cm = xs + M * R;
+    for (int64_t g0 = t0; g0 < t0 + len; g0 += group) {  /* t0 is a multiple of group */
+        const int64_t g = g0 / group, end = g0 + group < t0 + len ? g0 + group : t0 + len;
+        for (int64_t m = 0; m < M; m++) {
+            float c = 0.f;
+            for (int64_t j = 0; j < R; j++) {
+                const float sc = (float)scales[j * G + g];
+                xs[m * R + j] = x[m * R + j] * sc;
+                c += x[m * R + j] * ((float)mins[j * G + g] + MID(bits) * sc);
+            }
+            cm[m] = c;
+        }
+        for (int64_t ch = 0, m0 = 0; ch < chunks; ch++) {  /* rows split evenly: 9 -> 5 + 4, not 8 + 1 */
+            const int64_t m1 = M * (ch + 1) / chunks, rows = m1 - m0;
+            const int64_t step = rows <= 4 ? 64 : 32;  /* 4 (2) vectors of 16 tokens x rows: <= 16 sums */
+            for (int64_t t = g0; t < end; t += step) {
+                const int64_t n = end - t < step ? end - t : step;
+                float *dst = o + m0 * os + t - t0;
+#define ROWS(K) scores_rows(codes, xs + m0 * R, cm + m0, K, (K) <= 4 ? 4 : 2, R, nb, bits, t, n, dst, os)
+                switch (rows) {
+                    case 1: ROWS(1); break;
+                    case 2: ROWS(2); break;
+                    case 3: ROWS(3); break;
+                    case 4: ROWS(4); break;
+                    case 5: ROWS(5); break;
+                    case 6: ROWS(6); break;
+                    case 7: ROWS(7); break;
+                    default: ROWS(8); break;
+                }
+#undef ROWS
+            }
+            m0 = m1;
+        }
+    }
+}
+
+#define MR_MAX 4  /* weight rows per pass of mix_reg (x 4 vectors of 16 channels: 16 sums in registers) */
+
+/* Values quantized per token, for rows of W channels cut in blocks of 64 (nb and group multiples of 16, group
+   dividing 64 or a multiple of it): per block and up to MR_MAX weight rows, the 4 x rows sums stay in registers
+   while the tokens stream by; each token's scale is folded into its weight. Same contract as mix_core; inlined
+   with bits, rows and group as constants. */
+static inline __attribute__((always_inline)) void mix_reg(
+        const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
+        const float *restrict p, float *restrict out, int64_t N, int64_t M, int64_t T, int64_t nb, int64_t G,
+        const int64_t group, int64_t L, const int bits, int64_t ps, int64_t t_lo, int64_t t_hi, const int rows) {
+    const int64_t W = G * group;
+    enum { GPB_MAX = 4 };
+    const int gpb = group >= 64 ? 1 : (int)(64 / group);  /* groups per block of 64 channels */
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t cb = 0; cb < W; cb += 64) {
+            const int64_t k0 = cb / nb, k1 = (cb + 16) / nb, k2 = (cb + 32) / nb, k3 = (cb + 48) / nb;
+            const int sh0 = (int)k0 * bits, sh1 = (int)k1 * bits, sh2 = (int)k2 * bits, sh3 = (int)k3 * bits;
+            const int64_t o0 = cb - k0 * nb, o1 = cb + 16 - k1 * nb, o2 = cb + 32 - k2 * nb, o3 = cb + 48 - k3 * nb;
+            const int64_t g0 = cb / group;
+            for (int64_t m0 = 0; m0 < M; m0 += rows) {
+                const int64_t rr = M - m0 < rows ? M - m0 : rows;
+                v16 a0[MR_MAX], a1[MR_MAX], a2[MR_MAX], a3[MR_MAX];
+                float macc[MR_MAX][GPB_MAX];
+                float pr[MR_MAX];
+                for (int r = 0; r < rows; r++) {
+                    a0[r] = a1[r] = a2[r] = a3[r] = (v16){0};
+                    for (int q = 0; q < GPB_MAX; q++) macc[r][q] = 0.f;
+                }
+                const float *pn = p + (n * M + m0) * ps;
+                for (int64_t t = t_lo; t < t_hi; t++) {
+                    const uint8_t *row = codes + (n * T + t) * nb;
+                    const _Float16 *s = scales + (n * T + t) * G + g0, *mn = mins + (n * T + t) * G + g0;
+                    __builtin_prefetch(row + 32 * nb);  /* 32 tokens ahead */
+                    __builtin_prefetch(s + 32 * G);
+                    __builtin_prefetch(mn + 32 * G);
+                    const v16 c0 = codes16(row + o0, sh0, bits), c1 = codes16(row + o1, sh1, bits),
+                              c2 = codes16(row + o2, sh2, bits), c3 = codes16(row + o3, sh3, bits);
+                    float sq[GPB_MAX], mq[GPB_MAX];
+                    for (int q = 0; q < gpb; q++) {
+                        sq[q] = (float)s[q];
+                        mq[q] = (float)mn[q] + MID(bits) * sq[q];
+                    }
+                    for (int r = 0; r < rows; r++) pr[r] = r < rr ? pn[r * ps + t] : 0.f;
+                    for (int r = 0; r < rows; r++) {
+                        /* vector v's group within the block: v * 16 / group (0 for groups of 64 or more) */
+                        const float w0 = pr[r] * sq[0], w1 = pr[r] * sq[group >= 32 ? 0 : 1],
+                                    w2 = pr[r] * sq[group >= 64 ? 0 : group == 32 ? 1 : 2],
+                                    w3 = pr[r] * sq[group >= 64 ? 0 : group == 32 ? 1 : 3];
+                        a0[r] += w0 * c0; a1[r] += w1 * c1; a2[r] += w2 * c2; a3[r] += w3 * c3;
+                        for (int q = 0; q < gpb; q++) macc[r][q] += pr[r] * mq[q];
+                    }
+                }
+                for (int64_t r = 0; r < rr; r++) {
+                    float *dst = out + (n * M + m0 + r) * L;
+                    const v16 sums[4] = {a0[r], a1[r], a2[r], a3[r]};
+                    for (int v = 0; v < 4; v++) {
+                        const int64_t c = cb + 16 * v;
+                        const v16 sum = sums[v] + macc[r][group >= 64 ? 0 : v * 16 / group];
+                        if (c + 16 <= L) {
+                            *(v16 *)(dst + c) = sum;
+                        } else {
+                            for (int64_t i = 0; c + i < L && i < 16; i++) dst[c + i] = sum[i];
+                        }
+                    }
+                }
+            }
+        }
+}
+
 
 /* One packed row of codes -> floats: plane k (codes k * nb ... ) from bits [k * bits, (k + 1) * bits) of each byte. */
 static inline __attribute__((always_inline)) void unpack_row(const uint8_t *restrict row, int64_t nb, int bits,
@@ -134,6 +364,17 @@ static void mix_range(const uint8_t *restrict codes, const _Float16 *restrict sc
     float *acc = (float *)scratch(SCR_ACC, sizeof(float) * M * W);
     float *macc = (float *)scratch(SCR_MACC, sizeof(float) * M * G);
     float *out = dst;
+    if (bits == 4 && W % 64 == 0 && nb % 16 == 0 && group % 64 == 0) {  /* where it measured faster than mix_core */
+#define REG(BITS, ROWS, GR) mix_reg(codes, scales, mins, p, out, N, M, T, nb, G, GR, L, BITS, ps, t_lo, t_hi, ROWS)
+#define REGS(BITS, GR) do { if (M == 1) REG(BITS, 1, GR); else if (M == 2) REG(BITS, 2, GR); \
+                            else if (M == 3) REG(BITS, 3, GR); else REG(BITS, 4, GR); } while (0)
+        if (group == 64) REGS(4, 64);
+        else if (group == 128) REGS(4, 128);
+        else REGS(4, group);
+#undef REGS
+#undef REG
+        return;
+    }
 #define MIX(NB, GG, GR, BITS) \
     mix_core(codes, scales, mins, p, out, N, M, T, NB, GG, GR, L, BITS, ps, t_lo, t_hi, buf, acc, macc)
     if (bits == 4 && W == 64 && group == 32 && nb == 32) MIX(32, 2, 32, 4);
@@ -159,13 +400,6 @@ static void mix_range(const uint8_t *restrict codes, const _Float16 *restrict sc
 
 #define SUB 256  /* tokens per dequantized tile of rows quantized along tokens */
 #define TILE_BYTES 131072  /* the most a tile takes, when that leaves 32 tokens or more */
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
-
-static inline v16 select16(i16 mask, v16 yes, v16 no) {  /* lanes of `yes` where mask is set, else of `no` */
-    return (v16)(((i16)yes & mask) | ((i16)no & ~mask));
-}
 
 /* Tokens [t0, t0 + len) of one row quantized along tokens, as floats: codes -> rb -> db = code * scale + min. */
 static inline __attribute__((always_inline)) void dequant_tokens(
@@ -226,14 +460,12 @@ static inline __attribute__((always_inline)) void scores_span(
         const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
         const float *restrict x, int64_t M, int64_t R, int64_t nb, int64_t G, int64_t group, int bits, int64_t t0,
         int64_t len, float *restrict o, int64_t os) {
-    const int mask = (1 << bits) - 1;
-    /* every row's codes of these tokens lie in its own page (rows are nb bytes apart), beyond what the hardware
-       prefetchers follow: ask for all their cache lines first, so the misses overlap */
-    for (int k = 0; k < 8 / bits; k++) {
-        const int64_t lo = t0 > k * nb ? t0 - k * nb : 0, hi = t0 + len < (k + 1) * nb ? t0 + len - k * nb : nb;
-        for (int64_t j = 0; j < R && lo < hi; j++)
-            for (int64_t at = lo; at < hi; at += 64) __builtin_prefetch(codes + j * nb + at);
+    if (group % 64 == 0) {  /* smaller groups: computing each group's scaled queries costs more than it saves */
+        scores_span_reg(codes, scales, mins, x, M, R, nb, G, group, bits, t0, len, o, os);
+        return;
     }
+    const int mask = (1 << bits) - 1;
+    prefetch_span(codes, R, nb, bits, t0, len);
     /* whole groups (scales index by t / group); long enough that each row's unpacking loop runs long, short enough
        that the tile stays in the L2 cache */
     const int64_t span = R * SUB * 4 > TILE_BYTES && TILE_BYTES / (4 * R) >= 32 ? TILE_BYTES / (4 * R) / 32 * 32 : SUB;
