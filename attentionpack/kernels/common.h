@@ -10,7 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 #ifdef _OPENMP
@@ -28,12 +28,16 @@ enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };  /* dtypes of the float arrays the
    elements converted into buf (bfloat16 is the top half of a float32; float16 through _Float16). */
 static inline const float *floats_at(int64_t base, int dt, int64_t at, int64_t n, float *restrict buf) {
     if (dt == DT_F32) return (const float *)base + at;
-    if (dt == DT_F16) {  /* 16 at a time: one vector conversion instead of 16 scalar ones */
-        typedef _Float16 h16 __attribute__((vector_size(32), aligned(2)));
-        typedef float f16v __attribute__((vector_size(64), aligned(4)));
+    if (dt == DT_F16) {  /* vcvtph2ps where the target has it (gcc's generic vector conversion goes lane by lane) */
         const _Float16 *restrict src = (const _Float16 *)base + at;
         int64_t i = 0;
-        for (; i + 16 <= n; i += 16) *(f16v *)(buf + i) = __builtin_convertvector(*(const h16 *)(src + i), f16v);
+#if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(buf + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#elif defined(__F16C__)
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
         for (; i < n; i++) buf[i] = (float)src[i];
     } else {
         const uint16_t *restrict src = (const uint16_t *)base + at;

@@ -229,6 +229,7 @@ static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
         const int64_t R = pc->v_R, HM = H * M, D = pc->Hp * d, nb = pc->v_nb, G = pc->v_G;
         float *tile = (float *)scratch(SCR_COEF, sizeof(float) * (R * cnt + cnt + HM * R + D));  /* (R, cnt) coefficients */
         float *rb = tile + R * cnt, *w = rb + cnt, *row = w + HM * R;
+        prefetch_span((const uint8_t *)pc->vc + b * R * nb, R, nb, (int)pc->v_bits, t0, cnt);
         for (int64_t j = 0; j < R; j++) {
             const int64_t at = b * R + j;
             dequant_tokens((const uint8_t *)pc->vc + at * nb, (const _Float16 *)pc->vs + at * G,
