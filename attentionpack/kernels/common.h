@@ -115,6 +115,17 @@ static inline __attribute__((always_inline)) v16 codes16(const uint8_t *restrict
 #endif
 }
 
+/* sum_i a[i] * b[i], 16 lanes at a time. */
+static inline float dot_rows(const float *restrict a, const float *restrict b, int64_t n) {
+    v16 acc = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc += *(const v16 *)(a + i) * *(const v16 *)(b + i);
+    float s = 0.f;
+    for (int k = 0; k < 16; k++) s += acc[k];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 /* Every row's codes of tokens [t0, t0 + len) (R rows quantized along tokens, nb bytes apart) lie in its own page,
    beyond what the hardware prefetchers follow: ask for all their cache lines first, so the misses overlap. */
 static inline void prefetch_span(const uint8_t *codes, int64_t R, int64_t nb, int bits, int64_t t0, int64_t len) {
@@ -177,44 +188,53 @@ static inline __attribute__((always_inline)) void scores_rows(
         }
 }
 
-/* scores_span for groups of whole 64-token stretches (group % 64 == 0): per group, each query row times the group's
-   scales (xs) and minimums (cm), then 64 tokens x up to 4 rows (32 x up to RR_MAX) at a time straight from the
-   codes. Smaller groups take scores_span's tile: there the scaled queries cost more than the tile saves. */
+/* scores_span for groups of whole 32-token stretches (group % 32 == 0): per group, each query row times the group's
+   scales (xs) and midpoints (cm), then 64 tokens x up to 4 rows (32 x up to RR_MAX) at a time straight from the
+   codes. Groups of 16 take scores_span's tile: there the scaled queries cost more than the tile saves. */
 static inline __attribute__((always_inline)) void scores_span_reg(
         const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
         const float *restrict x, int64_t M, int64_t R, int64_t nb, int64_t G, int64_t group, const int bits,
         int64_t t0, int64_t len, float *restrict o, int64_t os) {
     prefetch_span(codes, R, nb, bits, t0, len);
     const int64_t chunks = (M + RR_MAX - 1) / RR_MAX;
-    float *xs = (float *)scratch(SCR_XS, sizeof(float) * (M * R + M));
-    float *cm = xs + M * R;
+    float *xs = (float *)scratch(SCR_XS, sizeof(float) * (M * R + M + 2 * R));
+    float *cm = xs + M * R, *sc = cm + M, *mid = sc + R;
     for (int64_t g0 = t0; g0 < t0 + len; g0 += group) {  /* t0 is a multiple of group */
         const int64_t g = g0 / group, end = g0 + group < t0 + len ? g0 + group : t0 + len;
+        for (int64_t j = 0; j < R; j++) {  /* the group's scales and midpoints, once for every query row */
+            sc[j] = (float)scales[j * G + g];
+            mid[j] = (float)mins[j * G + g] + MID(bits) * sc[j];
+        }
         for (int64_t m = 0; m < M; m++) {
-            float c = 0.f;
-            for (int64_t j = 0; j < R; j++) {
-                const float sc = (float)scales[j * G + g];
-                xs[m * R + j] = x[m * R + j] * sc;
-                c += x[m * R + j] * ((float)mins[j * G + g] + MID(bits) * sc);
-            }
-            cm[m] = c;
+            for (int64_t j = 0; j < R; j++) xs[m * R + j] = x[m * R + j] * sc[j];
+            cm[m] = dot_rows(x + m * R, mid, R);
         }
         for (int64_t ch = 0, m0 = 0; ch < chunks; ch++) {  /* rows split evenly: 9 -> 5 + 4, not 8 + 1 */
             const int64_t m1 = M * (ch + 1) / chunks, rows = m1 - m0;
-            const int64_t step = rows <= 4 ? 64 : 32;  /* 4 (2) vectors of 16 tokens x rows: <= 16 sums */
-            for (int64_t t = g0; t < end; t += step) {
-                const int64_t n = end - t < step ? end - t : step;
+            /* 4 vectors of 16 tokens x up to 4 rows, or 2 x up to 8 (<= 16 sums); 2 for groups of 32 tokens */
+            const int nv = rows <= 4 && group % 64 == 0 ? 4 : 2;
+            for (int64_t t = g0; t < end; t += 16 * nv) {
+                const int64_t n = end - t < 16 * nv ? end - t : 16 * nv;
                 float *dst = o + m0 * os + t - t0;
-#define ROWS(K) scores_rows(codes, xs + m0 * R, cm + m0, K, (K) <= 4 ? 4 : 2, R, nb, bits, t, n, dst, os)
-                switch (rows) {
-                    case 1: ROWS(1); break;
-                    case 2: ROWS(2); break;
-                    case 3: ROWS(3); break;
-                    case 4: ROWS(4); break;
-                    case 5: ROWS(5); break;
-                    case 6: ROWS(6); break;
-                    case 7: ROWS(7); break;
-                    default: ROWS(8); break;
+#define ROWS(K, NV) scores_rows(codes, xs + m0 * R, cm + m0, K, NV, R, nb, bits, t, n, dst, os)
+                if (nv == 4) {
+                    switch (rows) {
+                        case 1: ROWS(1, 4); break;
+                        case 2: ROWS(2, 4); break;
+                        case 3: ROWS(3, 4); break;
+                        default: ROWS(4, 4); break;
+                    }
+                } else {
+                    switch (rows) {
+                        case 1: ROWS(1, 2); break;
+                        case 2: ROWS(2, 2); break;
+                        case 3: ROWS(3, 2); break;
+                        case 4: ROWS(4, 2); break;
+                        case 5: ROWS(5, 2); break;
+                        case 6: ROWS(6, 2); break;
+                        case 7: ROWS(7, 2); break;
+                        default: ROWS(8, 2); break;
+                    }
                 }
 #undef ROWS
             }
@@ -464,7 +484,7 @@ static inline __attribute__((always_inline)) void scores_span(
         const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
         const float *restrict x, int64_t M, int64_t R, int64_t nb, int64_t G, int64_t group, int bits, int64_t t0,
         int64_t len, float *restrict o, int64_t os) {
-    if (group % 64 == 0) {  /* smaller groups: computing each group's scaled queries costs more than it saves */
+    if (group % 32 == 0) {  /* groups of 16 tokens: each group's scaled queries would cost more than they save */
         scores_span_reg(codes, scales, mins, x, M, R, nb, G, group, bits, t0, len, o, os);
         return;
     }
