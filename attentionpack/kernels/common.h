@@ -115,6 +115,23 @@ static inline __attribute__((always_inline)) v16 codes16(const uint8_t *restrict
 #endif
 }
 
+/* The 16 codes at byte `at` of planes 0 and 1 (shifts 0 and bits) from one load. */
+static inline __attribute__((always_inline)) void codes16_pair(const uint8_t *restrict at, int bits, v16 *lo,
+                                                               v16 *hi) {
+#if defined(__AVX512F__)
+    if (bits == 4) {
+        const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)at));
+        const __m512 table = _mm512_setr_ps(-7.5f, -6.5f, -5.5f, -4.5f, -3.5f, -2.5f, -1.5f, -0.5f, 0.5f, 1.5f, 2.5f,
+                                            3.5f, 4.5f, 5.5f, 6.5f, 7.5f);
+        *lo = (v16)_mm512_permutexvar_ps(z, table);
+        *hi = (v16)_mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), table);
+        return;
+    }
+#endif
+    *lo = codes16(at, 0, bits);
+    *hi = codes16(at, bits, bits);
+}
+
 /* sum_i a[i] * b[i], 16 lanes at a time. */
 static inline float dot_rows(const float *restrict a, const float *restrict b, int64_t n) {
     v16 acc = {0};
@@ -262,6 +279,7 @@ static inline __attribute__((always_inline)) void mix_reg(
             const int sh0 = (int)k0 * bits, sh1 = (int)k1 * bits, sh2 = (int)k2 * bits, sh3 = (int)k3 * bits;
             const int64_t o0 = cb - k0 * nb, o1 = cb + 16 - k1 * nb, o2 = cb + 32 - k2 * nb, o3 = cb + 48 - k3 * nb;
             const int64_t g0 = cb / group;
+            const int paired = o0 == o2 && o1 == o3 && sh0 == 0 && sh1 == 0 && sh2 == bits && sh3 == bits;
             for (int64_t m0 = 0; m0 < M; m0 += rows) {
                 const int64_t rr = M - m0 < rows ? M - m0 : rows;
                 v16 a0[MR_MAX], a1[MR_MAX], a2[MR_MAX], a3[MR_MAX];
@@ -278,8 +296,14 @@ static inline __attribute__((always_inline)) void mix_reg(
                     __builtin_prefetch(row + 32 * nb);  /* 32 tokens ahead */
                     __builtin_prefetch(s + 32 * G);
                     __builtin_prefetch(mn + 32 * G);
-                    const v16 c0 = codes16(row + o0, sh0, bits), c1 = codes16(row + o1, sh1, bits),
-                              c2 = codes16(row + o2, sh2, bits), c3 = codes16(row + o3, sh3, bits);
+                    v16 c0, c1, c2, c3;
+                    if (paired) {  /* 64 channels of two planes: each 16-byte load gives two vectors */
+                        codes16_pair(row + o0, bits, &c0, &c2);
+                        codes16_pair(row + o1, bits, &c1, &c3);
+                    } else {
+                        c0 = codes16(row + o0, sh0, bits), c1 = codes16(row + o1, sh1, bits);
+                        c2 = codes16(row + o2, sh2, bits), c3 = codes16(row + o3, sh3, bits);
+                    }
                     float sq[GPB_MAX], mq[GPB_MAX];
                     for (int q = 0; q < gpb; q++) {
                         sq[q] = (float)s[q];
@@ -388,11 +412,13 @@ static void mix_range(const uint8_t *restrict codes, const _Float16 *restrict sc
     float *acc = (float *)scratch(SCR_ACC, sizeof(float) * M * W);
     float *macc = (float *)scratch(SCR_MACC, sizeof(float) * M * G);
     float *out = dst;
-    if (bits == 4 && W % 64 == 0 && nb % 16 == 0 && group % 64 == 0) {  /* where it measured faster than mix_core */
+    /* where it measured faster than mix_core: 4 bits, groups of 64+ channels, or of 32 for a decoding step's rows */
+    if (bits == 4 && W % 64 == 0 && nb % 16 == 0 && (group % 64 == 0 || (group == 32 && M <= 16))) {
 #define REG(BITS, ROWS, GR) mix_reg(codes, scales, mins, p, out, N, M, T, nb, G, GR, L, BITS, ps, t_lo, t_hi, ROWS)
 #define REGS(BITS, GR) do { if (M == 1) REG(BITS, 1, GR); else if (M == 2) REG(BITS, 2, GR); \
                             else if (M == 3) REG(BITS, 3, GR); else REG(BITS, 4, GR); } while (0)
         if (group == 64) REGS(4, 64);
+        else if (group == 32) REGS(4, 32);
         else if (group == 128) REGS(4, 128);
         else REGS(4, group);
 #undef REGS
