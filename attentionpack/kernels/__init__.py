@@ -84,7 +84,13 @@ def _build() -> ctypes.CDLL | None:
             stacklevel=3,
         )
         return None
-    lib = ctypes.CDLL(str(target))
+    return load(target)
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built kernel library at `path`, its entry points typed (also used to load another build side by side,
+    experiments/ab_kernels.py)."""
+    lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.ap_mix_rows.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int, i64]
     lib.ap_scores_cols.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int]
