@@ -82,6 +82,17 @@ static inline v16 select16(i16 mask, v16 yes, v16 no) {  /* lanes of `yes` where
    and so are their rounding errors (uncentred, they cancel each other by up to 2x the result). */
 #define MID(bits) (0.5f * (float)((1 << (bits)) - 1))
 
+#if defined(__AVX512F__)
+/* Centred value of each 4-bit index: for 4-bit codes code - MID(4); for 2-bit codes (index & 3) - MID(2), the index's
+   upper two bits belonging to the next plane. */
+static inline __m512 centred_table(int bits) {
+    return bits == 4 ? _mm512_setr_ps(-7.5f, -6.5f, -5.5f, -4.5f, -3.5f, -2.5f, -1.5f, -0.5f, 0.5f, 1.5f, 2.5f, 3.5f,
+                                      4.5f, 5.5f, 6.5f, 7.5f)
+                     : _mm512_setr_ps(-1.5f, -0.5f, 0.5f, 1.5f, -1.5f, -0.5f, 0.5f, 1.5f, -1.5f, -0.5f, 0.5f, 1.5f,
+                                      -1.5f, -0.5f, 0.5f, 1.5f);
+}
+#endif
+
 /* 16 codes at byte `at` of a packed row, plane shift `shift`, as centred floats. Intrinsics where the target has
    them: gcc's generic vector conversion from bytes to floats goes one lane at a time. */
 static inline __attribute__((always_inline)) v16 codes16(const uint8_t *restrict at, int shift, int bits) {
@@ -89,11 +100,7 @@ static inline __attribute__((always_inline)) v16 codes16(const uint8_t *restrict
     if (bits == 4 || bits == 2) {  /* a table lookup on the low 4 bits replaces the mask, conversion and centring */
         const __m512i i = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)at)),
                                            _mm_cvtsi32_si128(shift));
-        const __m512 table = bits == 4 ? _mm512_setr_ps(-7.5f, -6.5f, -5.5f, -4.5f, -3.5f, -2.5f, -1.5f, -0.5f, 0.5f,
-                                                        1.5f, 2.5f, 3.5f, 4.5f, 5.5f, 6.5f, 7.5f)
-                                       : _mm512_setr_ps(-1.5f, -0.5f, 0.5f, 1.5f, -1.5f, -0.5f, 0.5f, 1.5f, -1.5f,
-                                                        -0.5f, 0.5f, 1.5f, -1.5f, -0.5f, 0.5f, 1.5f);
-        return (v16)_mm512_permutexvar_ps(i, table);
+        return (v16)_mm512_permutexvar_ps(i, centred_table(bits));
     }
     const __m512i w = _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)at)),
                                                         _mm_cvtsi32_si128(shift)),
@@ -121,10 +128,8 @@ static inline __attribute__((always_inline)) void codes16_pair(const uint8_t *re
 #if defined(__AVX512F__)
     if (bits == 4) {
         const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)at));
-        const __m512 table = _mm512_setr_ps(-7.5f, -6.5f, -5.5f, -4.5f, -3.5f, -2.5f, -1.5f, -0.5f, 0.5f, 1.5f, 2.5f,
-                                            3.5f, 4.5f, 5.5f, 6.5f, 7.5f);
-        *lo = (v16)_mm512_permutexvar_ps(z, table);
-        *hi = (v16)_mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), table);
+        *lo = (v16)_mm512_permutexvar_ps(z, centred_table(4));
+        *hi = (v16)_mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), centred_table(4));
         return;
     }
 #endif
@@ -132,13 +137,12 @@ static inline __attribute__((always_inline)) void codes16_pair(const uint8_t *re
     *hi = codes16(at, bits, bits);
 }
 
-/* sum_i a[i] * b[i], 16 lanes at a time. */
-static inline float dot_rows(const float *restrict a, const float *restrict b, int64_t n) {
-    v16 acc = {0};
+/* sum_i a[i] * b[i], 8 lanes at a time (exact keys' scores in decode.c; a group's midpoints in scores_span_reg). */
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    v8 acc = {0};
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc += *(const v16 *)(a + i) * *(const v16 *)(b + i);
-    float s = 0.f;
-    for (int k = 0; k < 16; k++) s += acc[k];
+    for (; i + 8 <= n; i += 8) acc += *(const v8 *)(a + i) * *(const v8 *)(b + i);
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
@@ -224,7 +228,7 @@ static inline __attribute__((always_inline)) void scores_span_reg(
         }
         for (int64_t m = 0; m < M; m++) {
             for (int64_t j = 0; j < R; j++) xs[m * R + j] = x[m * R + j] * sc[j];
-            cm[m] = dot_rows(x + m * R, mid, R);
+            cm[m] = dot(x + m * R, mid, R);
         }
         for (int64_t ch = 0, m0 = 0; ch < chunks; ch++) {  /* rows split evenly: 9 -> 5 + 4, not 8 + 1 */
             const int64_t m1 = M * (ch + 1) / chunks, rows = m1 - m0;
@@ -408,9 +412,6 @@ static void mix_range(const uint8_t *restrict codes, const _Float16 *restrict sc
                       const float *restrict p, float *restrict dst, int64_t N, int64_t M, int64_t T, int64_t nb,
                       int64_t G, int64_t group, int64_t L, int bits, int64_t ps, int64_t t_lo, int64_t t_hi) {
     const int64_t W = G * group;
-    float *buf = (float *)scratch(SCR_BUF, sizeof(float) * TU * (8 * nb > W ? 8 * nb : W));
-    float *acc = (float *)scratch(SCR_ACC, sizeof(float) * M * W);
-    float *macc = (float *)scratch(SCR_MACC, sizeof(float) * M * G);
     float *out = dst;
     /* where it measured faster than mix_core: 4 bits, groups of 64+ channels, or of 32 for a decoding step's rows */
     if (bits == 4 && W % 64 == 0 && nb % 16 == 0 && (group % 64 == 0 || (group == 32 && M <= 16))) {
@@ -425,6 +426,9 @@ static void mix_range(const uint8_t *restrict codes, const _Float16 *restrict sc
 #undef REG
         return;
     }
+    float *buf = (float *)scratch(SCR_BUF, sizeof(float) * TU * (8 * nb > W ? 8 * nb : W));
+    float *acc = (float *)scratch(SCR_ACC, sizeof(float) * M * W);
+    float *macc = (float *)scratch(SCR_MACC, sizeof(float) * M * G);
 #define MIX(NB, GG, GR, BITS) \
     mix_core(codes, scales, mins, p, out, N, M, T, NB, GG, GR, L, BITS, ps, t_lo, t_hi, buf, acc, macc)
     if (bits == 4 && W == 64 && group == 32 && nb == 32) MIX(32, 2, 32, 4);

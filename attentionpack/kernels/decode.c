@@ -104,15 +104,6 @@ static inline const float *basis_row(int64_t basis, int64_t dt, int64_t b, int64
     return floats_at(basis, (int)dt, (b * R + j) * D, D, buf);
 }
 
-static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
-    v8 acc = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc += *(const v8 *)(a + i) * *(const v8 *)(b + i);
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* Scores of rows (H * M, stride os) for tokens [t0, t0 + cnt) of piece pc in sample b. qs (H * M, d) scaled
    queries, qt (H * M, R) the same queries in the piece's basis (factors only). */
 static void item_scores(const piece_t *pc, int64_t b, int64_t H, int64_t M, int64_t d, const float *qs,
