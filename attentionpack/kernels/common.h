@@ -70,6 +70,18 @@ typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
 
+/* The sum of a vector's 16 lanes, as a tree (the scalar loop's 16 dependent adds take longer). */
+static inline float hsum16(v16 v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float h[8];
+    for (int i = 0; i < 8; i++) h[i] = v[i] + v[i + 8];
+    for (int i = 0; i < 4; i++) h[i] += h[i + 4];
+    return (h[0] + h[2]) + (h[1] + h[3]);
+#endif
+}
+
 static inline v16 select16(i16 mask, v16 yes, v16 no) {  /* lanes of `yes` where mask is set, else of `no` */
     return (v16)(((i16)yes & mask) | ((i16)no & ~mask));
 }

@@ -204,8 +204,7 @@ static void weights_x_rows(const float *restrict p, int64_t os, int64_t HM, cons
             const float *pr[3] = {p0, p1, p2}, *cj[4] = {c0, c1, c2, c3};
             for (int64_t r = 0; r < nr; r++)
                 for (int64_t j = 0; j < nj; j++) {
-                    float s = 0.f;
-                    for (int k = 0; k < 16; k++) s += acc[r][j][k];
+                    float s = hsum16(acc[r][j]);
                     for (int64_t t = n16; t < n; t++) s += pr[r][t] * cj[j][t];
                     w[(r0 + r) * R + j0 + j] = s;
                 }
@@ -213,13 +212,15 @@ static void weights_x_rows(const float *restrict p, int64_t os, int64_t HM, cons
     }
 }
 
-/* acc (H * M, d) = unnormalized weights p (H * M rows, stride os) times the values of tokens [t0, t0 + cnt). */
+/* acc (H * M, d) = unnormalized weights p (H * M rows, stride os) times the values of tokens [t0, t0 + cnt). For
+   factor values acc is (H * M, R) instead: the weights times the coefficients, in the basis' coordinates (the
+   merge in ap_decode sums them over the piece's items and applies the basis once). */
 static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int64_t d, const float *p, int64_t os,
                         int64_t t0, int64_t cnt, float *acc) {
-    if (pc->values == VALUES_FACTORS) {  /* weights times the coefficients (HM, R), then times the basis */
-        const int64_t R = pc->v_R, HM = H * M, D = pc->Hp * d, nb = pc->v_nb, G = pc->v_G;
-        float *tile = (float *)scratch(SCR_COEF, sizeof(float) * (R * cnt + cnt + HM * R + D));  /* (R, cnt) coefficients */
-        float *rb = tile + R * cnt, *w = rb + cnt, *row = w + HM * R;
+    if (pc->values == VALUES_FACTORS) {
+        const int64_t R = pc->v_R, HM = H * M, nb = pc->v_nb, G = pc->v_G;
+        float *tile = (float *)scratch(SCR_COEF, sizeof(float) * (R * cnt + cnt));  /* (R, cnt) coefficients */
+        float *rb = tile + R * cnt;
         prefetch_span((const uint8_t *)pc->vc + b * R * nb, R, nb, (int)pc->v_bits, t0, cnt);
         for (int64_t j = 0; j < R; j++) {
             const int64_t at = b * R + j;
@@ -227,20 +228,7 @@ static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
                            (const _Float16 *)pc->vm + at * G, t0, cnt, nb, pc->v_group, (int)pc->v_bits,
                            (1 << pc->v_bits) - 1, rb, tile + j * cnt);
         }
-        weights_x_rows(p, os, HM, tile, cnt, R, w);
-        memset(acc, 0, sizeof(float) * HM * d);
-        for (int64_t j = 0; j < R; j++) {
-            const float *bj = basis_row(pc->v_basis, pc->v_dt, b, R, j, D, row);
-            for (int64_t h = 0; h < H; h++) {
-                const int64_t lh = own_head(pc, h);
-                if (lh < 0) continue;
-                for (int64_t m = 0; m < M; m++) {
-                    const float wj = w[(h * M + m) * R + j];
-                    float *restrict a = acc + (h * M + m) * d;
-                    for (int64_t c = 0; c < d; c++) a[c] += wj * bj[lh * d + c];
-                }
-            }
-        }
+        weights_x_rows(p, os, HM, tile, cnt, R, acc);
         return;
     }
     float *buf = pc->values == VALUES_EXACT && pc->v_dt != DT_F32
@@ -266,7 +254,7 @@ static void item_values(const piece_t *pc, int64_t b, int64_t H, int64_t M, int6
     }
 }
 
-/* One work item: res = [max (HM), sum (HM), acc (HM, d)] of its block. */
+/* One work item: res = [max (HM), sum (HM), acc (HM, d), or (HM, R) for factor values] of its block. */
 static void decode_item(const piece_t *pc, int64_t b, int64_t t0, int64_t H, int64_t M, int64_t d, const float *qs,
                         const float *qt, const uint8_t *mask, int64_t mask_sb, float softcap, float *res) {
     const int64_t HM = H * M, blk = item_tokens(pc);
@@ -307,7 +295,10 @@ static void decode_item(const piece_t *pc, int64_t b, int64_t t0, int64_t H, int
 void ap_decode(const int64_t *desc, int64_t P, const float *restrict query, const uint8_t *mask, int64_t mask_sb,
                float scale, float softcap, float *restrict out, int64_t B, int64_t H, int64_t M, int64_t d) {
     const piece_t *pieces = (const piece_t *)desc;
-    const int64_t HM = H * M, stride = HM * (d + 2);
+    int64_t W = d;  /* an item's weighted values per row: d floats, or R for factor values (see item_values) */
+    for (int64_t p = 0; p < P; p++)
+        if (pieces[p].values == VALUES_FACTORS && pieces[p].v_R > W) W = pieces[p].v_R;
+    const int64_t HM = H * M, stride = HM * (W + 2);
     float *qs = (float *)malloc(sizeof(float) * B * HM * d);
     for (int64_t i = 0; i < B * HM * d; i++) qs[i] = query[i] * scale;
 
@@ -363,27 +354,62 @@ void ap_decode(const int64_t *desc, int64_t P, const float *restrict query, cons
                     mask_sb, softcap, res + i * stride);
     }
 
-    /* merge the items of each sample: rescale to the common maximum, normalize */
+    /* merge the items of each sample: rescale to the common maximum; factor values summed per piece in the basis'
+       coordinates, then the basis applied once; normalize */
+    float *top = (float *)malloc(sizeof(float) * 2 * HM), *den = top + HM;
+    int64_t fmax = 0;  /* the most floats a piece's (HM, R) sums take */
+    for (int64_t p = 0; p < P; p++)
+        if (pieces[p].values == VALUES_FACTORS && HM * pieces[p].v_R > fmax) fmax = HM * pieces[p].v_R;
+    int64_t dmax = 0;  /* the widest basis row */
+    for (int64_t p = 0; p < P; p++)
+        if (pieces[p].values == VALUES_FACTORS && pieces[p].Hp * d > dmax) dmax = pieces[p].Hp * d;
+    float *fsum = (float *)malloc(sizeof(float) * (fmax + 1)), *row = (float *)malloc(sizeof(float) * (dmax + 1));
     for (int64_t b = 0; b < B; b++) {
         const float *rb = res + b * per_b * stride;
+        float *ob = out + b * HM * d;
         for (int64_t r = 0; r < HM; r++) {
-            float top = -INFINITY, den = 0.f;
-            for (int64_t i = 0; i < per_b; i++) top = rb[i * stride + r] > top ? rb[i * stride + r] : top;
-            float *o = out + (b * HM + r) * d;
-            memset(o, 0, sizeof(float) * d);
-            if (top == -INFINITY) continue;  /* no token allowed: zeros */
-            for (int64_t i = 0; i < per_b; i++) {
-                const float *it = rb + i * stride;
-                if (it[r] == -INFINITY) continue;
-                const float w = expf(it[r] - top);
-                den += w * it[HM + r];
-                const float *a = it + 2 * HM + r * d;
-                for (int64_t c = 0; c < d; c++) o[c] += w * a[c];
+            top[r] = -INFINITY;
+            den[r] = 0.f;
+            for (int64_t i = 0; i < per_b; i++) top[r] = rb[i * stride + r] > top[r] ? rb[i * stride + r] : top[r];
+        }
+        memset(ob, 0, sizeof(float) * HM * d);
+        for (int64_t i = 0, first = 0; i < per_b; i = first) {
+            const int64_t p = item_p[b * per_b + i];
+            const piece_t *pc = pieces + p;
+            const int factors = pc->values == VALUES_FACTORS;
+            const int64_t R = pc->v_R, w_row = factors ? R : d;
+            if (factors) memset(fsum, 0, sizeof(float) * HM * R);
+            for (first = i; first < per_b && item_p[b * per_b + first] == p; first++) {  /* the piece's items */
+                const float *it = rb + first * stride;
+                for (int64_t r = 0; r < HM; r++) {
+                    if (it[r] == -INFINITY) continue;
+                    const float w = expf(it[r] - top[r]);
+                    den[r] += w * it[HM + r];
+                    const float *a = it + 2 * HM + r * w_row;
+                    float *o = factors ? fsum + r * R : ob + r * d;
+                    for (int64_t c = 0; c < w_row; c++) o[c] += w * a[c];
+                }
             }
-            const float inv = 1.f / den;
-            for (int64_t c = 0; c < d; c++) o[c] *= inv;
+            if (!factors) continue;
+            const int64_t D = pc->Hp * d;
+            for (int64_t j = 0; j < R; j++) {  /* sums (HM, R) x basis (R, Hp * d) of the rows' own heads */
+                const float *bj = basis_row(pc->v_basis, pc->v_dt, b, R, j, D, row);
+                for (int64_t r = 0; r < HM; r++) {
+                    const int64_t lh = own_head(pc, r / M);
+                    const float wj = fsum[r * R + j];
+                    if (lh < 0 || wj == 0.f) continue;
+                    float *restrict o = ob + r * d;
+                    for (int64_t c = 0; c < d; c++) o[c] += wj * bj[lh * d + c];
+                }
+            }
+        }
+        for (int64_t r = 0; r < HM; r++) {  /* no token allowed: zeros */
+            if (top[r] == -INFINITY) continue;
+            const float inv = 1.f / den[r];
+            for (int64_t c = 0; c < d; c++) ob[r * d + c] *= inv;
         }
     }
+    free(top); free(fsum); free(row);
     free(qs); free(qt_at); free(qt); free(item_p); free(item_t); free(res);
 }
 
