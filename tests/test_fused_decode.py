@@ -41,6 +41,17 @@ def test_every_stored_form_matches_dense_attention(key_kind, value_kind, step):
     torch.testing.assert_close(got, reference(pieces, query, None, D**-0.5, None), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("key_kind", ["channel4g64", "channel2g64", "channel8g64", "channel4g32", "factors16-4"])
+def test_decode_chunks_match_dense_attention(key_kind, step):
+    """A layer that has decoded a while: many 64-token pieces (a budget's decode chunks), whose 4-bit planes hold
+    32 tokens and 2-bit planes 16, shorter than the kernel's widest block of tokens (64)."""
+    gen = torch.Generator().manual_seed(5)
+    pieces = layer_pieces(gen, key_kind, "quant4g64", [4, 64, 64, 128, 64, 64, 20])
+    query = torch.randn(B, H * G, 1, D, generator=gen)
+    got = step(pieces, 0, query, None, D**-0.5, None)
+    torch.testing.assert_close(got, reference(pieces, query, None, D**-0.5, None), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("tail_dtype", [torch.float16, torch.bfloat16])
 def test_float32_model_with_a_half_precision_tail(tail_dtype, step):
     """A float32 model whose exact tail is stored in 16 bits (`PackConfig.tail_dtype`): the step reads the tail's

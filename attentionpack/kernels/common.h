@@ -244,8 +244,11 @@ static inline __attribute__((always_inline)) void scores_span_reg(
         }
         for (int64_t ch = 0, m0 = 0; ch < chunks; ch++) {  /* rows split evenly: 9 -> 5 + 4, not 8 + 1 */
             const int64_t m1 = M * (ch + 1) / chunks, rows = m1 - m0;
-            /* 4 vectors of 16 tokens x up to 4 rows, or 2 x up to 8 (<= 16 sums); 2 for groups of 32 tokens */
-            const int nv = rows <= 4 && group % 64 == 0 ? 4 : 2;
+            /* 4 vectors of 16 tokens x up to 4 rows, or 2 x up to 8 (<= 16 sums); 2 for groups of 32 tokens;
+               fewer where a plane is shorter (a 64-token decode chunk's 4-bit plane holds 32 tokens), so that a
+               block never straddles two planes (that takes the scalar path) */
+            int nv = rows <= 4 && group % 64 == 0 ? 4 : 2;
+            while (nv > 1 && nb % (16 * nv) != 0) nv /= 2;
             for (int64_t t = g0; t < end; t += 16 * nv) {
                 const int64_t n = end - t < 16 * nv ? end - t : 16 * nv;
                 float *dst = o + m0 * os + t - t0;
@@ -256,6 +259,17 @@ static inline __attribute__((always_inline)) void scores_span_reg(
                         case 2: ROWS(2, 4); break;
                         case 3: ROWS(3, 4); break;
                         default: ROWS(4, 4); break;
+                    }
+                } else if (nv == 1) {
+                    switch (rows) {
+                        case 1: ROWS(1, 1); break;
+                        case 2: ROWS(2, 1); break;
+                        case 3: ROWS(3, 1); break;
+                        case 4: ROWS(4, 1); break;
+                        case 5: ROWS(5, 1); break;
+                        case 6: ROWS(6, 1); break;
+                        case 7: ROWS(7, 1); break;
+                        default: ROWS(8, 1); break;
                     }
                 } else {
                     switch (rows) {
