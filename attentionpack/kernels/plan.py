@@ -64,6 +64,7 @@ class DecodePlan:
         self.blocker = ""  # why it cannot
         self.batch: int | None = None
         self.gathered: dict[int, Segment] = {}  # row -> gathered segment (its mask goes through the slots field)
+        self._table: tuple[int, int, array.array] | None = None  # (count, first, the rows' table) of the last step
         for seg in segments:
             self.add(seg)
 
@@ -79,6 +80,7 @@ class DecodePlan:
         new.rows = [[moved.get(field, field) for field in row] for row in self.rows]
         new.starts = list(self.starts)
         new.gathered = copy.deepcopy(self.gathered, memo)
+        new._table = None  # it holds the original's addresses
         return new
 
     def add(self, seg: Segment) -> None:
@@ -212,10 +214,13 @@ class DecodePlan:
         """The kernel's arguments for one step (see `run`): the table of the first `count` segments and the tail,
         the float32 queries, the mask and the output buffer, with every temporary they point to."""
         b, hq, _, d = query.shape
-        table: list[int] = []
-        for row, start in zip(self.rows[:count], self.starts[:count], strict=True):
-            row[_COLUMN] = start - first
-            table += row
+        if self._table is None or self._table[:2] != (count, first):  # rows change only when segments freeze
+            rows = array.array("q")
+            for row, start in zip(self.rows[:count], self.starts[:count], strict=True):
+                row[_COLUMN] = start - first
+                rows.extend(row)
+            self._table = (count, first, rows)
+        table = array.array("q", self._table[2])  # this step's copy: gathered slots and the tail row go in it
         keep: list[torch.Tensor] = []  # temporaries whose addresses the table holds
         h = self.heads
         for at, seg in self.gathered.items():  # gathered tokens: padding slots and the step's mask as slots
@@ -227,7 +232,9 @@ class DecodePlan:
             tk, tv, tail_start = tail
             ek, ev = _exact(tk, b, d), _exact(tv, b, d)
             assert ek is not None and ev is not None, "why_not() must be called first"
-            table += [EXACT, EXACT, tk.shape[2], tail_start - first, *_exact_fields(ek), *_exact_fields(ev), 0, h, 0]
+            table.extend(
+                [EXACT, EXACT, tk.shape[2], tail_start - first, *_exact_fields(ek), *_exact_fields(ev), 0, h, 0]
+            )
         dtype = query.dtype
         query = query.to(torch.float32).contiguous()  # (B, Hq, 1, d) = (B, H, g, d): query head j*g + i uses KV head j
         mask, mask_sb = 0, 0
@@ -236,7 +243,7 @@ class DecodePlan:
             keep.append(m)
             mask, mask_sb = m.data_ptr(), (m.shape[1] if m.shape[0] > 1 else 0)
         out = torch.empty(b, 1, hq, d, dtype=torch.float32)
-        return _Step(array.array("q", table), len(table) // FIELDS, query, mask, mask_sb, out, dtype, keep)
+        return _Step(table, len(table) // FIELDS, query, mask, mask_sb, out, dtype, keep)
 
 
 @dataclass(slots=True)
