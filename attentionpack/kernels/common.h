@@ -252,6 +252,10 @@ static inline __attribute__((always_inline)) void scores_span_reg(
             for (int64_t t = g0; t < end; t += 16 * nv) {
                 const int64_t n = end - t < 16 * nv ? end - t : 16 * nv;
                 float *dst = o + m0 * os + t - t0;
+#define ROWS_UP_TO_8(NV) do { switch (rows) { \
+        case 1: ROWS(1, NV); break; case 2: ROWS(2, NV); break; case 3: ROWS(3, NV); break; \
+        case 4: ROWS(4, NV); break; case 5: ROWS(5, NV); break; case 6: ROWS(6, NV); break; \
+        case 7: ROWS(7, NV); break; default: ROWS(8, NV); break; } } while (0)
 #define ROWS(K, NV) scores_rows(codes, xs + m0 * R, cm + m0, K, NV, R, nb, bits, t, n, dst, os)
                 if (nv == 4) {
                     switch (rows) {
@@ -260,30 +264,13 @@ static inline __attribute__((always_inline)) void scores_span_reg(
                         case 3: ROWS(3, 4); break;
                         default: ROWS(4, 4); break;
                     }
-                } else if (nv == 1) {
-                    switch (rows) {
-                        case 1: ROWS(1, 1); break;
-                        case 2: ROWS(2, 1); break;
-                        case 3: ROWS(3, 1); break;
-                        case 4: ROWS(4, 1); break;
-                        case 5: ROWS(5, 1); break;
-                        case 6: ROWS(6, 1); break;
-                        case 7: ROWS(7, 1); break;
-                        default: ROWS(8, 1); break;
-                    }
+                } else if (nv == 2) {
+                    ROWS_UP_TO_8(2);
                 } else {
-                    switch (rows) {
-                        case 1: ROWS(1, 2); break;
-                        case 2: ROWS(2, 2); break;
-                        case 3: ROWS(3, 2); break;
-                        case 4: ROWS(4, 2); break;
-                        case 5: ROWS(5, 2); break;
-                        case 6: ROWS(6, 2); break;
-                        case 7: ROWS(7, 2); break;
-                        default: ROWS(8, 2); break;
-                    }
+                    ROWS_UP_TO_8(1);
                 }
 #undef ROWS
+#undef ROWS_UP_TO_8
             }
             m0 = m1;
         }

@@ -82,8 +82,7 @@ static inline float exp_shifted(float *restrict x, int64_t n, float top) {
         *(v16 *)(x + t) = e;
         acc += e;
     }
-    float sum = 0.f;
-    for (int i = 0; i < 16; i++) sum += acc[i];
+    float sum = hsum16(acc);
     for (; t < n; t++) { x[t] = expf(x[t] - top); sum += x[t]; }
     return sum;
 }
@@ -295,10 +294,14 @@ static void decode_item(const piece_t *pc, int64_t b, int64_t t0, int64_t H, int
 void ap_decode(const int64_t *desc, int64_t P, const float *restrict query, const uint8_t *mask, int64_t mask_sb,
                float scale, float softcap, float *restrict out, int64_t B, int64_t H, int64_t M, int64_t d) {
     const piece_t *pieces = (const piece_t *)desc;
-    int64_t W = d;  /* an item's weighted values per row: d floats, or R for factor values (see item_values) */
+    int64_t rmax = 0, dmax = 0;  /* the largest rank and basis row of the factor values */
     for (int64_t p = 0; p < P; p++)
-        if (pieces[p].values == VALUES_FACTORS && pieces[p].v_R > W) W = pieces[p].v_R;
-    const int64_t HM = H * M, stride = HM * (W + 2);
+        if (pieces[p].values == VALUES_FACTORS) {
+            rmax = pieces[p].v_R > rmax ? pieces[p].v_R : rmax;
+            dmax = pieces[p].Hp * d > dmax ? pieces[p].Hp * d : dmax;
+        }
+    /* an item's weighted values per row: d floats, or R for factor values (see item_values) */
+    const int64_t HM = H * M, stride = HM * ((rmax > d ? rmax : d) + 2);
     float *qs = (float *)malloc(sizeof(float) * B * HM * d);
     for (int64_t i = 0; i < B * HM * d; i++) qs[i] = query[i] * scale;
 
@@ -357,13 +360,7 @@ void ap_decode(const int64_t *desc, int64_t P, const float *restrict query, cons
     /* merge the items of each sample: rescale to the common maximum; factor values summed per piece in the basis'
        coordinates, then the basis applied once; normalize */
     float *top = (float *)malloc(sizeof(float) * 2 * HM), *den = top + HM;
-    int64_t fmax = 0;  /* the most floats a piece's (HM, R) sums take */
-    for (int64_t p = 0; p < P; p++)
-        if (pieces[p].values == VALUES_FACTORS && HM * pieces[p].v_R > fmax) fmax = HM * pieces[p].v_R;
-    int64_t dmax = 0;  /* the widest basis row */
-    for (int64_t p = 0; p < P; p++)
-        if (pieces[p].values == VALUES_FACTORS && pieces[p].Hp * d > dmax) dmax = pieces[p].Hp * d;
-    float *fsum = (float *)malloc(sizeof(float) * (fmax + 1)), *row = (float *)malloc(sizeof(float) * (dmax + 1));
+    float *fsum = (float *)malloc(sizeof(float) * (HM * rmax + 1)), *row = (float *)malloc(sizeof(float) * (dmax + 1));
     for (int64_t b = 0; b < B; b++) {
         const float *rb = res + b * per_b * stride;
         float *ob = out + b * HM * d;
