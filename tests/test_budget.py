@@ -135,9 +135,11 @@ def test_a_wide_group_choice_reaches_the_decode_chunks():
     span = Segment(4, 100, ExactPart(torch.zeros(1, 1, 96, 8)), ExactPart(torch.zeros(1, 1, 96, 8)), "span")
     assert codec_labels(cfg, span) == ("q4g128", "q2")
     assert codec_labels(candidate_config(PackConfig(budget=0.125), "q2", "q8g128"), span) == ("q2", "q8g128")
-    # a user's own group is what "q4" was quantized in: decode chunks keep it
+    # a user's own group is what "q4" was quantized in: decode chunks keep it; a low-rank choice's decode chunks
+    # are 4-bit codes in the config's group (a 64-token chunk would pay a whole basis for few tokens)
     own = candidate_config(PackConfig(budget=0.125, key_group=64), "q4", "lr0.9c4")
-    assert (own.key_group, own.group(True)) == (64, 64) and codec_labels(own, span) == ("q4", "lr0.9c4")
+    assert (own.key_group, own.group(True)) == (64, 64) and codec_labels(own, span) == ("q4", "q4")
+    assert (own.value_codec, own.value_bits, own.value_energy, own.group(False)) == ("quant", 4, None, 32)
 
 
 def test_judged_errors_equal_a_direct_softmax():

@@ -31,13 +31,14 @@ def test_budget_is_respected(tiny_model, name, fraction):
     torch.testing.assert_close(out.logits[mask.bool()], ref.logits[mask.bool()], rtol=1e-4, atol=1e-4)
     chosen = [layer for layer in cache.layers if layer.budget_choice]
     assert chosen
-    for layer in chosen:  # decode chunks will use the chosen encoding
+    for layer in chosen:  # decode chunks will use the chosen encoding (a low-rank choice's: 4-bit codes)
         cfg = layer.codecs["text"]
-        key, value = layer.budget_choice
-        assert cfg.key_codec == ("quant" if key.startswith("q") else "lowrank" if key.startswith("lr") else "exact")
-        assert cfg.value_codec == (
-            "quant" if value.startswith("q") else "lowrank" if value.startswith("lr") else "exact"
-        )
+        for choice, codec, bits in zip(
+            layer.budget_choice, (cfg.key_codec, cfg.value_codec), (cfg.key_bits, cfg.value_bits)
+        ):
+            assert codec == ("exact" if choice == "exact" else "quant"), (choice, codec)
+            if choice.startswith("lr"):
+                assert bits == 4
 
 
 def test_tighter_budgets_hold_fewer_bytes(tiny_model):

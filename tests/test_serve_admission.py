@@ -127,3 +127,55 @@ def test_a_budget_from_the_command_line_is_strict():
     spec = cache_spec_from(None, 0.125)
     assert isinstance(spec, PackConfig) and spec.budget == 0.125 and spec.budget_strict
     assert cache_spec_from("dynamic", None) == "dynamic" and cache_spec_from(None, None).name == "balanced"
+
+
+def _engine_run(model, spec, kv_memory: int, prompts: list[list[int]], max_tokens: int):
+    from attentionpack.serve.engine import Engine, SamplingParams, generate
+
+    engine = Engine(model, spec, kv_memory=kv_memory).start()
+    try:
+        out = generate(engine, prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
+        return out, engine.snapshot()
+    finally:
+        engine.stop()
+
+
+def test_decoded_tokens_are_reserved_in_the_encodings_the_prefill_chose(model):
+    """Before its prefill a sequence reserves its prompt's bound only; after it, its bytes plus the bound of its
+    decoded tokens in the encodings the prefill chose (`after_prefill`), and it decodes only once that fits. Under a
+    cap below two worst cases but above two after-prefill bounds, two sequences decode at once; under a cap that
+    fits one bound plus a second prompt, the second is prefilled, waits holding its prompt, and decodes after the
+    first: the same greedy tokens as each served alone, and the cap never exceeded."""
+    import torch
+
+    from attentionpack import PackedCache
+    from attentionpack.serve.engine import Engine
+
+    spec = PackConfig.preset("balanced").replace(window=16, chunk=16, min_span=8, budget=0.25, budget_strict=True)
+    prompts = [[ord(c) for c in f"{i:02d} " + PROMPT] for i in range(3)]
+    new = 64
+    Engine(model, spec, kv_memory=1 << 30)  # switches the model to the packed attention (as a server does)
+    acc = KVAccounting(model, spec)
+    bounds = []
+    for p in prompts:
+        cache = PackedCache(model, spec)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([p]), past_key_values=cache, use_cache=True)
+        bounds.append(acc.after_prefill(cache, cache.nbytes(), new - 1))
+    worst = acc.worst_case(len(prompts[0]), new)
+    alone = [_engine_run(model, spec, 1 << 30, [p], new)[0][0] for p in prompts]
+
+    kv = 2 * max(bounds) + 64
+    assert kv < 2 * worst and 3 * min(bounds) > kv  # reserved at their worst case, only one would decode
+    out, snap = _engine_run(model, spec, kv, prompts, new)
+    assert snap["max_running"] == 2 and snap["reservation_violations"] == 0, snap
+    assert 0 < snap["kv_bytes_held_max"] <= kv and snap["kv_bytes_reserved"] == 0, snap
+    assert out == alone
+
+    kv = max(bounds) + acc.before_prefill(len(prompts[0])) + 64
+    assert kv < 2 * min(bounds)
+    out, snap = _engine_run(model, spec, kv, prompts[:2], new)
+    assert snap["max_running"] == 1 and snap["reservation_violations"] == 0, snap
+    # both caches were held at once (the second prefilled while the first decoded), within the cap
+    assert max(bounds) < snap["kv_bytes_held_max"] <= kv, snap
+    assert out == alone[:2]

@@ -51,9 +51,16 @@ VALUE_CANDIDATES: dict[str, dict[str, Any]] = {
 
 
 def candidate_config(base: PackConfig, key: str, value: str) -> PackConfig:
-    """`base` with the codec fields of key candidate `key` and value candidate `value` (for decode chunks)."""
+    """`base` with the codec fields of key candidate `key` and value candidate `value`: the layer's codec for its
+    decode chunks. A low-rank candidate's chunks are stored quantized at its coefficients' bits (in `base`'s
+    group) instead: a 64-token chunk pays a whole (H*d)-wide basis for few tokens. Measured on SmolLM2, budget=1/8,
+    4,096-token prompt, the next five chunks of every low-rank layer (75 tensors): factors at the layer's energy
+    took ranks 10-41 of 64 (4.2-17.4 KB against 7.7 KB at 4 bits) with relative error 0.34 on average against
+    0.07, larger in all 75; and the serving reservation bounds factor chunks at full rank."""
     fields = {}
     for prefix, spec in (("key", KEY_CANDIDATES[key]), ("value", VALUE_CANDIDATES[value])):
+        if spec["codec"] == "lowrank":
+            spec = dict(codec="quant", bits=spec["bits"])
         fields.update(
             {
                 f"{prefix}_codec": spec["codec"],

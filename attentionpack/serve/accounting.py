@@ -42,8 +42,9 @@ class KVAccounting:
             return self.per_token * tokens
         return self.slot * (tokens + GRANULE)
 
-    def before_prefill(self, prompt: int, max_tokens: int, exact_fallback: bool = False) -> int:
-        """Reservation before the prefill: an upper bound of the bytes held at any step boundary until the end.
+    def worst_case(self, prompt: int, max_tokens: int, exact_fallback: bool = False) -> int:
+        """An upper bound, known before the prefill, of the bytes held at any step boundary until the last token
+        (what `Limits.check` compares with the cap: every request it admits can run alone).
 
         DynamicCache (and the exact fallback): prompt + max_tokens tokens at full size. A byte budget f: a prefill
         that compacts (prompt >= sink + window + min_span) leaves at most f x DynamicCache bytes of the prompt
@@ -62,6 +63,12 @@ class KVAccounting:
         if not self.compressing:
             return self.per_token * (prompt + max_tokens)
         return self.slot * (prompt + max_tokens + GRANULE)
+
+    def before_prefill(self, prompt: int, exact_fallback: bool = False) -> int:
+        """Reservation for the prefill: the most bytes the prompt's cache holds at its chunks' ends (`worst_case`
+        without decoded tokens). The decoded tokens are reserved after it (`after_prefill`), from the encodings
+        the prefill chose; the engine lets the sequence decode only once that reservation fits."""
+        return self.worst_case(prompt, 0, exact_fallback)
 
     def after_prefill(self, cache: Cache, held: int, remaining: int) -> int:
         """Reservation once the prompt is stored and holds `held` bytes, for `remaining` more decoded tokens: held
@@ -99,7 +106,7 @@ class Limits:
                 f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the model's context "
                 f"of {self.max_context} tokens"
             )
-        need = self.accounting.before_prefill(prompt_tokens, max_tokens)
+        need = self.accounting.worst_case(prompt_tokens, max_tokens)
         if need > self.kv_memory:
             raise NeverFits(
                 f"prompt of {prompt_tokens} tokens with max_tokens {max_tokens} needs up to {need} bytes "

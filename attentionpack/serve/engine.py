@@ -10,8 +10,9 @@ A prefill chunk and a decoding step alternate, so running sequences keep advanci
 (a 4,096-token prompt no longer stalls the batch for a whole prefill).
 
 Admission by bytes really held (`KVAccounting`): before its prefill a sequence reserves an upper bound of what its
-cache can hold by its last token; after the prefill the reservation shrinks to the bytes measured plus the bound
-on what the remaining tokens can add. Held bytes are measured after every prefill and decoding step and checked
+prompt's cache can hold; after the prefill it reserves the bytes measured plus the bound on what the remaining
+tokens can add in the encodings the prefill chose, and joins the decoding batch only once that fits (until then
+it holds its prompt's bytes and no other sequence is admitted). Held bytes are measured after every prefill and decoding step and checked
 against each reservation (a miss is counted in `reservation_violations`), so reserved >= held and
 sum(reserved) <= kv_memory at every step boundary. Bytes are those of the caches' storages (`nbytes()` for
 PackedCache, a tensor walk for DynamicCache); temporary work tensors inside one forward call are not KV held.
@@ -230,7 +231,7 @@ class Engine:
         if not self.waiting:
             return None
         seq = self.waiting[0]
-        need = self.accounting.before_prefill(len(seq.prompt), seq.params.max_tokens, seq.exact_fallback)
+        need = self.accounting.before_prefill(len(seq.prompt), seq.exact_fallback)
         if self.reserved + need > self.kv_memory:
             return None
         self.waiting.popleft()
@@ -251,6 +252,9 @@ class Engine:
     def _prefill(self, seq: Sequence) -> None:
         from ..budget import BudgetError
 
+        if seq.first is not None:  # prefilled, waiting for room to decode
+            self._join(seq)
+            return
         try:
             if seq.cache is None:
                 seq.cache, seq.prefilled = self._new_cache(seq), 0
@@ -266,6 +270,8 @@ class Engine:
             if end == seq.store_at and seq.cached_tokens < end:
                 self._store_prefix(seq)
             if end < total:  # more chunks on the next loop turns; the running batch decodes in between
+                with self._lock:
+                    self._measure(seq)
                 return
             seq.length = total
             token = self._sample(logits[0, -1], seq)
@@ -285,17 +291,31 @@ class Engine:
                 self._release(seq, outcome="failed", error=f"prefill failed: {type(err).__name__}: {err}")
             return
         with self._lock:
+            self._measure(seq)
+            seq.first = token
+        self._join(seq)
+
+    def _join(self, seq: Sequence) -> None:
+        """A prefilled sequence joins the decoding batch once the bound on its bytes to its last token
+        (`KVAccounting.after_prefill`, from the encodings its prefill chose) fits next to every other reservation;
+        until then it stays the prefilling sequence (holding its prompt's bytes; no other is admitted) while the
+        batch decodes and finished sequences free their bytes."""
+        assert seq.cache is not None and seq.first is not None
+        with self._lock:
+            need = self.accounting.after_prefill(seq.cache, seq.held, seq.params.max_tokens - 1)
+            if self.reserved - seq.reserved + need > self.kv_memory:
+                if self.active:
+                    return
+                # nothing else holds bytes: cannot happen while need <= worst_case <= kv_memory (Limits.check)
+                self.prefilling = None
+                self._release(seq, outcome="failed", error=f"needs {need} bytes of KV cache, over --kv-memory")
+                return
+            self.reserved += need - seq.reserved
+            seq.reserved = need
             self.prefilling = None
-            held = cache_nbytes(seq.cache)
-            remaining = seq.params.max_tokens - 1
-            self._check_reservation(seq, held)
-            shrunk = self.accounting.after_prefill(seq.cache, held, remaining)
-            if shrunk < seq.reserved:
-                self.reserved -= seq.reserved - shrunk
-                seq.reserved = shrunk
-            seq.held = held
             self.active.append(seq)
             self._account()
+        token, seq.first = seq.first, None
         self._deliver(seq, token)
 
     def _stored_prefix(self, seq: Sequence) -> tuple[Cache, int]:
@@ -410,6 +430,13 @@ class Engine:
             self.metrics.outcome(outcome)
         self._account()
 
+    def _measure(self, seq: Sequence) -> None:
+        """Under the lock: the prefilling sequence's bytes held now, checked against its reservation."""
+        assert seq.cache is not None
+        seq.held = cache_nbytes(seq.cache)
+        self._check_reservation(seq, seq.held)
+        self._account()
+
     def _check_reservation(self, seq: Sequence, held: int) -> None:
         if held > seq.reserved:
             self.reservation_violations += 1
@@ -419,11 +446,12 @@ class Engine:
 
     def _account(self) -> None:
         """Under the lock: totals after a change (held bytes are those measured at the last step boundary)."""
-        self.held = sum(s.held for s in self.active)
+        holding = self.active + ([self.prefilling] if self.prefilling is not None else [])
+        self.held = sum(s.held for s in holding)
         self.held_max = max(self.held_max, self.held)
         self.max_active = max(self.max_active, len(self.active))
         self.dynamic_equivalent = sum(
-            self.accounting.dynamic_equivalent(s.cache) for s in self.active if s.cache is not None
+            self.accounting.dynamic_equivalent(s.cache) for s in holding if s.cache is not None
         )
         if self.metrics is not None:
             self.metrics.update(self.snapshot_unlocked())

@@ -54,6 +54,7 @@ class Sequence:
     length: int = 0  # tokens in the cache
     exact_fallback: bool = False  # a budget was infeasible for this prompt: DynamicCache instead
     prefilled: int = 0  # prompt tokens fed to the cache so far (a chunked prefill spans several loop turns)
+    first: int | None = None  # the first sampled token while a prefilled sequence waits for room to decode
     generator: torch.Generator | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
