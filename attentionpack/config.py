@@ -261,12 +261,12 @@ class PackConfig:
 
     @property
     def decode_chunk(self) -> int:
-        """Generated tokens per decode chunk: `chunk`, or by default BUDGET_CHUNK (64) with a budget and 256
-        without. A budget's chunk encodings (2/4/8-bit codes; a low-rank choice's chunks at 4 bits, see
-        `budget.candidate_config`) stay well below exact bytes for 64 tokens, and generated tokens then leave the exact tail 4x sooner (measured:
-        SmolLM2 budget=1/8 holds 5.7x less than DynamicCache after 256 generated tokens instead of 4.5x, Gemma 3
-        3.4x instead of 2.3x; README "Presets, measured"); a fixed low-rank codec needs longer chunks to beat
-        its own basis."""
+        """Generated tokens per decode chunk: `chunk`, or by default BUDGET_CHUNK (64) with a budget and 256 without. A
+        budget's chunk encodings (2/4/8-bit codes; a low-rank choice's chunks at 4 bits, see `budget.candidate_config`)
+        stay well below exact bytes for 64 tokens, and generated tokens then leave the exact tail 4x sooner (measured:
+        SmolLM2 budget=1/8 holds 5.7x less than DynamicCache after 256 generated tokens instead of 4.5x, Gemma 3 3.4x
+        instead of 2.3x; README "Presets, measured"); a fixed low-rank codec needs longer chunks to beat its own
+        basis."""
         if self.chunk is not None:
             return self.chunk
         return BUDGET_CHUNK if self.budget is not None else 256

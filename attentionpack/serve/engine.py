@@ -10,12 +10,12 @@ A prefill chunk and a decoding step alternate, so running sequences keep advanci
 (a 4,096-token prompt no longer stalls the batch for a whole prefill).
 
 Admission by bytes really held (`KVAccounting`): before its prefill a sequence reserves an upper bound of what its
-prompt's cache can hold; after the prefill it reserves the bytes measured plus the bound on what the remaining
-tokens can add in the encodings the prefill chose, and joins the decoding batch only once that fits (until then
-it holds its prompt's bytes and no other sequence is admitted). Held bytes are measured after every prefill and decoding step and checked
-against each reservation (a miss is counted in `reservation_violations`), so reserved >= held and
-sum(reserved) <= kv_memory at every step boundary. Bytes are those of the caches' storages (`nbytes()` for
-PackedCache, a tensor walk for DynamicCache); temporary work tensors inside one forward call are not KV held.
+prompt's cache can hold; after the prefill it reserves the bytes measured plus the bound on what the remaining tokens
+can add in the encodings the prefill chose, and joins the decoding batch only once that fits (until then it holds its
+prompt's bytes and no other sequence is admitted). Held bytes are measured after every prefill chunk and decoding step
+and checked against each reservation (a miss is counted in `reservation_violations`), so reserved >= held and
+sum(reserved) <= kv_memory at every step boundary. Bytes are those of the caches' storages (`nbytes()` for PackedCache,
+a tensor walk for DynamicCache); temporary work tensors inside one forward call are not KV held.
 
 Events put on a sequence's asyncio queue (thread-safe via its loop), each with the sequence's choice index:
 ("token", index, id), ("end", index, finish_reason) with finish_reason "stop" (an end-of-sequence token) or
