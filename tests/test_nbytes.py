@@ -98,3 +98,35 @@ def test_per_layer_and_per_run_bytes_add_up(tiny_model):
         assert sum(layer["bytes"] for layer in stats["layers"]) == stats["bytes"] == cache.nbytes()
         assert sum(layer["dynamic_bytes"] for layer in stats["layers"]) == stats["dynamic_bytes"]
         assert stats["tokens"] == cache.get_seq_length()
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_nbytes_is_recounted_whenever_the_segments_change(tiny_model, name):
+    """`nbytes()` walks the segments again only when a layer's decode plan changed: it must equal an independent
+    walk after every decoding step (chunks frozen; sliding layers dropping what they no longer see), after a
+    segment's parts are replaced, and for a deep copy."""
+    import copy
+
+    from attentionpack.parts import ExactPart
+
+    model = tiny_model(name)
+    cache = PackedCache(model, CONFIGS["lowrank_quant"])
+    ids, mask = padded_batch(90, pad=6, seed=12)
+    counts = set()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        for step in range(40):
+            assert cache.nbytes() == storage_bytes(walk_tensors(cache.layers)), step
+            counts.add(sum(len(layer.segments) for layer in cache.layers))
+            tok = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(tok)], -1)
+            out = model(input_ids=tok, attention_mask=mask, past_key_values=cache)
+    assert len(counts) > 1  # chunks were frozen on the way
+    before = cache.nbytes()
+    layer = next(layer for layer in cache.layers if layer.segments)
+    seg = layer.segments[-1]
+    values = seg.values.materialize(seg.start, seg.end, None)  # (B, H, T, d)
+    layer.replace_parts(seg, ExactPart(values.clone()), ExactPart(values.clone()))
+    assert cache.nbytes() == storage_bytes(walk_tensors(cache.layers)) != before
+    twin = copy.deepcopy(cache)
+    assert twin.nbytes() == storage_bytes(walk_tensors(twin.layers)) == cache.nbytes()

@@ -10,6 +10,7 @@ Shapes: B batch, H KV heads, T tokens of the segment, d head dim, D = H*d, M que
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -130,12 +131,16 @@ def gather_slots(x: torch.Tensor, rows: torch.Tensor, real: torch.Tensor) -> tor
     return x.gather(2, rows[..., None].expand(b, h, m, x.shape[-1])) * real[..., None].to(x.dtype)
 
 
-def storage_nbytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes of the storages behind `tensors`, each storage counted once and whole (a view costs its storage)."""
-    seen, total = set(), 0
+def storage_nbytes(
+    tensors: list[torch.Tensor], seen: set[int] | None = None, counted: AbstractSet[int] = frozenset()
+) -> int:
+    """Bytes of the storages behind `tensors`, each storage counted once and whole (a view costs its storage),
+    leaving out those whose address is in `counted`; `seen` collects the addresses counted."""
+    seen = set() if seen is None else seen
+    total = 0
     for t in tensors:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
+        if storage.data_ptr() not in seen and storage.data_ptr() not in counted:
             seen.add(storage.data_ptr())
             total += storage.nbytes()
     return total
