@@ -179,3 +179,42 @@ def test_decoded_tokens_are_reserved_in_the_encodings_the_prefill_chose(model):
     # both caches were held at once (the second prefilled while the first decoded), within the cap
     assert max(bounds) < snap["kv_bytes_held_max"] <= kv, snap
     assert out == alone[:2]
+
+
+def test_a_sequence_waiting_to_decode_hears_of_a_shutdown(model):
+    """A prefilled sequence waiting for room to decode is told 503 when the engine stops (not left hanging). The
+    test drives the engine's steps itself, then lets its thread see the stop."""
+    import asyncio
+
+    import torch
+
+    from attentionpack import PackedCache
+    from attentionpack.serve.engine import Engine, SamplingParams, Sequence
+
+    spec = PackConfig.preset("balanced").replace(window=16, chunk=16, min_span=8, budget=0.25, budget_strict=True)
+    prompt, new = [ord(c) for c in PROMPT], 200
+    probe = Engine(model, spec, kv_memory=1 << 30)  # switches the model to the packed attention
+    cache = PackedCache(model, spec)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+    bound = probe.accounting.after_prefill(cache, cache.nbytes(), new - 1)
+    engine = Engine(model, spec, kv_memory=bound + probe.accounting.before_prefill(len(prompt)) + 64)
+    loop, queue = asyncio.new_event_loop(), asyncio.Queue()
+    seqs = [Sequence(list(prompt), SamplingParams(max_tokens=new, temperature=0), queue, loop, index=i) for i in (0, 1)]
+    engine.submit(seqs)
+    for s in seqs:
+        with engine._lock:
+            assert engine._admit() is s
+        with torch.no_grad():  # as on the engine's thread
+            engine._prefill(s)
+    assert engine.active == [seqs[0]] and engine.prefilling is seqs[1] and seqs[1].first is not None
+    engine._stop = True
+    engine.start()
+    engine.stop()
+    loop.run_until_complete(asyncio.sleep(0.05))
+    events = []
+    while not queue.empty():
+        events.append(queue.get_nowait())
+    assert {e[1] for e in events if e[0] == "error" and e[2] == 503} == {0, 1}, events
+    assert engine.prefilling is None and engine.snapshot()["kv_bytes_reserved"] == 0
+    loop.close()

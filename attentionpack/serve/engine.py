@@ -209,10 +209,12 @@ class Engine:
                         self._release(s, outcome="failed", error=f"engine failure: {type(err).__name__}: {err}")
                     self.prefilling = None
         with self._lock:
-            for s in list(self.waiting) + self.active:
+            prefilling = [self.prefilling] if self.prefilling is not None else []  # mid-prefill or waiting to join
+            for s in list(self.waiting) + self.active + prefilling:
                 s.emit("error", 503, "the server is shutting down")
             self.waiting.clear()
             self.active.clear()
+            self.prefilling = None
             self.reserved = self.held = 0
 
     def _drop_cancelled(self) -> None:
