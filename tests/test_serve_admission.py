@@ -130,7 +130,8 @@ def test_a_budget_from_the_command_line_is_strict():
 
 
 def _engine_run(model, spec, kv_memory: int, prompts: list[list[int]], max_tokens: int):
-    from attentionpack.serve.engine import Engine, SamplingParams, generate
+    from attentionpack.serve.engine import Engine
+    from attentionpack.serve.sequence import SamplingParams, generate
 
     engine = Engine(model, spec, kv_memory=kv_memory).start()
     try:

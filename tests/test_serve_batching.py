@@ -14,7 +14,8 @@ from attentionpack import PackConfig, PackedCache
 from attentionpack.attention.packed import enable
 from attentionpack.serve import batch_cache
 from attentionpack.serve.batch_cache import RowsView, SequenceBatchCache, layer_windows
-from attentionpack.serve.engine import Engine, SamplingParams, generate
+from attentionpack.serve.engine import Engine
+from attentionpack.serve.sequence import SamplingParams, generate
 
 SMALL = dict(window=16, chunk=16, min_span=8)
 CONFIGS = {

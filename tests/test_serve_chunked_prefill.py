@@ -14,7 +14,8 @@ import tiny_models
 import torch
 
 from attentionpack import PackConfig
-from attentionpack.serve.engine import Engine, SamplingParams, Sequence, generate
+from attentionpack.serve.engine import Engine
+from attentionpack.serve.sequence import SamplingParams, Sequence, generate
 
 SMALL = dict(window=16, chunk=16, min_span=8)
 

@@ -263,15 +263,12 @@ class PackedLayer(CacheLayerMixin):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the layer holds: segments, the exact tail's buffers, and what the decode plan made."""
-        return self.frozen_tensors() + self.tail_tensors()
+        return self.frozen_tensors() + ([] if self.tail is None else self.tail.tensors())
 
     def frozen_tensors(self) -> list[torch.Tensor]:
         """The segments' tensors and what the decode plan made: they change only with the plan (a new plan, or one
         more segment added to it)."""
         return [t for s in self.segments for t in s.tensors()] + self.plan.tensors()
-
-    def tail_tensors(self) -> list[torch.Tensor]:
-        return [] if self.tail is None else self.tail.tensors()
 
     def stats(self, seen: set | None = None) -> list[dict]:
         """One row per stored run of tokens (cache/layer_stats.py); storages in `seen` are not counted again."""

@@ -32,13 +32,13 @@ from ..budget.planner import BudgetPlanner
 from ..config import PackConfig
 from ..models.registry import ModelAdapter
 from ..models.vlm import find_spans, group_labels
-from ..parts import storage_nbytes
 from ..scoring.observation import attention_scaling, multi_token_inputs, query_moments, window_queries
 from ..scoring.retrieval_heads import load_or_find
 from ..scoring.sensitivity import load_or_probe_sensitivity
 from .groups import Group, groups_of
 from .growth import decode_growth
 from .layer import STEP, PackedLayer, StepContext
+from .nbytes import FrozenBytes
 
 _ATTACHED = "_attentionpack_attached"  # model attribute: {"hooks": [...], "caches": n, "switched": bool}
 
@@ -86,8 +86,7 @@ class PackedCache(Cache):
         self._positions: dict[int, torch.Tensor] = {}  # layer -> (B, q) position ids of the current call
         self._rope_memo: dict = {}
         self._step_memo: dict = {}  # this call's new tokens' (positions, padding flags): the same for every layer
-        # nbytes(): (each layer's plan and its segment count when counted, their storages' bytes, their addresses)
-        self._frozen_memo: tuple[list[tuple[weakref.ref, int]], int, frozenset[int]] | None = None
+        self._frozen = FrozenBytes()  # nbytes(): the segments' bytes, walked again only when they change
         self._mrope_positions: torch.Tensor | None = None  # (B, q, 3) multimodal positions of the current call
         self._moments: dict[int, torch.Tensor] = {}  # layer -> (B, H, d, d) query moments of the current call
         self._observations: dict[int, tuple[torch.Tensor, float]] = {}  # layer -> last queries, scaling (keep)
@@ -289,23 +288,8 @@ class PackedCache(Cache):
         return [t for layer in self.layers for t in layer.tensors()]
 
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds (each storage counted once, whole). The segments' storages are
-        walked again only when a layer's decode plan changed (segments frozen, replaced or dropped: a plan is only
-        appended to, and replaced otherwise); the exact tails every call. Serving measures every sequence after
-        every step: after 4,000 decoded tokens a SmolLM2 cache holds ~14,000 tensors (~10 ms a walk)."""
-        plans = [(layer.plan, layer.plan.count) for layer in self.layers]
-        memo = self._frozen_memo
-        if (
-            memo is None
-            or len(memo[0]) != len(plans)
-            or any(
-                ref() is not plan or seen != count for (ref, seen), (plan, count) in zip(memo[0], plans, strict=True)
-            )
-        ):
-            storages: set[int] = set()
-            frozen = storage_nbytes([t for layer in self.layers for t in layer.frozen_tensors()], storages)
-            memo = self._frozen_memo = ([(weakref.ref(p), c) for p, c in plans], frozen, frozenset(storages))
-        return memo[1] + storage_nbytes([t for layer in self.layers for t in layer.tail_tensors()], counted=memo[2])
+        """Bytes of every tensor the cache holds (each storage counted once, whole); see `FrozenBytes`."""
+        return self._frozen.nbytes(self.layers)
 
     def decode_bytes_bound(self, tokens: int) -> int | None:
         """Most bytes the cache can hold at any step boundary of its next `tokens` one-token decoding steps: what

@@ -24,8 +24,6 @@ Events put on a sequence's asyncio queue (thread-safe via its loop), each with t
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import math
 import threading
@@ -276,7 +274,7 @@ class Engine:
                     self._measure(seq)
                 return
             seq.length = total
-            token = self._sample(logits[0, -1], seq)
+            token = seq.sample(logits[0, -1])
         except BudgetError as err:  # too short a prompt for the budget: serve it exact (reserved as such)
             log.info("sequence %d: %s; served with DynamicCache", seq.id, err)
             with self._lock:
@@ -295,16 +293,17 @@ class Engine:
         with self._lock:
             self._measure(seq)
             seq.first = token
+            seq.need = self.accounting.after_prefill(seq.cache, seq.held, seq.params.max_tokens - 1)
         self._join(seq)
 
     def _join(self, seq: Sequence) -> None:
-        """A prefilled sequence joins the decoding batch once the bound on its bytes to its last token
-        (`KVAccounting.after_prefill`, from the encodings its prefill chose) fits next to every other reservation;
+        """A prefilled sequence joins the decoding batch once `need`, the bound on its bytes to its last token
+        (`KVAccounting.after_prefill`, from the encodings its prefill chose), fits next to every other reservation;
         until then it stays the prefilling sequence (holding its prompt's bytes; no other is admitted) while the
         batch decodes and finished sequences free their bytes."""
         assert seq.cache is not None and seq.first is not None
         with self._lock:
-            need = self.accounting.after_prefill(seq.cache, seq.held, seq.params.max_tokens - 1)
+            need = seq.need
             if self.reserved - seq.reserved + need > self.kv_memory:
                 if self.active:
                     return
@@ -368,7 +367,7 @@ class Engine:
             token = None
             if i not in wrapper.failed:
                 try:
-                    token = self._sample(logits[i, -1], s)
+                    token = s.sample(logits[i, -1])
                 except Exception as err:  # noqa: BLE001 - e.g. non-finite logits: this sequence fails alone
                     wrapper.failed[i] = err
             tokens.append(token)
@@ -478,49 +477,3 @@ class Engine:
             "prefix_misses": self.prefix_misses,
             "prefix_stored": self.prefix_stored,
         }
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, seq: Sequence) -> int:
-        """logits (V,) -> a token id: argmax at temperature 0, else top-p sampling with the sequence's generator."""
-        p = seq.params
-        if p.temperature == 0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < p.top_p  # always keeps the top token
-            sorted_probs = sorted_probs * keep
-            choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=seq.generator)
-            return int(order[choice])
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
-
-
-def generate(
-    engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], timeout: float = 600.0
-) -> list[list[int]]:
-    """Submit all prompts at once to a started engine and return each one's generated token ids (blocking).
-
-    Served concurrently (continuous batching); pass one prompt at a time to serve it alone."""
-    plist = params if isinstance(params, list) else [params] * len(prompts)
-
-    async def run() -> list[list[int]]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        seqs = [
-            Sequence(list(p), dataclasses.replace(pp), queue, loop, index=i)
-            for i, (p, pp) in enumerate(zip(prompts, plist, strict=False))
-        ]
-        engine.submit(seqs)
-        out: list[list[int]] = [[] for _ in seqs]
-        open_ = set(range(len(seqs)))
-        while open_:
-            kind, idx, *payload = await asyncio.wait_for(queue.get(), timeout)
-            if kind == "token":
-                out[idx].append(payload[0])
-            elif kind == "end":
-                open_.discard(idx)
-            else:
-                raise RuntimeError(f"sequence {idx} failed: {payload}")
-        return out
-
-    return asyncio.run(run())
