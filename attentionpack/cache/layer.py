@@ -38,6 +38,9 @@ TRIM_MIN = 64  # a sliding layer drops a segment's out-of-window tokens once thi
 
 
 STEP = "attentionpack_step"  # the key of the `StepContext` in `cache_kwargs`
+# `cache_kwargs[FITS_HALF]` (optional): the caller found that every element of this call's keys and values fits
+# float16 (True) or not (False), e.g. once for a whole serving batch (`tail.fits_half_states`); absent: the tail checks
+FITS_HALF = "attentionpack_fits_half"
 
 
 @dataclass
@@ -53,6 +56,7 @@ class StepContext:
     query_moments: torch.Tensor | None = None  # (B, H, d, d) of this call's queries (multi-token calls, "scores")
     observation: tuple[torch.Tensor, float] | None = None  # the call's last queries (B, Hq, w, d) and scaling (keep)
     checked: dict | None = None  # the exact tails' padding-rule answers for these positions (shared by the layers)
+    fits_half: bool | None = None  # the new keys and values fit float16 (None: not checked yet; see FITS_HALF)
 
 
 class PackedLayer(CacheLayerMixin):
@@ -112,9 +116,9 @@ class PackedLayer(CacheLayerMixin):
             self.query_moments = ctx.query_moments
         q = key_states.shape[-2]
         if self.compress:  # positions and padding flags are needed only to compress later
-            self._append(key_states, value_states, ctx.positions, ctx.valid, ctx.checked)
+            self._append(key_states, value_states, ctx.positions, ctx.valid, ctx.checked, ctx.fits_half)
         else:
-            self._append(key_states, value_states, None, None)
+            self._append(key_states, value_states, None, None, fits_half=ctx.fits_half)
         keys: Any
         values: Any
         if self.segments and self.attend_packed:  # attention runs on the stored form (attention/packed.py)
@@ -285,8 +289,7 @@ class PackedLayer(CacheLayerMixin):
             q = 0 if steady else self._last_call_tokens
             held = min(self.total - q, self.spec.sliding_window - 1) + q
         batch = self.tail.keys.shape[0] if self.tail is not None else self.segments[0].keys.tensors()[0].shape[0]
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * batch * self.spec.num_kv_heads * held * self.spec.head_dim * elem
+        return 2 * batch * self.spec.num_kv_heads * held * self.spec.head_dim * self.dtype.itemsize
 
     # ---- internals --------------------------------------------------------------------------------------------
     @property
@@ -312,11 +315,12 @@ class PackedLayer(CacheLayerMixin):
         positions: torch.Tensor | None,
         valid: torch.Tensor | None,
         checked: dict | None = None,
+        fits_half: bool | None = None,
     ) -> None:
         if self.tail is None:
             self.tail = ExactTail(k, v, positions, valid)  # granule 1 until compression pays for spare slots
         else:
-            self.tail.append(k, v, positions, valid, checked)
+            self.tail.append(k, v, positions, valid, checked, fits_half)
         self.total += k.shape[-2]
 
     def _materialize(self, part_of: Callable[[Segment], Part], tail: torch.Tensor, rope: RopeFn) -> torch.Tensor:

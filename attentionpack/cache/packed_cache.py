@@ -37,7 +37,7 @@ from ..scoring.retrieval_heads import load_or_find
 from ..scoring.sensitivity import load_or_probe_sensitivity
 from .groups import Group, groups_of
 from .growth import decode_growth
-from .layer import STEP, PackedLayer, StepContext
+from .layer import FITS_HALF, STEP, PackedLayer, StepContext
 from .nbytes import FrozenBytes
 
 _ATTACHED = "_attentionpack_attached"  # model attribute: {"hooks": [...], "caches": n, "switched": bool}
@@ -207,6 +207,7 @@ class PackedCache(Cache):
         if key_states.dtype != value_states.dtype or not key_states.dtype.is_floating_point:
             raise TypeError(f"keys/values must share a floating dtype, got {key_states.dtype} / {value_states.dtype}")
         positions, valid, checked = self._step(layer_idx, key_states)
+        kwargs = cache_kwargs or {}
         ctx = StepContext(
             positions=positions,
             valid=valid,
@@ -216,8 +217,9 @@ class PackedCache(Cache):
             layout=(lambda a, b: self._layout(a, b, key_states.device)) if self._labels is not None else None,
             query_moments=self._moments.pop(layer_idx, None),
             observation=self._observations.pop(layer_idx, None),
+            fits_half=kwargs.get(FITS_HALF),
         )
-        out = self.layers[layer_idx].update(key_states, value_states, {**(cache_kwargs or {}), STEP: ctx})
+        out = self.layers[layer_idx].update(key_states, value_states, {**kwargs, STEP: ctx})
         if layer_idx == len(self.layers) - 1:  # end of the forward call: drop per-call state
             if self.planner is not None:  # every layer has proposed its candidates: choose within the budget
                 self.planner.finish()

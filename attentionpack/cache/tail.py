@@ -112,13 +112,16 @@ class ExactTail:
         positions: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
         checked: dict | None = None,
+        fits_half: bool | None = None,
     ) -> None:
         """Append k, v (B, H, q, d) with their positions and padding flags. `checked`: answers of the padding rule
         for these same positions and flags, shared by the layers of one call (they all check the same tokens at
-        the same cache indices)."""
+        the same cache indices). `fits_half`: whether k and v fit float16, if the caller knows (`fits_half_states`)."""
         q = k.shape[-2]
-        if self.keys.dtype == torch.float16 and k.dtype != torch.float16 and not _fits_half(k, v):
-            self._regrow(self.capacity, torch.bfloat16)  # float16 would overflow: same bytes, float32's range
+        if self.keys.dtype == torch.float16 and k.dtype != torch.float16:
+            fits = fits_half_states(k, v) if fits_half is None else fits_half
+            if not fits:
+                self._regrow(self.capacity, torch.bfloat16)  # float16 would overflow: same bytes, float32's range
         if self.pad is not None:
             follows = False
             if positions is not None and valid is not None:
@@ -147,7 +150,7 @@ class ExactTail:
         if self.keys.element_size() == 2:
             return
         keys, values = self.states()
-        dtype = torch.float16 if _fits_half(keys, values) else torch.bfloat16
+        dtype = torch.float16 if fits_half_states(keys, values) else torch.bfloat16
         self._regrow(self.capacity, dtype)
 
     def drop_oldest(self, n: int) -> None:
@@ -271,7 +274,7 @@ def _alloc_like(t: torch.Tensor, cap: int, dtype: torch.dtype | None = None) -> 
     return torch.empty(shape, dtype=t.dtype if dtype is None else dtype, device=t.device)
 
 
-def _fits_half(k: torch.Tensor, v: torch.Tensor) -> bool:
+def fits_half_states(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Every element of k and v rounds to a finite float16 (|x| <= 65504; NaN counts as fitting: it stays NaN)."""
     for x in (k, v):
         if x.numel():

@@ -15,6 +15,10 @@ Faults stay in their row: an exception raised by one sequence's cache (in `updat
 recorded in `failed[row]` and that row's attention output is zeros for the rest of the step, so the other rows'
 results are unaffected (rows never mix in a decoder); the caller fails that sequence and drops its cache.
 
+Padding rows: `padding` rows after the N sequences' (the engine pads a step to the row count its matrix products run
+fastest at, `serve.row_padding`) have no cache: `update` skips them and their attention output is zeros; the caller
+ignores their logits.
+
 Masks: the model builds a mask from this wrapper's `get_mask_sizes`, which describes a trivial one-key mask; it
 is ignored. Each row needs no causal mask (one query token attending to everything its cache returned) except on
 sliding-window layers, where the row keeps only keys at cache indices >= length - window (the stock semantics:
@@ -32,6 +36,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..attention.packed import attend_many, packed_attention_forward
+from ..cache import FITS_HALF, fits_half_states
 
 
 def layer_windows(model: Any) -> list[int | None]:
@@ -80,11 +85,15 @@ class SequenceBatchCache(Cache):
     Args:
         caches: the sequences' caches, row i of the batch is `caches[i]`; each already holds that sequence's tokens.
         windows: per layer the sliding window (None for full attention), from `layer_windows(model)`.
+        padding: rows after the sequences' that belong to no sequence (see the module docstring).
     """
 
-    def __init__(self, caches: Sequence[Cache], windows: Sequence[int | None]):
+    def __init__(self, caches: Sequence[Cache], windows: Sequence[int | None], padding: int = 0):
         if not caches:
             raise ValueError("SequenceBatchCache needs at least one sequence cache")
+        if padding < 0:
+            raise ValueError(f"padding={padding} must be a number of rows >= 0")
+        self.padding = padding
         super().__init__(layers=[_RowsLayer(w is not None) for w in windows])
         self.caches = list(caches)
         self.windows = list(windows)
@@ -99,22 +108,27 @@ class SequenceBatchCache(Cache):
         *args: Any,
         **kwargs: Any,
     ) -> tuple[RowsView, RowsView]:
-        """key_states/value_states (N, H, 1, d): row i goes to cache i. Returns (view, view), one `RowsView`."""
+        """key_states/value_states (N + padding, H, 1, d): row i < N goes to cache i. Returns (view, view), one
+        `RowsView`."""
         n = key_states.shape[0]
-        if n != len(self.caches):
-            raise ValueError(f"a step of {n} rows for {len(self.caches)} sequence caches")
+        if n != len(self.caches) + self.padding:
+            raise ValueError(f"a step of {n} rows for {len(self.caches)} sequence caches and {self.padding} padding")
         if key_states.shape[-2] != 1:
             raise ValueError(f"SequenceBatchCache serves one-token decoding steps, got {key_states.shape[-2]} tokens")
         rows = []
+        # every row fits a float16 tail: checked once for the batch (if not, each cache checks its own row)
+        real_k, real_v = key_states[: len(self.caches)], value_states[: len(self.caches)]
+        fits = key_states.dtype == torch.float16 or fits_half_states(real_k, real_v)
+        kwargs = {FITS_HALF: True} if fits else {}
         for i, cache in enumerate(self.caches):
             result = None
             if i not in self.failed:
                 try:
-                    result = cache.update(key_states[i : i + 1], value_states[i : i + 1], layer_idx)
+                    result = cache.update(key_states[i : i + 1], value_states[i : i + 1], layer_idx, kwargs)
                 except Exception as err:  # noqa: BLE001 - a fault of one sequence fails that sequence only
                     self.failed[i] = err
             rows.append(result)
-        view = RowsView(rows, self.windows[layer_idx], self.failed)
+        view = RowsView(rows + [None] * self.padding, self.windows[layer_idx], self.failed)
         return view, view
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -129,7 +143,8 @@ class RowsView:
     """The per-row results of one layer's update; `attend` computes each row's attention against its own cache.
 
     rows[i] is (keys, values) returned by sequence i's cache: a view with `attend` (both entries the same object)
-    or plain tensors (1, H, L, d) covering that sequence's newest L cache indices; None for a failed row.
+    or plain tensors (1, H, L, d) covering that sequence's newest L cache indices; None for a failed or padding row
+    (its output is zeros).
     """
 
     def __init__(self, rows: list[tuple | None], window: int | None, failed: dict[int, BaseException]):

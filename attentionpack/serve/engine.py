@@ -5,7 +5,8 @@ Loop (one engine thread; HTTP handlers only submit `Sequence`s and read their ev
 2. admit the oldest waiting sequence if its reservation fits under `kv_memory` next to everything reserved, and
    prefill it alone (batch 1, its own cache), `prefill_chunk` tokens per loop turn (each chunk is compacted by a
    PackedCache before the next); after its last chunk it samples its first token and joins the decoding batch;
-3. run ONE decoding step over every active sequence (`SequenceBatchCache`: one forward, per-row attention).
+3. run ONE decoding step over every active sequence (`SequenceBatchCache`: one forward, per-row attention), padded
+   to the row count the model's matrix products run fastest at (`RowPadding`, measured once per model).
 A prefill chunk and a decoding step alternate, so running sequences keep advancing while a long prompt is admitted
 (a 4,096-token prompt no longer stalls the batch for a whole prefill).
 
@@ -41,6 +42,7 @@ from ..cache import cache_nbytes
 from ..config import PackConfig
 from .accounting import KVAccounting, Limits, NeverFits
 from .batch_cache import SequenceBatchCache, layer_windows
+from .row_padding import RowPadding
 from .sequence import QueueFull, SamplingParams, Sequence
 
 if TYPE_CHECKING:
@@ -68,6 +70,7 @@ class Engine:
             stores its cache after `Sequence.store_at` prompt tokens (the app sets it at a block boundary below the
             part of the conversation that later turns repeat); `tokenizer` goes into the entries' fingerprints.
         name: reported with every sequence it serves (`Sequence.server`; a Ray replica names itself).
+        pad_rows: pad decoding steps with rows of no sequence where that is faster (`serve.row_padding`).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class Engine:
         prefix_store: PrefixStore | None = None,
         tokenizer: Any = None,
         name: str | None = None,
+        pad_rows: bool = True,
     ) -> None:
         enable_packed_attention(model)
         if getattr(model.config, "_attn_implementation", None) != PACKED_ATTENTION:
@@ -109,6 +113,9 @@ class Engine:
         self.prefix_hits = self.prefix_misses = self.prefix_stored = 0
         self.name = name
         self.windows = layer_windows(model)
+        self.row_padding = RowPadding(model) if pad_rows else None
+        if self.row_padding is not None:
+            self.row_padding.measure()  # once per model, before any request waits for it
         self.cache_factory = cache_factory
         if isinstance(cache_spec, PackConfig) and cache_spec.budget is not None and cache_spec.layer_weights:
             from ..scoring.sensitivity import load_or_probe_sensitivity  # ~15 s once per model: not in a request
@@ -344,13 +351,15 @@ class Engine:
         batch = [s for s in self.active if not s.cancelled and s.cache is not None]
         if not batch:
             return
-        ids = torch.tensor([[s.last_token] for s in batch], dtype=torch.long)
-        pos = torch.tensor([[s.length] for s in batch], dtype=torch.long)
+        rows = self.row_padding.rows(len(batch)) if self.row_padding is not None else len(batch)
+        pad = [batch[-1]] * (rows - len(batch))  # rows of no sequence: the last one's token again, logits ignored
+        ids = torch.tensor([[s.last_token] for s in batch + pad], dtype=torch.long)
+        pos = torch.tensor([[s.length] for s in batch + pad], dtype=torch.long)
         caches: list[Cache] = []
         for s in batch:
             assert s.cache is not None, "filtered above; caches are released only on this (the engine) thread"
             caches.append(s.cache)
-        wrapper = SequenceBatchCache(caches, self.windows)
+        wrapper = SequenceBatchCache(caches, self.windows, len(pad))
         start = time.perf_counter()
         try:
             logits = self.model(input_ids=ids, position_ids=pos, past_key_values=wrapper, use_cache=True).logits
@@ -361,13 +370,14 @@ class Engine:
                     self._release(s, outcome="failed", error=f"decoding failed: {type(err).__name__}: {err}")
             return
         elapsed = time.perf_counter() - start
+        greedy = logits[: len(batch), -1].argmax(dim=-1).tolist()  # one argmax for the rows sampled greedily
         tokens = []
         for i, s in enumerate(batch):
             s.length += 1
             token = None
             if i not in wrapper.failed:
                 try:
-                    token = s.sample(logits[i, -1])
+                    token = greedy[i] if s.params.temperature == 0 else s.sample(logits[i, -1])
                 except Exception as err:  # noqa: BLE001 - e.g. non-finite logits: this sequence fails alone
                     wrapper.failed[i] = err
             tokens.append(token)
@@ -381,9 +391,7 @@ class Engine:
                     log.error("sequence %d failed in a decoding step: %r", s.id, failure)
                     self._release(s, outcome="failed", error=f"decoding failed: {type(failure).__name__}: {failure}")
                     continue
-                held = cache_nbytes(s.cache)
-                self._check_reservation(s, held)
-                s.held = held
+                self._measure(s, account=False)
             self._account()
         if self.metrics is not None:
             self.metrics.decode_step(elapsed, len(batch))
@@ -421,7 +429,7 @@ class Engine:
             self.active.remove(seq)
         self.reserved -= seq.reserved
         seq.reserved = 0
-        seq.held = 0
+        seq.held = seq.dynamic = 0
         seq.cache = None
         if error is not None:
             seq.emit("error", 500, error)
@@ -431,12 +439,15 @@ class Engine:
             self.metrics.outcome(outcome)
         self._account()
 
-    def _measure(self, seq: Sequence) -> None:
-        """Under the lock: the prefilling sequence's bytes held now, checked against its reservation."""
+    def _measure(self, seq: Sequence, account: bool = True) -> None:
+        """Under the lock: a sequence's bytes held now (and what DynamicCache would hold), checked against its
+        reservation; `account`: update the totals (a decoding step does once after measuring its sequences)."""
         assert seq.cache is not None
         seq.held = cache_nbytes(seq.cache)
+        seq.dynamic = self.accounting.dynamic_equivalent(seq.cache)
         self._check_reservation(seq, seq.held)
-        self._account()
+        if account:
+            self._account()
 
     def _check_reservation(self, seq: Sequence, held: int) -> None:
         if held > seq.reserved:
@@ -451,9 +462,7 @@ class Engine:
         self.held = sum(s.held for s in holding)
         self.held_max = max(self.held_max, self.held)
         self.max_active = max(self.max_active, len(self.active))
-        self.dynamic_equivalent = sum(
-            self.accounting.dynamic_equivalent(s.cache) for s in holding if s.cache is not None
-        )
+        self.dynamic_equivalent = sum(s.dynamic for s in holding)
         if self.metrics is not None:
             self.metrics.update(self.snapshot_unlocked())
 

@@ -54,6 +54,7 @@ class Sequence:
     cache: Cache | None = None
     reserved: int = 0
     held: int = 0
+    dynamic: int = 0  # what a DynamicCache would hold for its tokens (measured with `held`)
     generated: int = 0
     last_token: int = 0
     length: int = 0  # tokens in the cache
