@@ -86,6 +86,8 @@ def test_engine_pads_steps_and_each_sequence_gets_its_tokens_alone(monkeypatch):
     assert together == alone and snap["max_running"] == len(prompts)
     # alone: one row, never padded; together: 2 to 4 sequences ran as 16 rows, 4 of them at first
     assert set(padded_steps) <= {0, 12, 13, 14} and 16 - len(prompts) in padded_steps
+    steps = {f"{16 - p}->16": padded_steps.count(p) for p in set(padded_steps) - {0}}
+    assert snap["padded_steps"] == steps  # the engine reports each padded step
     generated = sum(len(t) - 1 for t in alone + together)  # a sequence's first token comes from its prefill
     assert snap["decode_tokens"] == generated  # padding rows generate nothing
 
@@ -133,3 +135,21 @@ def test_a_row_beyond_float16_switches_only_its_own_tail():
     batch = SequenceBatchCache([caches[0], caches[2]], layer_windows(model))
     batch.update(torch.randn(2, h, 1, d), torch.randn(2, h, 1, d), 1)  # every row fits: all stay float16
     assert [c.layers[1].tail.keys.dtype for c in (caches[0], caches[2])] == [torch.float16, torch.float16]
+
+
+def test_serve_bench_reports_padded_steps(monkeypatch):
+    """`bench serve`'s row for one configuration (a real server and client on loopback): every request served,
+    and the padded steps the engine ran are in its row and its printed line."""
+    from serve_helpers import ByteTokenizer
+
+    from attentionpack.serve import bench
+
+    model = tiny_models.build_model("llama")
+    monkeypatch.setattr(RowPadding, "_measure", lambda self: [0, 1] + [self.max_rows] * (self.max_rows - 1))
+    monkeypatch.setattr(row_padding, "_MEASURED", type(row_padding._MEASURED)())
+    prompts = _prompts(3, seed=6)
+    row = bench.bench_config(model, ByteTokenizer(), "dynamic", prompts, 64 << 20, 8, 120.0, sample_every=0.05)
+    assert row["failed"] == 0 and row["generated_tokens"] <= 3 * 8 and row["max_concurrent_sequences"] >= 2
+    assert row["padded_steps"] and all(k.endswith("->16") for k in row["padded_steps"])
+    assert sum(row["padded_steps"].values()) <= row["decode_steps"]
+    assert "padded steps " in bench._line(row) and "->16" in bench._line(row)

@@ -167,6 +167,7 @@ def bench_config(
         "tokens_per_s_end_to_end": tokens / max(1e-9, last - first_sent),
         "decode_tokens_per_s": snap["decode_tokens"] / max(1e-9, snap["decode_seconds"]),
         "decode_steps": snap["decode_steps"],
+        "padded_steps": snap["padded_steps"],  # "n->rows": steps of n sequences run as more rows (row_padding)
         "mean_decode_batch": snap["decode_tokens"] / max(1, snap["decode_steps"]),
         "ttft_p50_s": _pct(ttft, 0.5),
         "ttft_p99_s": _pct(ttft, 0.99),
@@ -256,7 +257,15 @@ def _line(r: dict) -> str:
         f" | ITL p50 {_fmt(r['itl_p50_s'])} p99 {_fmt(r['itl_p99_s'])}"
         f" | KV held max {r['kv_bytes_held_max_engine']:,} B (sampled {r['kv_bytes_held_max_sampled']:,}) of cap "
         f"{r['kv_memory']:,} B | reservation misses {r['reservation_violations']} | wall {r['wall_s']:.0f}s"
+        f" | padded steps {_padded(r)}"
     )
+
+
+def _padded(r: dict) -> str:
+    steps = r.get("padded_steps") or {}
+    if not steps:
+        return f"none of {r['decode_steps']}"
+    return f"{sum(steps.values())} of {r['decode_steps']} (" + ", ".join(f"{k}: {v}" for k, v in steps.items()) + ")"
 
 
 def _summary(rows: list[dict]) -> None:
