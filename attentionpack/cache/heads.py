@@ -27,7 +27,8 @@ from ..scoring.observation import token_importance
 
 if TYPE_CHECKING:  # the layer calls these functions
     from ..config import PackConfig
-    from .layer import PackedLayer, StepContext
+    from .layer import PackedLayer
+    from .step import StepContext
 
 
 def freeze_razor(

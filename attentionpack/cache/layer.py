@@ -14,8 +14,7 @@ its modality's codec settings (`PackConfig.for_modality`). Sliding-window layers
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,32 +30,11 @@ from ..parts.trim import trim_segment
 from .groups import Group
 from .heads import evicted_pieces, freeze_evicted, freeze_razor, importance
 from .layer_stats import layer_rows
+from .step import STEP, StepContext
 from .tail import ExactTail
 
 TAIL_GRANULE = 16  # compressing layers grow their exact tail 16 slots at a time once compression pays for them
 TRIM_MIN = 64  # a sliding layer drops a segment's out-of-window tokens once this many can go (one copy per 64 steps)
-
-
-STEP = "attentionpack_step"  # the key of the `StepContext` in `cache_kwargs`
-# `cache_kwargs[FITS_HALF]` (optional): the caller found that every element of this call's keys and values fits
-# float16 (True) or not (False), e.g. once for a whole serving batch (`tail.fits_half_states`); absent: the tail checks
-FITS_HALF = "attentionpack_fits_half"
-
-
-@dataclass
-class StepContext:
-    """What one forward call tells every layer: new tokens' positions and padding, and how to get RoPE. Travels
-    to `PackedLayer.update` in `cache_kwargs[STEP]`."""
-
-    positions: torch.Tensor  # (B, q) int32, or (B, q, 3) multimodal positions
-    valid: torch.Tensor  # (B, q) bool, False for padding
-    rope: RopeFn
-    span_boundaries: Sequence[int]
-    layout: Callable[[int, int], list[Group] | None] | None = None  # modality groups of cache indices [a, b)
-    query_moments: torch.Tensor | None = None  # (B, H, d, d) of this call's queries (multi-token calls, "scores")
-    observation: tuple[torch.Tensor, float] | None = None  # the call's last queries (B, Hq, w, d) and scaling (keep)
-    checked: dict | None = None  # the exact tails' padding-rule answers for these positions (shared by the layers)
-    fits_half: bool | None = None  # the new keys and values fit float16 (None: not checked yet; see FITS_HALF)
 
 
 class PackedLayer(CacheLayerMixin):

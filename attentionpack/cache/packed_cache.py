@@ -37,8 +37,9 @@ from ..scoring.retrieval_heads import load_or_find
 from ..scoring.sensitivity import load_or_probe_sensitivity
 from .groups import Group, groups_of
 from .growth import decode_growth
-from .layer import FITS_HALF, STEP, PackedLayer, StepContext
+from .layer import PackedLayer
 from .nbytes import FrozenBytes
+from .step import FITS_HALF, STEP, StepContext
 
 _ATTACHED = "_attentionpack_attached"  # model attribute: {"hooks": [...], "caches": n, "switched": bool}
 
