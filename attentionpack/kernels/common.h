@@ -183,7 +183,9 @@ static inline __attribute__((always_inline)) void scores_rows(
     for (int r = 0; r < rows; r++)
         for (int v = 0; v < NV; v++) acc[r][v] = (v16){0} + cm[r];
     const int64_t k = t / nb;
-    if (n == 16 * NV && t + n <= (k + 1) * nb) {
+    /* the vector path whenever the block's 16 * NV code slots lie in one plane, also for a block of fewer tokens
+       (a row's last): the slots past them hold the quantizer's padding, whose scores are not stored */
+    if (t + 16 * NV <= (k + 1) * nb) {
         const uint8_t *at = codes + (t - k * nb);
         const int shift = (int)k * bits;
         for (int64_t j = 0; j < R; j++) {
@@ -477,6 +479,15 @@ static inline __attribute__((always_inline)) void dequant_tokens(
         const int64_t end = (k + 1) * nb - t0 < len ? (k + 1) * nb - t0 : len;
         const uint8_t *src = row + (t - k * nb) - i;
         const int shift = (int)k * bits;
+#if defined(__AVX512F__)
+        for (; i + 16 <= end; i += 16) {  /* 16 codes a load (gcc's generic byte-to-float conversion goes by lane) */
+            const __m512i w = _mm512_and_si512(
+                _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + i))),
+                                 _mm_cvtsi32_si128(shift)),
+                _mm512_set1_epi32(mask));
+            _mm512_storeu_ps(rb + i, _mm512_cvtepi32_ps(w));
+        }
+#endif
         for (; i < end; i++) rb[i] = (float)((src[i] >> shift) & mask);
     }
     const _Float16 *s = scales + t0 / group, *mn = mins + t0 / group;
