@@ -58,10 +58,11 @@ def key_errors(
     float32 the span's exact values; hidden (B, H, M, n) keys a row cannot see (None: none); reference (B, H, M, d)
     the output each candidate is compared with; `block` candidates are scored in one set of operations."""
     judged: dict[str, float] = {}
-    stream = candidate_scores(keys, queries, *span)  # (label, (B, H, M, n) logits on the stored form)
+    # scaled logits: the queries scaled once (logits are linear in them), not every candidate's logits
+    stream = candidate_scores(keys, queries * scaling, *span)  # (label, (B, H, M, n) on the stored form)
     top, total, mix = rest.top.unsqueeze(2), rest.total.unsqueeze(2), rest.mix.unsqueeze(2)  # (B, H, 1, M, .)
     while chunk := list(itertools.islice(stream, block)):
-        logits = torch.stack([s for _, s in chunk], dim=2).mul_(scaling)  # (B, H, K, M, n)
+        logits = torch.stack([s for _, s in chunk], dim=2)  # (B, H, K, M, n)
         if hidden is not None:
             logits.masked_fill_(hidden.unsqueeze(2), float("-inf"))
         new_top = torch.maximum(top, logits.amax(-1, keepdim=True))  # the new row maximum
