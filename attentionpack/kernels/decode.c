@@ -41,7 +41,8 @@ static inline int64_t own_head(const piece_t *pc, int64_t h) {
     return pc->hmap ? ((const int64_t *)pc->hmap)[h] : h;
 }
 
-#define DBLK 256  /* tokens per work item (rounded to whole key groups) */
+#define DBLK 512  /* tokens per work item (rounded to whole key groups); 512 against 256: DecodePlan.run 0.91x at 8k,
+                     0.95x at 45 x 4k, 0.97x at 2k (experiments/ab_kernels.py, SmolLM2 budget=0.125) */
 
 /* Largest of x[0 .. n), 16 lanes at a time. */
 static inline float row_max(const float *restrict x, int64_t n) {
