@@ -315,7 +315,7 @@ void ap_decode(const int64_t *desc, int64_t P, const float *restrict query, cons
     }
     float *qt = (float *)malloc(sizeof(float) * (B * per_sample + 1));
     const int parallel = B * tokens >= MIN_PARALLEL && !omp_in_parallel();  /* ap_decode_rows: one thread a row */
-#pragma omp parallel for schedule(static) if (parallel)
+#pragma omp parallel for schedule(static) if (parallel && per_sample > 0)  /* no factor keys: no fork */
     for (int64_t i = 0; i < B * P; i++) {
         const int64_t b = i / P, p = i % P;
         const piece_t *pc = pieces + p;
