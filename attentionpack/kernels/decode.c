@@ -70,7 +70,7 @@ static inline float exp_shifted(float *restrict x, int64_t n, float top) {
         const v16 y = *(const v16 *)(x + t) - top;
         const i16 live = y > -87.3f;
         const v16 yc = select16(live, y, (v16){0} - 87.3f);
-        const v16 kf = (yc * 1.44269504f + 12582912.f) - 12582912.f;  /* round to nearest */
+        const v16 kf = round_even16(yc * 1.44269504f);
         const v16 r = (yc - kf * 0.693359375f) - kf * -2.12194440e-4f;
         v16 p = 1.9875691500e-4f * r + 1.3981999507e-3f;
         p = p * r + 8.3334519073e-3f;

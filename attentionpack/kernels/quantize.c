@@ -93,12 +93,12 @@ void ap_quantize(const float *restrict x, int64_t rows, int64_t L, int64_t g, in
                     const float div = sf > 0.f ? sf : 1.f;
                     uint8_t *qw = q + w * (n + 8) + gi * g;
                     int64_t e = 0;
-                    if (g >= 16) {  /* 16 lanes: the same division, rounding half to even by adding and taking away
-                                       1.5 * 2^23 (exact below 2^22; codes are at most levels plus round-off) */
+                    if (g >= 16) {  /* 16 lanes: the same division and rounding (codes are at most levels plus
+                                       round-off, far below round_even16's 2^22) */
                         const v16 vm = (v16){0} + mf, vd = (v16){0} + div, top = (v16){0} + (float)levels;
                         for (; e + 16 <= g; e += 16) {
                             v16 c = (*(const v16 *)(src + e) - vm) / vd;
-                            c = (c + 12582912.f) - 12582912.f;
+                            c = round_even16(c);
                             c = select16(c < 0.f, (v16){0}, c);
                             c = select16(c > top, top, c);
                             const i16 ci = __builtin_convertvector(c, i16);

@@ -137,7 +137,7 @@ class Engine:
         self.decode_steps = 0
         self.decode_seconds = 0.0
         self.decode_tokens = 0
-        self.step_rows: dict[str, int] = {}  # "n->rows": decoding steps of n sequences run as `rows` rows (padded)
+        self.padded_steps: dict[str, int] = {}  # "n->rows": decoding steps of n sequences run as `rows` rows (padded)
         self.service_ema = 5.0  # seconds per finished sequence, for Retry-After
         self._lock = threading.Condition()
         self._stop = False
@@ -388,7 +388,7 @@ class Engine:
             self.decode_tokens += len(batch) - len(wrapper.failed)
             if pad:
                 key = f"{len(batch)}->{rows}"
-                self.step_rows[key] = self.step_rows.get(key, 0) + 1
+                self.padded_steps[key] = self.padded_steps.get(key, 0) + 1
             for i, s in enumerate(batch):
                 if i in wrapper.failed:
                     failure = wrapper.failed[i]
@@ -486,7 +486,7 @@ class Engine:
             "decode_steps": self.decode_steps,
             "decode_seconds": self.decode_seconds,
             "decode_tokens": self.decode_tokens,
-            "padded_steps": dict(self.step_rows),
+            "padded_steps": dict(self.padded_steps),
             "prefix_hits": self.prefix_hits,
             "prefix_misses": self.prefix_misses,
             "prefix_stored": self.prefix_stored,
