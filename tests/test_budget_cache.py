@@ -141,7 +141,8 @@ def test_candidate_mixes_equal_each_candidates_own_mix():
 def test_candidate_scores_equal_each_candidates_own_scores():
     """The planner scores the low-rank key candidates of one width component by component over one projection of
     the queries; each candidate's logits equal its own (`ops.scores`), every candidate but exact once, in any
-    order of ranks (with distinct ranks, so a family that reused one candidate's logits for the next fails)."""
+    order of ranks (with distinct ranks, so a family that reused one candidate's logits for the next fails), in
+    chunks of any size (a family split between chunks restarts from component 0)."""
     from attentionpack.budget.candidates import KEY_CANDIDATES, candidate_scores, encode_candidates
     from attentionpack.kernels import ops
 
@@ -151,11 +152,17 @@ def test_candidate_scores_equal_each_candidates_own_scores():
     ranks = [part.coeffs.shape[2] for label, part in keys if label.startswith("lr")]
     assert len(set(ranks)) >= 3, ranks
     q = torch.randn(2, 3, 7, 32, generator=g)
-    scored = list(candidate_scores(keys[::-1], q, 0, 400))
-    assert sorted(label for label, _ in scored) == sorted(label for label, _ in keys if label != "exact")
     parts = dict(keys)
-    for label, logits in scored:
-        torch.testing.assert_close(logits, ops.scores(parts[label], q, 0, 400, None).float(), atol=1e-4, rtol=1e-4)
+    for block in (1, 2, 4, len(keys)):  # chunks that split a family, and one chunk for all
+        scored = [  # each chunk copied: the next one reuses its buffer
+            (label, logits[:, :, i].clone())
+            for labels, logits in candidate_scores(keys[::-1], q, 0, 400, block)
+            for i, label in enumerate(labels)
+        ]
+        assert sorted(label for label, _ in scored) == sorted(label for label, _ in keys if label != "exact")
+        for label, logits in scored:
+            want = ops.scores(parts[label], q, 0, 400, None).float()
+            torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
 
 
 def test_budget_config_names():

@@ -67,6 +67,8 @@ def test_parts_agree_with_and_without_kernels(monkeypatch):
         ((1, 530, 98), 1, 32),  # low-rank coefficients along tokens
         ((3, 5, 7), -1, 8),  # a row shorter than the group
         ((1, 3, 40, 64), 2, 16),
+        ((1, 2, 2100, 16), 2, 32),  # rows of 66 groups (the C pass takes such rows one at a time), the last padded
+        ((1, 1, 7, 1000), 3, 16),  # 63 groups a row, 7 rows: one block of rows that ends early
     ],
 )
 def test_quantize_widths_equals_the_torch_reference_bit_for_bit(dtype, shape, axis, group):
@@ -80,6 +82,44 @@ def test_quantize_widths_equals_the_torch_reference_bit_for_bit(dtype, shape, ax
         assert torch.equal(a.codes, b.codes)
         for t, u in ((a.scales, b.scales), (a.mins, b.mins)):
             assert torch.equal(t.view(torch.int16), u.view(torch.int16))  # the stored float16 bits
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 3e3])
+def test_quantize_widths_rounds_ties_and_tiny_ranges_as_the_reference(scale):
+    """Codes a half from two levels (the C pass multiplies by 1 / scale and divides only near a half), minimums and
+    scales in float16's subnormal range, and ranges near its top: the same bits as the reference."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(0, 33, (2, 3, 96, 64), generator=g).float() * 0.125 * scale  # many exact halves of a level
+    x[0, :, :5] = torch.randn(3, 5, 64, generator=g) * scale
+    for axis in (2, 3):
+        fast, ref = ops.quantize_widths(x, (8, 4, 2), 32, axis), Q.quantize_widths(x, (8, 4, 2), 32, axis)
+        for bits in (8, 4, 2):
+            assert torch.equal(fast[bits].codes, ref[bits].codes)
+            assert torch.equal(fast[bits].scales.view(torch.int16), ref[bits].scales.view(torch.int16))
+            assert torch.equal(fast[bits].mins.abs(), ref[bits].mins.abs())
+
+
+def test_quantize_groups_is_quantize_widths_per_group():
+    x = torch.randn(1, 3, 130, 64, generator=torch.Generator().manual_seed(2))
+    both = ops.quantize_groups(x, {32: (8, 2), 128: (4,)}, axis=2)
+    for group, widths in ((32, (8, 2)), (128, (4,))):
+        one = ops.quantize_widths(x, widths, group, 2)
+        assert all(torch.equal(both[group][b].codes, one[b].codes) for b in widths)
+
+
+def test_scores_cols_writes_into_a_slot_of_a_buffer():
+    """`out`: each (M, T) matrix contiguous, spaced evenly (a slot of a (B, H, K, M, T) buffer); anything else is
+    refused with the layout it needs."""
+    g = torch.Generator().manual_seed(3)
+    q = Q.quantize(torch.randn(2, 3, 100, 16, generator=g), 4, 32, axis=2)  # (B, H, T, d) keys per channel
+    x = torch.randn(2, 3, 5, 16, generator=g)
+    want = kernels.scores_cols(q.codes, q.scales, q.mins, x, 4, q.group_size, 100)
+    buf = torch.full((2, 3, 4, 5, 100), float("nan"))
+    got = kernels.scores_cols(q.codes, q.scales, q.mins, x, 4, q.group_size, 100, out=buf[:, :, 2])
+    assert got.data_ptr() == buf[:, :, 2].data_ptr() and torch.equal(buf[:, :, 2], want)
+    assert buf[:, :, [0, 1, 3]].isnan().all()  # the other slots untouched
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.scores_cols(q.codes, q.scales, q.mins, x, 4, q.group_size, 100, out=buf[:, :, 2].transpose(-1, -2))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e6])

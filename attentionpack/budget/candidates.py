@@ -14,7 +14,7 @@ from ..codecs import energy_ranks, spectrum_and_basis
 from ..codecs.lowrank import score_weighting
 from ..config import PackConfig
 from ..kernels import ops
-from ..kernels.ops import quantize_widths
+from ..kernels.ops import quantize_groups, quantize_widths
 from ..parts import (
     ExactPart,
     Factors,
@@ -121,10 +121,10 @@ def encode_candidates(
         for lab, s in table.items()
         if s["codec"] == "quant" and (s["group"] is None or min(s["group"], length) > min(own, length))
     }
-    quantized: dict[int | None, dict[int, Quantized]] = {}  # group (None: own) -> bits -> x quantized
-    for group in {s["group"] for s in quant.values()}:
-        widths = tuple({s["bits"] for s in quant.values() if s["group"] == group})
-        quantized[group] = quantize_widths(x, widths, own if group is None else group, axis=2 if is_key else 3)
+    sizes = {s["group"]: own if s["group"] is None else s["group"] for s in quant.values()}  # None: own
+    widths = {size: tuple({s["bits"] for s in quant.values() if sizes[s["group"]] == size}) for size in sizes.values()}
+    by_size = quantize_groups(x, widths, axis=2 if is_key else 3) if widths else {}
+    quantized = {group: by_size[size] for group, size in sizes.items()}  # group (None: own) -> bits -> x quantized
     for label, spec in table.items():
         part: Part
         if label in quant:
@@ -199,24 +199,44 @@ def _family_top(family: Family) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def candidate_scores(
-    keys: list[tuple[str, Part]], q: torch.Tensor, start: int, end: int
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(label, logits (B, H, M, n) float32) of the query rows q (B, H, M, d) against every key candidate but
-    exact, one at a time (the caller scores them in blocks). A low-rank family meets q once: qt = q @ basis
-    (B, H, M, R) with the largest's R, then the logits grow component by component, rank r's being the sum of
-    the first r components' (`ops.scores` would read the T coefficients once per candidate)."""
+    keys: list[tuple[str, Part]], q: torch.Tensor, start: int, end: int, block: int
+) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """The logits of the query rows q (B, H, M, d) float32 against every key candidate but exact, `block` candidates
+    at a time: (labels, logits (B, H, K, M, n) float32), K <= block, each candidate's scores written straight into
+    its slot of one buffer, which the next chunk reuses (the caller may change a chunk in place). A low-rank family
+    meets q once: qt = q @ basis (B, H, M, R) with the largest's R, then the logits grow component by component,
+    rank r's being the previous member's plus components r'..r (`ops.scores` would read the T coefficients once per
+    candidate); a family's first member in a chunk is summed from component 0."""
     others, families = _families([(label, part) for label, part in keys if label != "exact"])
-    for label, part in others:
-        yield label, ops.scores(part, q, start, end, None).float()
+    items: list[tuple[str, Part, tuple[torch.Tensor, torch.Tensor] | None]] = [(lab, p, None) for lab, p in others]
     for family in families:
         coeffs, per_head = _family_top(family)
         qt = q.float() @ per_head.transpose(-1, -2)  # (B, H, M, R)
-        logits, done = qt.new_zeros(*qt.shape[:-1], coeffs.shape[-1]), 0  # (B, H, M, n)
-        for label, part in family:
+        shared = (qt, coeffs)  # one object per family: members of the same family are told apart by identity
+        items += [(label, part, shared) for label, part in family]
+    if not items:
+        return
+    b, h, m = q.shape[:3]
+    buf = torch.empty(b, h, min(block, len(items)), m, end - start, dtype=torch.float32, device=q.device)
+    for c0 in range(0, len(items), block):
+        chunk = items[c0 : c0 + block]
+        logits = buf[:, :, : len(chunk)]  # (B, H, K, M, n)
+        before: tuple[object, int, torch.Tensor] | None = None  # (family, rank, slot) of the previous slot
+        for i, (_, part, fam) in enumerate(chunk):
+            slot = logits[:, :, i]  # (B, H, M, n)
+            if fam is None:
+                ops.scores(part, q, start, end, None, out=slot)
+                before = None
+                continue
+            assert isinstance(part, QuantizedLowRankPart), "a family holds low-rank candidates (`_families`)"
+            qt, coeffs = fam
             rank = part.coeffs.shape[2]
-            if rank > done:  # the next components (a new tensor: the ones yielded stay as they are)
-                logits, done = logits + qt[..., done:rank] @ coeffs[:, None, done:rank], rank
-            yield label, logits
+            done = before[1] if before is not None and before[0] is fam else 0
+            torch.matmul(qt[..., done:rank], coeffs[:, None, done:rank], out=slot)
+            if done:
+                slot.add_(before[2])  # type: ignore[index]
+            before = (fam, rank, slot)
+        yield [label for label, _, _ in chunk], logits
 
 
 def candidate_mixes(values: list[tuple[str, Part]], p: torch.Tensor) -> dict[str, torch.Tensor]:

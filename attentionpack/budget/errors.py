@@ -11,7 +11,6 @@ Shapes: B batch, H KV heads, M judge query rows per KV head (G*w), n span tokens
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,11 +57,9 @@ def key_errors(
     float32 the span's exact values; hidden (B, H, M, n) keys a row cannot see (None: none); reference (B, H, M, d)
     the output each candidate is compared with; `block` candidates are scored in one set of operations."""
     judged: dict[str, float] = {}
-    # scaled logits: the queries scaled once (logits are linear in them), not every candidate's logits
-    stream = candidate_scores(keys, queries * scaling, *span)  # (label, (B, H, M, n) on the stored form)
     top, total, mix = rest.top.unsqueeze(2), rest.total.unsqueeze(2), rest.mix.unsqueeze(2)  # (B, H, 1, M, .)
-    while chunk := list(itertools.islice(stream, block)):
-        logits = torch.stack([s for _, s in chunk], dim=2)  # (B, H, K, M, n)
+    # scaled logits: the queries scaled once (logits are linear in them), not every candidate's logits
+    for labels, logits in candidate_scores(keys, queries * scaling, *span, block):  # (B, H, K, M, n) stored form
         if hidden is not None:
             logits.masked_fill_(hidden.unsqueeze(2), float("-inf"))
         new_top = torch.maximum(top, logits.amax(-1, keepdim=True))  # the new row maximum
@@ -72,7 +69,7 @@ def key_errors(
         mixed = (e.view(b, h, k * m, n) @ values).view(b, h, k, m, -1)
         out = (mix * shrink + mixed) / (total * shrink + e.sum(-1, keepdim=True)).clamp_min(1e-30)
         found = errors((out - reference.unsqueeze(2)).transpose(0, 2))  # (K, H, B, M, d)
-        judged.update(zip((label for label, _ in chunk), found, strict=True))
+        judged.update(zip(labels, found, strict=True))
     return judged
 
 

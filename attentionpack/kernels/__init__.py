@@ -93,7 +93,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.ap_mix_rows.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int, i64]
-    lib.ap_scores_cols.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int]
+    lib.ap_scores_cols.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int, i64]
     lib.ap_decode.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_float, ctypes.c_float, ptr, i64, i64, i64, i64]
     lib.ap_decode_rows.argtypes = [i64, *[ptr] * 5, ctypes.c_float, ctypes.c_float, ptr, i64, i64, i64]
     lib.ap_quantize.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr]
@@ -158,8 +158,7 @@ def _ptr(t: torch.Tensor) -> int:
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """x (*N, M, T) with contiguous rows laid out evenly (a column slice of a wider matrix is fine) and its row
     stride; otherwise a contiguous copy."""
-    lead_ok = all(x.stride(i) == x.stride(i + 1) * x.shape[i + 1] for i in range(x.dim() - 2))
-    if x.stride(-1) != 1 or not lead_ok:
+    if x.stride(-1) != 1 or not _even(x, x.dim() - 1):
         x = x.contiguous()
     return x, x.stride(-2)
 
@@ -184,22 +183,50 @@ def mix_rows(
 
 
 def scores_cols(
-    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, x: torch.Tensor, bits: int, group: int, tokens: int
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    x: torch.Tensor,
+    bits: int,
+    group: int,
+    tokens: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Query rows against rows quantized along tokens. codes (*N, R, nb) uint8 (`pack` layout, `tokens` codes per
     row), scales/mins (*N, R, G) float16, x (*N, M, R) float32/float16/bfloat16 (read as float32)
-    -> (*N, M, tokens) float32."""
+    -> (*N, M, tokens) float32, written into `out` when given (float32 (*N, M, tokens) with contiguous (M, tokens)
+    matrices evenly spaced: a slot of a larger buffer)."""
     lead = codes.shape[:-2]
     r, nb = codes.shape[-2:]
     m, g = x.shape[-2], scales.shape[-1]
     codes, x = codes.contiguous(), x.to(torch.float32).contiguous()  # the C code reads float32 rows
     scales, mins = scales.to(torch.float16).contiguous(), mins.to(torch.float16).contiguous()
-    out = torch.empty(*lead, m, tokens, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(*lead, m, tokens, dtype=torch.float32)
+    elif (
+        out.dtype != torch.float32
+        or tuple(out.shape) != (*lead, m, tokens)
+        or out.stride(-1) != 1
+        or out.stride(-2) != tokens
+        or not _even(out, out.dim() - 2)
+    ):
+        raise ValueError(
+            f"scores_cols: out must be float32 {(*lead, m, tokens)} with contiguous (M, tokens) matrices evenly "
+            f"spaced, got {out.dtype} {tuple(out.shape)} strides {out.stride()}"
+        )
     n = codes.numel() // max(1, r * nb)
+    step = out.stride(-3) if out.dim() > 2 else 0  # floats from one (M, tokens) matrix to the next
     lib = library()
     assert lib is not None, reason()
-    lib.ap_scores_cols(_ptr(codes), _ptr(scales), _ptr(mins), _ptr(x), _ptr(out), n, m, r, tokens, nb, g, group, bits)
+    lib.ap_scores_cols(
+        _ptr(codes), _ptr(scales), _ptr(mins), _ptr(x), _ptr(out), n, m, r, tokens, nb, g, group, bits, step
+    )
     return out
+
+
+def _even(x: torch.Tensor, dims: int) -> bool:
+    """x's first `dims` dimensions step evenly through memory (they flatten into one strided dimension)."""
+    return all(x.stride(i) == x.stride(i + 1) * x.shape[i + 1] for i in range(dims - 1))
 
 
 def quantize_rows(

@@ -35,13 +35,14 @@ void ap_mix_rows(const uint8_t *restrict codes, const _Float16 *restrict scales,
 
 /* Rows quantized along tokens (per-channel keys, low-rank coefficients: groups of `group` tokens per row),
    scored against query rows: codes (N, R, nb) holding T tokens per row, scales/mins (N, R, G), x (N, M, R)
-   -> out (N, M, T):  out[n, m, t] = sum_j x[n, m, j] * (scales[n, j, t / group] * code[n, j, t] + mins[...]).
+   -> out (N, M, T), the n-th (M, T) matrix at out + n * os:
+   out[n, m, t] = sum_j x[n, m, j] * (scales[n, j, t / group] * code[n, j, t] + mins[...]).
    Threads share blocks of about BLOCK tokens (scores_span within each). */
 #define BLOCK 512
 
 void ap_scores_cols(const uint8_t *restrict codes, const _Float16 *restrict scales, const _Float16 *restrict mins,
                     const float *restrict x, float *restrict out, int64_t N, int64_t M, int64_t R, int64_t T,
-                    int64_t nb, int64_t G, int64_t group, int bits) {
+                    int64_t nb, int64_t G, int64_t group, int bits, int64_t os) {
     const int64_t block = group <= BLOCK ? (BLOCK / group) * group : group;
     const int64_t blocks = (T + block - 1) / block;
     /* every (row, block of tokens) writes its own part of `out`: the blocks are shared among the threads */
@@ -50,7 +51,7 @@ void ap_scores_cols(const uint8_t *restrict codes, const _Float16 *restrict scal
         const int64_t n = i / blocks, t0 = (i % blocks) * block, len = t0 + block < T ? block : T - t0;
         const uint8_t *c = codes + n * R * nb;
         const _Float16 *s = scales + n * R * G, *mn = mins + n * R * G;
-        float *o = out + n * M * T + t0;
+        float *o = out + n * os + t0;
         if (bits == 4 && group == 32) scores_span(c, s, mn, x + n * M * R, M, R, nb, G, 32, 4, t0, len, o, T);
         else if (bits == 8 && group == 32) scores_span(c, s, mn, x + n * M * R, M, R, nb, G, 32, 8, t0, len, o, T);
         else scores_span(c, s, mn, x + n * M * R, M, R, nb, G, group, bits, t0, len, o, T);

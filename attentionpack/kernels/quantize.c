@@ -7,18 +7,84 @@
 #include <math.h>
 #include "common.h"
 
-/* The float16 next to h toward +inf (up) or -inf: torch.nextafter on float16. */
-static inline _Float16 f16_next(_Float16 h, int up) {
+typedef uint8_t u8x16 __attribute__((vector_size(16), aligned(1)));  /* 16 codes, stored unaligned */
+
+/* Whether any lane of a comparison's mask is set. */
+static inline int any16(i16 mask) {
+#if defined(__AVX512F__)
+    return _mm512_test_epi32_mask((__m512i)mask, (__m512i)mask) != 0;
+#else
+    i16 m = mask;
+    int32_t any = 0;
+    for (int i = 0; i < 16; i++) any |= m[i];
+    return any != 0;
+#endif
+}
+
+/* The smallest and the largest of a vector's 16 lanes (NaN lanes are flagged apart by the caller). */
+static inline float hmin16(v16 v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_min_ps((__m512)v);
+#else
+    for (int w = 8; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) v[i] = v[i + w] < v[i] ? v[i + w] : v[i];
+    return v[0];
+#endif
+}
+
+static inline float hmax16(v16 v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_max_ps((__m512)v);
+#else
+    for (int w = 8; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) v[i] = v[i + w] > v[i] ? v[i + w] : v[i];
+    return v[0];
+#endif
+}
+
+/* The float16 next to h toward +inf (up) or -inf when `move`, else h: torch.nextafter on float16, without branches
+   (whether a rounding moves is data-dependent: as a branch it was mispredicted about every other group). */
+static inline _Float16 f16_next_if(_Float16 h, int up, int move) {
     uint16_t u;
     memcpy(&u, &h, sizeof u);
     const uint16_t mag = u & 0x7fff;
-    if (mag > 0x7c00) return h;                          /* NaN */
-    if (mag == 0x7c00 && ((u >> 15) == 0) == up) return h;  /* already the infinity it moves toward */
-    if (mag == 0) u = up ? 0x0001 : 0x8001;
-    else if (((u >> 15) == 0) == up) u++;
-    else u--;
+    const int away = ((u >> 15) == 0) == up;          /* moving away from zero */
+    uint16_t n = away ? (mag < 0x7c00 ? u + 1 : u)    /* an infinity stays */
+                      : (mag == 0 ? (up ? 0x0001 : 0x8001) : u - 1);
+    n = mag > 0x7c00 ? u : n;                          /* NaN */
+    u = move ? n : u;
     memcpy(&h, &u, sizeof h);
     return h;
+}
+
+/* out[i] = x[i] rounded to float16 toward +inf (up) or -inf: torch's rounding to nearest followed by a step to the
+   other neighbour where that landed on the wrong side. x86's conversion takes the direction itself (F16C,
+   AVX-512), many values per instruction. */
+static void f16_directed(const float *restrict x, int64_t n, int up, _Float16 *restrict out) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if (up)
+        for (; i + 16 <= n; i += 16)
+            _mm256_storeu_si256((__m256i *)(out + i),
+                                _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+    else
+        for (; i + 16 <= n; i += 16)
+            _mm256_storeu_si256((__m256i *)(out + i),
+                                _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+    if (up)
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(out + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+    else
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(out + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+#endif
+    for (; i < n; i++) {
+        const _Float16 h = (_Float16)x[i];
+        out[i] = f16_next_if(h, up, up ? (float)h < x[i] : (float)h > x[i]);
+    }
 }
 
 /* out[i] = the codes q[k * nb + i] of the PER planes, plane k in bits [k * B, (k + 1) * B) (`pack`). */
@@ -33,29 +99,37 @@ static inline __attribute__((always_inline)) void pack_planes(const uint8_t *res
 
 /* x (rows, L) contiguous; groups of g elements, G of them per row (G * g >= L). For width w (bits[w]):
    codes_at[w] -> uint8 (rows, nb_w) with nb_w = ceil(G * g / per) bytes, per = 8 / bits; scales_at[w] -> float16
-   (rows, G); mins float16 (rows, G). *bad is set when a minimum or a scale is not finite (the caller raises). */
+   (rows, G); mins float16 (rows, G). *bad is set when a minimum or a scale is not finite (the caller raises).
+   Rows go in blocks of at least 64 groups: each group's range first, then the minimums and every width's scales
+   converted for the whole block at once, then the codes (a group's conversions, one group at a time between its
+   codes, had been most of the time: for values, quantized per token, a row is 2 groups). */
 void ap_quantize(const float *restrict x, int64_t rows, int64_t L, int64_t g, int64_t G, const int64_t *bits,
                  int64_t nw, const int64_t *codes_at, const int64_t *scales_at, _Float16 *restrict mins,
                  int64_t *bad) {
-    const int64_t n = G * g;
+    const int64_t n = G * g, RB = G >= 64 ? 1 : (64 + G - 1) / G, blocks = (rows + RB - 1) / RB;
+    const int padded = n > L;  /* the last group overruns each row: it repeats the row's last element */
     int64_t flag = 0;
 #pragma omp parallel if (rows * L >= 16 * MIN_PARALLEL) reduction(| : flag)
     {
-        uint8_t *q = (uint8_t *)malloc(nw * (n + 8));  /* each width's codes of one row, padded to whole bytes */
-        float *v = (float *)malloc(sizeof(float) * (g + 1));
+        uint8_t *q = (uint8_t *)malloc(n + 8);  /* one width's codes of one row, padded to whole bytes */
+        float *v = (float *)malloc(sizeof(float) * RB * (g + 1));  /* the block's padded last groups */
+        float *st = (float *)malloc(sizeof(float) * 4 * RB * G);
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            const float *row = x + r * L;
-            for (int64_t gi = 0; gi < G; gi++) {
-                const float *src = row + gi * g;
-                if ((gi + 1) * g > L) {  /* the last group overruns the row: repeat its last element */
-                    for (int64_t e = 0; e < g; e++) v[e] = row[gi * g + e < L ? gi * g + e : L - 1];
-                    src = v;
-                }
-                float lo = src[0], hi = src[0];
+        for (int64_t bk = 0; bk < blocks; bk++) {
+            const int64_t r0 = bk * RB, nr = rows - r0 < RB ? rows - r0 : RB, ng = nr * G;
+            float *restrict lo = st, *restrict sp = st + RB * G, *restrict dv = st + 2 * RB * G,
+                            *restrict inv = st + 3 * RB * G;  /* per group of the block */
+            for (int64_t rr = 0; padded && rr < nr; rr++) {
+                const float *row = x + (r0 + rr) * L;
+                for (int64_t e = 0; e < g; e++) v[rr * (g + 1) + e] = row[(G - 1) * g + e < L ? (G - 1) * g + e : L - 1];
+            }
+#define GROUP_AT(rr, gi) (padded && (gi) == G - 1 ? v + (rr) * (g + 1) : x + (r0 + (rr)) * L + (gi) * g)
+            for (int64_t i = 0; i < ng; i++) {  /* pass 1: each group's range */
+                const float *src = GROUP_AT(i / G, i % G);
+                float a = src[0], b = src[0];
                 int nan = 0;
                 int64_t e = 0;
-                if (g >= 16) {  /* 16 lanes at a time, then the lanes and the rest in order */
+                if (g >= 16) {  /* 16 lanes at a time, then the lanes (trees) and the rest in order */
                     v16 l = *(const v16 *)src, h = l;
                     i16 odd = l != l;
                     for (e = 16; e + 16 <= g; e += 16) {
@@ -64,66 +138,80 @@ void ap_quantize(const float *restrict x, int64_t rows, int64_t L, int64_t g, in
                         h = select16(y > h, y, h);
                         odd |= y != y;
                     }
-                    for (int i = 0; i < 16; i++) {
-                        lo = l[i] < lo ? l[i] : lo;
-                        hi = h[i] > hi ? h[i] : hi;
-                        nan |= odd[i] != 0;
-                    }
+                    a = hmin16(l);
+                    b = hmax16(h);
+                    nan = any16(odd);
                 }
                 for (; e < g; e++) {
                     const float y = src[e];
                     nan |= y != y;
-                    lo = y < lo ? y : lo;
-                    hi = y > hi ? y : hi;
+                    a = y < a ? y : a;
+                    b = y > b ? y : b;
                 }
-                _Float16 m16 = (_Float16)lo;
-                if ((float)m16 > lo) m16 = f16_next(m16, 0);
-                const float mf = (float)m16;
-                if (nan || !isfinite(mf)) flag = 1;
-                mins[r * G + gi] = m16;
-                const float span = hi - mf;
-                for (int64_t w = 0; w < nw; w++) {
-                    const int levels = (1 << bits[w]) - 1;
-                    const float want = span / (float)levels;
-                    _Float16 s16 = (_Float16)want;
-                    if ((float)s16 < want) s16 = f16_next(s16, 1);
-                    const float sf = (float)s16;
-                    if (!isfinite(sf)) flag = 1;
-                    ((_Float16 *)scales_at[w])[r * G + gi] = s16;
-                    const float div = sf > 0.f ? sf : 1.f;
-                    uint8_t *qw = q + w * (n + 8) + gi * g;
-                    int64_t e = 0;
-                    if (g >= 16) {  /* 16 lanes: the same division and rounding (codes are at most levels plus
-                                       round-off, far below round_even16's 2^22) */
-                        const v16 vm = (v16){0} + mf, vd = (v16){0} + div, top = (v16){0} + (float)levels;
-                        for (; e + 16 <= g; e += 16) {
-                            v16 c = (*(const v16 *)(src + e) - vm) / vd;
-                            c = round_even16(c);
-                            c = select16(c < 0.f, (v16){0}, c);
-                            c = select16(c > top, top, c);
-                            const i16 ci = __builtin_convertvector(c, i16);
-                            for (int i = 0; i < 16; i++) qw[e + i] = (uint8_t)ci[i];
+                flag |= nan;
+                lo[i] = a;
+                sp[i] = b;
+            }
+            _Float16 *restrict m16 = mins + r0 * G;
+            f16_directed(lo, ng, 0, m16);  /* the minimums, rounded down */
+            for (int64_t i = 0; i < ng; i++) {
+                lo[i] = (float)m16[i];
+                flag |= !isfinite(lo[i]);
+                sp[i] -= lo[i];  /* the span */
+            }
+            for (int64_t w = 0; w < nw; w++) {
+                const int b = (int)bits[w], per = 8 / b, levels = (1 << b) - 1;
+                const int64_t nb = (n + per - 1) / per;
+                _Float16 *restrict sw = (_Float16 *)scales_at[w] + r0 * G;
+                for (int64_t i = 0; i < ng; i++) dv[i] = sp[i] / (float)levels;  /* pass 2: the scales */
+                f16_directed(dv, ng, 1, sw);  /* rounded up */
+                for (int64_t i = 0; i < ng; i++) {
+                    const float sf = (float)sw[i];
+                    flag |= !isfinite(sf);
+                    dv[i] = sf > 0.f ? sf : 1.f;
+                    inv[i] = 1.f / dv[i];
+                }
+                for (int64_t rr = 0; rr < nr; rr++) {  /* pass 3: each row's codes, then packed */
+                    for (int64_t gi = 0; gi < G; gi++) {
+                        const float *src = GROUP_AT(rr, gi);
+                        const float mf = lo[rr * G + gi], div = dv[rr * G + gi];
+                        uint8_t *qw = q + gi * g;
+                        int64_t e = 0;
+                        if (g >= 16) {  /* 16 lanes, the same codes: (x - min) times 1 / scale is within 3 ulp of
+                                           the quotient (codes <= levels + round-off, ulp <= 2^-16), so it rounds
+                                           alike unless a lane lies within 2^-14 of a half, where the vector is
+                                           divided instead (rare: a division per 16 codes was most of this loop) */
+                            const v16 vm = (v16){0} + mf, vd = (v16){0} + div, vr = (v16){0} + inv[rr * G + gi];
+                            const v16 top = (v16){0} + (float)levels, near = (v16){0} + (0.5f - 0x1p-14f);
+                            for (; e + 16 <= g; e += 16) {
+                                const v16 t = *(const v16 *)(src + e) - vm;
+                                const v16 p = t * vr;
+                                v16 c = round_even16(p);
+                                const v16 off = p - c;
+                                if (any16((off > near) | (off < -near))) c = round_even16(t / vd);
+                                c = select16(c < 0.f, (v16){0}, c);
+                                c = select16(c > top, top, c);
+                                *(u8x16 *)(qw + e) = __builtin_convertvector(__builtin_convertvector(c, i16), u8x16);
+                            }
+                        }
+                        for (; e < g; e++) {
+                            float c = nearbyintf((src[e] - mf) / div);
+                            c = c < 0.f ? 0.f : c > (float)levels ? (float)levels : c;
+                            qw[e] = (uint8_t)c;
                         }
                     }
-                    for (; e < g; e++) {
-                        float c = nearbyintf((src[e] - mf) / div);
-                        c = c < 0.f ? 0.f : c > (float)levels ? (float)levels : c;
-                        qw[e] = (uint8_t)c;
-                    }
+                    uint8_t *out = (uint8_t *)codes_at[w] + (r0 + rr) * nb;  /* plane k: codes [k * nb, (k + 1) * nb) */
+                    memset(q + n, 0, (size_t)(nb * per - n));
+                    if (per == 1) memcpy(out, q, (size_t)nb);
+                    else if (per == 2) pack_planes(q, nb, 2, 4, out);
+                    else pack_planes(q, nb, 4, 2, out);
                 }
             }
-            for (int64_t w = 0; w < nw; w++) {  /* pack: plane k holds codes [k * nb, (k + 1) * nb) */
-                const int b = (int)bits[w], per = 8 / b;
-                const int64_t nb = (n + per - 1) / per;
-                uint8_t *qw = q + w * (n + 8), *out = (uint8_t *)codes_at[w] + r * nb;
-                memset(qw + n, 0, (size_t)(nb * per - n));
-                if (per == 1) memcpy(out, qw, (size_t)nb);
-                else if (per == 2) pack_planes(qw, nb, 2, 4, out);
-                else pack_planes(qw, nb, 4, 2, out);
-            }
+#undef GROUP_AT
         }
         free(q);
         free(v);
+        free(st);
     }
     *bad = flag;
 }
