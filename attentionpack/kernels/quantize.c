@@ -21,23 +21,14 @@ static inline int any16(i16 mask) {
 #endif
 }
 
-/* The smallest and the largest of a vector's 16 lanes (NaN lanes are flagged apart by the caller). */
-static inline float hmin16(v16 v) {
+/* The largest (largest = 1) or the smallest of a vector's 16 lanes, as a tree (NaN lanes are flagged apart by the
+   caller). */
+static inline float hextreme16(v16 v, const int largest) {
 #if defined(__AVX512F__)
-    return _mm512_reduce_min_ps((__m512)v);
+    return largest ? _mm512_reduce_max_ps((__m512)v) : _mm512_reduce_min_ps((__m512)v);
 #else
     for (int w = 8; w > 0; w /= 2)
-        for (int i = 0; i < w; i++) v[i] = v[i + w] < v[i] ? v[i + w] : v[i];
-    return v[0];
-#endif
-}
-
-static inline float hmax16(v16 v) {
-#if defined(__AVX512F__)
-    return _mm512_reduce_max_ps((__m512)v);
-#else
-    for (int w = 8; w > 0; w /= 2)
-        for (int i = 0; i < w; i++) v[i] = v[i + w] > v[i] ? v[i + w] : v[i];
+        for (int i = 0; i < w; i++) v[i] = (largest ? v[i + w] > v[i] : v[i + w] < v[i]) ? v[i + w] : v[i];
     return v[0];
 #endif
 }
@@ -62,25 +53,17 @@ static inline _Float16 f16_next_if(_Float16 h, int up, int move) {
    AVX-512), many values per instruction. */
 static void f16_directed(const float *restrict x, int64_t n, int up, _Float16 *restrict out) {
     int64_t i = 0;
+    /* W values a step; the rounding mode is an immediate operand, hence one loop per direction */
+#define DIRECTED(W, LOAD, CVT, STORE, T, MODE) \
+    for (; i + W <= n; i += W) STORE((T *)(out + i), CVT(LOAD(x + i), MODE | _MM_FROUND_NO_EXC))
 #if defined(__AVX512F__)
-    if (up)
-        for (; i + 16 <= n; i += 16)
-            _mm256_storeu_si256((__m256i *)(out + i),
-                                _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
-    else
-        for (; i + 16 <= n; i += 16)
-            _mm256_storeu_si256((__m256i *)(out + i),
-                                _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    if (up) DIRECTED(16, _mm512_loadu_ps, _mm512_cvtps_ph, _mm256_storeu_si256, __m256i, _MM_FROUND_TO_POS_INF);
+    else DIRECTED(16, _mm512_loadu_ps, _mm512_cvtps_ph, _mm256_storeu_si256, __m256i, _MM_FROUND_TO_NEG_INF);
 #elif defined(__F16C__)
-    if (up)
-        for (; i + 8 <= n; i += 8)
-            _mm_storeu_si128((__m128i *)(out + i),
-                             _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
-    else
-        for (; i + 8 <= n; i += 8)
-            _mm_storeu_si128((__m128i *)(out + i),
-                             _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    if (up) DIRECTED(8, _mm256_loadu_ps, _mm256_cvtps_ph, _mm_storeu_si128, __m128i, _MM_FROUND_TO_POS_INF);
+    else DIRECTED(8, _mm256_loadu_ps, _mm256_cvtps_ph, _mm_storeu_si128, __m128i, _MM_FROUND_TO_NEG_INF);
 #endif
+#undef DIRECTED
     for (; i < n; i++) {
         const _Float16 h = (_Float16)x[i];
         out[i] = f16_next_if(h, up, up ? (float)h < x[i] : (float)h > x[i]);
@@ -138,8 +121,8 @@ void ap_quantize(const float *restrict x, int64_t rows, int64_t L, int64_t g, in
                         h = select16(y > h, y, h);
                         odd |= y != y;
                     }
-                    a = hmin16(l);
-                    b = hmax16(h);
+                    a = hextreme16(l, 0);
+                    b = hextreme16(h, 1);
                     nan = any16(odd);
                 }
                 for (; e < g; e++) {
